@@ -1,0 +1,149 @@
+"""CPU backend: lets Megatron-Core 0.16.1 run on CPU-only machines with the gloo backend.
+
+Megatron-Core assumes a CUDA device in many places. On a machine without one (developer laptops, CI) this
+module bridges exactly what was seen to fail, and nothing more; it is activated by `activate()` only when
+`torch.cuda.is_available()` is False and never touches a GPU run.
+
+What it bridges, and why:
+- `torch.cuda.current_device()` is used as a device argument everywhere: it returns the CPU device.
+- `torch.cuda.Stream` / `Event` / `stream()` / `synchronize()` (MoE dispatchers, pipeline schedules): no-ops,
+  since CPU work is already ordered.
+- `torch.cuda.get_rng_state` / `set_rng_state` / `manual_seed` (the tensor-parallel RNG tracker): mapped to the
+  CPU generator, so forking the "model-parallel" RNG really switches the generator dropout uses. The tracker's
+  "CPU RNG state changed within GPU RNG context" warning is then expected and is filtered.
+- Hard-coded `device="cuda"` (causal mask, schedules) and `tensor.cuda()`: a `TorchFunctionMode` rewrites CUDA
+  devices to CPU.
+- `param.type() == "torch.cuda.FloatTensor"` checks (distributed optimizer, grad clipping): the same mode
+  reports CPU tensors under their CUDA type names, which is what those checks mean ("a float32 tensor").
+- The distributed optimizer's `fully_reshardable` state load fails with `KeyError: 'step'`
+  (`DistributedOptimizer.load_parameter_state_from_fully_reshardable_format` indexes a `step` that torch's CPU
+  Adam keeps as a tensor only after the first step); `checkpointing.py` saves and loads optimizer state in the
+  `dp_reshardable` format, whose in-place copy into a leaf that requires grad is bridged here by running the
+  copy under `torch.no_grad()` (on GPU the same copy targets a non-leaf buffer view and never fails).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ACTIVE_MODE: TorchFunctionMode | None = None
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's factory functions.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU and reports CPU tensor types under their CUDA names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _TrackerWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpStream
+    cuda.current_stream = lambda *args, **kwargs: _NoOpStream()
+    cuda.default_stream = lambda *args, **kwargs: _NoOpStream()
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.set_stream = lambda *args, **kwargs: None
+    cuda.synchronize = lambda *args, **kwargs: None
+    cuda.empty_cache = lambda: None
+    cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all, so seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.memory_allocated = lambda *args, **kwargs: 0
+    cuda.max_memory_allocated = lambda *args, **kwargs: 0
+
+
+def _patch_megatron() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe import moe_utils
+
+    # The tracker's own get/set go through torch.cuda's lazy-init machinery, which never runs without CUDA.
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    logging.getLogger(tp_random.__name__).addFilter(_TrackerWarningFilter())
+
+    # Router gating references this name even when Transformer Engine is absent (a 0.16.1 bug).
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # On CPU the distributed optimizer's main params are leaves that require grad; its dp_reshardable load
+    # copies into them in place.
+    load = distrib_optimizer.DistributedOptimizer.load_parameter_state_from_dp_reshardable
+
+    @functools.wraps(load)
+    def load_without_grad(self, *args, **kwargs):
+        with torch.no_grad():
+            return load(self, *args, **kwargs)
+
+    distrib_optimizer.DistributedOptimizer.load_parameter_state_from_dp_reshardable = load_without_grad
+
+
+def is_needed() -> bool:
+    """True on machines with no CUDA device."""
+    return not torch.cuda.is_available()
+
+
+def activate() -> bool:
+    """Activate the bridges if no CUDA device is present. Idempotent; returns whether the backend is active."""
+    global _ACTIVE_MODE
+    if not is_needed():
+        return False
+    if _ACTIVE_MODE is None:
+        _patch_torch_cuda()
+        _patch_megatron()
+        _ACTIVE_MODE = _CudaToCpuMode()
+        _ACTIVE_MODE.__enter__()
+    return True
+
+
+def is_active() -> bool:
+    return _ACTIVE_MODE is not None

@@ -1,0 +1,148 @@
+"""Tiny, self-made Hugging Face fixtures: a Mixtral-layout checkpoint and a sentencepiece tokenizer.
+
+They let the demo and the tests run on a CPU with no downloads. The checkpoint is random (seeded) and has the
+exact file layout of a real one (config.json + safetensors); the tokenizer is trained on a corpus shipped in
+`orpo_megatron/assets/` and carries a Zephyr chat template in `tokenizer_config.json`, like the
+alignment-handbook's Zephyr-141B recipe.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from orpo_megatron.hf_mapping import hf_layer_names, hf_outer_names
+from orpo_megatron.model_config import HFModelConfig
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+TOKENIZER_CORPUS = os.path.join(ASSETS, "tokenizer_corpus.txt")
+TINY_VOCAB_SIZE = 600
+
+# The alignment-handbook's Zephyr template (recipes/zephyr-141b-A35b/orpo/config_full.yaml).
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+# Small but with every feature of Mixtral-8x22B: GQA (ratio 4), top-2 of 4 experts, untied embeddings, a
+# vocabulary that needs padding.
+TINY_MIXTRAL_CONFIG = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "vocab_size": TINY_VOCAB_SIZE,
+    "max_position_embeddings": 1024,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "router_aux_loss_coef": 0.001,
+    "output_router_logits": False,
+    "router_jitter_noise": 0.0,
+    "sliding_window": None,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+
+TINY_MISTRAL_CONFIG = {
+    **{k: v for k, v in TINY_MIXTRAL_CONFIG.items()
+       if k not in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                    "output_router_logits", "router_jitter_noise")},
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+}
+
+
+def random_hf_tensors(hf: HFModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights with every tensor name and shape of the classic HF layout; norms around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    h, d = hf.hidden_size, hf.head_dim
+    shapes = {
+        "q_proj": (hf.num_attention_heads * d, h),
+        "k_proj": (hf.num_key_value_heads * d, h),
+        "v_proj": (hf.num_key_value_heads * d, h),
+        "o_proj": (h, hf.num_attention_heads * d),
+        "gate": (hf.num_experts or 0, h),
+        "w1": (hf.intermediate_size, h), "w3": (hf.intermediate_size, h), "w2": (h, hf.intermediate_size),
+        "gate_proj": (hf.intermediate_size, h), "up_proj": (hf.intermediate_size, h),
+        "down_proj": (h, hf.intermediate_size),
+        "embed_tokens": (hf.vocab_size, h), "lm_head": (hf.vocab_size, h),
+    }
+    names = hf_outer_names(hf) + [n for layer in range(hf.num_layers) for n in hf_layer_names(hf, layer)]
+    tensors = {}
+    for name in names:
+        parts = name.split(".")
+        if "norm" in parts[-2]:
+            tensor = 1.0 + 0.1 * torch.randn(h, generator=generator)
+        else:
+            # Larger than initializer_range so the tiny model has sharp, input-dependent routing and logits.
+            tensor = 0.08 * torch.randn(shapes[parts[-2]], generator=generator)
+        tensors[name] = tensor.to(dtype).contiguous()
+    return tensors
+
+
+def write_hf_checkpoint(out_dir: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE) -> None:
+    """Train a byte-fallback BPE sentencepiece model (Mixtral's special ids: unk 0, BOS 1, EOS 2)."""
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        input=TOKENIZER_CORPUS, model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        num_threads=1, minloglevel=2,
+    )
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "model_max_length": 1024,
+        "chat_template": ZEPHYR_CHAT_TEMPLATE,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
+
+
+def write_tiny_model(out_dir: str, seed: int = 1234, dense: bool = False, dtype: torch.dtype = torch.float32,
+                     config_overrides: dict | None = None, with_tokenizer: bool = True) -> str:
+    """A complete tiny HF model folder: config, random weights and (by default) the tiny tokenizer."""
+    config = dict(TINY_MISTRAL_CONFIG if dense else TINY_MIXTRAL_CONFIG, **(config_overrides or {}))
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf = HFModelConfig.from_dict(config)
+    write_hf_checkpoint(out_dir, config, random_hf_tensors(hf, seed, dtype))
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
+    if with_tokenizer:
+        write_tiny_tokenizer(out_dir)
+    return out_dir

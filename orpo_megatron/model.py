@@ -1,0 +1,135 @@
+"""Model building: a Megatron-Core `GPTModel` for a Mixtral-family config, on the TE or the local spec.
+
+The backend is a spec choice, not branches inside layers: the Transformer Engine spec when TE and CUDA are
+present (required for FP8), otherwise Megatron's local spec with this module's RMSNorm, which (unlike
+Megatron's torch-norm wrapper) supports sequence parallelism.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import ModuleSpec, TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
+
+
+class FP8UnavailableError(RuntimeError):
+    """--fp8-format was asked for where Transformer Engine or a CUDA GPU is missing."""
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_fp8_supported(fp8_format: str | None) -> None:
+    """Fail at start-up, before any work, when FP8 cannot run here."""
+    if not fp8_format:
+        return
+    if not torch.cuda.is_available():
+        raise FP8UnavailableError(
+            f"--fp8-format {fp8_format} needs a CUDA GPU with FP8 support (Hopper or newer); this machine has "
+            "no CUDA device. Drop --fp8-format (use --bf16) to run here."
+        )
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise FP8UnavailableError(
+            f"--fp8-format {fp8_format} needs NVIDIA Transformer Engine, which is not installed. "
+            "Install it with: pip install 'orpo-megatron[fp8]' (transformer-engine[pytorch]); "
+            "or drop --fp8-format and train with --bf16."
+        )
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm computed in fp32 as HF Mixtral does, with a weight marked for sequence parallelism.
+
+    Under sequence parallelism each TP rank normalizes a different slice of the sequence, so the weight's
+    gradient is partial; the `sequence_parallel` attribute tells Megatron's DDP to all-reduce it over TP.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_fp32 = hidden_states.float()
+        variance = hidden_fp32.pow(2).mean(-1, keepdim=True)
+        normalized = hidden_fp32 * torch.rsqrt(variance + self.eps)
+        return self.weight * normalized.to(input_dtype)
+
+
+def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
+
+
+def decoder_spec(config: TransformerConfig, use_transformer_engine: bool, vp_stage: int | None):
+    """The decoder block spec for this rank's pipeline stage: TE layers, or local layers with our RMSNorm."""
+    if use_transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+        )
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[_local_layer_spec(config)] * num_layers, layer_norm=RMSNorm)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabInfo:
+    """The tokenizer's true vocabulary and the padded size the embedding and output layer are built with."""
+
+    true_size: int
+    padded_size: int
+
+
+def vocab_info(hf: HFModelConfig, make_vocab_size_divisible_by: int, tensor_parallel_size: int) -> VocabInfo:
+    return VocabInfo(hf.vocab_size, padded_vocab_size(hf.vocab_size, make_vocab_size_divisible_by, tensor_parallel_size))
+
+
+def build_model_chunk(
+    config: TransformerConfig,
+    hf: HFModelConfig,
+    vocab: VocabInfo,
+    use_transformer_engine: bool = False,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One GPTModel chunk: this rank's pipeline stage (or one virtual stage of it)."""
+    pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_spec(config, use_transformer_engine, vp_stage),
+        vocab_size=vocab.padded_size,
+        max_sequence_length=hf.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=hf.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(hf.rope_theta),
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_model(
+    config: TransformerConfig, hf: HFModelConfig, vocab: VocabInfo, use_transformer_engine: bool = False
+) -> list[GPTModel]:
+    """All model chunks of this rank: one, or `virtual_pipeline_model_parallel_size` with interleaving."""
+    vp = config.virtual_pipeline_model_parallel_size
+    stages = range(vp) if vp else [None]
+    return [build_model_chunk(config, hf, vocab, use_transformer_engine, vp_stage=stage) for stage in stages]

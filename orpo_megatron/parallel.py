@@ -1,0 +1,183 @@
+"""Parallel launch: the layout (TP/PP/VP/EP/DP), its validation, and process-group initialization.
+
+One entry, `initialize()`, starts torch.distributed from torchrun's environment, SLURM's (so a bare
+`srun python -m ...` works) or, with neither, as a single process; then Megatron's parallel state and RNG.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from orpo_megatron import cpu_backend
+from orpo_megatron.model_config import HFModelConfig
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work, with the numbers that make it so."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    """How the model and data are split over `world_size` processes (Megatron-LM's flag names)."""
+
+    world_size: int = 1
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def describe(self) -> str:
+        vp = self.virtual_pipeline_model_parallel_size
+        return (
+            f"world={self.world_size} TP={self.tensor_model_parallel_size} "
+            f"PP={self.pipeline_model_parallel_size}{f' VP={vp}' if vp else ''} "
+            f"EP={self.expert_model_parallel_size} DP={self.data_parallel_size}"
+            f"{' SP' if self.sequence_parallel else ''}"
+        )
+
+    def validate(self, model: HFModelConfig) -> None:
+        """Raise LayoutError naming the numbers when this layout cannot hold `model`."""
+        tp, pp, ep = (
+            self.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.expert_model_parallel_size,
+        )
+        vp = self.virtual_pipeline_model_parallel_size
+        problems = []
+        for name, value in (("tensor", tp), ("pipeline", pp), ("expert", ep)):
+            if value < 1:
+                problems.append(f"--{name}-model-parallel-size={value} must be >= 1")
+        if problems:
+            raise LayoutError("; ".join(problems))
+        if self.world_size % (tp * pp):
+            problems.append(
+                f"world size {self.world_size} is not divisible by TP*PP = {tp}*{pp} = {tp * pp}"
+            )
+        # Experts are split over EP groups carved out of the (expert-TP x EP) ranks of each pipeline stage.
+        elif self.world_size % (tp * ep * pp):
+            problems.append(
+                f"world size {self.world_size} is not divisible by TP*EP*PP = {tp}*{ep}*{pp} = {tp * ep * pp}"
+            )
+        if model.num_attention_heads % tp:
+            problems.append(f"{model.num_attention_heads} attention heads are not divisible by TP={tp}")
+        if model.num_key_value_heads % tp:
+            problems.append(f"{model.num_key_value_heads} key/value groups are not divisible by TP={tp}")
+        if model.intermediate_size % tp:
+            problems.append(f"FFN size {model.intermediate_size} is not divisible by TP={tp}")
+        if ep > 1 and not model.is_moe:
+            problems.append(f"EP={ep} needs a mixture-of-experts model; {model.architecture} is dense")
+        if model.is_moe and model.num_experts % ep:
+            problems.append(f"{model.num_experts} experts are not divisible by EP={ep}")
+        if vp is not None:
+            if pp < 2:
+                problems.append(f"VP={vp} needs PP > 1 (got PP={pp})")
+            if model.num_layers % (pp * vp):
+                problems.append(f"{model.num_layers} layers are not divisible by PP*VP = {pp}*{vp} = {pp * vp}")
+        elif model.num_layers % pp:
+            problems.append(f"{model.num_layers} layers are not divisible by PP={pp}")
+        if self.sequence_parallel and tp == 1:
+            problems.append("--sequence-parallel needs TP > 1")
+        if problems:
+            raise LayoutError("invalid parallel layout: " + "; ".join(problems))
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as 'gpu[003-005,010],login1' (-> 'gpu003')."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a SLURM node list")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(environ: dict | None = None) -> LaunchEnv:
+    """Rank, world and rendezvous from torchrun (RANK...), else SLURM (SLURM_PROCID...), else one process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # Jobs sharing a node must not share a port; derive one from the job id unless given.
+            master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234) -> ParallelLayout:
+    """Start torch.distributed and Megatron's parallel state; return the validated layout.
+
+    The layout is validated before any process group exists, so a wrong layout fails fast on every rank with
+    the same message.
+    """
+    launch = launch_env()
+    layout = ParallelLayout(world_size=launch.world_size, **layout_kwargs)
+    layout.validate(model)
+    on_cpu = cpu_backend.activate()
+    if not dist.is_initialized():
+        if not on_cpu:
+            torch.cuda.set_device(launch.local_rank)
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("ORPO_DIST_TIMEOUT_MINUTES", 30))),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=layout.expert_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return layout
+
+
+def destroy() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

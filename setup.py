@@ -1,0 +1,36 @@
+"""orpo-megatron: ORPO alignment training for Mixtral-class MoE models on Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="orpo-megatron",
+    version="0.1.0",
+    description="ORPO (odds ratio preference optimization) for Mixtral-class MoE models on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["orpo_megatron", "orpo_megatron.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # torch is installed first by the README's set-up command (torch==2.13.0 is the CPU build here);
+        # any 2.4+ release works on GPU clusters.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "sentencepiece>=0.2",
+        "datasets>=3.0",
+        "wandb>=0.19",
+        "safetensors>=0.4",
+        "jinja2>=3.1",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # transformers and trl are test references only: parity against real peers.
+        "test": ["pytest>=8", "transformers>=4.45", "trl>=0.26", "mpmath"],
+        "fp8": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "orpo-megatron-train=orpo_megatron.train:main",
+        ],
+    },
+)
