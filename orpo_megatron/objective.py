@@ -1,0 +1,470 @@
+"""The ORPO objective over vocab-parallel logits: per-token log-probs, sequence log-probs, odds ratio, loss, metrics.
+
+Owns everything between the last pipeline stage's logits [2B, S, V/TP] and a scalar loss: the target shift,
+vocab-parallel log-softmax (never gathering the vocabulary), the NLL and odds-ratio terms, their normalization
+over the global batch, TRL-named metrics as reducible sums, and per-pair values for the evaluator. It does not
+run the model, build batches, reduce across data-parallel ranks on its own, or add the MoE aux loss (Megatron's
+router does).
+
+Normalization (differs from TRL on purpose): TRL's loss is, per micro-batch, the token-mean NLL of that
+micro-batch plus beta times the pair-mean OR term, and gradient accumulation then averages those micro-batch
+losses. Here a micro-batch contributes `nll_sum / global_nll_tokens + beta * or_sum / global_pairs`, where the
+global counts cover every micro-batch on every DP rank of the step (`GlobalNormalizers`). Summed over
+micro-batches and DP ranks, this is exactly the token-mean NLL and pair-mean OR of the whole global batch, so the
+loss and gradients do not depend on how the batch is split. For one micro-batch on one rank both coincide.
+Metrics follow the same rule: `ORPOMetricSums` holds sums and counts, reduced once and then divided.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.utils import VocabUtility
+
+# Branch point of log1mexp: below -ln 2, 1 - exp(x) is not close to 0 and log1p is exact; above it expm1 is.
+_MINUS_LN2 = -math.log(2.0)
+
+
+class ObjectiveInputError(ValueError):
+    """A micro-batch the objective cannot score, naming the row and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOConfig:
+    """What the objective needs beyond the batch.
+
+    vocab_size: the tokenizer's true vocabulary; logits columns at or above it are the padding rows of the
+        output layer and never enter a softmax.
+    beta: weight of the odds-ratio term (`--orpo-beta`, TRL's `beta`, the paper's lambda); default 0.1.
+    nll_on_prompt: NLL over prompt + completion targets as TRL does (default), or completion only
+        (`--no-nll-on-prompt`).
+    """
+
+    vocab_size: int
+    beta: float = 0.1
+    nll_on_prompt: bool = True
+
+    def __post_init__(self):
+        if self.vocab_size < 1:
+            raise ValueError(f"ORPOConfig.vocab_size must be >= 1, got {self.vocab_size}")
+        if not math.isfinite(self.beta) or self.beta < 0:
+            raise ValueError(f"--orpo-beta must be a finite number >= 0, got {self.beta}")
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedTargets:
+    """Targets aligned with the logits positions: position t is scored on input_ids[t + 1].
+
+    The last position has no target (id 0, masked everywhere), so logits are never sliced or copied.
+    """
+
+    token_ids: torch.Tensor  # [2B, S] long
+    completion: torch.Tensor  # [2B, S] bool: target is a completion token (sequence log-probs)
+    nll: torch.Tensor  # [2B, S] bool: target counts in the NLL term (read on chosen rows only)
+
+
+def _shift_left(tensor: torch.Tensor, fill) -> torch.Tensor:
+    shifted = torch.full_like(tensor, fill)
+    shifted[:, :-1] = tensor[:, 1:]
+    return shifted
+
+
+def shift_targets(batch: Mapping[str, torch.Tensor], nll_on_prompt: bool = True) -> ShiftedTargets:
+    """Targets and masks of a micro-batch (`input_ids`, `attention_mask`, `completion_mask`) shifted by one."""
+    completion = _shift_left(batch["completion_mask"].bool(), False)
+    real = _shift_left(batch["attention_mask"].bool(), False)
+    return ShiftedTargets(
+        token_ids=_shift_left(batch["input_ids"], 0),
+        completion=completion,
+        nll=real if nll_on_prompt else completion,
+    )
+
+
+def check_micro_batch(batch: Mapping[str, torch.Tensor], vocab_size: int) -> None:
+    """Raise ObjectiveInputError unless the micro-batch follows the data contract the loss relies on."""
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        if key not in batch:
+            raise ObjectiveInputError(f"micro-batch has no '{key}' (keys: {sorted(batch)})")
+    input_ids = batch["input_ids"]
+    if input_ids.dim() != 2 or input_ids.shape[0] % 2 or input_ids.shape[1] < 2:
+        raise ObjectiveInputError(
+            f"input_ids must be [2B, S] with chosen rows then rejected rows and S >= 2, got {tuple(input_ids.shape)}"
+        )
+    for key in ("attention_mask", "completion_mask"):
+        if batch[key].shape != input_ids.shape:
+            raise ObjectiveInputError(f"{key} has shape {tuple(batch[key].shape)}, input_ids {tuple(input_ids.shape)}")
+    real = batch["attention_mask"].bool()
+    bad = real & ((input_ids < 0) | (input_ids >= vocab_size))
+    if bad.any():
+        row, pos = (int(i) for i in bad.nonzero()[0])
+        raise ObjectiveInputError(
+            f"row {row} position {pos} holds token id {int(input_ids[row, pos])}, outside the vocabulary [0, {vocab_size})"
+        )
+    outside = batch["completion_mask"].bool() & ~real
+    if outside.any():
+        row, pos = (int(i) for i in outside.nonzero()[0])
+        raise ObjectiveInputError(f"row {row} position {pos} is marked completion but attention_mask is 0 there")
+    completion_targets = batch["completion_mask"].bool()[:, 1:].sum(-1)
+    empty = (completion_targets == 0).nonzero()
+    if len(empty):
+        row = int(empty[0])
+        raise ObjectiveInputError(
+            f"row {row} of the micro-batch has no completion token after position 0; the data layer must drop "
+            "pairs whose completion is empty after truncation"
+        )
+
+
+# ------------------------------------------------------------------------- vocab-parallel log-probabilities
+
+
+def _true_columns_in_partition(partition_vocab_size: int, rank: int, world_size: int, vocab_size: int) -> tuple[int, int]:
+    """(first global column of this rank, how many of its columns are real tokens rather than padding)."""
+    start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab_size, rank, world_size)
+    return start, max(0, min(end, vocab_size) - start)
+
+
+def _true_logits_max(logits: torch.Tensor, num_true: int) -> torch.Tensor:
+    """Per-position max over this rank's real columns in fp32 (-inf when the rank holds only padding)."""
+    if num_true == 0:
+        return torch.full(logits.shape[:-1], -math.inf, dtype=torch.float32, device=logits.device)
+    return logits[..., :num_true].max(dim=-1).values.float()
+
+
+def _shifted_fp32_logits(logits: torch.Tensor, logits_max: torch.Tensor, num_true: int) -> torch.Tensor:
+    """fp32 copy of logits - max with padding columns at -inf, so they add exp(-inf) = 0 to the softmax.
+
+    A fresh buffer: the caller's logits stay intact (the logits metrics read them) and bf16 logits are upcast
+    once, here.
+    """
+    shifted = logits.to(torch.float32, copy=True)
+    shifted.sub_(logits_max.unsqueeze(-1))
+    shifted[..., num_true:] = -math.inf
+    return shifted
+
+
+def _owned_target_logits(
+    shifted: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_end: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target's shifted logit where this rank owns the target column, else 0 (summed over ranks later)."""
+    not_owned = (target < vocab_start) | (target >= vocab_end)
+    local_target = (target - vocab_start).masked_fill(not_owned, 0).reshape(-1)
+    rows = torch.arange(local_target.numel(), device=shifted.device)
+    picked = shifted.reshape(-1, shifted.shape[-1])[rows, local_target].view_as(target)
+    return picked.masked_fill(not_owned, 0.0), not_owned, local_target
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> None:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+class _VocabParallelTokenLogProbs(torch.autograd.Function):
+    """log softmax(logits)[target] over a vocabulary split across the TP group, in fp32.
+
+    Backward: d logp / d logit_j = 1[j = target] - softmax_j, computed from the saved local softmax shard; no
+    communication is needed because every TP rank holds the same downstream loss.
+    """
+
+    @staticmethod
+    def forward(ctx, vocab_parallel_logits, target, vocab_size, group):
+        rank = dist.get_rank(group) if group is not None else 0
+        world_size = dist.get_world_size(group) if group is not None else 1
+        partition_vocab_size = vocab_parallel_logits.shape[-1]
+        vocab_start, num_true = _true_columns_in_partition(partition_vocab_size, rank, world_size, vocab_size)
+
+        logits_max = _true_logits_max(vocab_parallel_logits, num_true)
+        _all_reduce(logits_max, dist.ReduceOp.MAX, group)
+        shifted = _shifted_fp32_logits(vocab_parallel_logits, logits_max, num_true)
+        target_logits, not_owned, local_target = _owned_target_logits(
+            shifted, target, vocab_start, vocab_start + num_true
+        )
+
+        # In place: the shifted logits are not needed once exponentiated, and the buffer becomes the softmax.
+        exp_logits = shifted.exp_()
+        # One collective for both partial sums instead of two.
+        partial_sums = torch.stack([target_logits, exp_logits.sum(dim=-1)])
+        _all_reduce(partial_sums, dist.ReduceOp.SUM, group)
+        target_logits, sum_exp_logits = partial_sums
+        token_logps = target_logits - torch.log(sum_exp_logits)
+
+        softmax = exp_logits.div_(sum_exp_logits.unsqueeze(-1))
+        ctx.save_for_backward(softmax, not_owned, local_target)
+        ctx.input_dtype = vocab_parallel_logits.dtype
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_token_logps):
+        softmax, not_owned, local_target = ctx.saved_tensors
+        grad_logits = softmax.mul_(-grad_token_logps.unsqueeze(-1))
+        grad_2d = grad_logits.view(-1, grad_logits.shape[-1])
+        rows = torch.arange(grad_2d.shape[0], device=grad_2d.device)
+        grad_2d[rows, local_target] += grad_token_logps.reshape(-1).masked_fill(not_owned.reshape(-1), 0.0)
+        return grad_logits.to(ctx.input_dtype), None, None, None
+
+
+def default_tp_group():
+    """Megatron's tensor-parallel group once parallel state exists, else None (one process, whole vocabulary)."""
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def vocab_parallel_logps(
+    vocab_parallel_logits: torch.Tensor, target: torch.Tensor, vocab_size: int, tp_group=None
+) -> torch.Tensor:
+    """fp32 log-prob of `target` [2B, S] under vocab-parallel logits [2B, S, V/TP]; padding columns excluded.
+
+    `tp_group=None` uses Megatron's tensor-parallel group (or a single rank without parallel state).
+    """
+    group = default_tp_group() if tp_group is None else tp_group
+    return _VocabParallelTokenLogProbs.apply(vocab_parallel_logits, target, vocab_size, group)
+
+
+# ------------------------------------------------------------------------------ sequence terms and ORPO
+
+
+def sequence_logps(token_logps: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+    """Per-row mean log-prob over completion targets (TRL's `average_log_prob=True`)."""
+    # where, not a product: a -inf log-prob on a masked position must not turn into NaN.
+    total = torch.where(completion, token_logps, 0.0).sum(dim=-1)
+    return total / completion.sum(dim=-1)
+
+
+def nll_row_sums(token_logps: torch.Tensor, nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of -log p over NLL targets and the per-row number of those targets."""
+    return -torch.where(nll, token_logps, 0.0).sum(dim=-1), nll.sum(dim=-1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate over the whole range.
+
+    Each branch gets an input from its own side of -ln 2 so the discarded branch stays finite and cannot put a
+    NaN into the gradient through torch.where (0 * inf).
+    """
+    near_zero = x > _MINUS_LN2
+    x_near_zero = torch.where(near_zero, x, _MINUS_LN2)
+    x_far = torch.where(near_zero, 2 * _MINUS_LN2, x)
+    return torch.where(near_zero, torch.log(-torch.expm1(x_near_zero)), torch.log1p(-torch.exp(x_far)))
+
+
+def odds_ratio(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair log odds ratio and OR loss -logsigmoid(log odds), in fp32.
+
+    log odds = log[(P_c / (1 - P_c)) / (P_r / (1 - P_r))] with P = exp(mean-token logp).
+    """
+    chosen, rejected = chosen_logps.float(), rejected_logps.float()
+    # A mean logp of exactly 0 (P = 1 to fp32 precision) makes log1mexp -inf and its gradient NaN; capping at
+    # -tiny leaves every other fp32 value unchanged and gives a finite, saturated log odds instead.
+    tiny = torch.finfo(torch.float32).tiny
+    chosen, rejected = chosen.clamp(max=-tiny), rejected.clamp(max=-tiny)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return log_odds, -F.logsigmoid(log_odds)
+
+
+# -------------------------------------------------------------------------------- normalization and metrics
+
+
+def nll_target_count(batch: Mapping[str, torch.Tensor], nll_on_prompt: bool = True) -> int:
+    """Number of NLL targets on the chosen rows of one micro-batch (what the NLL term averages over)."""
+    num_pairs = batch["input_ids"].shape[0] // 2
+    return int(shift_targets(batch, nll_on_prompt).nll[:num_pairs].sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalNormalizers:
+    """Denominators of the global-batch loss: all pairs and all chosen NLL targets of the step."""
+
+    num_pairs: int
+    num_nll_tokens: int
+
+    def __post_init__(self):
+        if self.num_pairs < 1 or self.num_nll_tokens < 1:
+            raise ObjectiveInputError(
+                f"a global batch needs >= 1 pair and >= 1 NLL target, got {self.num_pairs} pairs and "
+                f"{self.num_nll_tokens} targets"
+            )
+
+    @classmethod
+    def of_micro_batches(
+        cls, micro_batches: Iterable[Mapping[str, torch.Tensor]], nll_on_prompt: bool = True, dp_group=None
+    ) -> "GlobalNormalizers":
+        """Count this rank's micro-batches of the step, then sum over `dp_group` (one all-reduce) if given."""
+        counts = torch.zeros(2, dtype=torch.int64)
+        for batch in micro_batches:
+            counts[0] += batch["input_ids"].shape[0] // 2
+            counts[1] += nll_target_count(batch, nll_on_prompt)
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            device = "cuda" if dist.get_backend(dp_group) == "nccl" else "cpu"
+            counts = counts.to(device)
+            dist.all_reduce(counts, group=dp_group)
+        return cls(int(counts[0]), int(counts[1]))
+
+
+@dataclasses.dataclass
+class ORPOMetricSums:
+    """Sums and counts behind every TRL metric, for any set of micro-batches; add, all-reduce once, finalize.
+
+    0-d float64 tensors, so accumulating over micro-batches needs no host sync and counts stay exact.
+    """
+
+    num_pairs: torch.Tensor
+    num_nll_tokens: torch.Tensor
+    nll_sum: torch.Tensor
+    chosen_logps_sum: torch.Tensor
+    rejected_logps_sum: torch.Tensor
+    chosen_reward_wins: torch.Tensor  # pairs with beta * chosen > beta * rejected (TRL's accuracy)
+    log_odds_sum: torch.Tensor
+    logsigmoid_log_odds_sum: torch.Tensor
+    chosen_logits_sum: torch.Tensor
+    rejected_logits_sum: torch.Tensor
+    logits_count: torch.Tensor  # rows x positions x true vocab columns, per half (chosen or rejected)
+
+    @classmethod
+    def zeros(cls, device=None) -> "ORPOMetricSums":
+        return cls.from_tensor(torch.zeros(len(dataclasses.fields(cls)), dtype=torch.float64, device=device))
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> "ORPOMetricSums":
+        return cls(*values.unbind())
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)])
+
+    def __add__(self, other: "ORPOMetricSums") -> "ORPOMetricSums":
+        return ORPOMetricSums.from_tensor(self.to_tensor() + other.to_tensor())
+
+    def all_reduce(self, group=None) -> "ORPOMetricSums":
+        """Sum over the ranks of `group` (the DP group of the last pipeline stage); one collective."""
+        values = self.to_tensor().clone()
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(values, group=group)
+        return ORPOMetricSums.from_tensor(values)
+
+    def finalize(self, beta: float) -> dict[str, float]:
+        """TRL-named means; `loss` is the global-batch ORPO loss (without the MoE aux loss)."""
+        pairs, logits_count = float(self.num_pairs), float(self.logits_count)
+        nll_loss = float(self.nll_sum) / float(self.num_nll_tokens)
+        chosen_logps = float(self.chosen_logps_sum) / pairs
+        rejected_logps = float(self.rejected_logps_sum) / pairs
+        log_odds_ratio = float(self.logsigmoid_log_odds_sum) / pairs
+        return {
+            "loss": nll_loss - beta * log_odds_ratio,
+            "rewards/chosen": beta * chosen_logps,
+            "rewards/rejected": beta * rejected_logps,
+            "rewards/accuracies": float(self.chosen_reward_wins) / pairs,
+            "rewards/margins": beta * (chosen_logps - rejected_logps),
+            "logps/chosen": chosen_logps,
+            "logps/rejected": rejected_logps,
+            "logits/chosen": float(self.chosen_logits_sum) / logits_count,
+            "logits/rejected": float(self.rejected_logits_sum) / logits_count,
+            "nll_loss": nll_loss,
+            "log_odds_ratio": log_odds_ratio,
+            "log_odds_chosen": float(self.log_odds_sum) / pairs,
+        }
+
+
+@torch.no_grad()
+def vocab_parallel_logits_sums(
+    vocab_parallel_logits: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int, tp_group=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums of raw logits over chosen rows and over rejected rows, and the count per half, for TRL's metric.
+
+    TRL averages `logits[:, :-1]` of the batch padded to its longest real row L: positions 0..L-2 of every row,
+    padding positions of shorter rows included, over the true vocabulary. Summed per TP shard in float64.
+    """
+    group = default_tp_group() if tp_group is None else tp_group
+    rank = dist.get_rank(group) if group is not None else 0
+    world_size = dist.get_world_size(group) if group is not None else 1
+    _, num_true = _true_columns_in_partition(vocab_parallel_logits.shape[-1], rank, world_size, vocab_size)
+    longest = int(attention_mask.sum(dim=-1).max())
+    row_sums = vocab_parallel_logits[:, : longest - 1, :num_true].sum(dim=(1, 2), dtype=torch.float64)
+    _all_reduce(row_sums, dist.ReduceOp.SUM, group)
+    num_pairs = attention_mask.shape[0] // 2
+    count = torch.tensor(float(num_pairs * (longest - 1) * vocab_size), dtype=torch.float64, device=row_sums.device)
+    return row_sums[:num_pairs].sum(), row_sums[num_pairs:].sum(), count
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class PairValues:
+    """Per-pair values of one micro-batch (detached, fp32), e.g. one evaluator JSON line per pair."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    log_odds: torch.Tensor
+    chosen_nll: torch.Tensor  # token-mean NLL of the chosen row over its NLL targets
+
+    @property
+    def chosen_wins(self) -> torch.Tensor:
+        return self.chosen_logps > self.rejected_logps
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOOutput:
+    """`loss`: this micro-batch's differentiable share of the global-batch loss. `pairs`, `sums`: see above."""
+
+    loss: torch.Tensor
+    pairs: PairValues
+    sums: ORPOMetricSums
+
+
+def orpo_loss(
+    vocab_parallel_logits: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    config: ORPOConfig,
+    normalizers: GlobalNormalizers | None = None,
+    tp_group=None,
+) -> ORPOOutput:
+    """ORPO loss share of one micro-batch of B pairs (rows 0..B-1 chosen, B..2B-1 rejected).
+
+    loss = nll_sum / normalizers.num_nll_tokens + beta * or_sum / normalizers.num_pairs. Summing it over every
+    micro-batch and DP rank of a step gives the global-batch loss. `normalizers=None` normalizes by this
+    micro-batch alone (TRL's per-micro-batch loss, e.g. for evaluation).
+    """
+    check_micro_batch(batch, config.vocab_size)
+    if normalizers is None:
+        normalizers = GlobalNormalizers.of_micro_batches([batch], config.nll_on_prompt)
+    targets = shift_targets(batch, config.nll_on_prompt)
+    num_pairs = targets.token_ids.shape[0] // 2
+
+    token_logps = vocab_parallel_logps(vocab_parallel_logits, targets.token_ids, config.vocab_size, tp_group)
+    logps = sequence_logps(token_logps, targets.completion)
+    chosen_logps, rejected_logps = logps[:num_pairs], logps[num_pairs:]
+    nll_sums, nll_counts = nll_row_sums(token_logps[:num_pairs], targets.nll[:num_pairs])
+    log_odds, or_losses = odds_ratio(chosen_logps, rejected_logps)
+    loss = nll_sums.sum() / normalizers.num_nll_tokens + config.beta * or_losses.sum() / normalizers.num_pairs
+
+    with torch.no_grad():
+        chosen_logits_sum, rejected_logits_sum, logits_count = vocab_parallel_logits_sums(
+            vocab_parallel_logits, batch["attention_mask"], config.vocab_size, tp_group
+        )
+        sums = ORPOMetricSums(
+            num_pairs=torch.tensor(float(num_pairs), dtype=torch.float64, device=logps.device),
+            num_nll_tokens=nll_counts.sum().double(),
+            nll_sum=nll_sums.sum().double(),
+            chosen_logps_sum=chosen_logps.sum().double(),
+            rejected_logps_sum=rejected_logps.sum().double(),
+            chosen_reward_wins=(config.beta * chosen_logps > config.beta * rejected_logps).sum().double(),
+            log_odds_sum=log_odds.sum().double(),
+            logsigmoid_log_odds_sum=(-or_losses).sum().double(),
+            chosen_logits_sum=chosen_logits_sum,
+            rejected_logits_sum=rejected_logits_sum,
+            logits_count=logits_count,
+        )
+        pairs = PairValues(
+            chosen_logps=chosen_logps.detach(),
+            rejected_logps=rejected_logps.detach(),
+            log_odds=log_odds.detach(),
+            chosen_nll=nll_sums.detach() / nll_counts,
+        )
+    return ORPOOutput(loss=loss, pairs=pairs, sums=sums)
