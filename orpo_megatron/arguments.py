@@ -1,0 +1,84 @@
+"""Command-line flags shared by the trainer and the evaluator, with Megatron-LM's names.
+
+Owns model/parallel/precision flags and their start-up validation. Data flags live in `data/arguments.py`,
+logging flags in `tracking.py`, training-loop flags in `train.py`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from orpo_megatron.model import FP8UnavailableError, check_fp8_supported
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and checkpoint")
+    group.add_argument("--load", required=True,
+                       help="Checkpoint to start from: the output of `tools/convert_hf.py hf-to-megatron`, or a "
+                            "training checkpoint folder (its newest complete iteration is used).")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                       help="Pad the vocabulary to a multiple of this value times the TP size (Megatron's rule); "
+                            "padded rows never enter the softmax. Default: 128.")
+    group.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                       help="MoE load-balancing loss coefficient. Default: router_aux_loss_coef of the model's "
+                            "config.json (0.001 for Mixtral-8x22B).")
+    group.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                       help="Activation recomputation to save memory: 'full' recomputes each layer in backward. "
+                            "Default: none.")
+    group.add_argument("--seed", type=int, default=1234, help="Random seed for data order and any dropout.")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallelism (world size = TP x PP x DP; experts split over EP)")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor parallel size (TP).")
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline parallel size (PP).")
+    group.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                       help="Model chunks per pipeline rank for the interleaved 1F1B schedule (VP). Default: none.")
+    group.add_argument("--expert-model-parallel-size", type=int, default=1, help="Expert parallel size (EP).")
+    group.add_argument("--sequence-parallel", action="store_true",
+                       help="Split activations along the sequence over TP ranks. Always on for MoE models with "
+                            "TP > 1 (Megatron-Core requires it there).")
+    group.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default=None,
+                       help="How tokens reach their experts. Default: alltoall on GPU, allgather on CPU "
+                            "(gloo cannot do uneven all-to-all).")
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision")
+    group.add_argument("--bf16", action="store_true",
+                       help="bf16 parameters and activations with fp32 main parameters and gradients.")
+    group.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                       help="FP8 matmuls through Transformer Engine (needs TE and a Hopper+ GPU): 'e4m3' everywhere "
+                            "or 'hybrid' (e4m3 forward, e5m2 gradients). Default: off.")
+    group.add_argument("--fp8-recipe", choices=["delayed", "tensorwise"], default="delayed",
+                       help="FP8 scaling: 'delayed' (amax history) or 'tensorwise' (current scaling).")
+    group.add_argument("--fp8-amax-history-len", type=int, default=1024, help="Delayed scaling amax history length.")
+    group.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="max",
+                       help="How the delayed-scaling amax is taken from its history.")
+    group.add_argument("--fp8-margin", type=int, default=0, help="Scaling-factor margin (powers of 2) for FP8.")
+
+
+def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need no model: exit with the flag named (argparse's error: usage line, exit code 2)."""
+    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.virtual_pipeline_model_parallel_size is not None and args.virtual_pipeline_model_parallel_size < 1:
+        parser.error("--virtual-pipeline-model-parallel-size must be >= 1")
+    if args.fp8_format and not args.bf16:
+        parser.error("--fp8-format needs --bf16 (FP8 matmuls run inside a bf16 model)")
+    try:
+        check_fp8_supported(args.fp8_format)
+    except FP8UnavailableError as err:
+        parser.error(str(err))
+
+
+def layout_kwargs(args: argparse.Namespace, is_moe: bool) -> dict:
+    """The ParallelLayout fields from the flags; sequence parallel is forced on for MoE with TP > 1."""
+    tp = args.tensor_model_parallel_size
+    return dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=args.sequence_parallel or (is_moe and tp > 1),
+    )

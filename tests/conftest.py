@@ -1,0 +1,49 @@
+"""Shared test fixtures: tiny HF models written once per session, and torchrun launching."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from orpo_megatron import fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(REPO, "tests", "workers")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> str:
+    """A tiny random Mixtral HF folder (fp32) with the tiny tokenizer."""
+    return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mixtral")), seed=1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> str:
+    """The dense member of the family: same tiny shapes, no experts."""
+    return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600, env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """Run `tests/workers/<script>` (or a module with `-m`) under torchrun with `nproc` CPU processes."""
+    target = ["-m", script[3:]] if script.startswith("-m ") else [os.path.join(WORKERS, script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={_free_port()}", *target, *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    return run_torchrun

@@ -1,0 +1,413 @@
+"""The ORPO objective against independent references: TRL's formulas in plain float64 PyTorch, TRL itself,
+mpmath for log1mexp, and the whole-vocabulary computation for the vocab-parallel (TP2) path.
+
+The reference below follows TRL's ORPOTrainer step by step (labels with -100, logits[:, :-1], full log_softmax
+over the true vocabulary, gather, CrossEntropyLoss for the NLL, the plain odds-ratio formula) on the batch cut to
+its longest real row, as TRL's collator would pad it. It is computed in float64 from the same fp32 logits, so
+each comparison measures our fp32 error.
+"""
+import math
+
+import mpmath
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orpo_megatron.objective import (
+    GlobalNormalizers,
+    ObjectiveInputError,
+    ORPOConfig,
+    ORPOMetricSums,
+    log1mexp,
+    odds_ratio,
+    orpo_loss,
+)
+
+TRUE_VOCAB, PADDED_VOCAB = 600, 768  # the tiny fixture's vocabulary, padded as at TP2
+PAD_ID = 2  # EOS, the pad id of tokenizers without one
+RTOL = 1e-5  # fp32 claims
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def make_micro_batch(num_pairs: int, seq_len: int, seed: int, longest: int | None = None) -> dict:
+    """Random pairs following the data contract; rows end at different lengths, the longest at `longest`."""
+    gen = torch.Generator().manual_seed(seed)
+    longest = seq_len if longest is None else longest
+    rows = 2 * num_pairs
+    prompt_len = torch.randint(2, 6, (num_pairs,), generator=gen).repeat(2)
+    lengths = torch.stack(
+        [torch.randint(int(p) + 1, longest + 1, (), generator=gen) for p in prompt_len]
+    )
+    lengths[torch.randint(0, rows, (), generator=gen)] = longest
+    positions = torch.arange(seq_len).expand(rows, seq_len)
+    attention = positions < lengths[:, None]
+    completion = attention & (positions >= prompt_len[:, None])
+    input_ids = torch.randint(3, TRUE_VOCAB, (rows, seq_len), generator=gen).masked_fill(~attention, PAD_ID)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention.long(),
+        "completion_mask": completion,
+        "position_ids": positions.clone(),
+    }
+
+
+def make_logits(batch: dict, seed: int, padded_vocab: int = PADDED_VOCAB, pad_value: float = 0.0) -> torch.Tensor:
+    """fp32 logits [2B, S, padded_vocab], nonzero mean; padding columns hold `pad_value`."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, seq_len = batch["input_ids"].shape
+    logits = torch.randn(rows, seq_len, padded_vocab, generator=gen) * 3 + 0.5
+    # Make some targets likely so sequence logps span a range, not just ~ -log(V).
+    boost = torch.rand(rows, seq_len, generator=gen) * 12
+    targets = torch.roll(batch["input_ids"], -1, dims=1)
+    logits.scatter_add_(2, targets[..., None], boost[..., None])
+    logits[..., TRUE_VOCAB:] = pad_value
+    return logits
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_prompt: bool = True) -> dict:
+    """TRL ORPOTrainer's loss and metrics (float64), on the true-vocabulary logits of the batch cut to its longest row.
+
+    `logits` may require grad; the returned "loss" is differentiable w.r.t. it.
+    """
+    num_pairs = batch["input_ids"].shape[0] // 2
+    longest = int(batch["attention_mask"].sum(-1).max())
+    logits = logits[:, :longest, :TRUE_VOCAB].double()
+    input_ids = batch["input_ids"][:, :longest]
+    attention = batch["attention_mask"][:, :longest]
+    completion = batch["completion_mask"][:, :longest]
+
+    # get_batch_logps(average_log_prob=True) on prompt-masked labels
+    labels = torch.where(completion, input_ids, -100)[:, 1:]
+    loss_mask = labels != -100
+    per_token = torch.gather(logits[:, :-1].log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
+    logps = (per_token * loss_mask).sum(-1) / loss_mask.sum(-1)
+    chosen, rejected = logps[:num_pairs], logps[num_pairs:]
+
+    # cross_entropy_loss on chosen rows: labels are input_ids where attention_mask == 1 (or completion labels)
+    nll_labels = torch.where(attention == 1, input_ids, -100) if nll_on_prompt else torch.where(completion, input_ids, -100)
+    nll_loss = F.cross_entropy(
+        logits[:num_pairs, :-1].reshape(-1, TRUE_VOCAB), nll_labels[:num_pairs, 1:].reshape(-1), ignore_index=-100
+    )
+    nll_rows = F.cross_entropy(
+        logits[:num_pairs, :-1].transpose(1, 2), nll_labels[:num_pairs, 1:], ignore_index=-100, reduction="none"
+    )
+    chosen_nll = nll_rows.sum(-1) / (nll_labels[:num_pairs, 1:] != -100).sum(-1)
+
+    # odds_ratio_loss, written out plainly (float64 has no cancellation problem at these values)
+    log_odds = (chosen - rejected) - (torch.log(1 - torch.exp(chosen)) - torch.log(1 - torch.exp(rejected)))
+    ratio = F.logsigmoid(log_odds)
+    loss = nll_loss - (beta * ratio).mean()
+    chosen_rewards, rejected_rewards = beta * chosen.detach(), beta * rejected.detach()
+    return {
+        "loss": loss,
+        "chosen_logps": chosen.detach(),
+        "rejected_logps": rejected.detach(),
+        "log_odds": log_odds.detach(),
+        "chosen_nll": chosen_nll.detach(),
+        "metrics": {
+            "loss": loss.item(),
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": chosen.mean().item(),
+            "logps/rejected": rejected.mean().item(),
+            "logits/chosen": logits[:num_pairs, :-1].mean().item(),
+            "logits/rejected": logits[num_pairs:, :-1].mean().item(),
+            "nll_loss": nll_loss.item(),
+            "log_odds_ratio": ratio.mean().item(),
+            "log_odds_chosen": log_odds.mean().item(),
+        },
+    }
+
+
+def assert_metrics_close(ours: dict, reference: dict, rtol: float = RTOL) -> None:
+    assert set(ours) == set(reference)
+    for name, expected in reference.items():
+        assert ours[name] == pytest.approx(expected, rel=rtol, abs=0), name
+
+
+def assert_grad_close(ours: torch.Tensor, reference: torch.Tensor, rtol: float = RTOL) -> None:
+    # Relative to the largest gradient entry: most entries are softmax tails many orders smaller.
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(ours.double(), reference.double(), rtol=rtol, atol=rtol * scale)
+
+
+def loss_and_grad(logits: torch.Tensor, batch: dict, config: ORPOConfig, normalizers=None):
+    logits = logits.clone().requires_grad_(True)
+    output = orpo_loss(logits, batch, config, normalizers)
+    output.loss.backward()
+    return output, logits.grad
+
+
+def reference_grad(logits: torch.Tensor, batch: dict, **kwargs) -> torch.Tensor:
+    logits = logits.clone().requires_grad_(True)
+    trl_reference(logits, batch, **kwargs)["loss"].backward()
+    return logits.grad
+
+
+# ------------------------------------------------------------------------------------------ log1mexp
+
+
+def _mpmath_log1mexp(x: torch.Tensor) -> torch.Tensor:
+    mpmath.mp.dps = 40
+    return torch.tensor([float(mpmath.log(-mpmath.expm1(mpmath.mpf(v)))) for v in x.double().tolist()],
+                        dtype=torch.float64)
+
+
+def test_log1mexp_is_accurate_against_mpmath_from_minus_100_to_minus_1e9():
+    x32 = -torch.logspace(-9, 2, 20001, dtype=torch.float32)
+    exact = _mpmath_log1mexp(x32)  # at the exact fp32 inputs
+    ours32 = log1mexp(x32).double()
+    assert torch.isfinite(ours32).all()
+    # fp32: <= 1 ulp relative (2^-23) for x >= -79. Below, |value| < 5e-35 and torch's fp32 exp loses relative
+    # accuracy near its underflow threshold (x ~ -87); what matters there is the absolute error, which is
+    # negligible next to the (c - r) term of the log odds.
+    upper = x32 >= -79
+    rel_err = ((ours32 - exact).abs() / exact.abs())[upper]
+    assert rel_err.max() <= 2.0**-23, rel_err.max()
+    assert (ours32 - exact).abs()[~upper].max() <= 1e-40
+
+    x64 = -torch.logspace(-9, 2, 20001, dtype=torch.float64)
+    rel_err64 = ((log1mexp(x64) - _mpmath_log1mexp(x64)).abs() / _mpmath_log1mexp(x64).abs()).max()
+    assert rel_err64 <= 4 * 2.0**-52, rel_err64
+
+
+def test_log1mexp_gradient_is_finite_and_matches_the_derivative():
+    x = -torch.logspace(-9, 2, 20001, dtype=torch.float32)
+    x.requires_grad_(True)
+    log1mexp(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # d/dx log(1 - e^x) = -1 / expm1(-x), in float64
+    expected = -1.0 / torch.expm1(-x.detach().double())
+    normal = expected.abs() >= torch.finfo(torch.float32).tiny
+    rel_err = ((x.grad.double() - expected).abs() / expected.abs())[normal]
+    assert rel_err.max() <= 1e-6, rel_err.max()
+
+
+def test_log1mexp_is_needed_near_zero():
+    """The naive log1p(-exp(x)) the test above guards against really is wrong near 0 in fp32."""
+    x = torch.tensor([-1e-9], dtype=torch.float32)
+    assert torch.isinf(torch.log1p(-torch.exp(x))).all()
+    assert log1mexp(x).item() == pytest.approx(math.log(1e-9), rel=1e-6)
+
+
+def test_zero_sequence_logp_gives_finite_loss_and_gradients():
+    chosen = torch.tensor([0.0, -1e-12, -0.5], requires_grad=True)
+    rejected = torch.tensor([-0.3, 0.0, -0.5], requires_grad=True)
+    log_odds, or_loss = odds_ratio(chosen, rejected)
+    or_loss.sum().backward()
+    for tensor in (log_odds, or_loss, chosen.grad, rejected.grad):
+        assert torch.isfinite(tensor).all(), tensor
+    assert or_loss[0] < 1e-30 and or_loss[1] > 80  # P_chosen = 1 wins outright, P_rejected = 1 loses outright
+
+
+# ------------------------------------------------------------------------------- TP1 vs TRL formulas
+
+
+@pytest.mark.parametrize("nll_on_prompt", [True, False])
+def test_loss_metrics_pairs_and_gradient_match_trl_formulas_at_tp1(nll_on_prompt):
+    batch = make_micro_batch(num_pairs=3, seq_len=24, seed=1, longest=21)  # 3 columns of pad_to_multiple padding
+    logits = make_logits(batch, seed=2)
+    config = ORPOConfig(vocab_size=TRUE_VOCAB, beta=0.1, nll_on_prompt=nll_on_prompt)
+
+    output, grad = loss_and_grad(logits, batch, config)
+    reference = trl_reference(logits, batch, beta=0.1, nll_on_prompt=nll_on_prompt)
+
+    assert output.loss.dtype == torch.float32
+    assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll"):
+        torch.testing.assert_close(getattr(output.pairs, name).double(), reference[name], rtol=RTOL, atol=0)
+    assert_metrics_close(output.sums.finalize(config.beta), reference["metrics"])
+    assert_grad_close(grad, reference_grad(logits, batch, beta=0.1, nll_on_prompt=nll_on_prompt))
+    assert (grad[..., TRUE_VOCAB:] == 0).all()
+
+
+def test_nll_on_prompt_changes_the_nll_term():
+    """Guards the flag itself: with prompts of >= 2 tokens the two NLL definitions must differ."""
+    batch = make_micro_batch(num_pairs=2, seq_len=16, seed=3)
+    logits = make_logits(batch, seed=4)
+    with_prompt = orpo_loss(logits, batch, ORPOConfig(TRUE_VOCAB, nll_on_prompt=True)).sums
+    without_prompt = orpo_loss(logits, batch, ORPOConfig(TRUE_VOCAB, nll_on_prompt=False)).sums
+    assert with_prompt.num_nll_tokens > without_prompt.num_nll_tokens
+    assert without_prompt.num_nll_tokens == (batch["completion_mask"][:2, 1:]).sum()
+
+
+@pytest.mark.parametrize("pad_value", [1e30, -1e30, math.inf])
+def test_padded_vocab_columns_do_not_change_logps(pad_value):
+    batch = make_micro_batch(num_pairs=2, seq_len=16, seed=5)
+    clean = make_logits(batch, seed=6)
+    polluted = make_logits(batch, seed=6, pad_value=pad_value)
+    config = ORPOConfig(TRUE_VOCAB)
+
+    clean_out, clean_grad = loss_and_grad(clean, batch, config)
+    polluted_out, polluted_grad = loss_and_grad(polluted, batch, config)
+    for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll"):
+        assert torch.equal(getattr(polluted_out.pairs, name), getattr(clean_out.pairs, name)), name
+    assert torch.equal(polluted_out.loss, clean_out.loss)
+    assert torch.equal(polluted_grad, clean_grad)
+    assert polluted_out.sums.finalize(0.1)["logits/chosen"] == clean_out.sums.finalize(0.1)["logits/chosen"]
+
+
+def test_trl_odds_ratio_loss_and_batch_logps_agree_with_ours():
+    """TRL 1.16 itself: `get_batch_logps` on the true-vocab logits and `odds_ratio_loss` on the same logps."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    batch = make_micro_batch(num_pairs=4, seq_len=20, seed=7)
+    logits = make_logits(batch, seed=8)
+    config = ORPOConfig(TRUE_VOCAB, beta=0.25)
+    output = orpo_loss(logits, batch, config)
+
+    labels = torch.where(batch["completion_mask"], batch["input_ids"], -100)
+    trl_logps = ORPOTrainer.get_batch_logps(logits[..., :TRUE_VOCAB], labels, average_log_prob=True)
+    ours_logps = torch.cat([output.pairs.chosen_logps, output.pairs.rejected_logps])
+    torch.testing.assert_close(ours_logps, trl_logps, rtol=RTOL, atol=0)
+
+    class TrainerStandIn:
+        beta = config.beta
+
+        class accelerator:
+            device = torch.device("cpu")
+
+    chosen, rejected = output.pairs.chosen_logps, output.pairs.rejected_logps
+    losses, chosen_rewards, rejected_rewards, mean_ratio, mean_log_odds = ORPOTrainer.odds_ratio_loss(
+        TrainerStandIn(), chosen, rejected
+    )
+    log_odds, or_loss = odds_ratio(chosen, rejected)
+    torch.testing.assert_close(log_odds, output.pairs.log_odds)
+    torch.testing.assert_close(-config.beta * or_loss, losses, rtol=RTOL, atol=0)
+    metrics = output.sums.finalize(config.beta)
+    assert metrics["log_odds_ratio"] == pytest.approx(mean_ratio.item(), rel=RTOL)
+    assert metrics["log_odds_chosen"] == pytest.approx(mean_log_odds.item(), rel=RTOL)
+    assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=RTOL)
+    assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), rel=RTOL)
+
+
+# ---------------------------------------------------------------------------- global-batch normalization
+
+
+def test_micro_batch_shares_sum_to_the_global_batch_loss_and_metrics():
+    """Two micro-batches of different lengths (gradient accumulation) give the loss, gradient and metrics of the
+    whole batch: pooled token-mean NLL and pair-mean OR over all pairs."""
+    first = make_micro_batch(num_pairs=2, seq_len=14, seed=9)
+    second = make_micro_batch(num_pairs=3, seq_len=22, seed=10)
+    first_logits, second_logits = make_logits(first, seed=11), make_logits(second, seed=12)
+    config = ORPOConfig(TRUE_VOCAB, beta=0.1)
+    normalizers = GlobalNormalizers.of_micro_batches([first, second], config.nll_on_prompt)
+
+    first_out, first_grad = loss_and_grad(first_logits, first, config, normalizers)
+    second_out, second_grad = loss_and_grad(second_logits, second, config, normalizers)
+    metrics = (ORPOMetricSums.zeros() + first_out.sums + second_out.sums).finalize(config.beta)
+
+    # Reference: the whole batch as one, padded to the longer length; rows reordered chosen-then-rejected.
+    whole, whole_logits = concat_pairs([first, second], [first_logits, second_logits])
+    reference = trl_reference(whole_logits, whole)
+    assert (first_out.loss + second_out.loss).item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    ref_grad = reference_grad(whole_logits, whole)
+    assert_grad_close(torch.cat([g.flatten() for g in (first_grad, second_grad)]),
+                      torch.cat([g.flatten() for g in split_back(ref_grad, [first, second])]))
+
+    # The logits metric follows TRL per micro-batch (positions up to each micro-batch's longest row), pooled.
+    expected = dict(reference["metrics"])
+    for half in ("chosen", "rejected"):
+        sums, counts = 0.0, 0
+        for batch, logits in ((first, first_logits), (second, second_logits)):
+            pairs, longest = batch["input_ids"].shape[0] // 2, int(batch["attention_mask"].sum(-1).max())
+            block = logits[:pairs] if half == "chosen" else logits[pairs:]
+            block = block[:, : longest - 1, :TRUE_VOCAB].double()
+            sums, counts = sums + block.sum().item(), counts + block.numel()
+        expected[f"logits/{half}"] = sums / counts
+    assert_metrics_close(metrics, expected)
+
+
+def concat_pairs(batches: list[dict], logits: list[torch.Tensor]) -> tuple[dict, torch.Tensor]:
+    """One micro-batch holding all pairs of `batches` (right-padded to the longest S), and its logits."""
+    seq_len = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(tensor, value):
+        return F.pad(tensor, [0, 0] * (tensor.dim() - 2) + [0, seq_len - tensor.shape[1]], value=value)
+
+    def halves(tensor):
+        pairs = tensor.shape[0] // 2
+        return tensor[:pairs], tensor[pairs:]
+
+    whole = {}
+    for key, value in (("input_ids", PAD_ID), ("attention_mask", 0), ("completion_mask", False)):
+        parts = [halves(pad(b[key], value)) for b in batches]
+        whole[key] = torch.cat([c for c, _ in parts] + [r for _, r in parts])
+    parts = [halves(pad(x, 0.0)) for x in logits]
+    return whole, torch.cat([c for c, _ in parts] + [r for _, r in parts])
+
+
+def split_back(whole: torch.Tensor, batches: list[dict]) -> list[torch.Tensor]:
+    """Inverse of concat_pairs for a [2B_total, S, V] tensor: each micro-batch's rows, cut to its S."""
+    pair_counts = [b["input_ids"].shape[0] // 2 for b in batches]
+    total, chosen_start, out = sum(pair_counts), 0, []
+    for b, pairs in zip(batches, pair_counts):
+        seq_len = b["input_ids"].shape[1]
+        chosen = whole[chosen_start : chosen_start + pairs, :seq_len]
+        rejected = whole[total + chosen_start : total + chosen_start + pairs, :seq_len]
+        out.append(torch.cat([chosen, rejected]))
+        chosen_start += pairs
+    return out
+
+
+# -------------------------------------------------------------------------------------------- bf16
+
+
+def test_bf16_logits_are_scored_in_fp32():
+    """bf16 logits are upcast exactly before any arithmetic, so ours on bf16 logits matches the float64
+    reference on the bf16-rounded logits to the fp32 tolerance; scoring in bf16 (TRL with bf16 logits) misses it
+    by orders of magnitude more."""
+    batch = make_micro_batch(num_pairs=3, seq_len=24, seed=13)
+    logits_bf16 = make_logits(batch, seed=14).bfloat16()
+    config = ORPOConfig(TRUE_VOCAB)
+
+    output, grad = loss_and_grad(logits_bf16, batch, config)
+    reference = trl_reference(logits_bf16.float(), batch)
+    assert grad.dtype == torch.bfloat16
+    ours_error = (output.pairs.chosen_logps.double() - reference["chosen_logps"]).abs().max().item()
+    assert ours_error <= RTOL * reference["chosen_logps"].abs().max().item()
+    assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    assert_metrics_close(output.sums.finalize(config.beta), reference["metrics"])
+    # The gradient is returned in bf16: compare at bf16's resolution (2^-8 relative).
+    assert_grad_close(grad.float(), reference_grad(logits_bf16.float(), batch), rtol=2.0**-8)
+
+    labels = torch.where(batch["completion_mask"], batch["input_ids"], -100)[:, 1:]
+    mask = labels != -100
+    bf16_token_logps = torch.gather(logits_bf16[:, :-1, :TRUE_VOCAB].log_softmax(-1), 2,
+                                    labels.clamp(min=0)[..., None]).squeeze(-1)
+    bf16_logps = ((bf16_token_logps * mask).sum(-1) / mask.sum(-1))[:3]
+    bf16_error = (bf16_logps.double() - reference["chosen_logps"]).abs().max().item()
+    assert bf16_error > 100 * ours_error
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_micro_batch_that_breaks_the_contract_is_rejected_naming_the_row():
+    config = ORPOConfig(TRUE_VOCAB)
+    batch = make_micro_batch(num_pairs=2, seq_len=12, seed=15)
+    logits = make_logits(batch, seed=16)
+
+    out_of_vocab = dict(batch, input_ids=batch["input_ids"].clone())
+    out_of_vocab["input_ids"][1, 3] = TRUE_VOCAB
+    with pytest.raises(ObjectiveInputError, match=r"row 1 position 3 .* outside the vocabulary \[0, 600\)"):
+        orpo_loss(logits, out_of_vocab, config)
+
+    empty = dict(batch, completion_mask=batch["completion_mask"].clone())
+    empty["completion_mask"][2] = False
+    with pytest.raises(ObjectiveInputError, match="row 2 of the micro-batch has no completion token"):
+        orpo_loss(logits, empty, config)
+
+    odd = {key: value[:3] for key, value in batch.items()}
+    with pytest.raises(ObjectiveInputError, match=r"\[2B, S\]"):
+        orpo_loss(logits[:3], odd, config)
+
+    with pytest.raises(ValueError, match="--orpo-beta"):
+        ORPOConfig(TRUE_VOCAB, beta=-1.0)
