@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif(
     not os.environ.get("SLURM_CONF"), reason="no SLURM cluster (start one with: bash .ci/slurm/start.sh)"
 )
 
-# Each task dumps the environment SLURM gave it (a bare interpreter starts fast; four torch imports on a
-# 2-core runner take a minute); launch_env() then reads each task's real environment in the test process.
-TASK_REPORT = "import json, os; print('TASK ' + json.dumps(dict(os.environ)), flush=True)"
+# Each task dumps the environment SLURM gave it to its own file (a bare interpreter starts fast; four torch
+# imports on a 2-core runner take a minute); launch_env() then reads each task's real environment here.
+TASK_REPORT = ("import json, os; json.dump(dict(os.environ), "
+               "open('task' + os.environ['SLURM_PROCID'] + '.json', 'w'))")
 
 
 def test_sbatch_runs_four_gpu_tasks_and_launch_env_reads_ranks_and_master(tmp_path):
@@ -30,7 +31,7 @@ def test_sbatch_runs_four_gpu_tasks_and_launch_env_reads_ranks_and_master(tmp_pa
         f"#SBATCH --output={output}\n"
         # SLURM's own expansion of the node list: the reference for the master host.
         'echo "FIRST_HOST $(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"\n'
-        f"srun {sys.executable} -c \"{TASK_REPORT}\"\n"
+        f"srun --chdir={tmp_path} {sys.executable} -c \"{TASK_REPORT}\"\n"
     )
     # sbatch exports the submitting environment; a torchrun rendezvous there would mask SLURM's.
     env = {k: v for k, v in os.environ.items()
@@ -42,7 +43,7 @@ def test_sbatch_runs_four_gpu_tasks_and_launch_env_reads_ranks_and_master(tmp_pa
 
     lines = log.splitlines()
     first_host = [line.split()[1] for line in lines if line.startswith("FIRST_HOST ")]
-    task_envs = [json.loads(line[5:]) for line in lines if line.startswith("TASK ")]
+    task_envs = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("task*.json"))]
     tasks = sorted(
         ({"procid": int(env["SLURM_PROCID"]), "gpus_on_node": env.get("SLURM_GPUS_ON_NODE"),
           "cuda_visible": env.get("CUDA_VISIBLE_DEVICES"), **dataclasses.asdict(launch_env(env))}
