@@ -30,7 +30,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "orpo-megatron-train=orpo_megatron.train:main",
+            "orpo-megatron-train=orpo_megatron.train:cli",
         ],
     },
 )

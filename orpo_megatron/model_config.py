@@ -209,6 +209,8 @@ def build_transformer_config(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         sequence_parallel=sequence_parallel,
+        # Micro-batches are padded to their own longest pair, so pipeline stages exchange shapes first.
+        variable_seq_lengths=pipeline_model_parallel_size > 1,
         bf16=precision.bf16,
         params_dtype=precision.params_dtype,
         pipeline_dtype=precision.params_dtype,

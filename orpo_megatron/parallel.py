@@ -177,6 +177,15 @@ def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234) -> P
     return layout
 
 
+def is_logging_rank() -> bool:
+    """The one rank that prints and logs metrics: the first rank of the last pipeline stage, which holds them."""
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
 def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -1,0 +1,99 @@
+"""ORPO micro-batches through Megatron-Core's pipeline schedule (1F1B, interleaved with VP, or no pipelining).
+
+Owns the glue between `get_forward_backward_func()` and the objective: the forward step, the loss function
+with its normalization, and collecting metric sums and per-pair values from the last pipeline stage. Used by
+the trainer (forward + backward) and the evaluator (forward only). It does not step the optimizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Mapping
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe import moe_utils
+
+from orpo_megatron.objective import GlobalNormalizers, ORPOConfig, ORPOMetricSums, PairValues, orpo_loss
+
+MicroBatch = Mapping[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class ScheduleResult:
+    """What one pass over a step's micro-batches produced.
+
+    `sums` are reduced over the data-parallel ranks and are only set on the last pipeline stage; `pairs` are this
+    rank's micro-batches' per-pair values (last stage only, when asked for). `moe_load_balancing_loss` is the
+    router's load-balancing loss without its coefficient, summed over layers and averaged over micro-batches and
+    data-parallel ranks (MoE models in training only).
+    """
+
+    sums: ORPOMetricSums | None
+    pairs: list[PairValues]
+    moe_load_balancing_loss: float | None = None
+
+
+def _forward_step(orpo_config: ORPOConfig, normalizers: GlobalNormalizers | None, loss_scale: float,
+                  data_iterator, model_chunk):
+    batch = next(data_iterator)
+    output = model_chunk(batch["input_ids"], batch["position_ids"], attention_mask=None)
+    return output, partial(_loss_func, orpo_config, normalizers, loss_scale, batch)
+
+
+def _loss_func(orpo_config: ORPOConfig, normalizers: GlobalNormalizers | None, loss_scale: float,
+               batch: MicroBatch, vocab_parallel_logits: torch.Tensor):
+    result = orpo_loss(vocab_parallel_logits, batch, orpo_config, normalizers)
+    # Megatron divides each micro-batch's loss by the number of micro-batches and DDP averages gradients over
+    # DP ranks; our loss is already normalized by the global batch's counts, so undo both.
+    return result.loss * loss_scale, {"sums": result.sums, "pairs": result.pairs}
+
+
+def run_micro_batches(
+    model_chunks: list[torch.nn.Module],
+    micro_batches: list[MicroBatch],
+    orpo_config: ORPOConfig,
+    forward_only: bool,
+    collect_pairs: bool = False,
+) -> ScheduleResult:
+    """Forward (and backward unless `forward_only`) of this rank's micro-batches of one step.
+
+    Training normalizes by the counts of the whole global batch (one all-reduce over DP), so the loss and the
+    gradients do not depend on the parallel layout or on the micro-batch split.
+    """
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    num_micro_batches = len(micro_batches)
+    normalizers = None
+    if not forward_only:
+        normalizers = GlobalNormalizers.of_micro_batches(micro_batches, orpo_config.nll_on_prompt, dp_group)
+        moe_utils.clear_aux_losses_tracker()
+    # The interleaved schedule reads one iterator per model chunk.
+    iterators = [iter(micro_batches) for _ in model_chunks]
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, orpo_config, normalizers, float(num_micro_batches * dp_size)),
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks,
+        num_microbatches=num_micro_batches,
+        seq_length=max(batch["input_ids"].shape[1] for batch in micro_batches),
+        micro_batch_size=micro_batches[0]["input_ids"].shape[0],
+        forward_only=forward_only,
+    )
+    sums, pairs = None, []
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        sums = ORPOMetricSums.zeros()
+        for output in outputs:
+            sums = sums + output["sums"]
+            if collect_pairs:
+                pairs.append(output["pairs"])
+        sums = sums.all_reduce(dp_group)
+    return ScheduleResult(sums, pairs, None if forward_only else _moe_load_balancing_loss(num_micro_batches))
+
+
+def _moe_load_balancing_loss(num_micro_batches: int) -> float | None:
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        return None
+    moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    return float(tracker["load_balancing_loss"]["values"].sum()) / num_micro_batches

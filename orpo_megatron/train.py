@@ -1,0 +1,315 @@
+"""ORPO training on Megatron-Core: `python -m orpo_megatron.train --load CKPT --data-path DATA ...`.
+
+Reads top to bottom: flags, parallel start-up, model, optimizer, data, checkpoint, then the loop (step, log,
+evaluate, save, stop on a signal or a non-finite step). The objective (`objective.py`), its pipeline glue
+(`pipeline.py`), the data (`data/`), checkpoints (`checkpointing.py`) and logging (`tracking.py`) are one
+import away. Launch with torchrun or srun; on a machine without a GPU it runs on CPU with gloo.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel, throughput, tracking
+from orpo_megatron.data.arguments import add_data_args
+from orpo_megatron.data.pipeline import build_preference_data
+from orpo_megatron.model_config import HFModelConfig, ModelConfigError, PrecisionConfig, build_transformer_config
+from orpo_megatron.objective import ORPOConfig
+from orpo_megatron.pipeline import ScheduleResult, run_micro_batches
+
+LR_DECAY_STYLES = ["constant", "linear", "cosine", "inverse-square-root"]
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop, with what happened and where the last good checkpoint is."""
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ORPO objective")
+    group.add_argument("--orpo-beta", type=float, default=0.1,
+                       help="Weight of the odds-ratio term (TRL's beta, the paper's lambda). Default: 0.1; the "
+                            "Zephyr-141B recipe uses 0.05.")
+    group.add_argument("--no-nll-on-prompt", dest="nll_on_prompt", action="store_false",
+                       help="Compute the NLL term on completion tokens only (default: prompt + completion, as TRL).")
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--micro-batch-size", type=int, default=1,
+                       help="Pairs per micro-batch (each pair is a chosen and a rejected sequence). Default: 1.")
+    group.add_argument("--global-batch-size", type=int, default=None,
+                       help="Pairs per optimizer step over all data-parallel ranks; gradient accumulation is "
+                            "derived from it. Default: micro-batch size x data-parallel size.")
+    group.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train for.")
+    group.add_argument("--train-epochs", type=float, default=None,
+                       help="Epochs over the training pairs (instead of --train-iters). Default: 1 if neither.")
+    group.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                       help="'adam' is AdamW (decoupled weight decay). Default: adam.")
+    group.add_argument("--lr", type=float, default=1e-6, help="Peak learning rate. Default: 1e-6 (TRL's ORPO default).")
+    group.add_argument("--min-lr", type=float, default=0.0, help="Learning rate floor of the decay. Default: 0.")
+    group.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="linear",
+                       help="Schedule after warmup (alignment-handbook names: constant, linear, cosine, "
+                            "inverse_sqrt = inverse-square-root). Default: linear.")
+    group.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warmup steps from 0. Default: 0.")
+    group.add_argument("--lr-decay-iters", type=int, default=None,
+                       help="Steps over which the LR decays to --min-lr. Default: the training length.")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay. Default: 0.")
+    group.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1. Default: 0.9.")
+    group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2. Default: 0.999.")
+    group.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon. Default: 1e-8.")
+    group.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clipping (0: off). Default: 1.0.")
+    group.add_argument("--optimizer-cpu-offload", action="store_true",
+                       help="Keep (part of) the optimizer state and step on the host (Megatron-Core's HybridDeviceOptimizer).")
+    group.add_argument("--optimizer-offload-fraction", type=float, default=1.0,
+                       help="Fraction of the optimizer state offloaded with --optimizer-cpu-offload. Default: 1.0.")
+    group.add_argument("--use-precision-aware-optimizer", action="store_true",
+                       help="Let the optimizer keep bf16 main params/moments (Transformer Engine's FusedAdam).")
+    group.add_argument("--skip-nonfinite-steps", type=int, default=0,
+                       help="Skip up to N optimizer steps whose loss or grad norm is NaN/inf before stopping. Default: 0.")
+
+    group = parser.add_argument_group("evaluation and checkpoints")
+    group.add_argument("--eval-interval", type=int, default=100, help="Evaluate every N steps (0: only at the end).")
+    group.add_argument("--eval-iters", type=int, default=None,
+                       help="Micro-batches per evaluation on each DP rank. Default: the whole held-out set.")
+    group.add_argument("--save", default=None,
+                       help="Training checkpoint directory. A run whose --save already holds a checkpoint resumes "
+                            "from its newest complete iteration (so a requeued job continues).")
+    group.add_argument("--save-interval", type=int, default=None, help="Save every N steps. Default: only at the end.")
+    group.add_argument("--keep-last-checkpoints", type=int, default=None,
+                       help="Keep only the newest N iteration folders. Default: keep all.")
+    group.add_argument("--peak-tflops", type=float, default=None,
+                       help="Per-GPU peak TFLOP/s for MFU. Default: H100 bf16 dense (989) on GPU, none on CPU.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orpo_megatron.train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    arguments.add_model_args(parser)
+    arguments.add_parallel_args(parser)
+    arguments.add_precision_args(parser)
+    add_training_args(parser)
+    add_data_args(parser)
+    tracking.add_logging_args(parser)
+    args = parser.parse_args(argv)
+    arguments.validate_common_args(parser, args)
+    if args.train_iters is not None and args.train_epochs is not None:
+        parser.error("give --train-iters or --train-epochs, not both")
+    for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.save_interval and not args.save:
+        parser.error("--save-interval needs --save")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def build_optimizer(args, chunks, precision: PrecisionConfig):
+    config = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        bf16=precision.bf16, params_dtype=precision.params_dtype, use_distributed_optimizer=True,
+        optimizer_cpu_offload=args.optimizer_cpu_offload, optimizer_offload_fraction=args.optimizer_offload_fraction,
+        use_precision_aware_optimizer=args.use_precision_aware_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(args, optimizer, train_iters: int) -> OptimizerParamScheduler:
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters or train_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
+    )
+
+
+def train_length(args, steps_per_epoch: int) -> int:
+    if args.train_iters is not None:
+        return args.train_iters
+    return max(1, math.ceil((args.train_epochs or 1.0) * steps_per_epoch))
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM's time-limit warning) ask the loop to save and exit at the end of the step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        """All ranks agree, so they save together."""
+        return _any_rank(self.received is not None)
+
+
+# ------------------------------------------------------------------------------------------------- steps
+def train_step(chunks, optimizer, scheduler, micro_batches, orpo_config) -> tuple[ScheduleResult, float, bool]:
+    """One optimizer step over this rank's micro-batches. Returns the schedule result, grad norm, and whether
+    the step was applied (Megatron skips it when the grad norm is not finite)."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = run_micro_batches(chunks, micro_batches, orpo_config, forward_only=False)
+    applied, grad_norm, _ = optimizer.step()
+    if applied:
+        scheduler.step(increment=1)
+    return result, float(grad_norm) if grad_norm is not None else float("nan"), bool(applied)
+
+
+@torch.no_grad()
+def evaluate(chunks, evaluation, orpo_config, max_micro_batches: int | None) -> dict[str, float] | None:
+    for chunk in chunks:
+        chunk.eval()
+    micro_batches = list(evaluation)[:max_micro_batches]
+    result = run_micro_batches(chunks, micro_batches, orpo_config, forward_only=True)
+    for chunk in chunks:
+        chunk.train()
+    return result.sums.finalize(orpo_config.beta) if result.sums is not None else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
+    checkpoint = checkpointing.resolve(resume_dir or args.load)
+    metadata = checkpoint_format.read_metadata(checkpoint.weights_dir)
+    hf = HFModelConfig.from_dict(metadata["hf_config"], source=os.path.join(checkpoint.weights_dir, "metadata.json"))
+    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed)
+    logging_rank = parallel.is_logging_rank()
+    log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+    log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
+        f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.weights_dir}")
+
+    # Model and optimizer.
+    precision = PrecisionConfig(bf16=args.bf16, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe,
+                                fp8_amax_history_len=args.fp8_amax_history_len,
+                                fp8_amax_compute_algo=args.fp8_amax_compute_algo, fp8_margin=args.fp8_margin)
+    use_te = model.transformer_engine_available()
+    dispatcher = args.moe_token_dispatcher_type or ("alltoall" if torch.cuda.is_available() else "allgather")
+    config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
+                                      moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+                                      moe_token_dispatcher_type=dispatcher, use_transformer_engine=use_te,
+                                      recompute_granularity=args.recompute_granularity)
+    vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    chunks = [DistributedDataParallel(config, ddp_config, chunk)
+              for chunk in model.build_model(config, hf, vocab, use_te)]
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = build_optimizer(args, chunks, precision)
+    config.grad_scale_func = optimizer.scale_loss
+    if len(chunks) > 1:
+        config.no_sync_func = [chunk.no_sync for chunk in chunks]
+
+    # Data.
+    dp_size = layout.data_parallel_size
+    global_batch_size = args.global_batch_size or args.micro_batch_size * dp_size
+    pad_multiple = layout.tensor_model_parallel_size if config.sequence_parallel else 1
+    tokenizer_fallback = os.path.join(checkpoint.weights_dir, checkpoint_format.HF_FILES_DIR)
+    if dist.get_rank() == 0:  # tokenize once into the cache; the other ranks then read it
+        build_preference_data(args, tokenizer_fallback, 0, dp_size, args.micro_batch_size, global_batch_size,
+                              pad_multiple, args.seed)
+    dist.barrier()
+    train_iter, evaluation, data_stats = build_preference_data(
+        args, tokenizer_fallback, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
+        global_batch_size, pad_multiple, args.seed)
+    log(data_stats.summary())
+    train_iters = train_length(args, train_iter.steps_per_epoch)
+    scheduler = build_scheduler(args, optimizer, train_iters)
+
+    # Weights, and the training state when resuming.
+    state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, hf, layout.describe(), log=log)
+    iteration = state["iteration"] if state else 0
+    if state:
+        train_iter.load_state_dict(state["data"])
+        log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
+    orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
+    tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters)
+    tracker.log_config(vars(args), layout=layout.describe(), data_stats=data_stats.as_dict())
+    flops = throughput.FlopsCounter(hf, peak_tflops=args.peak_tflops, world_size=layout.world_size)
+
+    def save(at_iteration: int) -> str:
+        train_state = {"data": train_iter.state_dict(), "layout": layout.describe(), "args": vars(args)}
+        path = checkpointing.save(args.save, at_iteration, chunks, optimizer, scheduler, train_state, hf,
+                                  keep_last=args.keep_last_checkpoints)
+        log(f"saved checkpoint {path}")
+        return path
+
+    def last_good() -> str:
+        found = checkpointing.latest_iteration(args.save) if args.save else None
+        return checkpointing.iteration_dir(args.save, found) if found is not None else "none (no --save)"
+
+    if evaluation is not None and iteration == 0:
+        tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration, 0, prefix="eval")
+
+    stop = StopSignal()
+    skipped = 0
+    for chunk in chunks:
+        chunk.train()
+    while iteration < train_iters:
+        started = time.perf_counter()
+        micro_batches = next(train_iter)
+        result, grad_norm, applied = train_step(chunks, optimizer, scheduler, micro_batches, orpo_config)
+        iteration += 1
+        metrics = result.sums.finalize(orpo_config.beta) if result.sums is not None else {}
+        nonfinite = not applied or not math.isfinite(grad_norm) or not all(map(math.isfinite, metrics.values()))
+        if _any_rank(nonfinite):
+            skipped += 1
+            if skipped > args.skip_nonfinite_steps:
+                raise TrainingError(f"non-finite loss or grad norm at iteration {iteration} "
+                                    f"(grad norm {grad_norm}); last good checkpoint: {last_good()}")
+            log(f"WARNING: skipped non-finite step at iteration {iteration} ({skipped}/{args.skip_nonfinite_steps})")
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * dp_size
+        metrics.update(grad_norm=grad_norm, lr=scheduler.get_lr(optimizer.param_groups[0]))
+        if result.moe_load_balancing_loss is not None:
+            metrics["moe_load_balancing_loss"] = result.moe_load_balancing_loss
+        metrics.update(flops.step_metrics(micro_batches, dp_size, time.perf_counter() - started, tokens))
+        if iteration % args.log_interval == 0 or iteration == train_iters:
+            tracker.log(metrics, iteration, train_iter.consumed_pairs, prefix="train")
+        if evaluation is not None and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == train_iters):
+            tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration,
+                        train_iter.consumed_pairs, prefix="eval")
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
+        if stop.any_rank():
+            if args.save:
+                save(iteration)
+            log(f"stopped by signal at iteration {iteration}; resume with the same command")
+            break
+    else:
+        if args.save and (not args.save_interval or iteration % args.save_interval):
+            save(iteration)
+    tracker.finish()
+    parallel.destroy()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if torch.cuda.is_available():
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Entry point: bad input and stopped runs end with one clear line and a non-zero exit, not a traceback."""
+    try:
+        main(argv)
+    except (parallel.LayoutError, ModelConfigError, checkpointing.CheckpointError, TrainingError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()
