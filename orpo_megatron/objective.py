@@ -131,11 +131,14 @@ def _true_columns_in_partition(partition_vocab_size: int, rank: int, world_size:
     return start, max(0, min(end, vocab_size) - start)
 
 
-def _true_logits_max(logits: torch.Tensor, num_true: int) -> torch.Tensor:
-    """Per-position max over this rank's real columns in fp32 (-inf when the rank holds only padding)."""
+def _true_logits_max(logits: torch.Tensor, num_true: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position max over this rank's real columns in fp32 (-inf when the rank holds only padding), and where."""
     if num_true == 0:
-        return torch.full(logits.shape[:-1], -math.inf, dtype=torch.float32, device=logits.device)
-    return logits[..., :num_true].max(dim=-1).values.float()
+        shape = logits.shape[:-1]
+        return (torch.full(shape, -math.inf, dtype=torch.float32, device=logits.device),
+                torch.zeros(shape, dtype=torch.long, device=logits.device))
+    values, columns = logits[..., :num_true].max(dim=-1)
+    return values.float(), columns
 
 
 def _shifted_fp32_logits(logits: torch.Tensor, logits_max: torch.Tensor, num_true: int) -> torch.Tensor:
@@ -161,6 +164,23 @@ def _owned_target_logits(
     return picked.masked_fill(not_owned, 0.0), not_owned, local_target
 
 
+def _sum_exp_without_max(
+    exp_logits: torch.Tensor, local_max: torch.Tensor, global_max: torch.Tensor, local_argmax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of this rank's exp(shifted logits) leaving out one column holding the global max, and whether it did.
+
+    The left-out column holds exp(0) = 1 exactly and is restored before the buffer is reused.
+    """
+    holds_max = (local_max == global_max).reshape(-1)
+    exp_2d = exp_logits.view(-1, exp_logits.shape[-1])
+    rows = torch.arange(exp_2d.shape[0], device=exp_2d.device)[holds_max]
+    columns = local_argmax.reshape(-1)[holds_max]
+    exp_2d[rows, columns] = 0.0
+    sum_other_exp = exp_logits.sum(dim=-1)
+    exp_2d[rows, columns] = 1.0
+    return sum_other_exp, holds_max.view_as(local_max).float()
+
+
 def _all_reduce(tensor: torch.Tensor, op, group) -> None:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
@@ -180,7 +200,8 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
         partition_vocab_size = vocab_parallel_logits.shape[-1]
         vocab_start, num_true = _true_columns_in_partition(partition_vocab_size, rank, world_size, vocab_size)
 
-        logits_max = _true_logits_max(vocab_parallel_logits, num_true)
+        local_max, local_argmax = _true_logits_max(vocab_parallel_logits, num_true)
+        logits_max = local_max.clone()
         _all_reduce(logits_max, dist.ReduceOp.MAX, group)
         shifted = _shifted_fp32_logits(vocab_parallel_logits, logits_max, num_true)
         target_logits, not_owned, local_target = _owned_target_logits(
@@ -189,13 +210,18 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
 
         # In place: the shifted logits are not needed once exponentiated, and the buffer becomes the softmax.
         exp_logits = shifted.exp_()
-        # One collective for both partial sums instead of two.
-        partial_sums = torch.stack([target_logits, exp_logits.sum(dim=-1)])
+        sum_other_exp, holds_max = _sum_exp_without_max(exp_logits, local_max, logits_max, local_argmax)
+        # One collective for all partial sums.
+        partial_sums = torch.stack([target_logits, sum_other_exp, holds_max])
         _all_reduce(partial_sums, dist.ReduceOp.SUM, group)
-        target_logits, sum_exp_logits = partial_sums
-        token_logps = target_logits - torch.log(sum_exp_logits)
+        target_logits, sum_other_exp, ranks_holding_max = partial_sums
+        # Every rank left out its own copy of exp(0) = 1; only one is the max term, the others belong to the sum.
+        sum_other_exp += ranks_holding_max - 1
+        # log(sum exp) = log1p(sum of the non-max terms): keeps fp32 relative precision for log-probs near 0
+        # (a near-certain token), where log(1 + tiny) would round to exactly 0.
+        token_logps = target_logits - torch.log1p(sum_other_exp)
 
-        softmax = exp_logits.div_(sum_exp_logits.unsqueeze(-1))
+        softmax = exp_logits.div_((1 + sum_other_exp).unsqueeze(-1))
         ctx.save_for_backward(softmax, not_owned, local_target)
         ctx.input_dtype = vocab_parallel_logits.dtype
         return token_logps

@@ -155,7 +155,7 @@ def reference_grad(logits: torch.Tensor, batch: dict, **kwargs) -> torch.Tensor:
 
 
 def _mpmath_log1mexp(x: torch.Tensor) -> torch.Tensor:
-    mpmath.mp.dps = 40
+    mpmath.mp.dps = 80  # 1 - exp(-100) needs > 44 digits before the log
     return torch.tensor([float(mpmath.log(-mpmath.expm1(mpmath.mpf(v)))) for v in x.double().tolist()],
                         dtype=torch.float64)
 
@@ -204,7 +204,8 @@ def test_zero_sequence_logp_gives_finite_loss_and_gradients():
     or_loss.sum().backward()
     for tensor in (log_odds, or_loss, chosen.grad, rejected.grad):
         assert torch.isfinite(tensor).all(), tensor
-    assert or_loss[0] < 1e-30 and or_loss[1] > 80  # P_chosen = 1 wins outright, P_rejected = 1 loses outright
+    # P = 1 counts as odds exp(87.3) (log1mexp(-tiny) = log(tiny)): chosen wins outright, rejected loses outright.
+    assert or_loss[0] < 1e-30 and or_loss[1] > 50
 
 
 # ------------------------------------------------------------------------------- TP1 vs TRL formulas
@@ -236,6 +237,27 @@ def test_nll_on_prompt_changes_the_nll_term():
     without_prompt = orpo_loss(logits, batch, ORPOConfig(TRUE_VOCAB, nll_on_prompt=False)).sums
     assert with_prompt.num_nll_tokens > without_prompt.num_nll_tokens
     assert without_prompt.num_nll_tokens == (batch["completion_mask"][:2, 1:]).sum()
+
+
+def test_near_certain_completions_keep_fp32_relative_precision():
+    """Completion tokens 18-22 logits above every other column: per-token log-probs ~ -1e-6..-1e-8, where
+    log(sum exp) in fp32 would round 1 + 1e-7 to 1; log1mexp then turns a small relative error in the sequence
+    logp into the same error in the log odds."""
+    batch = make_micro_batch(num_pairs=3, seq_len=20, seed=17)
+    gen = torch.Generator().manual_seed(18)
+    logits = torch.randn(6, 20, PADDED_VOCAB, generator=gen)
+    targets = torch.roll(batch["input_ids"], -1, dims=1)
+    completion_targets = torch.roll(batch["completion_mask"], -1, dims=1)
+    margin = torch.where(torch.arange(6)[:, None] < 3, 18.0, 14.0) + 4 * torch.rand(6, 20, generator=gen)
+    logits.scatter_add_(2, targets[..., None], (margin * completion_targets)[..., None])
+    logits[..., TRUE_VOCAB:] = 0.0
+
+    output = orpo_loss(logits, batch, ORPOConfig(TRUE_VOCAB))
+    reference = trl_reference(logits, batch)
+    assert reference["chosen_logps"].abs().max() < 1e-5
+    for name in ("chosen_logps", "rejected_logps", "log_odds"):
+        torch.testing.assert_close(getattr(output.pairs, name).double(), reference[name], rtol=RTOL, atol=0)
+    assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
 
 
 @pytest.mark.parametrize("pad_value", [1e30, -1e30, math.inf])
