@@ -328,8 +328,8 @@ class GlobalNormalizers:
             counts[0] += batch["input_ids"].shape[0] // 2
             counts[1] += nll_target_count(batch, nll_on_prompt)
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            device = "cuda" if dist.get_backend(dp_group) == "nccl" else "cpu"
-            counts = counts.to(device)
+            if dist.get_backend(dp_group) == "nccl":
+                counts = counts.cuda()
             dist.all_reduce(counts, group=dp_group)
         return cls(int(counts[0]), int(counts[1]))
 
@@ -365,12 +365,17 @@ class ORPOMetricSums:
         return torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)])
 
     def __add__(self, other: "ORPOMetricSums") -> "ORPOMetricSums":
-        return ORPOMetricSums.from_tensor(self.to_tensor() + other.to_tensor())
+        mine, theirs = self.to_tensor(), other.to_tensor()
+        # zeros() starts on the CPU; keep the sum where the micro-batch values live (the GPU in training).
+        device = theirs.device if mine.device.type == "cpu" else mine.device
+        return ORPOMetricSums.from_tensor(mine.to(device) + theirs.to(device))
 
     def all_reduce(self, group=None) -> "ORPOMetricSums":
         """Sum over the ranks of `group` (the DP group of the last pipeline stage); one collective."""
         values = self.to_tensor().clone()
         if dist.is_initialized() and dist.get_world_size(group) > 1:
+            if dist.get_backend(group) == "nccl":
+                values = values.cuda()
             dist.all_reduce(values, group=group)
         return ORPOMetricSums.from_tensor(values)
 
