@@ -8,6 +8,7 @@ Megatron names are those of the local spec (`input_layernorm`, `local_experts.E.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -115,6 +116,35 @@ def megatron_layer_names(hf: HFModelConfig, layer: int) -> list[str]:
     return names
 
 
+def hf_layer_shapes(hf: HFModelConfig, layer: int, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """The expected shape of every HF tensor of one decoder layer (same names as `hf_layer_names`)."""
+    h, d, ffn = hf.hidden_size, hf.head_dim, hf.intermediate_size
+    q_rows, kv_rows = hf.num_attention_heads * d, hf.num_key_value_heads * d
+    by_suffix = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "q_proj.weight": (q_rows, h), "k_proj.weight": (kv_rows, h), "v_proj.weight": (kv_rows, h),
+        "q_proj.bias": (q_rows,), "k_proj.bias": (kv_rows,), "v_proj.bias": (kv_rows,),
+        "o_proj.weight": (h, q_rows),
+        "gate_proj.weight": (ffn, h), "up_proj.weight": (ffn, h), "down_proj.weight": (h, ffn),
+        "gate.weight": (hf.num_experts or 0, h),
+        "w1.weight": (ffn, h), "w3.weight": (ffn, h), "w2.weight": (h, ffn),
+        "experts.gate_up_proj": (hf.num_experts or 0, 2 * ffn, h),
+        "experts.down_proj": (hf.num_experts or 0, h, ffn),
+    }
+    shapes = {}
+    for name in hf_layer_names(hf, layer, fused_experts):
+        suffix = next(s for s in by_suffix if name.endswith("." + s))
+        shapes[name] = by_suffix[suffix]
+    return shapes
+
+
+def hf_outer_shapes(hf: HFModelConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (hf.vocab_size, hf.hidden_size), "model.norm.weight": (hf.hidden_size,)}
+    if not hf.tie_word_embeddings:
+        shapes["lm_head.weight"] = (hf.vocab_size, hf.hidden_size)
+    return shapes
+
+
 # ------------------------------------------------------------------------------------------ layer mapping
 def _classic_experts(tensors: dict[str, torch.Tensor], prefix: str, hf: HFModelConfig) -> None:
     """Rewrite transformers v5 fused expert tensors (mlp.experts.gate_up_proj / down_proj) to w1/w2/w3."""
@@ -204,6 +234,9 @@ def megatron_outer_to_hf(tensors: dict[str, torch.Tensor], hf: HFModelConfig) ->
 
 
 # -------------------------------------------------------------------------------------- reading HF folders
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 class HFCheckpointReader:
     """Lazy reader of a Hugging Face safetensors folder (sharded with an index, or a single file)."""
 
@@ -257,36 +290,88 @@ class HFCheckpointReader:
         if problems:
             raise MappingError(f"{self.hf_dir}: " + "; ".join(problems))
 
+    def check_shapes(self, hf: HFModelConfig) -> None:
+        """Every tensor has the shape `config.json` implies and a floating-point dtype (all problems named).
+
+        Reads only the safetensors headers, so it is cheap enough to run before any conversion work.
+        """
+        expected = hf_outer_shapes(hf)
+        for layer in range(hf.num_layers):
+            expected.update(hf_layer_shapes(hf, layer, fused_experts=self.has_fused_experts(layer)))
+        by_file: dict[str, list[str]] = {}
+        for name in expected:
+            if name in self.weight_map:
+                by_file.setdefault(self.weight_map[name], []).append(name)
+        problems = []
+        for filename, names in sorted(by_file.items()):
+            with safe_open(os.path.join(self.hf_dir, filename), framework="pt") as f:
+                for name in names:
+                    tensor_slice = f.get_slice(name)
+                    shape, dtype = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+                    if shape != expected[name]:
+                        problems.append(f"{name}: expected shape {expected[name]}, got {shape}")
+                    if dtype not in _FLOAT_DTYPES:
+                        problems.append(f"{name}: dtype {dtype} is not a floating-point type")
+        if problems:
+            raise MappingError(f"{self.hf_dir}: tensors that do not match config.json: " + "; ".join(problems))
+
 
 # ----------------------------------------------------------------------------------- sharding to this rank
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.*)")
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorSplit:
+    """How a full Megatron tensor is divided over tensor-parallel ranks.
+
+    `axis` is None for replicated tensors (norms, router). `gated`: the SwiGLU fc1 holds [gate; up] and each
+    rank holds [gate shard; up shard], not a plain row chunk. `expert`: split over the expert-TP group.
+    `vocab`: rows are the (padded) vocabulary.
+    """
+
+    axis: int | None
+    gated: bool = False
+    expert: bool = False
+    vocab: bool = False
+
+    def rank_and_size(self) -> tuple[int, int]:
+        if self.expert:
+            return (
+                parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size(),
+            )
+        return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tensor_split(name: str) -> TensorSplit:
+    """The tensor-parallel split of a Megatron tensor, given its (local-spec) name."""
+    expert = ".local_experts." in name
+    if name.endswith("linear_fc1.weight"):
+        return TensorSplit(axis=0, gated=True, expert=expert)
+    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+        return TensorSplit(axis=0, vocab=True)
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return TensorSplit(axis=0, expert=expert)
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return TensorSplit(axis=1, expert=expert)
+    return TensorSplit(axis=None, expert=expert)  # norms and the router are replicated
+
+
 def _swiglu_shard(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """fc1 holds [gate; up]; each TP rank holds [gate shard; up shard], not a plain row chunk."""
     gate, up = full.chunk(2, dim=0)
     return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
 
 
 def local_shard(name: str, full: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a full Megatron tensor, given its (local-spec) name."""
-    expert = ".local_experts." in name
-    if expert:
-        rank, size = (
-            parallel_state.get_expert_tensor_parallel_rank(),
-            parallel_state.get_expert_tensor_parallel_world_size(),
-        )
-    else:
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        size = parallel_state.get_tensor_model_parallel_world_size()
-    if name.endswith("linear_fc1.weight"):
+    split = tensor_split(name)
+    if split.axis is None:
+        return full
+    rank, size = split.rank_and_size()
+    if split.gated:
         return _swiglu_shard(full, rank, size)
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")):
-        return full.chunk(size, dim=0)[rank]
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return full.chunk(size, dim=1)[rank]
-    return full  # norms and the router are replicated
+    return full.chunk(size, dim=split.axis)[rank]
 
 
 def global_param_names(model_chunk: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:

@@ -1,0 +1,115 @@
+"""Worker: load a converted checkpoint at one parallel layout, check it, run it, and save it back.
+
+At the layout given by --tp/--pp/--ep (world size from torchrun):
+1. builds the tiny model and loads --ckpt with `load_model_weights`; builds a second copy loaded straight from the
+   HF safetensors by `hf_mapping.load_hf_checkpoint` (an independent path) and compares every parameter;
+2. computes per-token log-probabilities of --tokens (vocab-parallel logits gathered over TP, padded columns
+   sliced off before the log-softmax; at PP>1 through Megatron's pipeline schedule, forward only);
+3. with --save, writes the model with `save_model_weights` from this layout;
+4. with --other-ckpt (saved at another layout), loads it into a third copy and compares with the HF-loaded one.
+Each rank writes rank<R>.json; the rank holding the last stage's TP/DP rank 0 writes logps.pt.
+"""
+import argparse
+import json
+import os
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from orpo_megatron import checkpoint_format, hf_mapping, model, parallel
+from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+
+
+def mismatched_params(chunks, reference_chunks) -> tuple[int, list[str]]:
+    checked, bad = 0, []
+    for chunk, reference in zip(chunks, reference_chunks):
+        expected = {name: p for _, name, p in hf_mapping.global_param_names(reference)}
+        for _, name, param in hf_mapping.global_param_names(chunk):
+            checked += 1
+            if not torch.equal(param, expected[name]):
+                bad.append(name)
+    return checked, bad
+
+
+def token_logps(chunks, tokens: torch.Tensor, true_vocab: int) -> torch.Tensor | None:
+    """log p(token t+1 | tokens <= t) for each row, on the last pipeline stage (None elsewhere)."""
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).expand(batch, seq)
+    collected = []
+
+    def loss_func(output: torch.Tensor):
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(output)[..., :true_vocab]
+        logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        collected.append(logps)
+        return logps.sum(), {}
+
+    def forward_step(data_iterator, chunk):
+        ids = next(data_iterator)
+        return chunk(ids, positions, attention_mask=None), loss_func
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
+            model=chunks,
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=batch,
+            forward_only=True,
+        )
+    return collected[0] if collected else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--tokens", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--other-ckpt", default=None)
+    args = parser.parse_args()
+
+    hf = HFModelConfig.from_file(args.hf_dir)
+    layout_kwargs = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                         expert_model_parallel_size=args.ep, sequence_parallel=args.tp > 1)
+    layout = parallel.initialize(layout_kwargs, hf)
+    config = build_transformer_config(hf, **layout_kwargs)
+    vocab = model.vocab_info(hf, 128, args.tp)
+    rank = torch.distributed.get_rank()
+
+    chunks = model.build_model(config, hf, vocab)
+    checkpoint_format.load_model_weights(args.ckpt, chunks, hf)
+    reference = model.build_model(config, hf, vocab)
+    hf_mapping.load_hf_checkpoint(reference, args.hf_dir, hf, vocab.padded_size)
+    checked, bad = mismatched_params(chunks, reference)
+    report = {"layout": layout.describe(), "padded_vocab": vocab.padded_size, "params_checked": checked,
+              "params_mismatched": bad}
+
+    for chunk in chunks:
+        chunk.eval()
+    logps = token_logps(chunks, torch.load(args.tokens), hf.vocab_size)
+    if (logps is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0):
+        torch.save(logps, os.path.join(args.out, "logps.pt"))
+
+    if args.save:
+        checkpoint_format.save_model_weights(args.save, chunks, hf, hf_files_from=args.ckpt, iteration=7,
+                                             produced_by=f"tests/workers/convert_parallel.py {layout.describe()}")
+    if args.other_ckpt:
+        other = model.build_model(config, hf, vocab)
+        checkpoint_format.load_model_weights(args.other_ckpt, other, hf)
+        other_checked, other_bad = mismatched_params(other, reference)
+        report.update(other_params_checked=other_checked, other_params_mismatched=other_bad)
+
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()

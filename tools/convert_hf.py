@@ -1,0 +1,120 @@
+"""Convert Mixtral-family checkpoints between Hugging Face and orpo-megatron's layout-free Megatron format.
+
+    python tools/convert_hf.py hf-to-megatron --hf-dir HF --output CKPT [--dtype bf16|fp32] [--overwrite] [--verify]
+    python tools/convert_hf.py megatron-to-hf --load CKPT --output HF [--dtype ...] [--max-shard-size 5GB]
+
+One process, one layer in memory at a time. The Megatron side loads at any TP/PP/EP/VP layout; `--load` also
+takes a training save folder (its newest complete iteration) or one of its iteration folders. Output is written
+under a temporary name next to --output and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+# Run from a checkout without installing: make the package next to tools/ importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")  # conversion.DTYPES, without importing torch for --help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convert_hf.py", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-megatron,megatron-to-hf}")
+
+    to_megatron = commands.add_parser(
+        "hf-to-megatron", help="HF folder (safetensors, classic or transformers-v5 fused experts) -> Megatron.",
+        description="Convert an HF folder into a model-weights folder that the trainer loads at any layout.",
+    )
+    to_megatron.add_argument("--hf-dir", required=True, help="HF model folder (config.json + *.safetensors).")
+    to_megatron.add_argument("--output", required=True, help="Model-weights folder to create.")
+    to_megatron.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16",
+                             help="dtype of the stored weights. Default: bf16.")
+    to_megatron.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
+    to_megatron.add_argument("--verify", action="store_true",
+                             help="Afterwards, run transformers and our model (TP1, from the written checkpoint) "
+                                  "on the same tokens and print the max logit difference. Needs transformers and "
+                                  "the whole model in host memory.")
+
+    to_hf = commands.add_parser(
+        "megatron-to-hf", help="Megatron model weights (converted or trained, any layout) -> HF folder.",
+        description="Export model weights to an HF folder: safetensors shards with model.safetensors.index.json, "
+                    "config.json, tokenizer files and generation_config.json. Experts in the classic "
+                    "block_sparse_moe.experts.E.w1/w2/w3 layout.",
+    )
+    to_hf.add_argument("--load", required=True,
+                       help="Model-weights folder, training iteration folder, or training save folder.")
+    to_hf.add_argument("--output", required=True, help="HF folder to create.")
+    to_hf.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="dtype of the written weights. Default: the stored dtype.")
+    to_hf.add_argument("--max-shard-size", default="5GB",
+                       help="Largest safetensors shard (5GB = 5e9 bytes; MB, GiB, ... also accepted); one shard "
+                            "is held in memory while written. Default: 5GB.")
+    to_hf.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
+    to_hf.add_argument("--verify", action="store_true",
+                       help="Afterwards, compare transformers on the written folder with our model on --load "
+                            "(max logit difference). Needs transformers.")
+    return parser
+
+
+def verify(hf_dir: str, ckpt_dir: str, batch: int = 2, seq_length: int = 32, seed: int = 0) -> float:
+    """Max |logit difference| over the true vocabulary between transformers and our model (TP1, fp32)."""
+    import torch
+    import transformers  # a test-time reference, imported only here
+
+    from orpo_megatron import checkpoint_format, model
+    from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+
+    hf = HFModelConfig.from_file(hf_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reference = getattr(transformers, hf.architecture).from_pretrained(
+        hf_dir, torch_dtype=torch.float32, attn_implementation="eager").to(device).eval()
+    chunks = model.build_model(build_transformer_config(hf), hf, model.vocab_info(hf, 128, 1))
+    checkpoint_format.load_model_weights(ckpt_dir, chunks, hf)
+    ours = chunks[0].eval()
+    tokens = torch.randint(0, hf.vocab_size, (batch, seq_length), generator=torch.Generator().manual_seed(seed))
+    tokens = tokens.to(device)
+    positions = torch.arange(seq_length, device=device).expand(batch, seq_length)
+    with torch.no_grad():
+        ours_logits = ours(tokens, positions, attention_mask=None)[..., : hf.vocab_size].float()
+        reference_logits = reference(tokens).logits.float()
+    return (ours_logits - reference_logits).abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
+    # Imported after parsing so that --help is instant.
+    from orpo_megatron import checkpointing, conversion
+    from orpo_megatron.checkpoint_format import CheckpointFormatError
+    from orpo_megatron.hf_mapping import MappingError
+    from orpo_megatron.model_config import ModelConfigError
+
+    try:
+        if args.command == "hf-to-megatron":
+            output = conversion.hf_to_megatron(args.hf_dir, args.output, conversion.DTYPES[args.dtype], args.overwrite)
+            print(f"wrote {output}")
+            if args.verify:
+                print(f"verify: max |logit difference| over the true vocabulary = {verify(args.hf_dir, output):.3e}")
+        else:
+            output = conversion.megatron_to_hf(
+                args.load, args.output, conversion.DTYPES[args.dtype] if args.dtype else None,
+                conversion.parse_size(args.max_shard_size), args.overwrite,
+            )
+            print(f"wrote {output}")
+            if args.verify:
+                weights = checkpointing.resolve(args.load).weights_dir
+                print(f"verify: max |logit difference| over the true vocabulary = {verify(output, weights):.3e}")
+    except (conversion.ConversionError, CheckpointFormatError, checkpointing.CheckpointError, MappingError, ModelConfigError) as err:
+        print(f"convert_hf.py {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
