@@ -1,0 +1,115 @@
+"""Model FLOPs of a Mixtral-family transformer, and the throughput figures derived from them.
+
+Owns the FLOP count (per sequence, forward and training), tokens/s, TFLOP/s per GPU and MFU against a peak
+from a small table of accelerators or `--peak-tflops`. It does not time anything itself: the metrics tracker
+(`tracking.py`) measures wall time and calls `throughput()`.
+
+Counting convention (the one of PaLM's MFU and Megatron-LM's reports): only matrix multiplications, 2 FLOPs
+per multiply-add; norms, activations, softmax and the embedding lookup are not counted. Per token and layer:
+  attention projections   2*h*(q + 2*kv) + 2*q*h            q = heads*head_dim, kv = kv_heads*head_dim
+  attention scores/values 2*q*S + 2*q*S                     the full S x S products (no causal halving)
+  router                  2*h*E                             MoE only
+  feed-forward            top_k * 3 * 2*h*f                 dense: top_k = 1 (gate, up and down projections)
+plus the output layer 2*h*V per token. Training = 3x forward (backward computes two products per forward
+one); activation recomputation adds hardware FLOPs but not model FLOPs, so it does not change MFU.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from orpo_megatron.model_config import HFModelConfig
+
+# Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets, by substring of the device name.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "H100 SXM": {"bf16": 989.0, "fp8": 1979.0},
+    "H100 80GB HBM3": {"bf16": 989.0, "fp8": 1979.0},  # torch's name for the SXM part
+    "H100 PCIe": {"bf16": 756.0, "fp8": 1513.0},
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "A100": {"bf16": 312.0},
+}
+
+
+def forward_flops_per_sequence(hf: HFModelConfig, seq_length: int, vocab_size: int | None = None) -> float:
+    """Matmul FLOPs of one forward pass over one sequence of `seq_length` tokens.
+
+    `vocab_size` defaults to the config's; pass the padded size to count what the output layer computes.
+    """
+    h, s = hf.hidden_size, seq_length
+    q = hf.num_attention_heads * hf.head_dim
+    kv = hf.num_key_value_heads * hf.head_dim
+    vocab = hf.vocab_size if vocab_size is None else vocab_size
+    attention = 2 * h * (q + 2 * kv) + 2 * q * h + 4 * q * s
+    if hf.is_moe:
+        feed_forward = 2 * h * hf.num_experts + hf.num_experts_per_tok * 6 * h * hf.intermediate_size
+    else:
+        feed_forward = 6 * h * hf.intermediate_size
+    per_token = hf.num_layers * (attention + feed_forward) + 2 * h * vocab
+    return float(per_token * s)
+
+
+def training_flops(hf: HFModelConfig, num_sequences: int, seq_length: int, vocab_size: int | None = None) -> float:
+    """Model FLOPs of forward + backward over `num_sequences` sequences padded to `seq_length`."""
+    return 3.0 * num_sequences * forward_flops_per_sequence(hf, seq_length, vocab_size)
+
+
+def peak_tflops_for(device_name: str | None, fp8: bool = False) -> float | None:
+    """The table's dense peak for a device name (torch.cuda.get_device_name()); None when unknown or CPU."""
+    if not device_name:
+        return None
+    for key, peaks in PEAK_TFLOPS.items():
+        if key.lower() in device_name.lower():
+            return peaks.get("fp8" if fp8 else "bf16")
+    return None
+
+
+def default_peak_tflops(fp8: bool = False) -> float | None:
+    """Peak of this process's GPU from the table; None on CPU (no MFU is reported there)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return peak_tflops_for(torch.cuda.get_device_name(), fp8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    tokens_per_second: float
+    tflops_per_gpu: float
+    mfu: float | None  # fraction of the peak; None without a peak
+
+
+def throughput(tokens: int, model_flops: float, seconds: float, num_gpus: int,
+               peak_tflops: float | None = None) -> Throughput:
+    """Figures for `tokens` tokens and `model_flops` FLOPs (totals over all GPUs) done in `seconds`."""
+    if seconds <= 0 or num_gpus < 1:
+        raise ValueError(f"throughput needs seconds > 0 and num_gpus >= 1 (got {seconds}, {num_gpus})")
+    tflops_per_gpu = model_flops / seconds / num_gpus / 1e12
+    mfu = tflops_per_gpu / peak_tflops if peak_tflops else None
+    return Throughput(tokens / seconds, tflops_per_gpu, mfu)
+
+
+class FlopsCounter:
+    """Per-step throughput metrics of a model: what the trainer adds to each step's metrics."""
+
+    def __init__(self, hf: HFModelConfig, peak_tflops: float | None = None, world_size: int = 1,
+                 vocab_size: int | None = None, fp8: bool = False):
+        self.hf = hf
+        self.vocab_size = vocab_size
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops if peak_tflops is not None else default_peak_tflops(fp8)
+
+    def step_metrics(self, micro_batches, dp_size: int, seconds: float, tokens: int) -> dict[str, float]:
+        """`tokens_per_second`, `tflops_per_gpu` and (with a peak) `mfu` of one optimizer step.
+
+        FLOPs are counted on this rank's micro-batches ([2B, S] `input_ids`, padding included since it is
+        computed) times `dp_size`; other DP ranks' lengths differ a little. `tokens` is the step's total over
+        all DP ranks.
+        """
+        local = sum(training_flops(self.hf, *batch["input_ids"].shape, vocab_size=self.vocab_size)
+                    for batch in micro_batches)
+        figures = throughput(tokens, local * dp_size, seconds, self.world_size, self.peak_tflops)
+        metrics = {"tokens_per_second": figures.tokens_per_second, "tflops_per_gpu": figures.tflops_per_gpu}
+        if figures.mfu is not None:
+            metrics["mfu"] = figures.mfu
+        return metrics

@@ -1,0 +1,112 @@
+"""Plot a run's ORPO curves from its `metrics.jsonl`, for people without W&B.
+
+    python tools/plot_metrics.py RUN_DIR [--output PNG] [--x-axis iteration|consumed_pairs]
+
+Renders loss, NLL, log-odds (`log_odds_chosen`), reward margin and reward accuracy, training and (where
+present) evaluation, one panel each, to RUN_DIR/metrics.png by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+METRICS_FILE = "metrics.jsonl"  # written by orpo_megatron.tracking
+PANELS = (
+    ("loss", "loss (NLL - beta * log-sigmoid(log-odds))"),
+    ("nll_loss", "NLL (chosen)"),
+    ("log_odds_chosen", "log-odds ratio (chosen vs rejected)"),
+    ("rewards/margins", "reward margin"),
+    ("rewards/accuracies", "reward accuracy"),
+)
+
+
+class MetricsFileError(ValueError):
+    """A metrics file that cannot be plotted, with the file and line named."""
+
+
+def read_events(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise MetricsFileError(f"{path}: no such file; expected the metrics.jsonl a training run writes "
+                               "into its run folder (--log-dir, or --save)")
+    events = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MetricsFileError(f"{path}:{number}: not a JSON object ({err})") from None
+            if not isinstance(event, dict) or "iteration" not in event:
+                raise MetricsFileError(f"{path}:{number}: expected an object with an 'iteration' key")
+            events.append(event)
+    if not events:
+        raise MetricsFileError(f"{path}: no metrics yet (the file is empty)")
+    return events
+
+
+def series(events: list[dict], key: str, x_axis: str) -> tuple[list[float], list[float]]:
+    """(x, y) of one metric over the events that have it, skipping non-finite values."""
+    points = [(e[x_axis], e[key]) for e in events
+              if key in e and isinstance(e[key], (int, float)) and math.isfinite(e[key])]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plot(events: list[dict], output: str, title: str, x_axis: str = "iteration") -> int:
+    """Write the panels to `output`; returns how many panels had data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 2.6 * len(PANELS)), sharex=True)
+    drawn = 0
+    for ax, (metric, label) in zip(axes, PANELS):
+        for split, style, color in (("train", "-", "C0"), ("eval", "o-", "C1")):
+            x, y = series(events, f"{split}/{metric}", x_axis)
+            if x:
+                ax.plot(x, y, style, color=color, label=split, markersize=4)
+        if ax.lines:
+            drawn += 1
+            ax.legend(loc="best")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel(x_axis.replace("_", " "))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="A run folder holding metrics.jsonl (or the metrics.jsonl file itself).")
+    parser.add_argument("--output", default=None, help="PNG to write. Default: RUN_DIR/metrics.png.")
+    parser.add_argument("--x-axis", choices=["iteration", "consumed_pairs"], default="iteration",
+                        help="Horizontal axis: optimizer steps or training pairs consumed. Default: iteration.")
+    args = parser.parse_args(argv)
+    path = args.run_dir if args.run_dir.endswith(".jsonl") else os.path.join(args.run_dir, METRICS_FILE)
+    output = args.output or os.path.join(os.path.dirname(path), "metrics.png")
+    try:
+        events = read_events(path)
+    except MetricsFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if not any(series(events, f"{split}/{metric}", args.x_axis)[0]
+               for metric, _ in PANELS for split in ("train", "eval")):
+        print(f"error: {path} has none of the plotted metrics "
+              f"({', '.join('train/' + m for m, _ in PANELS)}, or eval/...)", file=sys.stderr)
+        return 1
+    drawn = plot(events, output, title=os.path.basename(os.path.dirname(os.path.abspath(path))), x_axis=args.x_axis)
+    print(f"wrote {output} ({drawn} of {len(PANELS)} panels with data, {len(events)} events)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
