@@ -409,14 +409,16 @@ def vocab_parallel_logits_sums(
     """Sums of raw logits over chosen rows and over rejected rows, and the count per half, for TRL's metric.
 
     TRL averages `logits[:, :-1]` of the batch padded to its longest real row L: positions 0..L-2 of every row,
-    padding positions of shorter rows included, over the true vocabulary. Summed per TP shard in float64.
+    padding positions of shorter rows included, over the true vocabulary. Each position's shard is summed in
+    fp32 (no upcast copy of the logits), positions and rows in float64.
     """
     group = default_tp_group() if tp_group is None else tp_group
     rank = dist.get_rank(group) if group is not None else 0
     world_size = dist.get_world_size(group) if group is not None else 1
     _, num_true = _true_columns_in_partition(vocab_parallel_logits.shape[-1], rank, world_size, vocab_size)
     longest = int(attention_mask.sum(dim=-1).max())
-    row_sums = vocab_parallel_logits[:, : longest - 1, :num_true].sum(dim=(1, 2), dtype=torch.float64)
+    position_sums = vocab_parallel_logits[:, : longest - 1, :num_true].sum(dim=-1, dtype=torch.float32)
+    row_sums = position_sums.double().sum(dim=-1)
     _all_reduce(row_sums, dist.ReduceOp.SUM, group)
     num_pairs = attention_mask.shape[0] // 2
     count = torch.tensor(float(num_pairs * (longest - 1) * vocab_size), dtype=torch.float64, device=row_sums.device)
