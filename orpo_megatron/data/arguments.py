@@ -1,0 +1,93 @@
+"""Command-line flags of the data layer and their validated config.
+
+Owns `add_data_args(parser)` and `DataConfig`. Batch sizes and `--seed` are the trainer's flags (Megatron names);
+the objective's flags (e.g. `--no-nll-on-prompt`) are not here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import datasets
+
+from orpo_megatron.data.chat_template import BUILTIN_TEMPLATES
+from orpo_megatron.data.preference import TRUNCATION_MODES, TruncationConfig
+
+BAD_ROW_POLICIES = ("skip", "error")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("preference data")
+    group.add_argument("--data-path", type=str, default=None,
+                       help="Preference data: a .json/.jsonl/.parquet file or folder, a folder written by "
+                            "datasets' save_to_disk, or a Hub dataset name already in the local datasets cache. Rows "
+                            "hold prompt/chosen/rejected as text or message lists, or prompt_input_ids/"
+                            "chosen_input_ids/rejected_input_ids.")
+    group.add_argument("--split", type=str, default="train", help="Split to train on (default: train).")
+    group.add_argument("--eval-split", type=str, default=None,
+                       help="Split of --data-path to evaluate on (default: none; see --eval-fraction).")
+    group.add_argument("--eval-fraction", type=float, default=0.0,
+                       help="Fraction of the training pairs held out for evaluation, chosen by --seed, when there is "
+                            "no --eval-split (default: 0, no evaluation).")
+    group.add_argument("--tokenizer", type=str, default=None,
+                       help="Folder with tokenizer.model and tokenizer_config.json (default: the tokenizer stored "
+                            "with the loaded checkpoint).")
+    group.add_argument("--chat-template", type=str, default=None,
+                       help=f"Chat template for message-list rows: one of {sorted(BUILTIN_TEMPLATES)} or a jinja "
+                            "file (default: the template in tokenizer_config.json).")
+    group.add_argument("--max-length", type=int, default=1024,
+                       help="Longest prompt + completion in tokens; longer completions are cut (default: 1024).")
+    group.add_argument("--max-prompt-length", type=int, default=512,
+                       help="When a pair is longer than --max-length, its prompt is first cut to this many tokens; "
+                            "0 never cuts prompts (pairs whose prompt leaves no room are skipped) (default: 512).")
+    group.add_argument("--truncation-mode", choices=TRUNCATION_MODES, default="keep_end",
+                       help="Which end of a too-long prompt to keep (default: keep_end).")
+    group.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES, default="skip",
+                       help="skip: drop bad rows and count them by reason; error: stop at the first one, naming the "
+                            "row and the reason (default: skip).")
+    group.add_argument("--max-bad-row-fraction", type=float, default=0.05,
+                       help="Stop when more than this fraction of a split's rows is bad (default: 0.05).")
+    group.add_argument("--data-num-workers", type=int, default=1,
+                       help="Processes used to tokenize the data once (default: 1).")
+    group.add_argument("--data-cache-dir", type=str, default=None,
+                       help="Where tokenized data is cached (default: $HF_DATASETS_CACHE/orpo_megatron).")
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    data_path: str
+    split: str = "train"
+    eval_split: str | None = None
+    eval_fraction: float = 0.0
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    truncation: TruncationConfig = TruncationConfig()
+    on_bad_row: str = "skip"
+    max_bad_row_fraction: float = 0.05
+    num_workers: int = 1
+    cache_dir: str = os.path.join(str(datasets.config.HF_DATASETS_CACHE), "orpo_megatron")
+
+    def __post_init__(self):
+        if not self.data_path:
+            raise ValueError("--data-path is required")
+        if self.eval_split is not None and self.eval_fraction:
+            raise ValueError("pass --eval-split or --eval-fraction, not both")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}")
+        if not 0.0 <= self.max_bad_row_fraction <= 1.0:
+            raise ValueError(f"--max-bad-row-fraction must be in [0, 1], got {self.max_bad_row_fraction}")
+        if self.num_workers < 1:
+            raise ValueError(f"--data-num-workers must be at least 1, got {self.num_workers}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        cache_dir = args.data_cache_dir or os.path.join(str(datasets.config.HF_DATASETS_CACHE), "orpo_megatron")
+        return cls(data_path=args.data_path, split=args.split, eval_split=args.eval_split,
+                   eval_fraction=args.eval_fraction, tokenizer=args.tokenizer, chat_template=args.chat_template,
+                   truncation=TruncationConfig(args.max_length, args.max_prompt_length, args.truncation_mode),
+                   on_bad_row=args.on_bad_row, max_bad_row_fraction=args.max_bad_row_fraction,
+                   num_workers=args.data_num_workers, cache_dir=cache_dir)

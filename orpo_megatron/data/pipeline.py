@@ -1,0 +1,104 @@
+"""The one call the trainer makes: flags -> (training iterator, evaluation micro-batches, statistics).
+
+Owns the order of the steps (load the split(s), tokenize once, apply the bad-row policy, hold out evaluation pairs,
+build the iterators) and the statistics object. Each step lives in its own module.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+
+import datasets
+
+from orpo_megatron.data.arguments import DataConfig
+from orpo_megatron.data.batching import EvalPairs, TrainPairIterator
+from orpo_megatron.data.chat_template import resolve_chat_template
+from orpo_megatron.data.preference import PairTokenizer
+from orpo_megatron.data.preprocess import PreprocessStats, apply_bad_row_policy, tokenize_dataset
+from orpo_megatron.data.sources import load_split
+from orpo_megatron.data.tokenizer import SentencePieceTokenizer
+
+
+@dataclasses.dataclass
+class PreferenceDataStats:
+    """Counts for the logs: per split, and after the train/eval split and DP sharding."""
+    train: PreprocessStats
+    eval: PreprocessStats | None
+    train_pairs: int
+    eval_pairs: int
+    eval_pairs_dropped: int  # remainder of the eval set over the DP size (at most dp_size - 1)
+
+    def summary(self) -> str:
+        lines = [self.train.summary()]
+        if self.eval is not None:
+            lines.append(self.eval.summary())
+        lines.append(f"training pairs {self.train_pairs}, evaluation pairs {self.eval_pairs}"
+                     + (f" ({self.eval_pairs_dropped} left out to split evenly over DP ranks)"
+                        if self.eval_pairs_dropped else ""))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, int]:
+        flat = {"data/train_pairs": self.train_pairs, "data/eval_pairs": self.eval_pairs,
+                "data/eval_pairs_dropped": self.eval_pairs_dropped}
+        for name, stats in (("train", self.train), ("eval", self.eval)):
+            if stats is None:
+                continue
+            flat[f"data/{name}_rows"] = stats.rows
+            flat.update({f"data/{name}_bad_rows/{reason}": count for reason, count in stats.bad_rows.items()})
+            for field in ("prompt_truncated", "chosen_truncated", "rejected_truncated"):
+                flat[f"data/{name}_{field}"] = getattr(stats, field)
+        return flat
+
+
+def make_pair_tokenizer(config: DataConfig, tokenizer_dir_fallback: str | None) -> PairTokenizer:
+    tokenizer_dir = config.tokenizer or tokenizer_dir_fallback
+    if tokenizer_dir is None:
+        raise ValueError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.model), or load a checkpoint "
+                         "that stores one")
+    tokenizer = SentencePieceTokenizer(tokenizer_dir)
+    template = resolve_chat_template(config.chat_template, tokenizer.chat_template, tokenizer_dir)
+    return PairTokenizer(tokenizer_dir, template, config.truncation)
+
+
+def tokenized_split(config: DataConfig, pair_tokenizer: PairTokenizer, split: str
+                    ) -> tuple[datasets.Dataset, PreprocessStats]:
+    """The good pairs of one split (source order) and what happened to the rest."""
+    source = f"{config.data_path} [{split}]"
+    tokenized = tokenize_dataset(load_split(config.data_path, split), pair_tokenizer, config.cache_dir,
+                                 config.num_workers, source)
+    return apply_bad_row_policy(tokenized, source, config.on_bad_row, config.max_bad_row_fraction)
+
+
+def hold_out(pairs: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval): round(fraction * n) pairs (at least one) drawn by `seed`, both kept in source order."""
+    count = max(1, round(fraction * pairs.num_rows))
+    if count >= pairs.num_rows:
+        raise ValueError(f"--eval-fraction {fraction} leaves no training pairs out of {pairs.num_rows}")
+    held = set(random.Random(f"orpo-megatron-eval-{seed}").sample(range(pairs.num_rows), count))
+    return (pairs.select([i for i in range(pairs.num_rows) if i not in held]),
+            pairs.select(sorted(held)))
+
+
+def build_preference_data(args: argparse.Namespace, tokenizer_dir_fallback: str | None, dp_rank: int, dp_size: int,
+                          micro_batch_size: int, global_batch_size: int, pad_to_multiple_of: int, seed: int
+                          ) -> tuple[TrainPairIterator, EvalPairs | None, PreferenceDataStats]:
+    """Everything the training loop needs from the data; `args` carries the flags of `add_data_args`."""
+    config = DataConfig.from_args(args)
+    pair_tokenizer = make_pair_tokenizer(config, tokenizer_dir_fallback)
+    train_pairs, train_stats = tokenized_split(config, pair_tokenizer, config.split)
+    eval_pairs, eval_stats = None, None
+    if config.eval_split is not None:
+        eval_pairs, eval_stats = tokenized_split(config, pair_tokenizer, config.eval_split)
+    elif config.eval_fraction > 0:
+        train_pairs, eval_pairs = hold_out(train_pairs, config.eval_fraction, seed)
+    pad_id = pair_tokenizer.tokenizer.pad_id
+    train_iterator = TrainPairIterator(train_pairs, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
+                                       pad_id, pad_to_multiple_of)
+    evaluation = (EvalPairs(eval_pairs, micro_batch_size, dp_rank, dp_size, pad_id, pad_to_multiple_of)
+                  if eval_pairs is not None else None)
+    stats = PreferenceDataStats(
+        train=train_stats, eval=eval_stats, train_pairs=train_pairs.num_rows,
+        eval_pairs=eval_pairs.num_rows if eval_pairs is not None else 0,
+        eval_pairs_dropped=evaluation.dropped_pairs if evaluation is not None else 0)
+    return train_iterator, evaluation, stats
