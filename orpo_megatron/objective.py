@@ -100,13 +100,16 @@ def check_micro_batch(batch: Mapping[str, torch.Tensor], vocab_size: int) -> Non
         )
     for key in ("attention_mask", "completion_mask"):
         if batch[key].shape != input_ids.shape:
-            raise ObjectiveInputError(f"{key} has shape {tuple(batch[key].shape)}, input_ids {tuple(input_ids.shape)}")
+            raise ObjectiveInputError(
+                f"{key} has shape {tuple(batch[key].shape)}, input_ids {tuple(input_ids.shape)}"
+            )
     real = batch["attention_mask"].bool()
     bad = real & ((input_ids < 0) | (input_ids >= vocab_size))
     if bad.any():
         row, pos = (int(i) for i in bad.nonzero()[0])
         raise ObjectiveInputError(
-            f"row {row} position {pos} holds token id {int(input_ids[row, pos])}, outside the vocabulary [0, {vocab_size})"
+            f"row {row} position {pos} holds token id {int(input_ids[row, pos])}, "
+            f"outside the vocabulary [0, {vocab_size})"
         )
     outside = batch["completion_mask"].bool() & ~real
     if outside.any():
@@ -125,7 +128,9 @@ def check_micro_batch(batch: Mapping[str, torch.Tensor], vocab_size: int) -> Non
 # ------------------------------------------------------------------------- vocab-parallel log-probabilities
 
 
-def _true_columns_in_partition(partition_vocab_size: int, rank: int, world_size: int, vocab_size: int) -> tuple[int, int]:
+def _true_columns_in_partition(
+    partition_vocab_size: int, rank: int, world_size: int, vocab_size: int
+) -> tuple[int, int]:
     """(first global column of this rank, how many of its columns are real tokens rather than padding)."""
     start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab_size, rank, world_size)
     return start, max(0, min(end, vocab_size) - start)
@@ -147,7 +152,7 @@ def _shifted_fp32_logits(logits: torch.Tensor, logits_max: torch.Tensor, num_tru
     A fresh buffer: the caller's logits stay intact (the logits metrics read them) and bf16 logits are upcast
     once, here.
     """
-    shifted = logits.to(torch.float32, copy=True)
+    shifted = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     shifted.sub_(logits_max.unsqueeze(-1))
     shifted[..., num_true:] = -math.inf
     return shifted
@@ -190,7 +195,8 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
     """log softmax(logits)[target] over a vocabulary split across the TP group, in fp32.
 
     Backward: d logp / d logit_j = 1[j = target] - softmax_j, computed from the saved local softmax shard; no
-    communication is needed because every TP rank holds the same downstream loss.
+    communication is needed because every TP rank holds the same downstream loss. As in Megatron's cross
+    entropy, the gradient is written into the saved softmax buffer, so the graph supports one backward.
     """
 
     @staticmethod

@@ -70,7 +70,7 @@ def make_logits(batch: dict, seed: int, padded_vocab: int = PADDED_VOCAB, pad_va
 
 
 def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_prompt: bool = True) -> dict:
-    """TRL ORPOTrainer's loss and metrics (float64), on the true-vocabulary logits of the batch cut to its longest row.
+    """TRL ORPOTrainer's loss and metrics (float64) on the true-vocabulary logits, batch cut to its longest row.
 
     `logits` may require grad; the returned "loss" is differentiable w.r.t. it.
     """
@@ -89,7 +89,8 @@ def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_p
     chosen, rejected = logps[:num_pairs], logps[num_pairs:]
 
     # cross_entropy_loss on chosen rows: labels are input_ids where attention_mask == 1 (or completion labels)
-    nll_labels = torch.where(attention == 1, input_ids, -100) if nll_on_prompt else torch.where(completion, input_ids, -100)
+    nll_targets = attention == 1 if nll_on_prompt else completion
+    nll_labels = torch.where(nll_targets, input_ids, -100)
     nll_loss = F.cross_entropy(
         logits[:num_pairs, :-1].reshape(-1, TRUE_VOCAB), nll_labels[:num_pairs, 1:].reshape(-1), ignore_index=-100
     )
@@ -447,7 +448,8 @@ def parallel_run(torchrun, tmp_path_factory):
     tied = make_logits(tp2_batch, seed=21)
     # The global max sits on both ranks (columns 5 and 400), so each rank leaves out its own copy of exp(0).
     tied[..., 5] = tied[..., 400] = tied[..., :TRUE_VOCAB].amax(-1) + 3.0
-    dp2_batches = [make_micro_batch(num_pairs=2, seq_len=14, seed=22), make_micro_batch(num_pairs=3, seq_len=22, seed=23)]
+    dp2_batches = [make_micro_batch(num_pairs=2, seq_len=14, seed=22),
+                   make_micro_batch(num_pairs=3, seq_len=22, seed=23)]
     inputs = {
         "config": {"vocab_size": TRUE_VOCAB, "beta": 0.1, "nll_on_prompt": True},
         "tp2_batch": tp2_batch,

@@ -35,7 +35,8 @@ def run_tp2(full_logits: torch.Tensor, batch: dict, config: ORPOConfig) -> dict:
     output.loss.backward()
     return {
         "loss": output.loss.item(),
-        "pairs": {name: getattr(output.pairs, name) for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll")},
+        "pairs": {name: getattr(output.pairs, name)
+                  for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll")},
         "metrics": output.sums.finalize(config.beta),
         "grad": gather(shard.grad, dim=-1),
     }
