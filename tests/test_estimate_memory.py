@@ -1,0 +1,144 @@
+"""The memory estimator against the real allocation of the tiny model, transformers' parameter counts, and its CLI."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from orpo_megatron.memory_estimate import MemoryLayout, busiest_rank, chunk_parameters, rank_memory
+from orpo_megatron.model_config import HFModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
+estimate_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(estimate_memory)
+
+# The worker's layouts (world 2), as the estimator describes them.
+LAYOUTS = {
+    "tp2": dict(tensor_model_parallel_size=2, data_parallel_size=1),
+    "ep2": dict(expert_model_parallel_size=2, data_parallel_size=2),
+    "dp2_fp32": dict(data_parallel_size=2, bf16=False),
+    "pp2": dict(pipeline_model_parallel_size=2, data_parallel_size=1),
+}
+# Activations are a rough formula: the bytes autograd really saved must be within this factor of it.
+ACTIVATION_FACTOR = 1.5
+
+
+@pytest.fixture(scope="module")
+def real_allocation(tiny_mixtral, torchrun, tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory")
+    torchrun("memory_allocation.py", 2, "--hf-dir", tiny_mixtral, "--out", str(out), "--layouts", *LAYOUTS)
+    return [result for rank in range(2) for result in json.loads((out / f"rank{rank}.json").read_text())]
+
+
+def estimator_layout(name: str, micro_batch: dict) -> MemoryLayout:
+    return MemoryLayout(**LAYOUTS[name], micro_batch_size=micro_batch["pairs"], seq_length=micro_batch["seq_length"],
+                        flash_attention=False)  # the CPU local spec materializes S x S scores
+
+
+def test_params_grads_and_optimizer_state_equal_the_real_allocation(tiny_mixtral, real_allocation):
+    hf = HFModelConfig.from_file(tiny_mixtral)
+    assert {r["layout"] for r in real_allocation} == set(LAYOUTS) and len(real_allocation) == 2 * len(LAYOUTS)
+    for real in real_allocation:
+        where = f"{real['layout']} rank {real['rank']}"
+        layout = estimator_layout(real["layout"], real["micro_batch"])
+        assert (layout.dp, layout.expert_data_parallel_size) == (real["dp_size"], real["expert_dp_size"]), where
+        params = chunk_parameters(hf, layout, real["pp_rank"])
+        assert [(p.name, p.numel, p.expert) for p in params] == [
+            (p["name"], p["numel"], p["expert"]) for p in real["params"]], where
+        estimate = rank_memory(hf, layout, real["pp_rank"], real["dp_rank"], real["expert_dp_rank"])
+        assert estimate.param_bytes == sum(real["param_buffer_bytes"].values()), where
+        assert estimate.grad_bytes == sum(real["grad_buffer_bytes"].values()), where
+        assert estimate.main_param_bytes == real["main_param_bytes"], where
+        assert estimate.optimizer_state_bytes == real["adam_state_bytes"], where
+    # The DP ranks' shards really differ (padding), and the estimate follows each one.
+    ep2 = {r["rank"]: r["adam_state_bytes"] for r in real_allocation if r["layout"] == "ep2"}
+    assert ep2[0] != ep2[1]
+
+
+def test_activations_are_within_the_stated_factor_of_the_saved_tensors(tiny_mixtral, real_allocation):
+    hf = HFModelConfig.from_file(tiny_mixtral)
+    measured = [r for r in real_allocation if r["activation_bytes"] is not None]
+    assert len(measured) == 6
+    for real in measured:
+        layout = estimator_layout(real["layout"], real["micro_batch"])
+        ratio = real["activation_bytes"] / rank_memory(hf, layout, real["pp_rank"]).activation_bytes
+        assert 1 / ACTIVATION_FACTOR <= ratio <= ACTIVATION_FACTOR, (real["layout"], real["rank"], ratio)
+
+
+@pytest.mark.parametrize("config", ["tiny", "mixtral-8x22b.json", "mixtral-8x7b.json"])
+def test_parameter_count_equals_transformers_model(config, tiny_mixtral):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tiny_mixtral if config == "tiny" else os.path.join(REPO, "tools", "configs", config)
+    hf = HFModelConfig.from_file(path)
+    with torch.device("meta"):  # shapes only: 8x22B has 141B parameters
+        reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    # No vocabulary padding, one rank: the estimator's parameters are the HF model's.
+    layout = MemoryLayout(make_vocab_size_divisible_by=1)
+    assert sum(p.numel for p in chunk_parameters(hf, layout, 0)) == sum(p.numel() for p in reference.parameters())
+
+
+def test_pipeline_split_puts_embedding_first_and_output_last_and_sums_to_the_model():
+    hf = HFModelConfig.from_file(os.path.join(REPO, "tools", "configs", "mixtral-8x22b.json"))
+    whole = sum(p.numel for p in chunk_parameters(hf, MemoryLayout(), 0))
+    layout = MemoryLayout(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=2)
+    stages = [[p for vp in range(2) for p in chunk_parameters(hf, layout, pp, vp)] for pp in range(4)]
+    assert sum(p.numel for stage in stages for p in stage) == whole
+    assert [any(p.name.startswith("embedding.") for p in s) for s in stages] == [True, False, False, False]
+    assert [any(p.name == "output_layer.weight" for p in s) for s in stages] == [False, False, False, True]
+
+
+def test_offload_moves_the_optimizer_state_to_the_host():
+    hf = HFModelConfig.from_file(os.path.join(REPO, "tools", "configs", "mixtral-8x7b.json"))
+    base = dict(tensor_model_parallel_size=2, expert_model_parallel_size=4, data_parallel_size=4)
+    kept = rank_memory(hf, MemoryLayout(**base), 0)
+    half = rank_memory(hf, MemoryLayout(**base, optimizer_offload_fraction=0.5), 0)
+    assert kept.host_bytes == 0
+    assert half.optimizer_state_bytes == kept.optimizer_state_bytes // 2
+    assert half.main_param_bytes == kept.main_param_bytes // 2
+    # Host: the offloaded main params and moments, plus an fp32 copy of their gradients.
+    assert half.host_bytes == (kept.main_param_bytes + kept.optimizer_state_bytes) // 2 + kept.main_param_bytes // 2
+    assert (half.param_bytes, half.grad_bytes) == (kept.param_bytes, kept.grad_bytes)
+
+
+def test_full_recompute_keeps_far_fewer_activations():
+    hf = HFModelConfig.from_file(os.path.join(REPO, "tools", "configs", "mixtral-8x22b.json"))
+    base = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=4, expert_model_parallel_size=4,
+                data_parallel_size=4)
+    stored = busiest_rank(hf, MemoryLayout(**base)).activation_bytes
+    recomputed = busiest_rank(hf, MemoryLayout(**base, recompute_full=True)).activation_bytes
+    assert recomputed < stored / 5
+
+
+def test_cli_reports_breakdown_and_fit_verdict(tiny_mixtral, capsys):
+    args = ["--hf-config", os.path.join(tiny_mixtral, "config.json"), "--tp", "2", "--dp", "2",
+            "--micro-batch-size", "1", "--max-length", "64", "--reserve-gb", "0"]
+    assert estimate_memory.main(args + ["--gpu-memory-gb", "1"]) == 0
+    out = capsys.readouterr().out
+    for part in ("weights", "gradients", "main params", "Adam moments", "activations", "of 1 GiB: fits"):
+        assert part in out, part
+    assert estimate_memory.main(args + ["--gpu-memory-gb", "0.001"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ep", "3"], "4 experts are not divisible by EP=3"),
+    (["--tp", "3"], "8 heads / 2 KV groups are not divisible by TP=3"),
+])
+def test_cli_rejects_impossible_layouts_naming_the_numbers(tiny_mixtral, capsys, extra, message):
+    assert estimate_memory.main(["--hf-config", tiny_mixtral] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_an_offload_fraction_outside_0_1(tiny_mixtral, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        estimate_memory.main(["--hf-config", tiny_mixtral, "--optimizer-offload", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--optimizer-offload must be a fraction in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_config(tmp_path, capsys):
+    assert estimate_memory.main(["--hf-config", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: no such file" in capsys.readouterr().err

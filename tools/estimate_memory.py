@@ -1,0 +1,213 @@
+"""Estimate per-GPU memory of ORPO training at a parallel layout, or search the layouts that fit.
+
+    python tools/estimate_memory.py --hf-config CONFIG.json --tp 2 --pp 8 --ep 8 --dp 1 \\
+        --micro-batch-size 1 --max-length 2048 [--vp N] [--fp8] [--optimizer-offload 1.0] \\
+        [--recompute-granularity full] [--gpu-memory-gb 80]
+    python tools/estimate_memory.py --hf-config CONFIG.json --search --gpus-per-node 8 --max-length 2048
+
+Prints the busiest rank's weights, gradients, optimizer state and activations and whether they fit. The
+arithmetic is `orpo_megatron.memory_estimate` (exact for weights, gradients and optimizer state; activations
+are a rough formula). Sizes are GiB (2**30 bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from orpo_megatron.memory_estimate import GB, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank  # noqa: E402
+from orpo_megatron.model_config import HFModelConfig, ModelConfigError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--hf-config", required=True, help="The model's Hugging Face config.json (or its folder).")
+    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1, help="TP size.")
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1, help="PP size.")
+    parser.add_argument("--ep", "--expert-model-parallel-size", dest="ep", type=int, default=1, help="EP size.")
+    parser.add_argument("--etp", "--expert-tensor-parallel-size", dest="etp", type=int, default=None,
+                        help="Expert TP size. Default: = TP (what the trainer sets up).")
+    parser.add_argument("--vp", "--virtual-pipeline-model-parallel-size", dest="vp", type=int, default=None,
+                        help="Model chunks per pipeline rank (interleaved 1F1B). Default: none.")
+    parser.add_argument("--dp", type=int, default=1, help="Data-parallel size (world = TP x PP x DP).")
+    parser.add_argument("--micro-batch-size", type=int, default=1, help="Pairs per micro-batch (2 sequences each).")
+    parser.add_argument("--global-batch-size", type=int, default=None,
+                        help="Pairs per step; bounds the micro-batches in flight in the pipeline. Default: enough "
+                             "to fill the pipeline.")
+    parser.add_argument("--max-length", type=int, default=2048, help="Sequence length (tokens) of every sequence.")
+    parser.add_argument("--fp32", action="store_true", help="fp32 parameters instead of bf16.")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 GEMMs (Transformer Engine): fp8 weight copies, fp8 GEMM inputs saved.")
+    parser.add_argument("--optimizer-offload", type=float, default=0.0, metavar="FRACTION",
+                        help="Fraction of the optimizer state (fp32 main params + Adam moments) kept on the host "
+                             "(--optimizer-cpu-offload --optimizer-offload-fraction in the trainer).")
+    parser.add_argument("--recompute-granularity", choices=["full"], default=None,
+                        help="'full': recompute each layer in backward, keeping only layer inputs.")
+    parser.add_argument("--no-flash-attention", action="store_true",
+                        help="Count S x S attention scores (the CPU/local spec); GPU runs use flash/TE attention.")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory in GiB.")
+    parser.add_argument("--reserve-gb", type=float, default=6.0,
+                        help="Kept free for the CUDA context, NCCL buffers, temporaries and allocator "
+                             "fragmentation (GiB).")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory is per node).")
+    parser.add_argument("--host-memory-gb", type=float, default=2000.0,
+                        help="Host memory per node in GiB, for offloaded optimizer state (DGX H100: 2 TB).")
+    parser.add_argument("--activation-safety", type=float, default=1.5,
+                        help="Factor on the activation estimate in the fit decision (the rough formula was within "
+                             "1.4x of the measured saved tensors on the tiny model).")
+    parser.add_argument("--search", action="store_true",
+                        help="Try TP/PP/EP/DP, recompute and offload choices on 1..--max-nodes nodes and print "
+                             "the layouts that fit on the fewest nodes.")
+    parser.add_argument("--max-nodes", type=int, default=16, help="Largest node count --search tries.")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="With --search: list the layouts that fit on exactly this many nodes.")
+    args = parser.parse_args(argv)
+    for flag in ("tp", "pp", "ep", "dp", "micro_batch_size", "max_length", "gpus_per_node"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0.0 <= args.optimizer_offload <= 1.0:
+        parser.error(f"--optimizer-offload must be a fraction in [0, 1], got {args.optimizer_offload}")
+    return args
+
+
+def make_layout(args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int, recompute: bool,
+                offload: float, vp: int | None = None) -> MemoryLayout:
+    micro_batches = None
+    if args.global_batch_size:
+        micro_batches = max(1, args.global_batch_size // (args.micro_batch_size * dp))
+    return MemoryLayout(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=args.etp, virtual_pipeline_model_parallel_size=vp, data_parallel_size=dp,
+        micro_batch_size=args.micro_batch_size, seq_length=args.max_length, bf16=not args.fp32, fp8=args.fp8,
+        recompute_full=recompute, flash_attention=not args.no_flash_attention,
+        optimizer_offload_fraction=offload, num_micro_batches=micro_batches,
+    )
+
+
+def budget_bytes(memory: RankMemory, args: argparse.Namespace) -> float:
+    """What the fit decision counts: the estimate with the activation safety factor, plus the reserve."""
+    return memory.gpu_bytes + (args.activation_safety - 1) * memory.activation_bytes + args.reserve_gb * GB
+
+
+def gib(value: float) -> str:
+    return f"{value / GB:8.2f} GiB"
+
+
+def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: argparse.Namespace) -> bool:
+    """Print the busiest rank's breakdown with its arithmetic; True when it fits the GPU and the host."""
+    stage = ("first: embedding" if memory.pp_rank == 0 else "") + (
+        ("; " if memory.pp_rank == 0 else "") + "last: output layer" if memory.pp_rank == layout.pp - 1 else "")
+    param_size = 2 if layout.bf16 else 4
+    edp = layout.expert_data_parallel_size
+    print(f"model: {hf.architecture}, {hf.num_layers} layers, hidden {hf.hidden_size}"
+          + (f", {hf.num_experts} experts top-{hf.num_experts_per_tok}" if hf.is_moe else ""))
+    print(f"layout: TP{layout.tp} PP{layout.pp}" + (f" VP{layout.vp}" if layout.vp > 1 else "")
+          + f" EP{layout.ep} ETP{layout.etp} DP{layout.dp} (world {layout.world_size}, expert-DP {edp}); "
+          f"micro-batch {layout.micro_batch_size} pair(s) = {2 * layout.micro_batch_size} x {layout.seq_length} "
+          f"tokens; {'bf16' if layout.bf16 else 'fp32'}{' + fp8' if layout.fp8 else ''}; "
+          f"{'full recompute' if layout.recompute_full else 'no recompute'}; optimizer offload "
+          f"{layout.optimizer_offload_fraction:g}")
+    print(f"busiest rank: pipeline stage {memory.pp_rank}" + (f" ({stage})" if stage else "")
+          + f", {memory.num_params / 1e9:.3f}B parameters on it")
+    print(f"  weights      {gib(memory.param_bytes)}   {param_size} B/param in DDP's param buffer"
+          + (" + 2 B/param fp8 copies" if layout.fp8 else "") + " (replicated over DP)")
+    print(f"  gradients    {gib(memory.grad_bytes)}   4 B/param fp32 grad buffer (replicated over DP)")
+    print(f"  main params  {gib(memory.main_param_bytes)}   4 B/param fp32 copies of the optimizer shard "
+          f"(1/DP={layout.dp}, experts 1/EDP={edp})" + (" x (1 - offload)" if layout.optimizer_offload_fraction else ""))
+    print(f"  Adam moments {gib(memory.optimizer_state_bytes)}   2 x 4 B/param of the same shard"
+          + (" x (1 - offload)" if layout.optimizer_offload_fraction else ""))
+    print(f"  activations  {gib(memory.activation_bytes)}   rough: in-flight micro-batches x layers x per-layer "
+          "formula (memory_estimate.layer_activation_bytes) + logits")
+    reserve = args.reserve_gb * GB
+    print(f"  reserve      {gib(reserve)}   CUDA context, NCCL, temporaries, fragmentation")
+    print(f"  estimate     {gib(memory.gpu_bytes + reserve)}")
+    total = budget_bytes(memory, args)
+    fits_gpu = total <= args.gpu_memory_gb * GB
+    print(f"  budgeted     {gib(total)}   activations x {args.activation_safety:g}; of {args.gpu_memory_gb:g} GiB: "
+          f"{'fits' if fits_gpu else 'does NOT fit'}")
+    fits_host = True
+    if memory.host_bytes:
+        per_node = memory.host_bytes * args.gpus_per_node
+        fits_host = per_node <= args.host_memory_gb * GB
+        print(f"  host         {gib(memory.host_bytes)} per GPU (fp32 main params + moments + fp32 grad copy of "
+              f"the offloaded shard), {per_node / GB:.0f} GiB per {args.gpus_per_node}-GPU node of "
+              f"{args.host_memory_gb:g} GiB: {'fits' if fits_host else 'does NOT fit'}")
+    return fits_gpu and fits_host
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
+    """Fewest nodes that fit; on that count, layouts by (offload, recompute, PP, TP, memory)."""
+    powers = [1, 2, 4, 8]
+    for nodes in [args.nodes] if args.nodes else range(1, args.max_nodes + 1):
+        world = nodes * args.gpus_per_node
+        fits = []
+        for tp, pp, ep in itertools.product(powers, divisors(hf.num_layers), powers if hf.is_moe else [1]):
+            if world % (tp * pp) or tp > args.gpus_per_node or pp > world:
+                continue
+            dp = world // (tp * pp)
+            if args.global_batch_size and args.global_batch_size % (args.micro_batch_size * dp):
+                continue
+            for offload, recompute in itertools.product((0.0, 0.5, 1.0), (False, True)):
+                layout = make_layout(args, tp, pp, ep, dp, recompute, offload)
+                try:
+                    memory = busiest_rank(hf, layout)
+                except MemoryLayoutError:
+                    break
+                total = budget_bytes(memory, args)
+                host_node = memory.host_bytes * args.gpus_per_node
+                if total <= args.gpu_memory_gb * GB and host_node <= args.host_memory_gb * GB:
+                    fits.append((offload, recompute, pp, tp, total, layout, memory, host_node))
+        if fits:
+            fits.sort(key=lambda f: f[:5])
+            print(f"fewest nodes: {nodes} x {args.gpus_per_node} GPUs; {len(fits)} layouts fit "
+                  f"({args.gpu_memory_gb:g} GiB GPUs, {args.reserve_gb:g} GiB reserve, "
+                  f"{args.host_memory_gb:g} GiB host per node):")
+            print(f"{'TP':>3} {'PP':>3} {'EP':>3} {'DP':>3} {'EDP':>4} {'recompute':>9} {'offload':>7} "
+                  f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'budget':>8} {'host/node':>10}")
+            for offload, recompute, _, _, total, layout, memory, host_node in fits[:20]:
+                optim = memory.main_param_bytes + memory.optimizer_state_bytes
+                print(f"{layout.tp:>3} {layout.pp:>3} {layout.ep:>3} {layout.dp:>3} "
+                      f"{layout.expert_data_parallel_size:>4} {'full' if recompute else 'none':>9} {offload:>7g} "
+                      + " ".join(f"{v / GB:8.1f}" for v in (memory.param_bytes, memory.grad_bytes, optim,
+                                                            memory.activation_bytes, total))
+                      + f" {host_node / GB:10.0f}")
+            best = fits[0]
+            print("\nrecommended (least offload, then no recompute, then fewest pipeline stages, then smallest TP):")
+            report(hf, best[5], best[6], args)
+            return 0
+    print(f"no layout fits on {args.nodes if args.nodes else f'up to {args.max_nodes}'} nodes of {args.gpus_per_node} x {args.gpu_memory_gb:g} GiB",
+          file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        hf = HFModelConfig.from_file(args.hf_config)
+    except ModelConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.search:
+        return search(hf, args)
+    layout = make_layout(args, args.tp, args.pp, args.ep, args.dp, args.recompute_granularity == "full",
+                         args.optimizer_offload, args.vp)
+    try:
+        memory = busiest_rank(hf, layout)
+    except MemoryLayoutError as err:
+        print(f"error: invalid layout for {args.hf_config}: {err}", file=sys.stderr)
+        return 2
+    report(hf, layout, memory, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
