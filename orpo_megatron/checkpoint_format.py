@@ -235,9 +235,13 @@ def _save_group(folder: str, sharded: dict[str, ShardedTensor]) -> None:
     dist_checkpointing.save(sharded, folder, sharded_strategy=_SynchronousTorchDistSave())
 
 
-def _stored_tensors(folder: str) -> dict[str, ShardedTensor]:
+_NOT_WRITTEN = "missing or incomplete torch_dist checkpoint (no .metadata)"
+
+
+def _stored_tensors(folder: str) -> dict[str, ShardedTensor] | None:
+    """Global shape and dtype of every tensor in a torch_dist folder; None if it was never fully written."""
     if not os.path.isfile(os.path.join(folder, ".metadata")):
-        raise CheckpointFormatError(f"{folder}: missing or incomplete torch_dist checkpoint (no .metadata)")
+        return None
     return dist_checkpointing.load_tensors_metadata(folder)
 
 
@@ -262,6 +266,8 @@ def write_outer(ckpt_dir: str, tensors: dict[str, torch.Tensor], vocab_size: int
 
 def _read_group(folder: str) -> dict[str, torch.Tensor]:
     stored = _stored_tensors(folder)
+    if stored is None:
+        raise CheckpointFormatError(f"{folder}: {_NOT_WRITTEN}")
     requests = {
         key: ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype))
         for key, meta in stored.items()
@@ -373,42 +379,37 @@ def _load_request(name: str, param: torch.Tensor, stored: ShardedTensor, hf: HFM
     return _sharded(name, torch.empty(param.shape, dtype=stored.dtype))
 
 
-def _check_shapes(requests: dict[str, ShardedTensor], stored: dict[str, ShardedTensor], folder: str) -> list[str]:
+def _check_shapes(requests: dict[str, ShardedTensor], stored: dict[str, ShardedTensor]) -> list[str]:
     problems = []
     for request in requests.values():
-        if request.key not in stored:
-            problems.append(f"{request.key} is missing")
-        elif tuple(stored[request.key].global_shape) != tuple(request.global_shape):
-            problems.append(
-                f"{request.key}: stored shape {tuple(stored[request.key].global_shape)}, "
-                f"this model needs {tuple(request.global_shape)}"
-            )
-    return [f"{folder}: {p}" for p in problems]
+        got, needed = tuple(stored[request.key].global_shape), tuple(request.global_shape)
+        if got != needed:
+            problems.append(f"{request.key}: stored shape {got}, this model needs {needed}")
+    return problems
 
 
-def _raise_on_any_rank(problems: list[str]) -> None:
+def _raise_on_any_rank(problems: list[str], folder: str) -> None:
     """Raise on every rank if any rank found a problem, so no rank is left waiting in a collective."""
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problems)
     everything = sorted({p for rank_problems in gathered for p in rank_problems or []})
     if everything:
-        raise CheckpointFormatError("cannot load model weights: " + "; ".join(everything))
+        raise CheckpointFormatError(f"cannot load model weights from {folder}: " + "; ".join(everything))
 
 
 def _load_group(folder: str, params: dict[str, torch.nn.Parameter], hf: HFModelConfig) -> None:
-    problems, requests = [], {}
-    try:
-        stored = _stored_tensors(folder)
-    except CheckpointFormatError as err:
-        stored, problems = {}, [str(err)]
-    for name, param in params.items():
-        key = EMBEDDING if _tied_output_copy(name, hf) else name
-        if key in stored:
-            requests[name] = _load_request(name, param, stored[key], hf)
-        elif not problems:
-            problems.append(f"{folder}: {key} is missing")
-    problems += _check_shapes(requests, stored, folder) if not problems else []
-    _raise_on_any_rank(problems)
+    stored, problems, requests = _stored_tensors(folder), [], {}
+    if stored is None:
+        problems.append(_NOT_WRITTEN)
+    else:
+        for name, param in params.items():
+            key = EMBEDDING if _tied_output_copy(name, hf) else name
+            if key in stored:
+                requests[name] = _load_request(name, param, stored[key], hf)
+            else:
+                problems.append(f"{key} is missing")
+        problems = problems or _check_shapes(requests, stored)
+    _raise_on_any_rank(problems, folder)
     loaded = dist_checkpointing.load(requests, folder)
     for name, param in params.items():
         tensor = loaded[name]

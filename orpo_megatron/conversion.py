@@ -217,6 +217,8 @@ def megatron_to_hf(
     `load` is a converter output, a training iteration folder, or a training save folder (its newest complete
     iteration). `dtype` None keeps the stored dtype.
     """
+    if os.path.isdir(os.path.join(load, fmt.MODEL_DIR)):
+        fmt.read_metadata(load)  # names an unfinished weights folder as such
     ckpt = checkpointing.resolve(load).weights_dir
     metadata = fmt.read_metadata(ckpt)
     hf = metadata.model_config()

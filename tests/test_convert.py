@@ -1,0 +1,400 @@
+"""tools/convert_hf.py and the model-weights format, checked against the HF tensors and transformers.
+
+Covers: HF -> Megatron -> HF round trips (bit-identical), the stored tensors against an independent mapping,
+transformers-v5 fused input, refusal of bad input, and converted / trainer-saved weights loaded at other
+layouts (TP2 x EP2, PP2) giving transformers' log-probabilities.
+All conversions of this module run in one process (tests/workers/convert_cli.py) to pay the imports once.
+"""
+import filecmp
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from orpo_megatron import checkpointing, fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "convert_hf.py")
+CLI_WORKER = os.path.join(REPO, "tests", "workers", "convert_cli.py")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+ROUND_TRIPS = [("mixtral", "fp32"), ("mixtral", "bf16"), ("mistral", "fp32"), ("mistral", "bf16")]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def stored_tensors(folder: str, scratch: str) -> dict[str, torch.Tensor]:
+    """A torch_dist folder read by PyTorch's own DCP converter: independent of our reader."""
+    target = os.path.join(scratch, "stored.pt")
+    dcp_to_torch_save(folder, target)
+    tensors = torch.load(target)
+    os.remove(target)
+    return tensors
+
+
+def stored_folders(ckpt: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(ckpt, "model")))
+
+
+def run_cli(commands: dict[str, list[str]], scratch: str) -> dict[str, dict]:
+    """Run the named tool command lines in one process; returns each one's rc / stdout / stderr."""
+    os.makedirs(scratch, exist_ok=True)
+    commands_file, results_file = os.path.join(scratch, "commands.json"), os.path.join(scratch, "results.json")
+    with open(commands_file, "w") as f:
+        json.dump(list(commands.values()), f)
+    proc = subprocess.run([sys.executable, CLI_WORKER, commands_file, results_file], capture_output=True,
+                          text=True, timeout=900, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        raise AssertionError(f"convert_cli.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    with open(results_file) as f:
+        return dict(zip(commands, json.load(f)))
+
+
+def succeeded(result: dict) -> dict:
+    assert result["rc"] == 0, f"{' '.join(result['argv'])} failed:\n{result['stderr'][-3000:]}"
+    return result
+
+
+def independent_megatron_tensors(hf: dict[str, torch.Tensor], config: dict, layer: int) -> dict[str, torch.Tensor]:
+    """The stored Megatron tensors of one layer, written out here from the HF tensors with plain indexing."""
+    p, m = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+    groups, d = config["num_key_value_heads"], config["head_dim"]
+    per_group = config["num_attention_heads"] // groups
+    q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+    rows = []
+    for g in range(groups):  # [q heads of group g, k_g, v_g] per query group
+        rows += [q[g * per_group * d:(g + 1) * per_group * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+    out = {
+        m + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
+        m + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"],
+        m + "self_attention.linear_qkv.weight": torch.cat(rows),
+        m + "self_attention.linear_proj.weight": hf[p + "self_attn.o_proj.weight"],
+    }
+    if "num_local_experts" in config:
+        out[m + "mlp.router.weight"] = hf[p + "block_sparse_moe.gate.weight"]
+        for e in range(config["num_local_experts"]):
+            expert = p + f"block_sparse_moe.experts.{e}."
+            local = m + f"mlp.experts.local_experts.{e}."
+            out[local + "linear_fc1.weight"] = torch.stack([hf[expert + "w1.weight"], hf[expert + "w3.weight"]])
+            out[local + "linear_fc2.weight"] = hf[expert + "w2.weight"]
+    else:
+        out[m + "mlp.linear_fc1.weight"] = torch.stack([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        out[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
+    return out
+
+
+def rewrite_tensors(src: str, dst: str, edit) -> str:
+    """Copy an HF folder with its tensors changed by `edit(tensors)`."""
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+# -------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
+    """HF folders: the four round-trip inputs, a transformers-v5 fused copy, and the bad inputs."""
+    root = str(tmp_path_factory.mktemp("convert_sources"))
+    out = {("mixtral", "fp32"): tiny_mixtral, ("mistral", "fp32"): tiny_mistral}
+    out[("mixtral", "bf16")] = fixtures.write_tiny_model(os.path.join(root, "mixtral_bf16"), seed=1234,
+                                                         dtype=torch.bfloat16)
+    out[("mistral", "bf16")] = fixtures.write_tiny_model(os.path.join(root, "mistral_bf16"), seed=4321, dense=True,
+                                                         dtype=torch.bfloat16)
+
+    from transformers import MixtralForCausalLM
+
+    fused = os.path.join(root, "fused")
+    MixtralForCausalLM.from_pretrained(tiny_mixtral, torch_dtype=torch.float32).save_pretrained(
+        fused, save_original_format=False)
+    out["fused"] = fused
+
+    small = fixtures.write_tiny_model(os.path.join(root, "small"), seed=7, with_tokenizer=False)
+    out["missing"] = rewrite_tensors(small, os.path.join(root, "missing"),
+                                     lambda t: t.pop("model.layers.2.block_sparse_moe.experts.1.w3.weight"))
+    out["extra"] = rewrite_tensors(small, os.path.join(root, "extra"), lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    out["shape"] = rewrite_tensors(small, os.path.join(root, "shape"), lambda t: t.update(
+        {"model.layers.3.self_attn.k_proj.weight": torch.zeros(8, 64)}))
+    arch = shutil.copytree(small, os.path.join(root, "arch"))
+    with open(os.path.join(arch, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(arch, "config.json"), "w") as f:
+        json.dump(dict(config, architectures=["Qwen2MoeForCausalLM"]), f)
+    out["arch"] = arch
+    out["small"] = small
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli(sources, tmp_path_factory) -> dict:
+    """Every conversion of this module, run once: {"root": output folder, name: result}."""
+    root = str(tmp_path_factory.mktemp("convert_outputs"))
+    commands = {}
+    for model, dtype in ROUND_TRIPS:
+        ckpt, back = os.path.join(root, f"ckpt_{model}_{dtype}"), os.path.join(root, f"hf_{model}_{dtype}")
+        commands[f"to_megatron_{model}_{dtype}"] = ["hf-to-megatron", "--hf-dir", sources[(model, dtype)],
+                                                    "--output", ckpt, "--dtype", dtype]
+        commands[f"to_hf_{model}_{dtype}"] = ["megatron-to-hf", "--load", ckpt, "--output", back,
+                                              "--max-shard-size", "100KB"]
+    commands["to_megatron_mixtral_fp32"].append("--verify")
+    commands["to_megatron_fp32_as_bf16"] = ["hf-to-megatron", "--hf-dir", sources[("mixtral", "fp32")],
+                                            "--output", os.path.join(root, "ckpt_as_bf16"), "--dtype", "bf16"]
+    commands["to_hf_fp32_as_bf16"] = ["megatron-to-hf", "--load", os.path.join(root, "ckpt_as_bf16"),
+                                      "--output", os.path.join(root, "hf_as_bf16")]
+    commands["fused"] = ["hf-to-megatron", "--hf-dir", sources["fused"], "--output", os.path.join(root, "ckpt_fused"),
+                         "--dtype", "fp32"]
+    for case in ("missing", "extra", "shape", "arch"):
+        commands[case] = ["hf-to-megatron", "--hf-dir", sources[case], "--output", os.path.join(root, f"bad_{case}")]
+    for name in ("existing", "replaced"):
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, "keep.txt"), "w") as f:
+            f.write("user data")
+    commands["existing"] = ["hf-to-megatron", "--hf-dir", sources["small"], "--output", os.path.join(root, "existing")]
+    commands["replaced"] = ["hf-to-megatron", "--hf-dir", sources["small"], "--output", os.path.join(root, "replaced"),
+                            "--overwrite"]
+    os.makedirs(os.path.join(root, "incomplete", "model", "layer_0000"))
+    commands["export_incomplete"] = ["megatron-to-hf", "--load", os.path.join(root, "incomplete"),
+                                     "--output", os.path.join(root, "bad_export_incomplete")]
+    commands["export_hf_folder"] = ["megatron-to-hf", "--load", sources["small"],
+                                    "--output", os.path.join(root, "bad_export_hf_folder")]
+    return {"root": root, **run_cli(commands, os.path.join(root, "cli"))}
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+def test_help_describes_both_directions():
+    proc = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "hf-to-megatron" in proc.stdout and "megatron-to-hf" in proc.stdout
+    for command, flags in (("hf-to-megatron", ("--hf-dir", "--dtype", "--overwrite", "--verify")),
+                           ("megatron-to-hf", ("--load", "--max-shard-size", "--dtype", "--overwrite"))):
+        proc = subprocess.run([sys.executable, TOOL, command, "--help"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and all(flag in proc.stdout for flag in flags), proc.stdout
+
+
+@pytest.mark.parametrize("model,dtype", ROUND_TRIPS)
+def test_round_trip_is_bit_identical(cli, sources, model, dtype):
+    succeeded(cli[f"to_megatron_{model}_{dtype}"])
+    succeeded(cli[f"to_hf_{model}_{dtype}"])
+    source, back = sources[(model, dtype)], os.path.join(cli["root"], f"hf_{model}_{dtype}")
+    original, exported = hf_tensors(source), hf_tensors(back)
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == DTYPES[dtype], name
+        assert torch.equal(exported[name], tensor), name
+
+    # Shards no larger than --max-shard-size (100 kB) unless one tensor is larger, and an index naming them.
+    with open(os.path.join(back, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert set(index["weight_map"]) == set(original)
+    shard_files = sorted(set(index["weight_map"].values()))
+    assert len(shard_files) > 1 and shard_files == sorted(os.path.basename(p) for p in glob.glob(f"{back}/*.safetensors"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+    for shard in shard_files:
+        names = [n for n, s in index["weight_map"].items() if s == shard]
+        size = sum(original[n].numel() * original[n].element_size() for n in names)
+        assert size <= 100_000 or len(names) == 1, shard
+
+    with open(os.path.join(source, "config.json")) as f, open(os.path.join(back, "config.json")) as g:
+        assert json.load(g) == json.load(f)
+    for name in TOKENIZER_FILES:
+        assert filecmp.cmp(os.path.join(source, name), os.path.join(back, name), shallow=False), name
+
+
+def test_fp32_weights_converted_to_bf16_are_rounded_once(cli, sources):
+    succeeded(cli["to_megatron_fp32_as_bf16"])
+    succeeded(cli["to_hf_fp32_as_bf16"])
+    original, exported = hf_tensors(sources[("mixtral", "fp32")]), hf_tensors(os.path.join(cli["root"], "hf_as_bf16"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
+    with open(os.path.join(cli["root"], "hf_as_bf16", "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+
+
+def test_verify_reports_logits_equal_to_transformers(cli):
+    stdout = succeeded(cli["to_megatron_mixtral_fp32"])["stdout"]
+    line = next(line for line in stdout.splitlines() if line.startswith("verify:"))
+    assert float(line.rsplit("=", 1)[1]) <= 1e-4, line
+
+
+# ------------------------------------------------------------------------------------------ stored layout
+@pytest.mark.parametrize("model", ["mixtral", "mistral"])
+def test_stored_tensors_are_global_megatron_tensors(cli, sources, model, tmp_path):
+    """Each layer folder holds exactly that layer's tensors, full size, fc1 as [2, ffn, hidden]; the outer folder
+    holds the unpadded vocabulary."""
+    succeeded(cli[f"to_megatron_{model}_fp32"])
+    source, ckpt = sources[(model, "fp32")], os.path.join(cli["root"], f"ckpt_{model}_fp32")
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    hf = hf_tensors(source)
+    layers = config["num_hidden_layers"]
+    assert stored_folders(ckpt) == [f"layer_{i:04d}" for i in range(layers)] + ["outer"]
+    for layer in range(layers):
+        stored = stored_tensors(os.path.join(ckpt, "model", f"layer_{layer:04d}"), str(tmp_path))
+        expected = independent_megatron_tensors(hf, config, layer)
+        assert sorted(stored) == sorted(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(stored[name], tensor), name
+    outer = stored_tensors(os.path.join(ckpt, "model", "outer"), str(tmp_path))
+    assert sorted(outer) == ["decoder.final_layernorm.weight", "embedding.word_embeddings.weight", "output_layer.weight"]
+    assert torch.equal(outer["embedding.word_embeddings.weight"], hf["model.embed_tokens.weight"])
+    assert torch.equal(outer["output_layer.weight"], hf["lm_head.weight"])  # 600 rows: no padding stored
+    assert torch.equal(outer["decoder.final_layernorm.weight"], hf["model.norm.weight"])
+
+    with open(os.path.join(ckpt, "metadata.json")) as f:
+        metadata = json.load(f)
+    assert metadata["format"] == "orpo-megatron-model-weights" and metadata["format_version"] == 1
+    assert metadata["hf_config"] == config and metadata["vocab_size"] == 600 and metadata["dtype"] == "float32"
+    assert metadata["iteration"] is None and "hf-to-megatron" in metadata["produced_by"]
+    for name in TOKENIZER_FILES:
+        assert filecmp.cmp(os.path.join(source, name), os.path.join(ckpt, "hf_files", name), shallow=False), name
+
+
+def test_fused_expert_layout_converts_to_the_same_checkpoint(cli, tmp_path):
+    succeeded(cli["fused"])
+    succeeded(cli["to_megatron_mixtral_fp32"])
+    fused, classic = os.path.join(cli["root"], "ckpt_fused"), os.path.join(cli["root"], "ckpt_mixtral_fp32")
+    assert stored_folders(fused) == stored_folders(classic)
+    for folder in stored_folders(classic):
+        a = stored_tensors(os.path.join(fused, "model", folder), str(tmp_path))
+        b = stored_tensors(os.path.join(classic, "model", folder), str(tmp_path))
+        assert sorted(a) == sorted(b), folder
+        for name in b:
+            assert torch.equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case,expected", [
+    ("missing", ["missing tensors", "model.layers.2.block_sparse_moe.experts.1.w3.weight"]),
+    ("extra", ["unexpected tensors", "model.layers.0.self_attn.rotary_emb.inv_freq"]),
+    ("shape", ["model.layers.3.self_attn.k_proj.weight", "expected shape (16, 64), got (8, 64)"]),
+    ("arch", ["Qwen2MoeForCausalLM", "not supported", "MixtralForCausalLM"]),
+])
+def test_bad_hf_input_is_refused_with_its_name(cli, case, expected):
+    result = cli[case]
+    assert result["rc"] != 0
+    assert all(text in result["stderr"] for text in expected), result["stderr"]
+    # Nothing at the output path, and no staging folder left behind.
+    assert not os.path.exists(os.path.join(cli["root"], f"bad_{case}"))
+    assert not [n for n in os.listdir(cli["root"]) if n.startswith(f".bad_{case}")]
+
+
+def test_existing_output_is_refused_without_overwrite(cli):
+    result = cli["existing"]
+    existing = os.path.join(cli["root"], "existing")
+    assert result["rc"] != 0 and existing in result["stderr"] and "--overwrite" in result["stderr"]
+    assert os.listdir(existing) == ["keep.txt"]
+    replaced = os.path.join(cli["root"], "replaced")
+    succeeded(cli["replaced"])
+    assert sorted(os.listdir(replaced)) == ["hf_files", "metadata.json", "model"]
+    assert not [n for n in os.listdir(cli["root"]) if n.startswith((".existing", ".replaced"))]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("export_incomplete", ["incomplete", "metadata.json"]),
+    ("export_hf_folder", ["not a checkpoint"]),
+])
+def test_export_refuses_what_is_not_complete_model_weights(cli, case, expected):
+    result = cli[case]
+    assert result["rc"] != 0 and all(text in result["stderr"] for text in expected), result["stderr"]
+    assert not os.path.exists(os.path.join(cli["root"], f"bad_{case}"))
+
+
+# ------------------------------------------------------------------------------- loading at other layouts
+@pytest.fixture(scope="module")
+def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
+    """The converted fp32 Mixtral loaded, run and saved at TP2 x EP2 (world 4, DP2), then at PP2 (world 2),
+    which also loads the TP2 x EP2 save; both saves exported again through the tool."""
+    succeeded(cli["to_megatron_mixtral_fp32"])
+    root = str(tmp_path_factory.mktemp("convert_parallel"))
+    ckpt, hf_dir = os.path.join(cli["root"], "ckpt_mixtral_fp32"), sources[("mixtral", "fp32")]
+    tokens = torch.randint(0, 600, (2, 16), generator=torch.Generator().manual_seed(11))
+    torch.save(tokens, os.path.join(root, "tokens.pt"))
+    runs = {"tp2_ep2": ["--tp", "2", "--ep", "2"], "pp2": ["--pp", "2", "--other-ckpt", os.path.join(root, "saved_tp2_ep2")]}
+    for name, layout in runs.items():
+        out = os.path.join(root, name)
+        os.makedirs(out)
+        torchrun("convert_parallel.py", 4 if name == "tp2_ep2" else 2, "--ckpt", ckpt, "--hf-dir", hf_dir,
+                 "--tokens", os.path.join(root, "tokens.pt"), "--out", out,
+                 "--save", os.path.join(root, f"saved_{name}"), *layout)
+
+    # A trainer save folder: the tracker names iteration 7, whose folder holds the weights saved at PP2.
+    train_dir = os.path.join(root, "train")
+    shutil.copytree(os.path.join(root, "saved_pp2"), checkpointing.iteration_dir(train_dir, 7))
+    with open(os.path.join(train_dir, checkpointing.TRACKER_FILE), "w") as f:
+        f.write("7")
+    exports = {f"export_{name}": ["megatron-to-hf", "--load", os.path.join(root, name),
+                                  "--output", os.path.join(root, f"hf_{name}")]
+               for name in ("saved_tp2_ep2", "saved_pp2", "train")}
+    return {"root": root, "tokens": tokens, **run_cli(exports, os.path.join(root, "cli"))}
+
+
+def reports(run_dir: str) -> list[dict]:
+    paths = sorted(glob.glob(os.path.join(run_dir, "rank*.json")))
+    assert paths
+    return [json.load(open(p)) for p in paths]
+
+
+def transformers_logps(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import MixtralForCausalLM
+
+    reference = MixtralForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        logits = reference.eval()(tokens).logits.float()
+    return torch.log_softmax(logits, dim=-1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("layout,padded_vocab", [("tp2_ep2", 768), ("pp2", 640)])
+def test_logps_from_converted_checkpoint_match_transformers(parallel_runs, sources, layout, padded_vocab):
+    run_dir = os.path.join(parallel_runs["root"], layout)
+    for report in reports(run_dir):
+        assert report["padded_vocab"] == padded_vocab  # 600 rows padded differently at TP2 and TP1
+        assert report["params_checked"] > 0 and report["params_mismatched"] == [], report
+    ours = torch.load(os.path.join(run_dir, "logps.pt"))
+    reference = transformers_logps(sources[("mixtral", "fp32")], parallel_runs["tokens"])
+    assert ours.shape == reference.shape == (2, 15)
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def test_weights_saved_at_tp2_ep2_load_at_pp2(parallel_runs):
+    for report in reports(os.path.join(parallel_runs["root"], "pp2")):
+        assert report["other_params_checked"] > 0 and report["other_params_mismatched"] == [], report
+
+
+@pytest.mark.parametrize("saved", ["saved_tp2_ep2", "saved_pp2", "train"])
+def test_trainer_saves_export_bit_identical(parallel_runs, cli, sources, saved, tmp_path):
+    succeeded(parallel_runs[f"export_{saved}"])
+    original = hf_tensors(sources[("mixtral", "fp32")])
+    exported = hf_tensors(os.path.join(parallel_runs["root"], f"hf_{saved}"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    for name in TOKENIZER_FILES:
+        assert os.path.isfile(os.path.join(parallel_runs["root"], f"hf_{saved}", name)), name
+
+    if saved != "train":
+        # Layout-free on disk: the same stored tensors as the converter wrote, whatever layout saved them.
+        folder = os.path.join(parallel_runs["root"], saved)
+        with open(os.path.join(folder, "metadata.json")) as f:
+            metadata = json.load(f)
+        assert metadata["iteration"] == 7 and metadata["vocab_size"] == 600
+        assert metadata["padded_vocab_size"] == (768 if saved == "saved_tp2_ep2" else 640)
+        converted = os.path.join(cli["root"], "ckpt_mixtral_fp32")
+        for group in stored_folders(converted):
+            a = stored_tensors(os.path.join(folder, "model", group), str(tmp_path))
+            b = stored_tensors(os.path.join(converted, "model", group), str(tmp_path))
+            assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in b), group
