@@ -127,7 +127,8 @@ class SentencePieceTokenizer:
             else:
                 run.append(token_id)
         out.append(self._sp.decode(run))
-        return "".join(out)
+        text = "".join(out)
+        return text[1:] if self.add_prefix_space and text.startswith(" ") else text  # the `▁` encode() added
 
     @cached_property
     def whitespace_ids(self) -> frozenset[int]:
