@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Factor on the activation estimate in the fit decision (the rough formula was within "
                              "1.4x of the measured saved tensors on the tiny model).")
     parser.add_argument("--search", action="store_true",
-                        help="Try TP/PP/EP/DP, recompute and offload choices on 1..--max-nodes nodes and print "
-                             "the layouts that fit on the fewest nodes.")
+                        help="Try TP/PP/EP/DP and recompute on 1..--max-nodes nodes, each with the least optimizer "
+                             "offload that fits, and print the layouts that fit on the fewest nodes.")
     parser.add_argument("--max-nodes", type=int, default=16, help="Largest node count --search tries.")
     parser.add_argument("--nodes", type=int, default=None,
                         help="With --search: list the layouts that fit on exactly this many nodes.")
@@ -144,6 +144,19 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def least_offload(hf: HFModelConfig, args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int,
+                  recompute: bool) -> float | None:
+    """The smallest optimizer offload fraction (in steps of 0.05) that fits GPU and host; None if none does."""
+    for step in range(21):
+        offload = step / 20
+        memory = busiest_rank(hf, make_layout(args, tp, pp, ep, dp, recompute, offload))
+        if memory.host_bytes * args.gpus_per_node > args.host_memory_gb * GB:
+            return None  # more offload only needs more host memory
+        if budget_bytes(memory, args) <= args.gpu_memory_gb * GB:
+            return offload
+    return None
+
+
 def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
     """Fewest nodes that fit; on that count, layouts by (offload, recompute, PP, TP, memory)."""
     powers = [1, 2, 4, 8]
@@ -156,16 +169,17 @@ def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
             dp = world // (tp * pp)
             if args.global_batch_size and args.global_batch_size % (args.micro_batch_size * dp):
                 continue
-            for offload, recompute in itertools.product((0.0, 0.5, 1.0), (False, True)):
-                layout = make_layout(args, tp, pp, ep, dp, recompute, offload)
+            for recompute in (False, True):
                 try:
-                    memory = busiest_rank(hf, layout)
+                    offload = least_offload(hf, args, tp, pp, ep, dp, recompute)
                 except MemoryLayoutError:
                     break
-                total = budget_bytes(memory, args)
-                host_node = memory.host_bytes * args.gpus_per_node
-                if total <= args.gpu_memory_gb * GB and host_node <= args.host_memory_gb * GB:
-                    fits.append((offload, recompute, pp, tp, total, layout, memory, host_node))
+                if offload is None:
+                    continue
+                layout = make_layout(args, tp, pp, ep, dp, recompute, offload)
+                memory = busiest_rank(hf, layout)
+                fits.append((offload, recompute, pp, tp, budget_bytes(memory, args), layout, memory,
+                             memory.host_bytes * args.gpus_per_node))
         if fits:
             fits.sort(key=lambda f: f[:5])
             print(f"fewest nodes: {nodes} x {args.gpus_per_node} GPUs; {len(fits)} layouts fit "
