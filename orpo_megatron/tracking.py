@@ -168,8 +168,16 @@ class MetricsTracker:
             return
         with open(path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
-        if len(kept) != len(lines):
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when the previous run was killed mid-write
+                _warn(f"{path}:{number}: dropped an incomplete metrics line from the previous run")
+                continue
+            if event["iteration"] <= iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if kept != lines:
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(kept)
 

@@ -133,6 +133,18 @@ def test_resume_drops_events_after_the_checkpoint_and_appends(tmp_path, offline_
     assert events[-1]["train/loss"] == fake_metrics(4)["loss"]
 
 
+def test_resume_drops_a_line_cut_short_by_a_kill(tmp_path, offline_env, capsys):
+    run_dir = tmp_path / "run"
+    run_fake_training(run_dir, steps=3)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"iteration": 4, "consumed_pairs": 12')
+    tracker = MetricsTracker(TrackingConfig(run_dir=str(run_dir)), enabled=True, resume_iteration=3)
+    tracker.log(fake_metrics(4), 4, 128)
+    tracker.finish()
+    assert [e["iteration"] for e in read_jsonl(run_dir / "metrics.jsonl")] == [0, 0, 1, 2, 3, 3, 4]
+    assert "metrics.jsonl:7: dropped an incomplete metrics line" in capsys.readouterr().err
+
+
 def test_console_line_shows_progress_metrics_and_eta(tmp_path, capsys):
     tracker = MetricsTracker(TrackingConfig(run_dir=None), enabled=True, total_iters=10)
     tracker.log({"loss": 0.5, "nll_loss": 0.4, "log_odds_chosen": 1.25, "rewards/accuracies": 0.75,
