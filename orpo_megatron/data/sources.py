@@ -26,17 +26,22 @@ def _select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, d
         if split not in loaded:
             raise ValueError(f"--data-path {data_path} has splits {sorted(loaded)}, not {split!r} (--split/--eval-split)")
         return loaded[split]
+    _require_train(split, data_path)
+    return loaded
+
+
+def _require_train(split: str, data_path: str) -> None:
     if split != "train":
         raise ValueError(f"--data-path {data_path} holds a single dataset, which is split 'train', not {split!r}; "
                          "use --eval-fraction to hold out evaluation pairs")
-    return loaded
 
 
 def _load_file(path: str, split: str) -> datasets.Dataset:
     builder = FILE_BUILDERS.get(os.path.splitext(path)[1])
     if builder is None:
         raise ValueError(f"--data-path {path}: expected a .json, .jsonl or .parquet file")
-    return _select_split(datasets.load_dataset(builder, data_files={"train": path}), split, path)
+    _require_train(split, path)
+    return datasets.load_dataset(builder, data_files={"train": path}, split="train")
 
 
 def _load_folder(folder: str, split: str) -> datasets.Dataset:
