@@ -131,7 +131,8 @@ class MetricsTracker:
 
     The trainer picks the logging rank (the first rank of the last pipeline stage, which holds the loss) and
     passes `enabled` accordingly. `resume_iteration` > 0 keeps the run folder's earlier events up to that
-    iteration (the checkpoint resumed from) and drops later ones, which the resumed run logs again.
+    iteration (the checkpoint resumed from) and drops later ones, which the resumed run logs again; 0 starts
+    a fresh metrics.jsonl.
     """
 
     def __init__(self, config: TrackingConfig, enabled: bool, total_iters: int | None = None,
@@ -165,6 +166,10 @@ class MetricsTracker:
     @staticmethod
     def _keep_events_up_to(path: str, iteration: int) -> None:
         if not os.path.exists(path):
+            return
+        if iteration == 0:  # a new run from scratch in this folder: the old curves are not its history
+            _warn(f"{path} from an earlier run is replaced (this run starts at iteration 0)")
+            os.remove(path)
             return
         with open(path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
@@ -203,11 +208,11 @@ class MetricsTracker:
             return None
 
     def _wandb_run_id(self) -> str:
-        """One W&B run per run folder: a requeued or resumed job continues the same W&B run."""
+        """One W&B run per run folder: a resumed (e.g. requeued) job continues the same W&B run."""
         if not self.config.run_dir:
             return uuid.uuid4().hex[:8]
         path = os.path.join(self.config.run_dir, WANDB_ID_FILE)
-        if os.path.exists(path):
+        if self._start_iteration > 0 and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 return f.read().strip()
         run_id = uuid.uuid4().hex[:8]

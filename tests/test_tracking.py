@@ -145,6 +145,14 @@ def test_resume_drops_a_line_cut_short_by_a_kill(tmp_path, offline_env, capsys):
     assert "metrics.jsonl:7: dropped an incomplete metrics line" in capsys.readouterr().err
 
 
+def test_a_new_run_in_the_same_folder_replaces_old_metrics(tmp_path, offline_env, capsys):
+    run_dir = tmp_path / "run"
+    run_fake_training(run_dir, steps=3)
+    run_fake_training(run_dir, steps=2)
+    assert [e["iteration"] for e in read_jsonl(run_dir / "metrics.jsonl")] == [0, 0, 1, 2, 2]
+    assert "from an earlier run is replaced" in capsys.readouterr().err
+
+
 def test_console_line_shows_progress_metrics_and_eta(tmp_path, capsys):
     tracker = MetricsTracker(TrackingConfig(run_dir=None), enabled=True, total_iters=10)
     tracker.log({"loss": 0.5, "nll_loss": 0.4, "log_odds_chosen": 1.25, "rewards/accuracies": 0.75,
