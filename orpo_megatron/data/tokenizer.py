@@ -115,8 +115,9 @@ class SentencePieceTokenizer:
             offset += len(piece)
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of `ids` with special tokens written out (for inspection, not for round trips)."""
+    def decode(self, ids: list[int], starts_text: bool = True) -> str:
+        """Text of `ids` with special tokens written out (for inspection). `starts_text`: the ids begin the encoded
+        text, so the `▁` that encode() put in front is dropped."""
         by_id = {token_id: content for content, token_id in self.special_tokens.items()}
         out, run = [], []
         for token_id in ids:
@@ -128,7 +129,7 @@ class SentencePieceTokenizer:
                 run.append(token_id)
         out.append(self._sp.decode(run))
         text = "".join(out)
-        return text[1:] if self.add_prefix_space and text.startswith(" ") else text  # the `▁` encode() added
+        return text[1:] if starts_text and self.add_prefix_space and text.startswith(" ") else text
 
     @cached_property
     def whitespace_ids(self) -> frozenset[int]:

@@ -1,0 +1,116 @@
+"""Look at preference data before a big run: what tokenization keeps, cuts and drops, and what the model is trained on.
+
+    python tools/inspect_data.py --data-path examples/data/capybara_style.jsonl --tokenizer CHECKPOINT_OR_TOKENIZER_DIR
+        [--split train] [--chat-template zephyr] [--max-length 1024 --max-prompt-length 512] [--example N]
+
+Prints the number of pairs, bad rows by reason (with the first row of each), whether --max-bad-row-fraction would
+stop training, how many prompts/responses are truncated, length percentiles before and after truncation, and one
+pair as the model sees it with the masked part (the prompt: no log-prob, no reward) marked. Takes the same data flags
+as training and fills the same tokenization cache.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Run from a checkout without installing: make the package next to tools/ importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MASK_OPEN, MASK_CLOSE = "[[", "]]"
+PERCENTILES = (0, 50, 90, 95, 99, 100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from orpo_megatron.data.arguments import add_data_args
+
+    parser = argparse.ArgumentParser(prog="inspect_data.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_data_args(parser)
+    parser.add_argument("--example", type=int, default=0,
+                        help="Which kept pair (position among the good pairs) to print rendered (default: 0).")
+    return parser
+
+
+def percentile_table(columns: dict[str, list[int]]) -> str:
+    import numpy as np
+
+    header = f"{'tokens':<28}" + "".join(f"{('p' + str(p)) if p not in (0, 100) else ('min', 'max')[p // 100]:>8}"
+                                         for p in PERCENTILES)
+    lines = [header]
+    for name, values in columns.items():
+        figures = np.percentile(np.asarray(values), PERCENTILES, method="nearest") if values else [0] * len(PERCENTILES)
+        lines.append(f"{name:<28}" + "".join(f"{int(v):>8}" for v in figures))
+    return "\n".join(lines)
+
+
+def render_pair(tokenizer, pair: dict) -> str:
+    """The chosen and rejected sequences with the prompt (masked) part between markers."""
+    prompt = tokenizer.decode(pair["prompt_input_ids"])
+    out = [f"row {pair['row_index']}: prompt {len(pair['prompt_input_ids'])} tokens"
+           + (" (truncated)" if pair["prompt_truncated"] else "")]
+    for name in ("chosen", "rejected"):
+        completion_ids = pair[f"{name}_input_ids"]
+        ending = "cut by truncation, no EOS" if pair[f"{name}_truncated"] else "ends with EOS"
+        out.append(f"--- {name}: {len(completion_ids)} completion tokens, {ending}")
+        out.append(MASK_OPEN + prompt + MASK_CLOSE + tokenizer.decode(completion_ids, starts_text=False))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from orpo_megatron.data.arguments import DataConfig
+    from orpo_megatron.data.pipeline import make_pair_tokenizer
+    from orpo_megatron.data.preference import BAD_ROW_REASONS
+    from orpo_megatron.data.preprocess import tokenize_dataset
+    from orpo_megatron.data.sources import load_split
+
+    if args.tokenizer is None:
+        print("inspect_data.py: --tokenizer is required (a folder with tokenizer.model)", file=sys.stderr)
+        return 2
+    try:
+        config = DataConfig.from_args(args)
+        pair_tokenizer = make_pair_tokenizer(config, None)
+        source = f"{config.data_path} [{config.split}]"
+        table = tokenize_dataset(load_split(config.data_path, config.split), pair_tokenizer, config.cache_dir,
+                                 config.num_workers, source)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"inspect_data.py: {error}", file=sys.stderr)
+        return 1
+
+    reasons = table["bad_reason"]
+    good = table.select([i for i, reason in enumerate(reasons) if not reason])
+    print(f"{source}: {table.num_rows} rows, {good.num_rows} pairs kept")
+    bad_total = table.num_rows - good.num_rows
+    first_bad = {}
+    for position, reason in enumerate(reasons):
+        if reason and reason not in first_bad:
+            first_bad[reason] = position
+    print(f"bad rows: {bad_total}" + (" (none)" if not bad_total else ""))
+    for reason, position in sorted(first_bad.items()):
+        row = table[position]
+        print(f"  {reason:<24}{reasons.count(reason):>6}  e.g. row {row['row_index']}: {row['bad_detail']}  "
+              f"[{BAD_ROW_REASONS[reason]}]")
+    if table.num_rows and bad_total / table.num_rows > config.max_bad_row_fraction:
+        print(f"  training would STOP: {bad_total / table.num_rows:.1%} bad > --max-bad-row-fraction "
+              f"{config.max_bad_row_fraction}")
+    elif bad_total and config.on_bad_row == "error":
+        print("  training would STOP at the first bad row (--on-bad-row error)")
+    limits = config.truncation
+    print(f"truncation (--max-length {limits.max_length}, --max-prompt-length {limits.max_prompt_length}, "
+          f"{limits.truncation_mode}): prompts {sum(good['prompt_truncated'])}, chosen {sum(good['chosen_truncated'])}, "
+          f"rejected {sum(good['rejected_truncated'])} of {good.num_rows} pairs")
+    lengths = {name: good[name] for name in ("prompt_length_before", "chosen_length_before", "rejected_length_before")}
+    lengths["pair_length_before"] = [p + max(c, r) for p, c, r in zip(*lengths.values())]
+    lengths["sequence_length_after"] = [len(p) + max(len(c), len(r)) for p, c, r in zip(
+        good["prompt_input_ids"], good["chosen_input_ids"], good["rejected_input_ids"])]
+    print(percentile_table(lengths))
+    if good.num_rows:
+        example = min(max(args.example, 0), good.num_rows - 1)
+        print(f"\nexample (masked prompt part between {MASK_OPEN} {MASK_CLOSE}):")
+        print(render_pair(pair_tokenizer.tokenizer, good[example]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
