@@ -101,3 +101,16 @@ def test_unknown_template_name_is_a_clear_error(tiny_mixtral):
 def test_missing_tokenizer_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         SentencePieceTokenizer(str(tmp_path))
+
+
+def test_chat_template_is_read_where_transformers_saves_it(tiny_mixtral, tmp_path):
+    shutil.copy(os.path.join(tiny_mixtral, "tokenizer.model"), tmp_path)
+    config = json.load(open(os.path.join(tiny_mixtral, "tokenizer_config.json")))
+    config["chat_template"] = [{"name": "tool_use", "template": "x"},
+                               {"name": "default", "template": chat_template.CHATML}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert SentencePieceTokenizer(str(tmp_path)).chat_template == chat_template.CHATML
+    (tmp_path / "chat_template.jinja").write_text(chat_template.MISTRAL)
+    assert SentencePieceTokenizer(str(tmp_path)).chat_template == chat_template.MISTRAL
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reference.chat_template == chat_template.MISTRAL

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inspect_data.py: {error}", file=sys.stderr)
         return 1
 
-    reasons = table["bad_reason"]
+    reasons = list(table["bad_reason"])
     good = table.select([i for i, reason in enumerate(reasons) if not reason])
     print(f"{source}: {table.num_rows} rows, {good.num_rows} pairs kept")
     bad_total = table.num_rows - good.num_rows

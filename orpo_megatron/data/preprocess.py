@@ -121,7 +121,7 @@ def tokenize_dataset(dataset: datasets.Dataset, pair_tokenizer: PairTokenizer, c
 def apply_bad_row_policy(tokenized: datasets.Dataset, source: str, on_bad_row: str,
                          max_bad_row_fraction: float) -> tuple[datasets.Dataset, PreprocessStats]:
     """Keep the good pairs (in source order) or stop, as the policy says; count what happened."""
-    reasons = tokenized["bad_reason"]
+    reasons = list(tokenized["bad_reason"])
     bad_positions = [position for position, reason in enumerate(reasons) if reason]
     if bad_positions and on_bad_row == "error":
         first = tokenized[bad_positions[0]]

@@ -24,6 +24,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 SPIECE_UNDERLINE = "▁"
+# Used when tokenizer_config.json does not name them (Llama/Mistral/Mixtral's).
+DEFAULT_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}
 
 
 def _token_content(value) -> str | None:
@@ -60,14 +62,13 @@ class SentencePieceTokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
         self.legacy = bool(self.config.get("legacy", False))
-        self.add_prefix_space = bool(self.config.get("add_prefix_space", True) in (True, None))
+        self.add_prefix_space = self.config.get("add_prefix_space") is not False  # None means True, as in HF
         self.add_bos_token = bool(self.config.get("add_bos_token", True))
-        self.chat_template: str | None = self.config.get("chat_template")
-        self.special_tokens = self._read_special_tokens()
-        self.bos_token = _token_content(self.config.get("bos_token", "<s>"))
-        self.eos_token = _token_content(self.config.get("eos_token", "</s>"))
-        self.unk_token = _token_content(self.config.get("unk_token", "<unk>"))
-        self.pad_token = _token_content(self.config.get("pad_token"))
+        self.chat_template = self._read_chat_template()
+        named = {key: _token_content(self.config.get(key, default)) for key, default in DEFAULT_SPECIAL_TOKENS.items()}
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (
+            named["bos_token"], named["eos_token"], named["unk_token"], named["pad_token"])
+        self.special_tokens = self._read_special_tokens(named)
         self.bos_id = self._special_id(self.bos_token, "bos_token")
         self.eos_id = self._special_id(self.eos_token, "eos_token")
         self.pad_id = self._special_id(self.pad_token, "pad_token") if self.pad_token else self.eos_id
@@ -75,23 +76,34 @@ class SentencePieceTokenizer:
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
 
-    def _read_special_tokens(self) -> dict[str, int]:
-        """Added tokens matched verbatim in text: `added_tokens_decoder`, else the named special tokens."""
+    def _read_special_tokens(self, named: dict[str, str | None]) -> dict[str, int]:
+        """Added tokens matched verbatim in text: `added_tokens_decoder`, and the named special tokens."""
         tokens: dict[str, int] = {}
         for token_id, entry in self.config.get("added_tokens_decoder", {}).items():
             if entry.get("lstrip") or entry.get("rstrip"):
                 raise ValueError(f"{self.directory}/tokenizer_config.json: added token {entry.get('content')!r} "
                                  "strips neighbouring whitespace, which this tokenizer does not implement")
             tokens[entry["content"]] = int(token_id)
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            content = _token_content(self.config.get(key, {"bos_token": "<s>", "eos_token": "</s>",
-                                                            "unk_token": "<unk>"}.get(key)))
+        for key, content in named.items():
             if content and content not in tokens:
                 piece_id = self._sp.piece_to_id(content)
                 if self._sp.id_to_piece(piece_id) != content:
                     raise ValueError(f"{self.directory}: {key} {content!r} is not in the vocabulary")
                 tokens[content] = piece_id
         return tokens
+
+    def _read_chat_template(self) -> str | None:
+        """`chat_template.jinja` (how recent transformers save it), else `chat_template` in tokenizer_config.json
+        (a string, or a list of named templates of which `default` is the chat one)."""
+        jinja_path = os.path.join(self.directory, "chat_template.jinja")
+        if os.path.isfile(jinja_path):
+            with open(jinja_path, encoding="utf-8") as f:
+                return f.read()
+        template = self.config.get("chat_template")
+        if isinstance(template, list):
+            named = {entry["name"]: entry["template"] for entry in template}
+            return named.get("default")
+        return template
 
     def _special_id(self, content: str | None, key: str) -> int:
         if content is None or content not in self.special_tokens:
@@ -139,8 +151,9 @@ class SentencePieceTokenizer:
             if self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
                 continue
             piece = self._sp.id_to_piece(token_id)
-            if self._sp.is_byte(token_id):
-                text = chr(int(piece[3:5], 16))
+            if self._sp.is_byte(token_id):  # <0xNN>; bytes >= 0x80 are parts of UTF-8 characters, never spaces
+                byte = int(piece[3:5], 16)
+                text = chr(byte) if byte < 0x80 else "x"
             else:
                 text = piece.replace(SPIECE_UNDERLINE, " ")
             if text and not text.strip():
