@@ -113,7 +113,8 @@ def test_split_is_exact_when_a_token_straddles_the_prompt_boundary(tiny_mixtral)
     assert joint[:-1] == prompt_alone[:-1] and joint[-1] != prompt_alone[-1]  # the premise: 'l' + 'o' merge
     pair = pair_tokenizer({"prompt": "Hell", "chosen": "o", "rejected": "o there"})
     assert pair.prompt_ids + pair.chosen_ids == [tokenizer.bos_id] + joint + [tokenizer.eos_id]
-    assert pair.prompt_ids + pair.rejected_ids == [tokenizer.bos_id] + tokenizer.encode("Hello there") + [tokenizer.eos_id]
+    expected = [tokenizer.bos_id] + tokenizer.encode("Hello there") + [tokenizer.eos_id]
+    assert pair.prompt_ids + pair.rejected_ids == expected
 
 
 # -- truncation --------------------------------------------------------------------------------------------------

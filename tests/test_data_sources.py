@@ -34,7 +34,8 @@ def test_every_local_source_form_gives_the_same_rows(tmp_path, reference_rows):
     shutil.copy(CAPYBARA, folder / "train.jsonl")
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference_rows[:7]))
     datasets.Dataset.from_list(reference_rows).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(reference_rows)}).save_to_disk(str(tmp_path / "saved_dict"))
+    saved_dict = datasets.DatasetDict({"train": datasets.Dataset.from_list(reference_rows)})
+    saved_dict.save_to_disk(str(tmp_path / "saved_dict"))
     for path in (CAPYBARA, tmp_path / "rows.parquet", tmp_path / "rows.json", folder, tmp_path / "saved",
                  tmp_path / "saved_dict"):
         assert load_split(str(path), "train").to_list() == reference_rows, path
@@ -48,7 +49,8 @@ def test_every_local_source_form_gives_the_same_rows(tmp_path, reference_rows):
 
 
 def test_hub_name_is_read_from_the_local_cache_only(tmp_path, monkeypatch, reference_rows):
-    # Lay out a cache entry the way `datasets.load_dataset("org/capy")` leaves it: <org>___<name>/<config>/<version>/<hash>.
+    # Lay out a cache entry the way `datasets.load_dataset("org/capy")` leaves it:
+    # <org>___<name>/<config>/<version>/<hash>/<name>-<split>.arrow
     staging = tmp_path / "staging"
     datasets.load_dataset("json", data_files={"train": CAPYBARA}, cache_dir=str(staging))
     built = glob.glob(str(staging / "json" / "*" / "*" / "*"))[0]
@@ -58,7 +60,8 @@ def test_hub_name_is_read_from_the_local_cache_only(tmp_path, monkeypatch, refer
         os.rename(arrow, arrow.replace("json-", "capy-"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hub_cache")
     assert load_split("org/capy", "train").to_list() == reference_rows
-    with pytest.raises(ValueError, match=r"org/not-downloaded.*nor a dataset in the local datasets cache.*Nothing is downloaded"):
+    with pytest.raises(ValueError, match=r"org/not-downloaded.*nor a dataset in the local datasets cache.*Nothing is "
+                                         r"downloaded"):
         load_split("org/not-downloaded", "train")
 
 
@@ -131,3 +134,12 @@ def test_message_rows_without_any_template_are_a_clear_error(tmp_path, tiny_mixt
     args = _parse("--data-path", CAPYBARA, "--data-cache-dir", str(tmp_path), "--tokenizer", str(folder),
                   "--chat-template", "zephyr")
     assert build_preference_data(args, None, 0, 1, 1, 8, 1, 0)[2].train_pairs == 300
+
+
+def test_multiprocess_tokenization_equals_single_process(tmp_path, tiny_mixtral):
+    tables = []
+    for workers in (1, 2):
+        config = DataConfig(data_path=CAPYBARA, cache_dir=str(tmp_path / f"cache{workers}"), num_workers=workers)
+        pairs, _ = tokenized_split(config, make_pair_tokenizer(config, tiny_mixtral), "train")
+        tables.append(pairs.to_list())
+    assert tables[0] == tables[1] and len(tables[0]) == 300

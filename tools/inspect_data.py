@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     elif bad_total and config.on_bad_row == "error":
         print("  training would STOP at the first bad row (--on-bad-row error)")
     limits = config.truncation
+    cut = {name: sum(good[f"{name}_truncated"]) for name in ("prompt", "chosen", "rejected")}
     print(f"truncation (--max-length {limits.max_length}, --max-prompt-length {limits.max_prompt_length}, "
-          f"{limits.truncation_mode}): prompts {sum(good['prompt_truncated'])}, chosen {sum(good['chosen_truncated'])}, "
-          f"rejected {sum(good['rejected_truncated'])} of {good.num_rows} pairs")
+          f"{limits.truncation_mode}): prompts {cut['prompt']}, chosen {cut['chosen']}, rejected {cut['rejected']} "
+          f"of {good.num_rows} pairs")
     lengths = {name: good[name] for name in ("prompt_length_before", "chosen_length_before", "rejected_length_before")}
     lengths["pair_length_before"] = [p + max(c, r) for p, c, r in zip(*lengths.values())]
     lengths["sequence_length_after"] = [len(p) + max(len(c), len(r)) for p, c, r in zip(

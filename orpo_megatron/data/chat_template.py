@@ -65,8 +65,9 @@ def resolve_chat_template(choice: str | None, tokenizer_template: str | None, to
     if os.path.isfile(choice):
         with open(choice, encoding="utf-8") as f:
             return f.read()
+    own = "has a" if tokenizer_template else "has no"
     raise ValueError(f"--chat-template {choice!r}: expected one of {sorted(BUILTIN_TEMPLATES)} or a jinja file path "
-                     f"(the tokenizer in {tokenizer_dir} {'has' if tokenizer_template else 'has no'} template of its own)")
+                     f"(the tokenizer in {tokenizer_dir} {own} template of its own)")
 
 
 def _raise_exception(message: str):

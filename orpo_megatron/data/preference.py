@@ -97,8 +97,8 @@ def required_columns(column_names: list[str]) -> tuple[str, ...]:
         return PRETOKENIZED_COLUMNS
     if "chosen" in column_names and "rejected" in column_names:
         return ("prompt", "chosen", "rejected") if "prompt" in column_names else ("chosen", "rejected")
-    raise ValueError(f"expected columns prompt/chosen/rejected (text or message lists) or {'/'.join(PRETOKENIZED_COLUMNS)}"
-                     f" (token ids), found {column_names}")
+    raise ValueError("expected columns prompt/chosen/rejected (text or message lists) or "
+                     f"{'/'.join(PRETOKENIZED_COLUMNS)} (token ids), found {column_names}")
 
 
 class PairTokenizer:
@@ -150,7 +150,8 @@ class PairTokenizer:
             if prompt is None:
                 raise BadRow("missing_field", "prompt is null (plain-text rows need a prompt string)")
             if not isinstance(prompt, str):
-                raise BadRow("wrong_type", f"prompt must be a string when chosen/rejected are, got {type(prompt).__name__}")
+                raise BadRow("wrong_type", "prompt must be a string when chosen/rejected are, got "
+                                           f"{type(prompt).__name__}")
             for name, text in (("chosen", chosen), ("rejected", rejected)):
                 if not text.strip():
                     raise BadRow("empty_completion", f"{name} is empty")
@@ -181,7 +182,8 @@ class PairTokenizer:
             chosen_turns, rejected_turns = chosen, rejected
         else:
             if prompt is not None and not isinstance(prompt, str):
-                raise BadRow("wrong_type", f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+                raise BadRow("wrong_type", "prompt must be a string or a list of messages, got "
+                                           f"{type(prompt).__name__}")
             if chosen[:-1] != rejected[:-1]:
                 raise BadRow("prompt_mismatch", "chosen[:-1] != rejected[:-1]")
             prompt_messages = chosen[:-1]

@@ -20,7 +20,7 @@ import datasets
 
 from orpo_megatron.data import chat_template as chat_template_module
 from orpo_megatron.data import preference, tokenizer as tokenizer_module
-from orpo_megatron.data.preference import BadRow, PairTokenizer, TruncationConfig
+from orpo_megatron.data.preference import BadRow, PairTokenizer
 
 TOKENIZED_FEATURES = datasets.Features({
     "row_index": datasets.Value("int64"),

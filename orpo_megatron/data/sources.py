@@ -24,7 +24,8 @@ def _data_files_in(folder: str) -> list[str]:
 def _select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, data_path: str) -> datasets.Dataset:
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"--data-path {data_path} has splits {sorted(loaded)}, not {split!r} (--split/--eval-split)")
+            raise ValueError(f"--data-path {data_path} has splits {sorted(loaded)}, not {split!r} "
+                             "(--split/--eval-split)")
         return loaded[split]
     _require_train(split, data_path)
     return loaded

@@ -1,4 +1,5 @@
-"""The runtime tokenizer: a sentencepiece `tokenizer.model` read the way Hugging Face's Llama/Mixtral tokenizer reads it.
+"""The runtime tokenizer: a sentencepiece `tokenizer.model` read the way Hugging Face's Llama/Mixtral tokenizer
+reads it.
 
 Owns text -> token ids for the data layer (special-token splitting, the `▁` prefix rule, BOS) and the metadata from
 `tokenizer_config.json` (special tokens, `add_bos_token`, `legacy`, the chat template). It does not render chat
