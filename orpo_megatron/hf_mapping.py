@@ -406,7 +406,10 @@ def load_hf_checkpoint(model_chunks: list[torch.nn.Module], hf_dir: str, hf: HFM
         for _, global_name, param in global_param_names(chunk):
             wanted[global_name] = param
     layers = sorted({int(_LAYER.fullmatch(n).group(1)) for n in wanted if _LAYER.fullmatch(n)})
-    groups = [hf_outer_to_megatron(reader.read(hf_outer_names(hf)), hf, padded_vocab)]
+    outer = hf_outer_to_megatron(reader.read(hf_outer_names(hf)), hf, padded_vocab)
+    if hf.tie_word_embeddings:  # at PP > 1 the last stage holds its own copy of the tied embedding
+        outer["output_layer.weight"] = outer["embedding.word_embeddings.weight"]
+    groups = [outer]
     groups += (hf_layer_to_megatron(reader.read_layer(hf, layer), layer, hf) for layer in layers)
     loaded = set()
     for tensors in groups:

@@ -24,7 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_hf.py")
 CLI_WORKER = os.path.join(REPO, "tests", "workers", "convert_cli.py")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-ROUND_TRIPS = [("mixtral", "fp32"), ("mixtral", "bf16"), ("mistral", "fp32"), ("mistral", "bf16")]
+# "tied": Mixtral with tie_word_embeddings (no lm_head; at PP > 1 the last stage holds a copy of the embedding).
+ROUND_TRIPS = [("mixtral", "fp32"), ("mixtral", "bf16"), ("mistral", "fp32"), ("mistral", "bf16"), ("tied", "fp32")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -115,6 +116,8 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
                                                          dtype=torch.bfloat16)
     out[("mistral", "bf16")] = fixtures.write_tiny_model(os.path.join(root, "mistral_bf16"), seed=4321, dense=True,
                                                          dtype=torch.bfloat16)
+    out[("tied", "fp32")] = fixtures.write_tiny_model(os.path.join(root, "tied"), seed=99,
+                                                      config_overrides={"tie_word_embeddings": True})
 
     from transformers import MixtralForCausalLM
 
@@ -318,17 +321,23 @@ def test_export_refuses_what_is_not_complete_model_weights(cli, case, expected):
 @pytest.fixture(scope="module")
 def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
     """The converted fp32 Mixtral loaded, run and saved at TP2 x EP2 (world 4, DP2), then at PP2 (world 2),
-    which also loads the TP2 x EP2 save; both saves exported again through the tool."""
+    which also loads the TP2 x EP2 save; the tied Mixtral at PP2; every save exported again by the tool."""
     succeeded(cli["to_megatron_mixtral_fp32"])
+    succeeded(cli["to_megatron_tied_fp32"])
     root = str(tmp_path_factory.mktemp("convert_parallel"))
     ckpt, hf_dir = os.path.join(cli["root"], "ckpt_mixtral_fp32"), sources[("mixtral", "fp32")]
     tokens = torch.randint(0, 600, (2, 16), generator=torch.Generator().manual_seed(11))
     torch.save(tokens, os.path.join(root, "tokens.pt"))
-    runs = {"tp2_ep2": ["--tp", "2", "--ep", "2"], "pp2": ["--pp", "2", "--other-ckpt", os.path.join(root, "saved_tp2_ep2")]}
-    for name, layout in runs.items():
+    tied_ckpt, tied_hf = os.path.join(cli["root"], "ckpt_tied_fp32"), sources[("tied", "fp32")]
+    runs = {  # name: (world size, converted checkpoint, HF folder, layout)
+        "tp2_ep2": (4, ckpt, hf_dir, ["--tp", "2", "--ep", "2"]),
+        "pp2": (2, ckpt, hf_dir, ["--pp", "2", "--other-ckpt", os.path.join(root, "saved_tp2_ep2")]),
+        "tied_pp2": (2, tied_ckpt, tied_hf, ["--pp", "2"]),
+    }
+    for name, (world, run_ckpt, run_hf, layout) in runs.items():
         out = os.path.join(root, name)
         os.makedirs(out)
-        torchrun("convert_parallel.py", 4 if name == "tp2_ep2" else 2, "--ckpt", ckpt, "--hf-dir", hf_dir,
+        torchrun("convert_parallel.py", world, "--ckpt", run_ckpt, "--hf-dir", run_hf,
                  "--tokens", os.path.join(root, "tokens.pt"), "--out", out,
                  "--save", os.path.join(root, f"saved_{name}"), *layout)
 
@@ -339,7 +348,7 @@ def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
         f.write("7")
     exports = {f"export_{name}": ["megatron-to-hf", "--load", os.path.join(root, name),
                                   "--output", os.path.join(root, f"hf_{name}")]
-               for name in ("saved_tp2_ep2", "saved_pp2", "train")}
+               for name in ("saved_tp2_ep2", "saved_pp2", "saved_tied_pp2", "train")}
     return {"root": root, "tokens": tokens, **run_cli(exports, os.path.join(root, "cli"))}
 
 
@@ -350,22 +359,23 @@ def reports(run_dir: str) -> list[dict]:
 
 
 def transformers_logps(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    reference = MixtralForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         logits = reference.eval()(tokens).logits.float()
     return torch.log_softmax(logits, dim=-1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("layout,padded_vocab", [("tp2_ep2", 768), ("pp2", 640)])
-def test_logps_from_converted_checkpoint_match_transformers(parallel_runs, sources, layout, padded_vocab):
+@pytest.mark.parametrize("layout,padded_vocab,model", [("tp2_ep2", 768, "mixtral"), ("pp2", 640, "mixtral"),
+                                                       ("tied_pp2", 640, "tied")])
+def test_logps_from_converted_checkpoint_match_transformers(parallel_runs, sources, layout, padded_vocab, model):
     run_dir = os.path.join(parallel_runs["root"], layout)
     for report in reports(run_dir):
         assert report["padded_vocab"] == padded_vocab  # 600 rows padded differently at TP2 and TP1
         assert report["params_checked"] > 0 and report["params_mismatched"] == [], report
     ours = torch.load(os.path.join(run_dir, "logps.pt"))
-    reference = transformers_logps(sources[("mixtral", "fp32")], parallel_runs["tokens"])
+    reference = transformers_logps(sources[(model, "fp32")], parallel_runs["tokens"])
     assert ours.shape == reference.shape == (2, 15)
     assert (ours - reference).abs().max().item() <= 1e-4
 
@@ -375,10 +385,11 @@ def test_weights_saved_at_tp2_ep2_load_at_pp2(parallel_runs):
         assert report["other_params_checked"] > 0 and report["other_params_mismatched"] == [], report
 
 
-@pytest.mark.parametrize("saved", ["saved_tp2_ep2", "saved_pp2", "train"])
+@pytest.mark.parametrize("saved", ["saved_tp2_ep2", "saved_pp2", "saved_tied_pp2", "train"])
 def test_trainer_saves_export_bit_identical(parallel_runs, cli, sources, saved, tmp_path):
     succeeded(parallel_runs[f"export_{saved}"])
-    original = hf_tensors(sources[("mixtral", "fp32")])
+    model = "tied" if "tied" in saved else "mixtral"
+    original = hf_tensors(sources[(model, "fp32")])
     exported = hf_tensors(os.path.join(parallel_runs["root"], f"hf_{saved}"))
     assert sorted(exported) == sorted(original)
     for name, tensor in original.items():
@@ -393,7 +404,7 @@ def test_trainer_saves_export_bit_identical(parallel_runs, cli, sources, saved, 
             metadata = json.load(f)
         assert metadata["iteration"] == 7 and metadata["vocab_size"] == 600
         assert metadata["padded_vocab_size"] == (768 if saved == "saved_tp2_ep2" else 640)
-        converted = os.path.join(cli["root"], "ckpt_mixtral_fp32")
+        converted = os.path.join(cli["root"], f"ckpt_{model}_fp32")
         for group in stored_folders(converted):
             a = stored_tensors(os.path.join(folder, "model", group), str(tmp_path))
             b = stored_tensors(os.path.join(converted, "model", group), str(tmp_path))
