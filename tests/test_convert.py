@@ -321,7 +321,7 @@ def test_export_refuses_what_is_not_complete_model_weights(cli, case, expected):
 @pytest.fixture(scope="module")
 def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
     """The converted fp32 Mixtral loaded, run and saved at TP2 x EP2 (world 4, DP2), then at PP2 (world 2),
-    which also loads the TP2 x EP2 save; the tied Mixtral at PP2; every save exported again by the tool."""
+    which also loads the TP2 x EP2 save; the tied Mixtral at PP2 x VP2; every save exported again by the tool."""
     succeeded(cli["to_megatron_mixtral_fp32"])
     succeeded(cli["to_megatron_tied_fp32"])
     root = str(tmp_path_factory.mktemp("convert_parallel"))
@@ -332,7 +332,7 @@ def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
     runs = {  # name: (world size, converted checkpoint, HF folder, layout)
         "tp2_ep2": (4, ckpt, hf_dir, ["--tp", "2", "--ep", "2"]),
         "pp2": (2, ckpt, hf_dir, ["--pp", "2", "--other-ckpt", os.path.join(root, "saved_tp2_ep2")]),
-        "tied_pp2": (2, tied_ckpt, tied_hf, ["--pp", "2"]),
+        "tied_pp2_vp2": (2, tied_ckpt, tied_hf, ["--pp", "2", "--vp", "2"]),
     }
     for name, (world, run_ckpt, run_hf, layout) in runs.items():
         out = os.path.join(root, name)
@@ -348,7 +348,7 @@ def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
         f.write("7")
     exports = {f"export_{name}": ["megatron-to-hf", "--load", os.path.join(root, name),
                                   "--output", os.path.join(root, f"hf_{name}")]
-               for name in ("saved_tp2_ep2", "saved_pp2", "saved_tied_pp2", "train")}
+               for name in ("saved_tp2_ep2", "saved_pp2", "saved_tied_pp2_vp2", "train")}
     return {"root": root, "tokens": tokens, **run_cli(exports, os.path.join(root, "cli"))}
 
 
@@ -368,7 +368,7 @@ def transformers_logps(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout,padded_vocab,model", [("tp2_ep2", 768, "mixtral"), ("pp2", 640, "mixtral"),
-                                                       ("tied_pp2", 640, "tied")])
+                                                       ("tied_pp2_vp2", 640, "tied")])
 def test_logps_from_converted_checkpoint_match_transformers(parallel_runs, sources, layout, padded_vocab, model):
     run_dir = os.path.join(parallel_runs["root"], layout)
     for report in reports(run_dir):
@@ -385,7 +385,7 @@ def test_weights_saved_at_tp2_ep2_load_at_pp2(parallel_runs):
         assert report["other_params_checked"] > 0 and report["other_params_mismatched"] == [], report
 
 
-@pytest.mark.parametrize("saved", ["saved_tp2_ep2", "saved_pp2", "saved_tied_pp2", "train"])
+@pytest.mark.parametrize("saved", ["saved_tp2_ep2", "saved_pp2", "saved_tied_pp2_vp2", "train"])
 def test_trainer_saves_export_bit_identical(parallel_runs, cli, sources, saved, tmp_path):
     succeeded(parallel_runs[f"export_{saved}"])
     model = "tied" if "tied" in saved else "mixtral"

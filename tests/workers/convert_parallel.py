@@ -1,6 +1,6 @@
 """Worker: load a converted checkpoint at one parallel layout, check it, run it, and save it back.
 
-At the layout given by --tp/--pp/--ep (world size from torchrun):
+At the layout given by --tp/--pp/--vp/--ep (world size from torchrun):
 1. builds the tiny model and loads --ckpt with `load_model_weights`; builds a second copy loaded straight from the
    HF safetensors by `hf_mapping.load_hf_checkpoint` (an independent path) and compares every parameter;
 2. computes per-token log-probabilities of --tokens (vocab-parallel logits gathered over TP, padded columns
@@ -12,6 +12,7 @@ Each rank writes rank<R>.json; the rank holding the last stage's TP/DP rank 0 wr
 import argparse
 import json
 import os
+from functools import partial
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -33,32 +34,37 @@ def mismatched_params(chunks, reference_chunks) -> tuple[int, list[str]]:
 
 
 def token_logps(chunks, tokens: torch.Tensor, true_vocab: int) -> torch.Tensor | None:
-    """log p(token t+1 | tokens <= t) for each row, on the last pipeline stage (None elsewhere)."""
-    batch, seq = tokens.shape
-    positions = torch.arange(seq).expand(batch, seq)
+    """log p(token t+1 | tokens <= t) for each row, on the last pipeline stage (None elsewhere).
+
+    Runs Megatron's schedule (forward only), one row per micro-batch, so that at PP > 1 the hidden states travel
+    through the pipeline exactly as in training (the interleaved schedule needs several micro-batches).
+    """
+    rows, seq = tokens.shape
+    positions = torch.arange(seq)[None]
     collected = []
 
-    def loss_func(output: torch.Tensor):
+    def loss_func(ids: torch.Tensor, output: torch.Tensor):
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(output)[..., :true_vocab]
-        logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         collected.append(logps)
         return logps.sum(), {}
 
     def forward_step(data_iterator, chunk):
         ids = next(data_iterator)
-        return chunk(ids, positions, attention_mask=None), loss_func
+        return chunk(ids, positions, attention_mask=None), partial(loss_func, ids)
 
+    micro_batches = list(tokens.split(1))
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
+            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
             model=chunks,
-            num_microbatches=1,
+            num_microbatches=rows,
             seq_length=seq,
-            micro_batch_size=batch,
+            micro_batch_size=1,
             forward_only=True,
         )
-    return collected[0] if collected else None
+    return torch.cat(collected) if collected else None
 
 
 def main() -> None:
@@ -70,13 +76,15 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--vp", type=int, default=None)
     parser.add_argument("--save", default=None)
     parser.add_argument("--other-ckpt", default=None)
     args = parser.parse_args()
 
     hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                         expert_model_parallel_size=args.ep, sequence_parallel=args.tp > 1)
+                         virtual_pipeline_model_parallel_size=args.vp, expert_model_parallel_size=args.ep,
+                         sequence_parallel=args.tp > 1)
     layout = parallel.initialize(layout_kwargs, hf)
     config = build_transformer_config(hf, **layout_kwargs)
     vocab = model.vocab_info(hf, 128, args.tp)
