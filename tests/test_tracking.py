@@ -1,5 +1,6 @@
 """Metrics tracking: metrics.jsonl, run_config.json, the offline W&B run (read back independently), ranks."""
 import argparse
+import collections
 import importlib.util
 import json
 import os
@@ -151,6 +152,20 @@ def test_a_new_run_in_the_same_folder_replaces_old_metrics(tmp_path, offline_env
     run_fake_training(run_dir, steps=2)
     assert [e["iteration"] for e in read_jsonl(run_dir / "metrics.jsonl")] == [0, 0, 1, 2, 2]
     assert "from an earlier run is replaced" in capsys.readouterr().err
+
+
+def test_resumed_run_continues_the_same_wandb_run_and_a_fresh_one_does_not(tmp_path, offline_env):
+    run_dir = tmp_path / "run"
+    run_fake_training(run_dir, steps=2, wandb_project="orpo-test")
+    resumed = MetricsTracker(TrackingConfig(run_dir=str(run_dir), wandb_project="orpo-test"), enabled=True,
+                             resume_iteration=2)
+    resumed.finish()
+    run_fake_training(run_dir, steps=1, wandb_project="orpo-test")
+    # offline-run-<date>_<time>-<id>[-n]: W&B adds -n when two runs start in the same second.
+    ids = collections.Counter(name.split("-")[3] for name in os.listdir(run_dir / "wandb")
+                              if name.startswith("offline-run-"))
+    fresh_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert ids[fresh_id] == 1 and sorted(ids.values()) == [1, 2]
 
 
 def test_console_line_shows_progress_metrics_and_eta(tmp_path, capsys):
