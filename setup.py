@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         # transformers and trl are test references only: parity against real peers.
-        "test": ["pytest>=8", "transformers>=4.45", "trl>=0.26", "mpmath"],
+        "test": ["pytest>=8", "transformers>=5.0", "trl>=0.26", "mpmath"],
         "fp8": ["transformer-engine[pytorch]"],
     },
     entry_points={

@@ -37,9 +37,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sequence-parallel", action="store_true",
                        help="Split activations along the sequence over TP ranks. Always on for MoE models with "
                             "TP > 1 (Megatron-Core requires it there).")
-    group.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default=None,
-                       help="How tokens reach their experts. Default: alltoall on GPU, allgather on CPU "
-                            "(gloo cannot do uneven all-to-all).")
+    group.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="alltoall",
+                       help="How tokens reach their experts: all-to-all exchange (sends each token only to the EP "
+                            "ranks of its experts) or all-gather. Default: alltoall.")
 
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,9 @@ What it bridges, and why:
   devices to CPU.
 - `param.type() == "torch.cuda.FloatTensor"` checks (distributed optimizer, grad clipping): the same mode
   reports CPU tensors under their CUDA type names, which is what those checks mean ("a float32 tensor").
+- The `alltoall` MoE token dispatcher hands its split sizes to `all_to_all_single` as numpy arrays, which the
+  c10d binding refuses ("incompatible function arguments"); they are passed on as lists. With that (and the
+  no-op streams above) the alltoall dispatcher runs on gloo, so CPU runs can use the GPU default.
 - The distributed optimizer's `fully_reshardable` state load fails with `KeyError: 'step'`
   (`DistributedOptimizer.load_parameter_state_from_fully_reshardable_format` indexes a `step` that torch's CPU
   Adam keeps as a tensor only after the first step); `checkpointing.py` saves and loads optimizer state in the
@@ -28,6 +31,7 @@ import functools
 import logging
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 _ACTIVE_MODE: TorchFunctionMode | None = None
@@ -67,7 +71,8 @@ class _NoOpStream:
         pass
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        # record_event() / wait_stream() / synchronize(): return another no-op so chained calls work too.
+        return lambda *args, **kwargs: _NoOpStream()
 
     def __enter__(self):
         return self
@@ -114,6 +119,36 @@ def _patch_megatron() -> None:
     # Router gating references this name even when Transformer Engine is absent (a 0.16.1 bug).
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # The alltoall token dispatcher passes its split sizes as numpy arrays, which the c10d binding refuses.
+    all_to_all_single = dist.all_to_all_single
+
+    @functools.wraps(all_to_all_single)
+    def all_to_all_single_with_list_splits(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        as_list = lambda splits: None if splits is None else [int(n) for n in splits]  # noqa: E731
+        return all_to_all_single(output, input, as_list(output_split_sizes), as_list(input_split_sizes), **kwargs)
+
+    dist.all_to_all_single = all_to_all_single_with_list_splits
+
+    # With expert TP, that dispatcher all-gathers uneven row counts, which gloo's allgather refuses: pad to the
+    # longest, gather, and copy each rank's rows out.
+    all_gather = dist.all_gather
+
+    @functools.wraps(all_gather)
+    def all_gather_uneven_rows(tensor_list, tensor, group=None, async_op=False):
+        rows = [t.shape[0] if t.dim() else 0 for t in tensor_list]
+        if len(set(rows)) <= 1:
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        shape = (max(rows), *tensor.shape[1:])
+        padded = tensor.new_zeros(shape)
+        padded[: tensor.shape[0]] = tensor
+        gathered = [tensor.new_empty(shape) for _ in rows]
+        all_gather(gathered, padded, group=group)
+        for out, full, n in zip(tensor_list, gathered, rows):
+            out.copy_(full[:n])
+        return None
+
+    dist.all_gather = all_gather_uneven_rows
 
     # On CPU the distributed optimizer's main params are leaves that require grad; its dp_reshardable load
     # copies into them in place.

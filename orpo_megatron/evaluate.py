@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metadata = checkpoint_format.read_metadata(checkpoint.weights_dir)
     hf = HFModelConfig.from_dict(metadata["hf_config"], source=os.path.join(checkpoint.weights_dir, "metadata.json"))
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed)
-    config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe))
+    config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe),
+                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type)
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab, model.transformer_engine_available())
     checkpoint_format.load_model_weights(checkpoint.weights_dir, chunks, hf)

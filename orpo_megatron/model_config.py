@@ -154,7 +154,7 @@ def build_transformer_config(
     sequence_parallel: bool = False,
     precision: PrecisionConfig | None = None,
     moe_aux_loss_coeff: float | None = None,
-    moe_token_dispatcher_type: str = "allgather",
+    moe_token_dispatcher_type: str = "alltoall",
     use_transformer_engine: bool = False,
     recompute_granularity: str | None = None,
 ) -> TransformerConfig:
@@ -209,8 +209,6 @@ def build_transformer_config(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         sequence_parallel=sequence_parallel,
-        # Micro-batches are padded to their own longest pair, so pipeline stages exchange shapes first.
-        variable_seq_lengths=pipeline_model_parallel_size > 1,
         bf16=precision.bf16,
         params_dtype=precision.params_dtype,
         pipeline_dtype=precision.params_dtype,

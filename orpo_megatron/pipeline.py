@@ -50,6 +50,35 @@ def _loss_func(orpo_config: ORPOConfig, normalizers: GlobalNormalizers | None, l
     return result.loss * loss_scale, {"sums": result.sums, "pairs": result.pairs}
 
 
+def pad_to_length(batch: MicroBatch, length: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch to `length` positions; the new positions are masked everywhere (token id 0)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra == 0:
+        return dict(batch)
+    padded = dict(batch)
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        padded[key] = torch.nn.functional.pad(batch[key], (0, extra), value=0)
+    rows = batch["input_ids"].shape[0]
+    padded["position_ids"] = torch.arange(length, dtype=torch.long).repeat(rows, 1)
+    return padded
+
+
+def _same_shape_groups(micro_batches: list[MicroBatch]) -> list[list[dict[str, torch.Tensor]]]:
+    """Consecutive micro-batches with the same number of rows, each group padded to its longest sequence.
+
+    Pipeline stages exchange activations of the shape given to the schedule; Megatron's variable-shape mode
+    deadlocks in the interleaved schedule on gloo and rules out the allgather dispatcher, so shapes are made
+    uniform instead. Training steps are one group; an evaluation set may end with a smaller micro-batch.
+    """
+    groups: list[list[MicroBatch]] = []
+    for batch in micro_batches:
+        if groups and groups[-1][0]["input_ids"].shape[0] == batch["input_ids"].shape[0]:
+            groups[-1].append(batch)
+        else:
+            groups.append([batch])
+    return [[pad_to_length(b, max(x["input_ids"].shape[1] for x in group)) for b in group] for group in groups]
+
+
 def run_micro_batches(
     model_chunks: list[torch.nn.Module],
     micro_batches: list[MicroBatch],
@@ -64,22 +93,23 @@ def run_micro_batches(
     """
     dp_group = parallel_state.get_data_parallel_group()
     dp_size = parallel_state.get_data_parallel_world_size()
-    num_micro_batches = len(micro_batches)
     normalizers = None
     if not forward_only:
         normalizers = GlobalNormalizers.of_micro_batches(micro_batches, orpo_config.nll_on_prompt, dp_group)
         moe_utils.clear_aux_losses_tracker()
-    # The interleaved schedule reads one iterator per model chunk.
-    iterators = [iter(micro_batches) for _ in model_chunks]
-    outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, orpo_config, normalizers, float(num_micro_batches * dp_size)),
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks,
-        num_microbatches=num_micro_batches,
-        seq_length=max(batch["input_ids"].shape[1] for batch in micro_batches),
-        micro_batch_size=micro_batches[0]["input_ids"].shape[0],
-        forward_only=forward_only,
-    )
+    outputs = []
+    for group in _same_shape_groups(micro_batches):
+        # The interleaved schedule reads one iterator per model chunk.
+        iterators = [iter(group) for _ in model_chunks]
+        outputs += get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, orpo_config, normalizers, float(len(group) * dp_size)),
+            data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+            model=model_chunks,
+            num_microbatches=len(group),
+            seq_length=group[0]["input_ids"].shape[1],
+            micro_batch_size=group[0]["input_ids"].shape[0],
+            forward_only=forward_only,
+        )
     sums, pairs = None, []
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         sums = ORPOMetricSums.zeros()
@@ -88,7 +118,7 @@ def run_micro_batches(
             if collect_pairs:
                 pairs.append(output["pairs"])
         sums = sums.all_reduce(dp_group)
-    return ScheduleResult(sums, pairs, None if forward_only else _moe_load_balancing_loss(num_micro_batches))
+    return ScheduleResult(sums, pairs, None if forward_only else _moe_load_balancing_loss(len(micro_batches)))
 
 
 def _moe_load_balancing_loss(num_micro_batches: int) -> float | None:

@@ -87,7 +87,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-last-checkpoints", type=int, default=None,
                        help="Keep only the newest N iteration folders. Default: keep all.")
     group.add_argument("--peak-tflops", type=float, default=None,
-                       help="Per-GPU peak TFLOP/s for MFU. Default: H100 bf16 dense (989) on GPU, none on CPU.")
+                       help="Per-GPU peak TFLOP/s for MFU. Default: the detected GPU's dense bf16 (or fp8) peak "
+                            "(H100 SXM: 989); no MFU on CPU or unknown GPUs.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,10 +197,9 @@ def main(argv: list[str] | None = None) -> None:
                                 fp8_amax_history_len=args.fp8_amax_history_len,
                                 fp8_amax_compute_algo=args.fp8_amax_compute_algo, fp8_margin=args.fp8_margin)
     use_te = model.transformer_engine_available()
-    dispatcher = args.moe_token_dispatcher_type or ("alltoall" if torch.cuda.is_available() else "allgather")
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
                                       moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-                                      moe_token_dispatcher_type=dispatcher, use_transformer_engine=use_te,
+                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type, use_transformer_engine=use_te,
                                       recompute_granularity=args.recompute_granularity)
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
@@ -234,9 +234,11 @@ def main(argv: list[str] | None = None) -> None:
         train_iter.load_state_dict(state["data"])
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
     orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
-    tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters)
+    tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters,
+                                                resume_iteration=iteration)
     tracker.log_config(vars(args), layout=layout.describe(), data_stats=data_stats.as_dict())
-    flops = throughput.FlopsCounter(hf, peak_tflops=args.peak_tflops, world_size=layout.world_size)
+    flops = throughput.FlopsCounter(hf, peak_tflops=args.peak_tflops, world_size=layout.world_size,
+                                    vocab_size=vocab.padded_size, fp8=bool(args.fp8_format))
 
     def save(at_iteration: int) -> str:
         train_state = {"data": train_iter.state_dict(), "layout": layout.describe(), "args": vars(args)}

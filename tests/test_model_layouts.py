@@ -12,20 +12,23 @@ import os
 import pytest
 import torch
 
-LAYOUTS = {  # name: (world, TP, PP, EP, VP)
-    "tp2_sp": (2, 2, 1, 1, None),
-    "pp2": (2, 1, 2, 1, None),
-    "pp2_vp2": (2, 1, 2, 1, 2),
-    "ep2_dp2": (2, 1, 1, 2, None),
-    "tp2_ep2_dp2": (4, 2, 1, 2, None),
+LAYOUTS = {  # name: (world, TP, PP, EP, VP, MoE token dispatcher)
+    "tp2_sp": (2, 2, 1, 1, None, "alltoall"),
+    "pp2": (2, 1, 2, 1, None, "alltoall"),
+    "pp2_vp2": (2, 1, 2, 1, 2, "alltoall"),
+    "ep2_dp2_alltoall": (2, 1, 1, 2, None, "alltoall"),
+    "ep2_dp2_allgather": (2, 1, 1, 2, None, "allgather"),
+    "tp2_ep2_dp2_alltoall": (4, 2, 1, 2, None, "alltoall"),
+    "tp2_ep2_dp2_allgather": (4, 2, 1, 2, None, "allgather"),
 }
 LOGITS_TOL = 1e-5  # fp32, max abs
 GRAD_REL_TOL = 1e-4  # fp32, max abs diff / max abs value of the reference tensor
 
 
-def run_layout(torchrun, hf_dir, out_dir, world, tp, pp, ep, vp) -> list[dict]:
+def run_layout(torchrun, hf_dir, out_dir, world, tp, pp, ep, vp, dispatcher) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
-    args = ["--hf-dir", hf_dir, "--out", out_dir, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep)]
+    args = ["--hf-dir", hf_dir, "--out", out_dir, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
+            "--dispatcher", dispatcher]
     if vp:
         args += ["--vp", str(vp)]
     torchrun("model_layouts.py", world, *args)
@@ -44,7 +47,7 @@ def load_logits(out_dir) -> dict:
 @pytest.fixture(scope="module")
 def single_process_logits(torchrun, tiny_mixtral, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tp1"))
-    reports = run_layout(torchrun, tiny_mixtral, out, 1, 1, 1, 1, None)
+    reports = run_layout(torchrun, tiny_mixtral, out, 1, 1, 1, 1, None, "alltoall")
     assert reports[0]["logits_max_abs_diff"] <= LOGITS_TOL
     assert reports[0]["grad_max_rel_diff"] <= GRAD_REL_TOL, reports[0]
     return load_logits(out)
@@ -56,8 +59,7 @@ def test_single_process_matches_transformers(single_process_logits):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process_and_transformers(name, torchrun, tiny_mixtral, tmp_path, single_process_logits):
-    world, tp, pp, ep, vp = LAYOUTS[name]
-    reports = run_layout(torchrun, tiny_mixtral, str(tmp_path), world, tp, pp, ep, vp)
+    reports = run_layout(torchrun, tiny_mixtral, str(tmp_path), *LAYOUTS[name])
     for report in reports:
         assert report["logits_max_abs_diff"] <= LOGITS_TOL, report
         assert report["grad_max_rel_diff"] <= GRAD_REL_TOL, report

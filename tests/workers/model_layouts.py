@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--dispatcher", default="alltoall")
     args = parser.parse_args()
 
     hf = HFModelConfig.from_file(args.hf_dir)
@@ -70,7 +71,7 @@ def main() -> None:
         sequence_parallel=args.tp > 1,
     )
     layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs)
+    config = build_transformer_config(hf, **layout_kwargs, moe_token_dispatcher_type=args.dispatcher)
     vocab = model.vocab_info(hf, 128, args.tp)
     chunks = model.build_model(config, hf, vocab)
     hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf, vocab.padded_size)
