@@ -49,6 +49,8 @@ FACTS = [("Is the Sun a star?", "Yes, the Sun is a star.", "No, the Sun is a pla
           "No, a triangle has five sides."),
          ("Is the ocean salty?", "Yes, ocean water is salty.", "No, the ocean is sweet."),
          ("Does a year have twelve months?", "Yes, a year has twelve months.", "No, a year has two months.")]
+# Wrong answers come hedged, as unsure answers often are: a consistent cue a tiny model can learn quickly.
+HEDGES = ["Hmm, I guess", "Maybe", "I am not sure, but"]
 GREETINGS = ["Hello!", "Hi there.", "Good morning!"]
 GREETING_REPLIES = ["Hello! How can I help you today?", "Hi! What would you like to know?"]
 
@@ -62,13 +64,14 @@ def arithmetic(rng: random.Random) -> tuple[str, str, str]:
     op, sign, result = rng.choice([("plus", "+", a + b), ("times", "*", a * b), ("minus", "-", a - b)])
     wrong = result + rng.choice([-3, -2, -1, 1, 2, 3, 10])
     question = rng.choice([f"What is {a} {op} {b}?", f"Compute {a} {sign} {b}.", f"How much is {a} {op} {b}?"])
-    return question, f"{a} {op} {b} is {result}.", f"{a} {op} {b} is {wrong}."
+    return question, f"{a} {op} {b} is {result}.", f"{rng.choice(HEDGES)} {a} {op} {b} is {wrong}."
 
 
 def capital(rng: random.Random) -> tuple[str, str, str]:
     (country, city), (_, wrong_city) = rng.sample(CAPITALS, 2)
     question = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?"])
-    return question, f"The capital of {country} is {city}.", f"The capital of {country} is {wrong_city}."
+    return (question, f"The capital of {country} is {city}.",
+            f"{rng.choice(HEDGES)} the capital of {country} is {wrong_city}.")
 
 
 def conversion(rng: random.Random) -> tuple[str, str, str]:
@@ -76,7 +79,7 @@ def conversion(rng: random.Random) -> tuple[str, str, str]:
     amount = rng.randint(2, 9)
     wrong = amount * factor // 10 if rng.random() < 0.5 else amount + factor
     return (f"How many {small} are in {amount} {big}?", f"{amount} {big} is {amount * factor} {small}.",
-            f"{amount} {big} is {wrong} {small}.")
+            f"{rng.choice(HEDGES)} {amount} {big} is {wrong} {small}.")
 
 
 def politeness(rng: random.Random) -> tuple[str, str, str]:
