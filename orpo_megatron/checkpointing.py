@@ -135,8 +135,9 @@ def _set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------- save
 def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict, hf_config,
-         keep_last: int | None = None) -> str:
-    """Write iteration `iteration` (collective). Returns the final folder."""
+         hf_files_from: str, keep_last: int | None = None) -> str:
+    """Write iteration `iteration` (collective), with the tokenizer files of `hf_files_from` (the checkpoint the
+    run started from). Returns the final folder."""
     rank = dist.get_rank()
     final = iteration_dir(save_dir, iteration)
     partial = os.path.join(save_dir, f".{os.path.basename(final)}.partial")
@@ -144,7 +145,8 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(os.path.join(partial, "optimizer"))
     dist.barrier()
-    checkpoint_format.save_model_weights(partial, model_chunks, hf_config, iteration=iteration)
+    checkpoint_format.save_model_weights(partial, model_chunks, hf_config, hf_files_from=hf_files_from,
+                                         iteration=iteration, produced_by="orpo_megatron.train")
     torch.save({"optimizer": _optimizer_state(optimizer), "rng": _rng_state()},
                os.path.join(partial, "optimizer", f"rank_{rank:05d}.pt"))
     if rank == 0:

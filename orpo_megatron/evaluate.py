@@ -19,7 +19,7 @@ from orpo_megatron import arguments, checkpoint_format, checkpointing, model, pa
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.batching import EvalPairs
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-from orpo_megatron.model_config import HFModelConfig, ModelConfigError, build_transformer_config
+from orpo_megatron.model_config import ModelConfigError, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import run_micro_batches
 
@@ -45,8 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     checkpoint = checkpointing.resolve(args.load)
-    metadata = checkpoint_format.read_metadata(checkpoint.weights_dir)
-    hf = HFModelConfig.from_dict(metadata["hf_config"], source=os.path.join(checkpoint.weights_dir, "metadata.json"))
+    hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed)
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe),
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type)

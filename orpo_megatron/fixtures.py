@@ -14,20 +14,13 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from orpo_megatron.data.chat_template import ZEPHYR as ZEPHYR_CHAT_TEMPLATE
 from orpo_megatron.hf_mapping import hf_layer_names, hf_outer_names
 from orpo_megatron.model_config import HFModelConfig
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 TOKENIZER_CORPUS = os.path.join(ASSETS, "tokenizer_corpus.txt")
 TINY_VOCAB_SIZE = 600
-
-# The alignment-handbook's Zephyr template (recipes/zephyr-141b-A35b/orpo/config_full.yaml).
-ZEPHYR_CHAT_TEMPLATE = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
-    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
-)
 
 # Small but with every feature of Mixtral-8x22B: GQA (ratio 4), top-2 of 4 experts, untied embeddings, a
 # vocabulary that needs padding.
@@ -112,7 +105,8 @@ def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE) -> Non
     spm.SentencePieceTrainer.train(
         input=TOKENIZER_CORPUS, model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        num_threads=1, minloglevel=2,
+        # Identity normalization as in Mixtral's tokenizer, so every tokenizer reading these files agrees.
+        normalization_rule_name="identity", num_threads=1, minloglevel=2,
     )
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())

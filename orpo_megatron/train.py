@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel, throughput, tracking
 from orpo_megatron.data.arguments import add_data_args
 from orpo_megatron.data.pipeline import build_preference_data
-from orpo_megatron.model_config import HFModelConfig, ModelConfigError, PrecisionConfig, build_transformer_config
+from orpo_megatron.model_config import ModelConfigError, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import ScheduleResult, run_micro_batches
 
@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load)
-    metadata = checkpoint_format.read_metadata(checkpoint.weights_dir)
-    hf = HFModelConfig.from_dict(metadata["hf_config"], source=os.path.join(checkpoint.weights_dir, "metadata.json"))
+    hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed)
     logging_rank = parallel.is_logging_rank()
     log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     def save(at_iteration: int) -> str:
         train_state = {"data": train_iter.state_dict(), "layout": layout.describe(), "args": vars(args)}
         path = checkpointing.save(args.save, at_iteration, chunks, optimizer, scheduler, train_state, hf,
-                                  keep_last=args.keep_last_checkpoints)
+                                  hf_files_from=checkpoint.weights_dir, keep_last=args.keep_last_checkpoints)
         log(f"saved checkpoint {path}")
         return path
 
