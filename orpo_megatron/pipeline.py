@@ -35,10 +35,25 @@ class ScheduleResult:
     moe_load_balancing_loss: float | None = None
 
 
+def router_padding_mask(batch: MicroBatch, model_chunk: torch.nn.Module) -> torch.Tensor:
+    """True at padding positions, so the MoE router leaves them out of its load-balancing loss (as HF does).
+
+    GPTModel splits the mask for sequence parallelism only on the first pipeline stage; later stages get their
+    TP rank's sequence slice here.
+    """
+    padding = batch["attention_mask"] == 0
+    module = getattr(model_chunk, "module", model_chunk)
+    if module.config.sequence_parallel and not module.pre_process:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        padding = padding.chunk(parallel_state.get_tensor_model_parallel_world_size(), dim=1)[tp_rank]
+    return padding
+
+
 def _forward_step(orpo_config: ORPOConfig, normalizers: GlobalNormalizers | None, loss_scale: float,
                   data_iterator, model_chunk):
     batch = next(data_iterator)
-    output = model_chunk(batch["input_ids"], batch["position_ids"], attention_mask=None)
+    output = model_chunk(batch["input_ids"], batch["position_ids"], attention_mask=None,
+                         padding_mask=router_padding_mask(batch, model_chunk))
     return output, partial(_loss_func, orpo_config, normalizers, loss_scale, batch)
 
 

@@ -24,6 +24,15 @@ def tiny_mistral(tmp_path_factory) -> str:
     return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_converted(tiny_mixtral, tmp_path_factory) -> str:
+    """The tiny Mixtral converted to our checkpoint format by the real tool."""
+    out = str(tmp_path_factory.mktemp("tiny_converted") / "ckpt")
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron",
+                    "--hf-dir", tiny_mixtral, "--output", out], check=True, capture_output=True, cwd=REPO)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
