@@ -74,7 +74,9 @@ def test_hf_files_are_copied_from_an_hf_folder_or_another_weights_folder(tiny_mi
     os.makedirs(second)
     assert sorted(fmt.copy_hf_files(first, second)) == sorted(copied)  # reads first/hf_files, not first/
     for name in copied:
-        assert open(os.path.join(second, "hf_files", name), "rb").read() == open(os.path.join(tiny_mixtral, name), "rb").read()
+        with open(os.path.join(second, "hf_files", name), "rb") as copy:
+            with open(os.path.join(tiny_mixtral, name), "rb") as source:
+                assert copy.read() == source.read(), name
 
 
 def test_shape_check_names_every_wrong_tensor_and_non_float_dtypes(tmp_path):
@@ -88,7 +90,8 @@ def test_shape_check_names_every_wrong_tensor_and_non_float_dtypes(tmp_path):
     reader.check_complete(hf)
     with pytest.raises(MappingError) as err:
         reader.check_shapes(hf)
-    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight: expected shape (64, 96), got (96, 64)" in str(err.value)
+    wrong_shape = "model.layers.1.block_sparse_moe.experts.3.w2.weight: expected shape (64, 96), got (96, 64)"
+    assert wrong_shape in str(err.value)
     assert "model.norm.weight: dtype I64 is not a floating-point type" in str(err.value)
 
 

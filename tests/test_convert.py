@@ -204,7 +204,8 @@ def test_round_trip_is_bit_identical(cli, sources, model, dtype):
         index = json.load(f)
     assert set(index["weight_map"]) == set(original)
     shard_files = sorted(set(index["weight_map"].values()))
-    assert len(shard_files) > 1 and shard_files == sorted(os.path.basename(p) for p in glob.glob(f"{back}/*.safetensors"))
+    assert len(shard_files) > 1
+    assert shard_files == sorted(os.path.basename(p) for p in glob.glob(f"{back}/*.safetensors"))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
     for shard in shard_files:
         names = [n for n, s in index["weight_map"].items() if s == shard]
@@ -253,7 +254,8 @@ def test_stored_tensors_are_global_megatron_tensors(cli, sources, model, tmp_pat
         for name, tensor in expected.items():
             assert torch.equal(stored[name], tensor), name
     outer = stored_tensors(os.path.join(ckpt, "model", "outer"), str(tmp_path))
-    assert sorted(outer) == ["decoder.final_layernorm.weight", "embedding.word_embeddings.weight", "output_layer.weight"]
+    assert sorted(outer) == ["decoder.final_layernorm.weight", "embedding.word_embeddings.weight",
+                             "output_layer.weight"]
     assert torch.equal(outer["embedding.word_embeddings.weight"], hf["model.embed_tokens.weight"])
     assert torch.equal(outer["output_layer.weight"], hf["lm_head.weight"])  # 600 rows: no padding stored
     assert torch.equal(outer["decoder.final_layernorm.weight"], hf["model.norm.weight"])

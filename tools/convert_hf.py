@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.verify:
                 weights = checkpointing.resolve(args.load).weights_dir
                 print(f"verify: max |logit difference| over the true vocabulary = {verify(output, weights):.3e}")
-    except (conversion.ConversionError, CheckpointFormatError, checkpointing.CheckpointError, MappingError, ModelConfigError) as err:
+    except (conversion.ConversionError, CheckpointFormatError, checkpointing.CheckpointError, MappingError,
+            ModelConfigError) as err:
         print(f"convert_hf.py {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
