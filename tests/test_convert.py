@@ -155,6 +155,9 @@ def cli(sources, tmp_path_factory) -> dict:
         commands[f"to_hf_{model}_{dtype}"] = ["megatron-to-hf", "--load", ckpt, "--output", back,
                                               "--max-shard-size", "100KB"]
     commands["to_megatron_mixtral_fp32"].append("--verify")
+    # The exported folder is sharded with an index: read it back in as an input.
+    commands["from_sharded"] = ["hf-to-megatron", "--hf-dir", os.path.join(root, "hf_mixtral_fp32"),
+                                "--output", os.path.join(root, "ckpt_from_sharded"), "--dtype", "fp32"]
     commands["to_megatron_fp32_as_bf16"] = ["hf-to-megatron", "--hf-dir", sources[("mixtral", "fp32")],
                                             "--output", os.path.join(root, "ckpt_as_bf16"), "--dtype", "bf16"]
     commands["to_hf_fp32_as_bf16"] = ["megatron-to-hf", "--load", os.path.join(root, "ckpt_as_bf16"),
@@ -280,6 +283,15 @@ def test_fused_expert_layout_converts_to_the_same_checkpoint(cli, tmp_path):
         assert sorted(a) == sorted(b), folder
         for name in b:
             assert torch.equal(a[name], b[name]), name
+
+
+def test_sharded_hf_folder_converts_like_a_single_file(cli, tmp_path):
+    succeeded(cli["from_sharded"])
+    sharded, single = os.path.join(cli["root"], "ckpt_from_sharded"), os.path.join(cli["root"], "ckpt_mixtral_fp32")
+    for folder in stored_folders(single):
+        a = stored_tensors(os.path.join(sharded, "model", folder), str(tmp_path))
+        b = stored_tensors(os.path.join(single, "model", folder), str(tmp_path))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in b), folder
 
 
 # ---------------------------------------------------------------------------------------------- bad input
