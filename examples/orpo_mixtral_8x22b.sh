@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# ORPO on Mixtral-8x22B with SLURM: the alignment-handbook's zephyr-orpo-141b recipe on 2 nodes x 8 H100 (80 GB).
+#
+#   HF_DIR=/models/Mixtral-8x22B-v0.1 WANDB_PROJECT=orpo sbatch examples/orpo_mixtral_8x22b.sh
+#
+# Steps: convert the HF checkpoint to our layout-free format when CHECKPOINT does not exist yet (one process, in
+# this batch shell) -> train with one task per GPU (`srun python -m orpo_megatron.train`; ranks, world size and
+# the rendezvous come from SLURM's variables, no torchrun) -> optionally export to HF (EXPORT_HF=1).
+#
+# Defaults = the real job. Hyperparameters are the recipe's (recipes/zephyr-141b-A35b/orpo/config_full.yaml):
+# beta 0.05, lr 5e-6, inverse_sqrt with 100 warmup steps, 3 epochs, max length 2048 / prompt 1792, 32 pairs per
+# step (micro-batch 1), bf16, AdamW (weight decay 0, grad clip 1.0: the HF defaults it relied on), seed 42,
+# the zephyr chat template, argilla/distilabel-capybara-dpo-7k-binarized (read from the local datasets cache:
+# nothing is downloaded at run time; fetch it once with `datasets.load_dataset(NAME)` on a machine with network).
+# The recipe used 4 nodes with FSDP and 8-bit Adam; here full AdamW state lives on the hosts instead:
+#
+# Layout (tools/estimate_memory.py --hf-config tools/configs/mixtral-8x22b.json --tp 4 --pp 1 --ep 4 --dp 4
+#         --micro-batch-size 1 --max-length 2048 --global-batch-size 32 --recompute-granularity full
+#         --optimizer-offload 1.0):
+#   layout: TP4 PP1 EP4 ETP4 DP4 (world 16, expert-DP 1); micro-batch 1 pair(s) = 2 x 2048 tokens; bf16; full
+#           recompute; optimizer offload 1
+#   busiest rank: pipeline stage 0 (first: embedding; last: output layer), 9.791B parameters on it
+#     weights         18.24 GiB   2 B/param in DDP's param buffer (replicated over DP)
+#     gradients       36.48 GiB   4 B/param fp32 grad buffer (replicated over DP)
+#     main params      0.00 GiB   4 B/param fp32 copies of the optimizer shard (1/DP=4, experts 1/EDP=1) x (1 - offload)
+#     Adam moments     0.00 GiB   2 x 4 B/param of the same shard x (1 - offload)
+#     activations      1.33 GiB   rough: in-flight micro-batches x layers x per-layer formula + logits
+#     reserve          6.00 GiB   CUDA context, NCCL, temporaries, fragmentation
+#     estimate        62.04 GiB
+#     budgeted        62.70 GiB   activations x 1.5; of 80 GiB: fits
+#     host           130.98 GiB per GPU (fp32 main params + moments + fp32 grad copy of the offloaded shard),
+#                    1048 GiB per 8-GPU node of 2000 GiB: fits
+# One node cannot hold it (`estimate_memory.py --search`: 2 nodes is the fewest). On 2 nodes the estimator's own
+# pick is TP8 EP2 DP2 with offload 0.8 (77.8 of 80 GiB budgeted); this layout keeps ~17 GiB of headroom over a
+# rough activation estimate at the price of running all of Adam on the hosts (give tasks CPUs: -c below).
+#
+# Every default can be changed with an environment variable (sbatch passes the submitting environment on), so
+# the same script runs a tiny model on a small cluster. #SBATCH lines cannot read variables: override them on
+# the command line, which wins over the lines below, e.g.
+#   sbatch -N 1 --ntasks-per-node 8 --gpus-per-node 8 -c 1 --time 00:20:00 examples/orpo_mixtral_8x22b.sh
+# The world size is SLURM_NTASKS; DP = world / (TP x PP).
+#
+#   HF_DIR            HF Mixtral folder (config.json + safetensors + tokenizer); needed only to convert
+#   CHECKPOINT        converted checkpoint (default $RUN_DIR/converted); created from HF_DIR when missing
+#   CONVERT_DTYPE     dtype of the converted weights (default bf16)
+#   RUN_DIR           where everything of this run goes (default ./runs/orpo-mixtral-8x22b)
+#   SAVE_DIR          training checkpoints + metrics.jsonl (default $RUN_DIR/train); a SAVE_DIR holding a
+#                     checkpoint is resumed from its newest complete iteration (this is how a requeue continues)
+#   DATA_PATH         preference data: a file/folder or a Hub name in the local cache (default: capybara 7k)
+#   CHAT_TEMPLATE     zephyr (the recipe's) | mistral | chatml | a jinja file | "" = the tokenizer's own
+#   TP PP EP VP       parallel layout (default 4 1 4 -); VP = virtual pipeline chunks per stage
+#   BF16=1            bf16 training (0: fp32);  FP8=e4m3|hybrid: FP8 matmuls via Transformer Engine (default off)
+#   RECOMPUTE         activation recomputation: full | selective | "" (default full)
+#   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 1.0; 0: all on the GPU)
+#   EPOCHS / TRAIN_ITERS  training length (default 3 epochs; TRAIN_ITERS wins when set)
+#   GLOBAL_BATCH MICRO_BATCH MAX_LENGTH MAX_PROMPT_LENGTH LR WARMUP LR_DECAY_STYLE BETA SEED
+#   EVAL_FRACTION     held-out fraction of the training pairs for eval/ metrics (default 0: the recipe trains on all)
+#   SAVE_INTERVAL KEEP_LAST EVAL_INTERVAL LOG_INTERVAL DATA_WORKERS
+#   WANDB_PROJECT WANDB_EXP_NAME (WANDB_MODE=offline is honoured)   EXTRA_ARGS  more trainer flags, word-split
+#   EXPORT_HF=1       export the trained weights to HF format at the end (to EXPORT_DIR, default $RUN_DIR/hf)
+#   PYTHON            interpreter with orpo_megatron installed (default python);  ORPO_REPO  the repository
+#
+# Time limit and requeue: `--signal=B:USR1@900` sends USR1 to this batch shell 15 minutes before the limit (room
+# for the current step and a full save with optimizer state). The trap below forwards it to the srun step, srun
+# forwards it to every task, and the trainer (its StopSignal) finishes the step, saves a checkpoint and exits 0;
+# the shell then requeues the job (`--requeue` allows it) and the next run resumes from SAVE_DIR. B: is used
+# rather than signalling the tasks directly so that this shell knows the stop was a time-limit one. SIGTERM
+# (scancel, or the limit itself) is forwarded too, so the tasks still save, but never requeues.
+# `--open-mode=append` keeps the output of every requeued run in one file.
+#
+#SBATCH --job-name=orpo-mixtral-8x22b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=08:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@900
+#SBATCH --requeue
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "error: submit this script with sbatch (or run it inside an salloc allocation)" >&2
+    exit 1
+fi
+# sbatch runs a copy of this file from its spool folder; the repository (for tools/) is the installed package's.
+ORPO_REPO=${ORPO_REPO:-$("$PYTHON" -c 'import orpo_megatron, os; print(os.path.dirname(os.path.dirname(orpo_megatron.__file__)))')}
+if [ ! -f "$ORPO_REPO/tools/convert_hf.py" ]; then
+    echo "error: $ORPO_REPO/tools/convert_hf.py not found; set ORPO_REPO to the orpo-megatron checkout" >&2
+    exit 1
+fi
+
+RUN_DIR=${RUN_DIR:-$PWD/runs/orpo-mixtral-8x22b}
+HF_DIR=${HF_DIR:-}
+CHECKPOINT=${CHECKPOINT:-$RUN_DIR/converted}
+CONVERT_DTYPE=${CONVERT_DTYPE:-bf16}
+SAVE_DIR=${SAVE_DIR:-$RUN_DIR/train}
+DATA_PATH=${DATA_PATH:-argilla/distilabel-capybara-dpo-7k-binarized}
+CHAT_TEMPLATE=${CHAT_TEMPLATE-zephyr}
+TP=${TP:-4}
+PP=${PP:-1}
+EP=${EP:-4}
+VP=${VP:-}
+BF16=${BF16:-1}
+FP8=${FP8:-}
+RECOMPUTE=${RECOMPUTE-full}
+OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-1.0}
+EPOCHS=${EPOCHS:-3}
+TRAIN_ITERS=${TRAIN_ITERS:-}
+GLOBAL_BATCH=${GLOBAL_BATCH:-32}
+MICRO_BATCH=${MICRO_BATCH:-1}
+MAX_LENGTH=${MAX_LENGTH:-2048}
+MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-1792}
+LR=${LR:-5e-6}
+WARMUP=${WARMUP:-100}
+LR_DECAY_STYLE=${LR_DECAY_STYLE:-inverse-square-root}
+BETA=${BETA:-0.05}
+SEED=${SEED:-42}
+EVAL_FRACTION=${EVAL_FRACTION:-0}
+EVAL_INTERVAL=${EVAL_INTERVAL:-100}
+SAVE_INTERVAL=${SAVE_INTERVAL-100}
+KEEP_LAST=${KEEP_LAST-2}
+LOG_INTERVAL=${LOG_INTERVAL:-10}
+DATA_WORKERS=${DATA_WORKERS:-8}
+WANDB_PROJECT=${WANDB_PROJECT:-}
+WANDB_EXP_NAME=${WANDB_EXP_NAME:-}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+EXPORT_HF=${EXPORT_HF:-0}
+EXPORT_DIR=${EXPORT_DIR:-$RUN_DIR/hf}
+# CPU-side work per task (offloaded Adam, data) gets the CPUs SLURM gave the task.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+
+REQUEUE=0
+TRAIN_PID=
+on_signal() {  # $1: USR1 (time-limit warning: save, exit, requeue) or TERM (save, exit)
+    [ "$1" = USR1 ] && REQUEUE=1
+    echo "$(date '+%F %T') batch shell got SIG$1${TRAIN_PID:+: the trainer saves a checkpoint and exits}"
+    [ -z "$TRAIN_PID" ] || kill -s "$1" "$TRAIN_PID" 2>/dev/null || true
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+WORLD=${SLURM_NTASKS:?SLURM_NTASKS is not set}
+echo "$(date '+%F %T') job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
+     "$WORLD tasks, TP=$TP PP=$PP${VP:+ VP=$VP} EP=$EP DP=$(( WORLD / (TP * PP) ))"
+
+# 1. Convert once. The converter writes into a staging folder and renames it when complete, so an existing
+#    CHECKPOINT is always a whole one.
+if [ ! -d "$CHECKPOINT" ]; then
+    if [ -z "$HF_DIR" ] || [ ! -f "$HF_DIR/config.json" ]; then
+        echo "error: CHECKPOINT=$CHECKPOINT does not exist and HF_DIR='$HF_DIR' is not an HF model folder" \
+             "(config.json + safetensors) to convert it from" >&2
+        exit 1
+    fi
+    echo "$(date '+%F %T') converting $HF_DIR -> $CHECKPOINT"
+    "$PYTHON" "$ORPO_REPO/tools/convert_hf.py" hf-to-megatron --hf-dir "$HF_DIR" --output "$CHECKPOINT" \
+        --dtype "$CONVERT_DTYPE"
+fi
+
+# 2. Train.
+ARGS=(
+    --load "$CHECKPOINT" --save "$SAVE_DIR"
+    --data-path "$DATA_PATH" --max-length "$MAX_LENGTH" --max-prompt-length "$MAX_PROMPT_LENGTH"
+    --data-num-workers "$DATA_WORKERS"
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
+    --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
+    --orpo-beta "$BETA" --lr "$LR" --lr-decay-style "$LR_DECAY_STYLE" --lr-warmup-iters "$WARMUP"
+    --optimizer adam --weight-decay 0 --clip-grad 1.0 --seed "$SEED"
+    --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL"
+)
+[ -n "$TRAIN_ITERS" ] && ARGS+=(--train-iters "$TRAIN_ITERS") || ARGS+=(--train-epochs "$EPOCHS")
+[ -n "$CHAT_TEMPLATE" ] && ARGS+=(--chat-template "$CHAT_TEMPLATE")
+[ -n "$SAVE_INTERVAL" ] && ARGS+=(--save-interval "$SAVE_INTERVAL")
+[ -n "$KEEP_LAST" ] && ARGS+=(--keep-last-checkpoints "$KEEP_LAST")
+[ -n "$VP" ] && ARGS+=(--virtual-pipeline-model-parallel-size "$VP")
+[ "$BF16" = 1 ] && ARGS+=(--bf16)
+[ -n "$FP8" ] && ARGS+=(--fp8-format "$FP8")
+[ -n "$RECOMPUTE" ] && ARGS+=(--recompute-granularity "$RECOMPUTE")
+[ "$OPTIMIZER_OFFLOAD" != 0 ] && ARGS+=(--optimizer-cpu-offload --optimizer-offload-fraction "$OPTIMIZER_OFFLOAD")
+[ "$EVAL_FRACTION" != 0 ] && ARGS+=(--eval-fraction "$EVAL_FRACTION")
+[ -n "$WANDB_PROJECT" ] && ARGS+=(--wandb-project "$WANDB_PROJECT")
+[ -n "$WANDB_EXP_NAME" ] && ARGS+=(--wandb-exp-name "$WANDB_EXP_NAME")
+# shellcheck disable=SC2206  # EXTRA_ARGS is a word-split list of flags by design
+ARGS+=($EXTRA_ARGS)
+
+if [ "$REQUEUE" = 1 ]; then  # the warning came during the conversion
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "$(date '+%F %T') srun $PYTHON -m orpo_megatron.train ${ARGS[*]}"
+srun --kill-on-bad-exit=1 "$PYTHON" -m orpo_megatron.train "${ARGS[@]}" &
+TRAIN_PID=$!
+# A trapped signal interrupts `wait` (status > 128) while srun still runs: wait again for its real exit status.
+while :; do
+    wait "$TRAIN_PID" && status=0 || status=$?
+    if [ "$status" -gt 128 ] && kill -0 "$TRAIN_PID" 2>/dev/null; then continue; fi
+    break
+done
+trap - USR1 TERM
+if [ "$status" -ne 0 ]; then
+    echo "$(date '+%F %T') trainer exited with status $status" >&2
+    exit "$status"
+fi
+if [ "$REQUEUE" = 1 ]; then
+    echo "$(date '+%F %T') stopped before the time limit; requeueing job $SLURM_JOB_ID to resume from $SAVE_DIR"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+
+# 3. Optional export of the newest checkpoint to HF format.
+if [ "$EXPORT_HF" = 1 ]; then
+    echo "$(date '+%F %T') exporting $SAVE_DIR -> $EXPORT_DIR"
+    "$PYTHON" "$ORPO_REPO/tools/convert_hf.py" megatron-to-hf --load "$SAVE_DIR" --output "$EXPORT_DIR" --overwrite
+fi
+echo "$(date '+%F %T') done"
