@@ -17,7 +17,7 @@ EP=${EP:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 python tools/make_tiny_fixtures.py --output "$OUT/hf" --overwrite
-python tools/convert_hf.py hf-to-megatron --hf-dir "$OUT/hf" --output "$OUT/converted" --overwrite
+python tools/convert_hf.py hf-to-megatron --hf-dir "$OUT/hf" --output "$OUT/converted" --dtype fp32 --overwrite
 rm -rf "$OUT/train"   # a fresh run each time (a kept --save folder would resume)
 python -m torch.distributed.run --nproc-per-node "$NPROC" -m orpo_megatron.train \
     --load "$OUT/converted" \

@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="NLL over completion tokens only (default: prompt + completion).")
     args = parser.parse_args(argv)
     arguments.validate_common_args(parser, args)
+    try:  # data flags are checked here too, before any process group exists
+        DataConfig.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 

@@ -51,6 +51,8 @@ def router_padding_mask(batch: MicroBatch, model_chunk: torch.nn.Module) -> torc
 
 def _forward_step(orpo_config: ORPOConfig, normalizers: GlobalNormalizers | None, loss_scale: float,
                   data_iterator, model_chunk):
+    """Causal attention only: with right padding no real position sees padding, so no attention mask is built.
+    (TRL also masks padding keys; that changes only padding positions' logits, i.e. TRL's `logits/*` metric.)"""
     batch = next(data_iterator)
     output = model_chunk(batch["input_ids"], batch["position_ids"], attention_mask=None,
                          padding_mask=router_padding_mask(batch, model_chunk))

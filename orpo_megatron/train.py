@@ -22,7 +22,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel, throughput, tracking
-from orpo_megatron.data.arguments import add_data_args
+from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.pipeline import build_preference_data
 from orpo_megatron.model_config import ModelConfigError, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
@@ -102,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tracking.add_logging_args(parser)
     args = parser.parse_args(argv)
     arguments.validate_common_args(parser, args)
+    try:  # data flags are checked here too, before any process group exists
+        DataConfig.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
     for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints"):
@@ -182,6 +186,9 @@ def evaluate(chunks, evaluation, orpo_config, max_micro_batches: int | None) -> 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Installed first: SLURM's time-limit warning may arrive while a large model is still loading; the loop then
+    # stops (and saves) after its first step instead of the default action killing the process.
+    stop = StopSignal()
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load)
     hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
@@ -239,12 +246,19 @@ def main(argv: list[str] | None = None) -> None:
     flops = throughput.FlopsCounter(hf, peak_tflops=args.peak_tflops, world_size=layout.world_size,
                                     vocab_size=vocab.padded_size, fp8=bool(args.fp8_format))
 
-    def save(at_iteration: int) -> str:
+    saved_at = iteration if resume_dir else None  # the iteration already complete in --save
+
+    def save(at_iteration: int) -> None:
+        # Never rewrite a complete iteration (a signal at a save-interval step, a resumed finished run): the
+        # rewrite would delete the folder the `latest` pointer names before renaming the new one into place.
+        nonlocal saved_at
+        if at_iteration == saved_at:
+            return
         train_state = {"data": train_iter.state_dict(), "layout": layout.describe(), "args": vars(args)}
         path = checkpointing.save(args.save, at_iteration, chunks, optimizer, scheduler, train_state, hf,
                                   hf_files_from=checkpoint.weights_dir, keep_last=args.keep_last_checkpoints)
         log(f"saved checkpoint {path}")
-        return path
+        saved_at = at_iteration
 
     def last_good() -> str:
         found = checkpointing.latest_iteration(args.save) if args.save else None
@@ -253,7 +267,6 @@ def main(argv: list[str] | None = None) -> None:
     if evaluation is not None and iteration == 0:
         tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration, 0, prefix="eval")
 
-    stop = StopSignal()
     skipped = 0
     for chunk in chunks:
         chunk.train()
@@ -288,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"stopped by signal at iteration {iteration}; resume with the same command")
             break
     else:
-        if args.save and (not args.save_interval or iteration % args.save_interval):
+        if args.save:
             save(iteration)
     tracker.finish()
     parallel.destroy()

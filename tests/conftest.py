@@ -29,7 +29,7 @@ def tiny_converted(tiny_mixtral, tmp_path_factory) -> str:
     """The tiny Mixtral converted to our checkpoint format by the real tool."""
     out = str(tmp_path_factory.mktemp("tiny_converted") / "ckpt")
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron",
-                    "--hf-dir", tiny_mixtral, "--output", out], check=True, capture_output=True, cwd=REPO)
+                    "--hf-dir", tiny_mixtral, "--output", out, "--dtype", "fp32"], check=True, capture_output=True, cwd=REPO)
     return out
 
 
