@@ -119,9 +119,13 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
     return {name: tensor.to(dtype) for name, tensor in tensors.items()}
 
 
-def hf_to_megatron(hf_dir: str, output: str, dtype: torch.dtype, overwrite: bool = False, progress: bool = True) -> str:
-    """Convert an HF folder (classic or fused expert layout) into a model-weights folder at `output`."""
+def hf_to_megatron(hf_dir: str, output: str, dtype: torch.dtype | None = None, overwrite: bool = False,
+                   progress: bool = True) -> str:
+    """Convert an HF folder (classic or fused expert layout) into a model-weights folder at `output`, stored in
+    `dtype` (default: the dtype of the HF tensors, so conversion never changes precision unasked)."""
     hf, reader = validate_hf_folder(hf_dir)
+    if dtype is None:
+        dtype = reader.read(["model.norm.weight"])["model.norm.weight"].dtype
     init_single_process()
     with staged_output(output, overwrite, inputs=(hf_dir,)) as staging:
         for layer in tqdm(range(hf.num_layers), desc="hf-to-megatron", unit="layer", disable=not progress):

@@ -374,8 +374,17 @@ def local_shard(name: str, full: torch.Tensor) -> torch.Tensor:
     return full.chunk(size, dim=split.axis)[rank]
 
 
+# The Transformer Engine spec fuses the pre-attention norm (and, in dense layers, the pre-MLP norm) into the
+# following linear layer; the stored names are the local spec's.
+TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
 def global_param_names(model_chunk: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-    """(local name, global name, param) for each parameter of a chunk: global layer and expert indices."""
+    """(local name, global name, param) for each parameter of a chunk: global layer and expert indices, and
+    local-spec names for the Transformer Engine spec's fused norms."""
     num_local_experts = None
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     layer_numbers = {}
@@ -386,6 +395,7 @@ def global_param_names(model_chunk: torch.nn.Module) -> Iterator[tuple[str, str,
         match = _LAYER.fullmatch(name)
         if match:
             local_layer, rest = int(match.group(1)), match.group(2)
+            rest = TE_FUSED_NORMS.get(rest, rest)
             expert = _EXPERT.fullmatch(rest)
             if expert:
                 if num_local_experts is None:

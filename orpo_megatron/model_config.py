@@ -155,7 +155,6 @@ def build_transformer_config(
     precision: PrecisionConfig | None = None,
     moe_aux_loss_coeff: float | None = None,
     moe_token_dispatcher_type: str = "alltoall",
-    use_transformer_engine: bool = False,
     recompute_granularity: str | None = None,
 ) -> TransformerConfig:
     """Translate an HF config into a TransformerConfig for the given parallel layout.
@@ -176,7 +175,8 @@ def build_transformer_config(
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=hf.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff,
             moe_token_dispatcher_type=moe_token_dispatcher_type,
-            moe_grouped_gemm=use_transformer_engine,
+            # Experts stay separate modules (SequentialMLP) on both specs, so checkpoints name them the same way.
+            moe_grouped_gemm=False,
             moe_ffn_hidden_size=hf.intermediate_size,
         )
     fp8_kwargs: dict[str, Any] = {}

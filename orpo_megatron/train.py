@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     use_te = model.transformer_engine_available()
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
                                       moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type, use_transformer_engine=use_te,
+                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                                       recompute_granularity=args.recompute_granularity)
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)

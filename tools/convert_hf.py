@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     to_megatron.add_argument("--hf-dir", required=True, help="HF model folder (config.json + *.safetensors).")
     to_megatron.add_argument("--output", required=True, help="Model-weights folder to create.")
-    to_megatron.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16",
-                             help="dtype of the stored weights. Default: bf16.")
+    to_megatron.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                             help="dtype of the stored weights. Default: the dtype of the HF tensors (bf16 for "
+                                  "Mixtral releases).")
     to_megatron.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
     to_megatron.add_argument("--verify", action="store_true",
                              help="Afterwards, run transformers and our model (TP1, from the written checkpoint) "
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "hf-to-megatron":
-            output = conversion.hf_to_megatron(args.hf_dir, args.output, conversion.DTYPES[args.dtype], args.overwrite)
+            output = conversion.hf_to_megatron(args.hf_dir, args.output,
+                                               conversion.DTYPES[args.dtype] if args.dtype else None, args.overwrite)
             print(f"wrote {output}")
             if args.verify:
                 print(f"verify: max |logit difference| over the true vocabulary = {verify(args.hf_dir, output):.3e}")

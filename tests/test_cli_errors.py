@@ -1,0 +1,43 @@
+"""Bad flags and layouts stop the trainer at start-up with one clear message, a non-zero exit, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run_train(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "orpo_megatron.train", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_fp8_without_transformer_engine_or_gpu_exits_with_what_to_install(tiny_converted):
+    proc = run_train("--load", tiny_converted, "--data-path", "examples/data/plain.jsonl", "--bf16",
+                     "--fp8-format", "hybrid")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "--fp8-format hybrid" in proc.stderr
+    assert ("no CUDA device" in proc.stderr) or ("pip install 'orpo-megatron[fp8]'" in proc.stderr)
+
+
+def test_fp8_needs_bf16():
+    proc = run_train("--load", "x", "--data-path", "y", "--fp8-format", "e4m3")
+    assert proc.returncode == 2 and "--fp8-format needs --bf16" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tensor-model-parallel-size", "3"], "world size 1 is not divisible by TP*PP = 3*1 = 3"),
+    (["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be >= 1"),
+    (["--max-length", "128", "--max-prompt-length", "200"], "--max-prompt-length must be in [0, --max-length)"),
+])
+def test_wrong_flags_are_named(flags, message, tiny_converted):
+    proc = run_train("--load", tiny_converted, "--data-path", "examples/data/plain.jsonl", *flags)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    proc = run_train("--load", str(tmp_path / "nothing"), "--data-path", "examples/data/plain.jsonl")
+    assert proc.returncode != 0
+    assert "nothing: no such checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
