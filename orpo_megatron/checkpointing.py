@@ -112,6 +112,16 @@ def _load_optimizer_state(optimizer, states: list[dict]) -> None:
     for inner, state in zip(inners, states):
         inner.load_state_dict(state["state_dict"])
         inner.load_parameter_state_from_dp_reshardable(state["param_state"])
+        _unshare_adam_steps(inner)
+
+
+def _unshare_adam_steps(inner) -> None:
+    """Megatron-Core's load_state_dict on the torch-optimizer path (no Apex/TE) gives every parameter the same
+    `step` tensor, and torch's Adam increments each parameter's step in place: a shared one would advance once
+    per parameter per iteration and break Adam's bias correction after a resume. Give each its own copy."""
+    for param_state in getattr(inner.optimizer, "state", {}).values():
+        if torch.is_tensor(param_state.get("step")):
+            param_state["step"] = param_state["step"].clone()
 
 
 def _rng_state() -> dict:
