@@ -22,7 +22,6 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel, throughput, tracking
-from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.pipeline import build_preference_data
 from orpo_megatron.model_config import ModelConfigError, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
@@ -36,13 +35,6 @@ class TrainingError(RuntimeError):
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("ORPO objective")
-    group.add_argument("--orpo-beta", type=float, default=0.1,
-                       help="Weight of the odds-ratio term (TRL's beta, the paper's lambda). Default: 0.1; the "
-                            "Zephyr-141B recipe uses 0.05.")
-    group.add_argument("--no-nll-on-prompt", dest="nll_on_prompt", action="store_false",
-                       help="Compute the NLL term on completion tokens only (default: prompt + completion, as TRL).")
-
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1,
                        help="Pairs per micro-batch (each pair is a chosen and a rejected sequence). Default: 1.")
@@ -92,20 +84,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m orpo_megatron.train", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    arguments.add_model_args(parser)
-    arguments.add_parallel_args(parser)
-    arguments.add_precision_args(parser)
+    parser = arguments.new_parser("python -m orpo_megatron.train", __doc__.split("\n")[0])
     add_training_args(parser)
-    add_data_args(parser)
     tracking.add_logging_args(parser)
-    args = parser.parse_args(argv)
-    arguments.validate_common_args(parser, args)
-    try:  # data flags are checked here too, before any process group exists
-        DataConfig.from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
+    args = arguments.parse_and_validate(parser, argv)
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
     for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints"):
