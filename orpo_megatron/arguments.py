@@ -7,7 +7,32 @@ from __future__ import annotations
 
 import argparse
 
+from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.model import FP8UnavailableError, check_fp8_supported
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the flag groups the trainer and the evaluator share (model, parallel, precision,
+    objective, data); each adds its own groups."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(parser)
+    add_parallel_args(parser)
+    add_precision_args(parser)
+    add_objective_args(parser)
+    add_data_args(parser)
+    return parser
+
+
+def parse_and_validate(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, then check everything that needs no model or process group (exit 2 naming the flag)."""
+    args = parser.parse_args(argv)
+    validate_common_args(parser, args)
+    try:
+        DataConfig.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +50,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="Activation recomputation to save memory: 'full' recomputes each layer in backward. "
                             "Default: none.")
     group.add_argument("--seed", type=int, default=1234, help="Random seed for data order and any dropout.")
+
+
+def add_objective_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ORPO objective")
+    group.add_argument("--orpo-beta", type=float, default=0.1,
+                       help="Weight of the odds-ratio term (TRL's beta, the paper's lambda); also scales the "
+                            "rewards/* metrics. Default: 0.1; the Zephyr-141B recipe uses 0.05.")
+    group.add_argument("--no-nll-on-prompt", dest="nll_on_prompt", action="store_false",
+                       help="Compute the NLL term on completion tokens only (default: prompt + completion, as TRL).")
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel
-from orpo_megatron.data.arguments import DataConfig, add_data_args
+from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import ModelConfigError, build_transformer_config
@@ -25,25 +25,11 @@ from orpo_megatron.pipeline import run_micro_batches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m orpo_megatron.evaluate", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    arguments.add_model_args(parser)
-    arguments.add_parallel_args(parser)
-    arguments.add_precision_args(parser)
-    add_data_args(parser)
+    parser = arguments.new_parser("python -m orpo_megatron.evaluate", __doc__.split("\n")[0])
     group = parser.add_argument_group("evaluation")
     group.add_argument("--output", required=True, help="Per-pair scores (JSONL); the summary goes next to it.")
     group.add_argument("--micro-batch-size", type=int, default=4, help="Pairs per forward pass. Default: 4.")
-    group.add_argument("--orpo-beta", type=float, default=0.1, help="Beta used for the reward metrics. Default: 0.1.")
-    group.add_argument("--no-nll-on-prompt", dest="nll_on_prompt", action="store_false",
-                       help="NLL over completion tokens only (default: prompt + completion).")
-    args = parser.parse_args(argv)
-    arguments.validate_common_args(parser, args)
-    try:  # data flags are checked here too, before any process group exists
-        DataConfig.from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    return args
+    return arguments.parse_and_validate(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
