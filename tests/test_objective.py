@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers.trl_reference import trl_reference as workers_trl_reference
 from orpo_megatron.objective import (
     GlobalNormalizers,
     ObjectiveInputError,
@@ -67,64 +68,8 @@ def make_logits(batch: dict, seed: int, padded_vocab: int = PADDED_VOCAB, pad_va
 
 
 # --------------------------------------------------------------------------------------- reference
-
-
 def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_prompt: bool = True) -> dict:
-    """TRL ORPOTrainer's loss and metrics (float64) on the true-vocabulary logits, batch cut to its longest row.
-
-    `logits` may require grad; the returned "loss" is differentiable w.r.t. it.
-    """
-    num_pairs = batch["input_ids"].shape[0] // 2
-    longest = int(batch["attention_mask"].sum(-1).max())
-    logits = logits[:, :longest, :TRUE_VOCAB].double()
-    input_ids = batch["input_ids"][:, :longest]
-    attention = batch["attention_mask"][:, :longest]
-    completion = batch["completion_mask"][:, :longest]
-
-    # get_batch_logps(average_log_prob=True) on prompt-masked labels
-    labels = torch.where(completion, input_ids, -100)[:, 1:]
-    loss_mask = labels != -100
-    per_token = torch.gather(logits[:, :-1].log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
-    logps = (per_token * loss_mask).sum(-1) / loss_mask.sum(-1)
-    chosen, rejected = logps[:num_pairs], logps[num_pairs:]
-
-    # cross_entropy_loss on chosen rows: labels are input_ids where attention_mask == 1 (or completion labels)
-    nll_targets = attention == 1 if nll_on_prompt else completion
-    nll_labels = torch.where(nll_targets, input_ids, -100)
-    nll_loss = F.cross_entropy(
-        logits[:num_pairs, :-1].reshape(-1, TRUE_VOCAB), nll_labels[:num_pairs, 1:].reshape(-1), ignore_index=-100
-    )
-    nll_rows = F.cross_entropy(
-        logits[:num_pairs, :-1].transpose(1, 2), nll_labels[:num_pairs, 1:], ignore_index=-100, reduction="none"
-    )
-    chosen_nll = nll_rows.sum(-1) / (nll_labels[:num_pairs, 1:] != -100).sum(-1)
-
-    # odds_ratio_loss, written out plainly (float64 has no cancellation problem at these values)
-    log_odds = (chosen - rejected) - (torch.log(1 - torch.exp(chosen)) - torch.log(1 - torch.exp(rejected)))
-    ratio = F.logsigmoid(log_odds)
-    loss = nll_loss - (beta * ratio).mean()
-    chosen_rewards, rejected_rewards = beta * chosen.detach(), beta * rejected.detach()
-    return {
-        "loss": loss,
-        "chosen_logps": chosen.detach(),
-        "rejected_logps": rejected.detach(),
-        "log_odds": log_odds.detach(),
-        "chosen_nll": chosen_nll.detach(),
-        "metrics": {
-            "loss": loss.item(),
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen.mean().item(),
-            "logps/rejected": rejected.mean().item(),
-            "logits/chosen": logits[:num_pairs, :-1].mean().item(),
-            "logits/rejected": logits[num_pairs:, :-1].mean().item(),
-            "nll_loss": nll_loss.item(),
-            "log_odds_ratio": ratio.mean().item(),
-            "log_odds_chosen": log_odds.mean().item(),
-        },
-    }
+    return workers_trl_reference(logits, batch, beta, nll_on_prompt, vocab_size=TRUE_VOCAB)
 
 
 def assert_metrics_close(ours: dict, reference: dict, rtol: float = RTOL) -> None:

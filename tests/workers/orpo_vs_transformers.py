@@ -2,13 +2,13 @@
 
 Our side: the converted checkpoint loaded at the given layout, the bundled data through our data layer, one
 forward-only pass of `pipeline.run_micro_batches`. Reference side: transformers' MixtralForCausalLM on the HF
-weights and the same token ids, then TRL ORPOTrainer's formulas written out in plain PyTorch (fp32).
+weights and the same token ids, then TRL ORPOTrainer's formulas written out in plain PyTorch (`trl_reference`).
 """
 import argparse
 import json
 
 import torch
-import torch.nn.functional as F
+from trl_reference import trl_reference
 
 from orpo_megatron import arguments, checkpoint_format, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
@@ -19,41 +19,6 @@ from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import run_micro_batches
 
 BETA, NUM_PAIRS = 0.1, 4
-
-
-def trl_reference(logits: torch.Tensor, batch: dict, beta: float) -> dict:
-    """TRL ORPOTrainer (get_batch_logps, cross_entropy_loss, odds_ratio_loss, metrics) on full logits [2B, L, V]."""
-    num_pairs = logits.shape[0] // 2
-    input_ids = batch["input_ids"]
-    labels = torch.where(batch["completion_mask"], input_ids, -100)  # prompt and padding masked
-    shifted_labels, shifted_logits = labels[:, 1:].clone(), logits[:, :-1, :]
-    loss_mask = shifted_labels != -100
-    shifted_labels[~loss_mask] = 0
-    per_token = torch.gather(shifted_logits.log_softmax(-1), 2, shifted_labels.unsqueeze(2)).squeeze(2)
-    logps = (per_token * loss_mask).sum(-1) / loss_mask.sum(-1)
-    chosen_logps, rejected_logps = logps[:num_pairs], logps[num_pairs:]
-
-    nll_labels = torch.where(batch["attention_mask"] == 1, input_ids, -100)
-    nll_loss = F.cross_entropy(logits[:num_pairs, :-1].reshape(-1, logits.shape[-1]),
-                               nll_labels[:num_pairs, 1:].reshape(-1), ignore_index=-100)
-    log_odds = (chosen_logps - rejected_logps) - (
-        torch.log1p(-torch.exp(chosen_logps)) - torch.log1p(-torch.exp(rejected_logps)))
-    ratio = F.logsigmoid(log_odds)
-    chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
-    return {
-        "loss": (nll_loss - (beta * ratio).mean()).item(),
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "logps/chosen": chosen_logps.mean().item(),
-        "logps/rejected": rejected_logps.mean().item(),
-        "logits/chosen": logits[:num_pairs, :-1].mean().item(),
-        "logits/rejected": logits[num_pairs:, :-1].mean().item(),
-        "nll_loss": nll_loss.item(),
-        "log_odds_ratio": ratio.mean().item(),
-        "log_odds_chosen": log_odds.mean().item(),
-    }
 
 
 def main() -> None:
@@ -91,10 +56,10 @@ def main() -> None:
         with torch.no_grad():
             logits = reference_model(trimmed["input_ids"], attention_mask=trimmed["attention_mask"]).logits.float()
             causal_logits = reference_model(trimmed["input_ids"]).logits.float()
-        report = {"ours": result.sums.finalize(BETA), "reference": trl_reference(logits, trimmed, BETA),
+        report = {"ours": result.sums.finalize(BETA), "reference": trl_reference(logits, trimmed, BETA)["metrics"],
                   # Our attention is causal only; TRL's call also masks padding keys. Real positions are the same
                   # either way (right padding), padding positions are not, and `logits/*` averages them too.
-                  "reference_causal_only": trl_reference(causal_logits, trimmed, BETA),
+                  "reference_causal_only": trl_reference(causal_logits, trimmed, BETA)["metrics"],
                   "layout": layout.describe()}
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
