@@ -1,0 +1,124 @@
+"""`sbatch examples/orpo_mixtral_8x22b.sh` on the CI SLURM cluster (fake GPUs), with tiny-model overrides.
+
+Skipped unless SLURM_CONF is set (CI runs `bash .ci/slurm/start.sh` and sources its env file first).
+1. One node, 8 tasks at TP2 x PP2 x EP2 (DP2): the job converts the tiny HF checkpoint, trains 3 steps, saves,
+   exports to HF and exits 0; the recipe's defaults (beta, lr schedule, template, seed) reach the trainer.
+2. The time-limit path: USR1 to the batch shell (what `--signal=B:USR1@900` sends) makes the trainer save and
+   exit, the script requeue the job, and the requeued run resume from the checkpoint and finish.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from orpo_megatron import checkpoint_format, checkpointing
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("SLURM_CONF"), reason="no SLURM cluster (start one with: bash .ci/slurm/start.sh)"
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "examples", "orpo_mixtral_8x22b.sh")
+DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
+# Sizes for 8 processes on a 2-core runner; precision and memory features that need a GPU are off.
+TINY = dict(DATA_PATH=DATA, BF16="0", RECOMPUTE="", OPTIMIZER_OFFLOAD="0", GLOBAL_BATCH="4", MAX_LENGTH="64",
+            MAX_PROMPT_LENGTH="48", WARMUP="1", LOG_INTERVAL="1", DATA_WORKERS="1", CONVERT_DTYPE="fp32")
+
+
+def job_env(**overrides: str) -> dict:
+    # sbatch exports the submitting environment; a torchrun rendezvous there would mask SLURM's.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return dict(env, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **TINY, **overrides)
+
+
+def sbatch(tasks: int, output: str, env: dict, cwd: str) -> subprocess.Popen:
+    return subprocess.Popen(["sbatch", "--wait", "--parsable", "-N", "1", f"--ntasks-per-node={tasks}",
+                             f"--gpus-per-node={tasks}", "--cpus-per-task=1", "--time=01:00:00", f"--output={output}",
+                             SCRIPT], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sbatch_job_converts_trains_at_tp2_pp2_ep2_saves_and_exports(tiny_mixtral, tmp_path):
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
+    env = job_env(HF_DIR=tiny_mixtral, RUN_DIR=str(run_dir), TP="2", PP="2", EP="2", TRAIN_ITERS="3",
+                  EVAL_FRACTION="0.1", EVAL_INTERVAL="2", SAVE_INTERVAL="2", EXTRA_ARGS="--eval-iters 1", EXPORT_HF="1")
+    job = sbatch(8, str(output), env, str(tmp_path))
+    stdout, stderr = job.communicate(timeout=900)
+    log = output.read_text() if output.exists() else "(no job output)"
+    assert job.returncode == 0, f"sbatch --wait exited {job.returncode}: {stderr}\n{log[-5000:]}"
+
+    assert "8 tasks, TP=2 PP=2 EP=2 DP=2" in log
+    assert "world=8 TP=2 PP=2 EP=2 DP=2 SP, CPU/gloo" in log  # the trainer's own view of the layout
+    assert checkpoint_format.read_metadata(str(run_dir / "converted")).iteration is None  # converted, not trained
+
+    save = str(run_dir / "train")
+    assert checkpointing.latest_iteration(save) == 3
+    for iteration in (2, 3):  # --save-interval 2, and the end
+        folder = checkpointing.iteration_dir(save, iteration)
+        assert checkpoint_format.read_metadata(folder).iteration == iteration
+        state = json.load(open(os.path.join(folder, checkpointing.TRAIN_STATE_FILE)))
+        assert state["iteration"] == iteration and state["layout"] == "world=8 TP=2 PP=2 EP=2 DP=2 SP"
+        assert len(os.listdir(os.path.join(folder, "optimizer"))) == 8
+
+    events = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+    train = [e for e in events if "train/loss" in e]
+    evals = [e for e in events if "eval/loss" in e]
+    assert [(e["iteration"], e["consumed_pairs"]) for e in train] == [(1, 4), (2, 8), (3, 12)]
+    assert [e["iteration"] for e in evals] == [0, 2, 3]
+    for name in ("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "rewards/accuracies", "grad_norm", "lr",
+                 "moe_load_balancing_loss", "tokens_per_second"):
+        assert all(f"train/{name}" in e for e in train), name
+
+    # The script's recipe defaults reached the trainer.
+    config = json.load(open(os.path.join(save, "run_config.json")))["config"]
+    assert (config["orpo_beta"], config["lr"], config["lr_decay_style"], config["chat_template"], config["seed"],
+            config["micro_batch_size"], config["weight_decay"], config["clip_grad"]) == \
+        (0.05, 5e-6, "inverse-square-root", "zephyr", 42, 1, 0.0, 1.0)
+
+    exported = run_dir / "hf"
+    assert (exported / "config.json").is_file() and (exported / "model.safetensors.index.json").is_file()
+
+
+def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tiny_mixtral, tmp_path):
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
+    env = job_env(HF_DIR=tiny_mixtral, RUN_DIR=str(run_dir), TP="1", PP="1", EP="2", TRAIN_ITERS="30",
+                  SAVE_INTERVAL="")
+    job = sbatch(2, str(output), env, str(tmp_path))
+    job_id = job.stdout.readline().strip()
+    assert job_id.isdigit(), job.stderr.read()
+
+    def wait_for(text: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if output.exists() and text in output.read_text():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not in the job output\n{output.read_text() if output.exists() else ''}")
+
+    wait_for("train iter 2/")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    wait_for("requeueing job")
+    # A requeued job only becomes eligible ~2 minutes later (SLURM's begin-time delay); make it eligible now.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+        if "JobState=PENDING" in shown:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            break
+        time.sleep(0.2)
+    job.communicate(timeout=600)
+    log = output.read_text()
+    assert job.returncode == 0, log[-5000:]
+
+    stopped_at = int(log.split("stopped by signal at iteration ")[1].split(";")[0])
+    assert 2 <= stopped_at < 30
+    assert f"job {job_id} (restart 1)" in log
+    assert f"resumed from iteration {stopped_at} ({4 * stopped_at} pairs consumed)" in log
+    save = str(run_dir / "train")
+    assert checkpointing.latest_iteration(save) == 30
+    iterations = [json.loads(line)["iteration"] for line in open(os.path.join(save, "metrics.jsonl"))
+                  if "train/loss" in line]
+    assert iterations == list(range(1, 31)), "each step logged once across the two runs"
