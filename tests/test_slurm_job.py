@@ -3,8 +3,8 @@
 Skipped unless SLURM_CONF is set (CI runs `bash .ci/slurm/start.sh` and sources its env file first).
 1. One node, 8 tasks at TP2 x PP2 x EP2 (DP2): the job converts the tiny HF checkpoint, trains 3 steps, saves,
    exports to HF and exits 0; the recipe's defaults (beta, lr schedule, template, seed) reach the trainer.
-2. The time-limit path: USR1 to the batch shell (what `--signal=B:USR1@900` sends) makes the trainer save and
-   exit, the script requeue the job, and the requeued run resume from the checkpoint and finish.
+2. The time-limit path, through the 8x7B wrapper: USR1 to the batch shell (what `--signal=B:USR1@900` sends)
+   makes the trainer save and exit, the script requeue the job, and the requeued run resume and finish.
 """
 import json
 import os
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "examples", "orpo_mixtral_8x22b.sh")
+SCRIPT_8X22B = os.path.join(REPO, "examples", "orpo_mixtral_8x22b.sh")
+SCRIPT_8X7B = os.path.join(REPO, "examples", "orpo_mixtral_8x7b.sh")  # its own #SBATCH lines, then execs 8x22B
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
 # Sizes for 8 processes on a 2-core runner; precision and memory features that need a GPU are off.
 TINY = dict(DATA_PATH=DATA, BF16="0", RECOMPUTE="", OPTIMIZER_OFFLOAD="0", GLOBAL_BATCH="4", MAX_LENGTH="64",
@@ -35,17 +36,17 @@ def job_env(**overrides: str) -> dict:
     return dict(env, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **TINY, **overrides)
 
 
-def sbatch(tasks: int, output: str, env: dict, cwd: str) -> subprocess.Popen:
+def sbatch(script: str, tasks: int, output: str, env: dict, cwd: str) -> subprocess.Popen:
     return subprocess.Popen(["sbatch", "--wait", "--parsable", "-N", "1", f"--ntasks-per-node={tasks}",
                              f"--gpus-per-node={tasks}", "--cpus-per-task=1", "--time=01:00:00", f"--output={output}",
-                             SCRIPT], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             script], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sbatch_job_converts_trains_at_tp2_pp2_ep2_saves_and_exports(tiny_mixtral, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = job_env(HF_DIR=tiny_mixtral, RUN_DIR=str(run_dir), TP="2", PP="2", EP="2", TRAIN_ITERS="3",
                   EVAL_FRACTION="0.1", EVAL_INTERVAL="2", SAVE_INTERVAL="2", EXTRA_ARGS="--eval-iters 1", EXPORT_HF="1")
-    job = sbatch(8, str(output), env, str(tmp_path))
+    job = sbatch(SCRIPT_8X22B, 8, str(output), env, str(tmp_path))
     stdout, stderr = job.communicate(timeout=900)
     log = output.read_text() if output.exists() else "(no job output)"
     assert job.returncode == 0, f"sbatch --wait exited {job.returncode}: {stderr}\n{log[-5000:]}"
@@ -86,7 +87,7 @@ def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tiny_mix
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = job_env(HF_DIR=tiny_mixtral, RUN_DIR=str(run_dir), TP="1", PP="1", EP="2", TRAIN_ITERS="30",
                   SAVE_INTERVAL="")
-    job = sbatch(2, str(output), env, str(tmp_path))
+    job = sbatch(SCRIPT_8X7B, 2, str(output), env, str(tmp_path))
     job_id = job.stdout.readline().strip()
     assert job_id.isdigit(), job.stderr.read()
 
