@@ -36,8 +36,8 @@ def job_env(**overrides: str) -> dict:
     return dict(env, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **TINY, **overrides)
 
 
-def sbatch(script: str, tasks: int, output: str, env: dict, cwd: str) -> subprocess.Popen:
-    return subprocess.Popen(["sbatch", "--wait", "--parsable", "-N", "1", f"--ntasks-per-node={tasks}",
+def sbatch(script: str, tasks: int, output: str, env: dict, cwd: str, wait: bool = True) -> subprocess.Popen:
+    return subprocess.Popen(["sbatch", *(["--wait"] if wait else []), "--parsable", "-N", "1", f"--ntasks-per-node={tasks}",
                              f"--gpus-per-node={tasks}", "--cpus-per-task=1", "--time=01:00:00", f"--output={output}",
                              script], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -87,9 +87,10 @@ def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tiny_mix
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = job_env(HF_DIR=tiny_mixtral, RUN_DIR=str(run_dir), TP="1", PP="1", EP="2", TRAIN_ITERS="30",
                   SAVE_INTERVAL="")
-    job = sbatch(SCRIPT_8X7B, 2, str(output), env, str(tmp_path))
-    job_id = job.stdout.readline().strip()
-    assert job_id.isdigit(), job.stderr.read()
+    # No --wait: sbatch --wait may return as soon as the job is requeued, so the test follows the job itself.
+    submitted = sbatch(SCRIPT_8X7B, 2, str(output), env, str(tmp_path), wait=False)
+    job_id = submitted.communicate(timeout=60)[0].strip()
+    assert submitted.returncode == 0 and job_id.isdigit(), job_id
 
     def wait_for(text: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -103,16 +104,19 @@ def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tiny_mix
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
     wait_for("requeueing job")
     # A requeued job only becomes eligible ~2 minutes later (SLURM's begin-time delay); make it eligible now.
-    deadline = time.monotonic() + 60
+    made_eligible, deadline, shown = False, time.monotonic() + 600, ""
     while time.monotonic() < deadline:
         shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-        if "JobState=PENDING" in shown:
+        if "JobState=PENDING" in shown and not made_eligible:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            made_eligible = True
+        restarted = output.exists() and f"job {job_id} (restart 1)" in output.read_text()
+        if restarted and any(f"JobState={state} " in shown for state in
+                                         ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")):
             break
-        time.sleep(0.2)
-    job.communicate(timeout=600)
+        time.sleep(0.5)
     log = output.read_text()
-    assert job.returncode == 0, log[-5000:]
+    assert "JobState=COMPLETED" in shown and "ExitCode=0:0" in shown, f"{shown}\n{log[-5000:]}"
 
     stopped_at = int(log.split("stopped by signal at iteration ")[1].split(";")[0])
     assert 2 <= stopped_at < 30
