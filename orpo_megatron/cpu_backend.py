@@ -116,6 +116,14 @@ def _patch_megatron() -> None:
     tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     logging.getLogger(tp_random.__name__).addFilter(_TrackerWarningFilter())
 
+    # Activation recomputation reruns the forward inside autograd's backward, where the torch-function mode is
+    # not active, so the causal mask's hard-coded CUDA device is replaced at its source.
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = functools.lru_cache(maxsize=8)(
+        lambda sq: torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+    )
+
     # Router gating references this name even when Transformer Engine is absent (a 0.16.1 bug).
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None

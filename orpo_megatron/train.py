@@ -112,9 +112,13 @@ def build_optimizer(args, chunks, precision: PrecisionConfig):
 
 
 def build_scheduler(args, optimizer, train_iters: int) -> OptimizerParamScheduler:
+    decay_iters = args.lr_decay_iters or train_iters
+    if args.lr_warmup_iters >= decay_iters:
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the LR decay length "
+                         f"{decay_iters} (--lr-decay-iters, by default the training length)")
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters or train_iters, lr_decay_style=args.lr_decay_style,
+        lr_decay_steps=decay_iters, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
     )
 

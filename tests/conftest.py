@@ -33,7 +33,7 @@ def tiny_converted(tiny_mixtral, tmp_path_factory) -> str:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -44,7 +44,7 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 600, env: d
     """Run `tests/workers/<script>` (or a module with `-m`) under torchrun with `nproc` CPU processes."""
     target = ["-m", script[3:]] if script.startswith("-m ") else [os.path.join(WORKERS, script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={_free_port()}", *target, *args]
+           f"--master-port={free_port()}", *target, *args]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:

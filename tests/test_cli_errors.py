@@ -36,6 +36,14 @@ def test_wrong_flags_are_named(flags, message, tiny_converted):
     assert "Traceback" not in proc.stderr
 
 
+def test_warmup_longer_than_training_is_named(tiny_converted):
+    proc = run_train("--load", tiny_converted, "--data-path", "examples/data/plain.jsonl", "--train-iters", "2",
+                     "--lr-warmup-iters", "2", "--max-length", "256", "--max-prompt-length", "192")
+    assert proc.returncode != 0
+    assert "--lr-warmup-iters 2 must be smaller than the LR decay length 2" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_missing_checkpoint_is_named(tmp_path):
     proc = run_train("--load", str(tmp_path / "nothing"), "--data-path", "examples/data/plain.jsonl")
     assert proc.returncode != 0

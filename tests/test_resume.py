@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from orpo_megatron import checkpoint_format, checkpointing, conversion
+from orpo_megatron import checkpoint_format, checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -24,9 +24,8 @@ LOSS_TOLERANCE = 1e-6  # fp32
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_mixtral, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("resume") / "converted")
-    return conversion.hf_to_megatron(tiny_mixtral, out, torch.float32, progress=False)
+def converted(tiny_converted) -> str:
+    return tiny_converted
 
 
 @pytest.fixture(scope="module")

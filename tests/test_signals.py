@@ -16,10 +16,9 @@ import sys
 import time
 
 import pytest
-import torch
 
-from conftest import _free_port
-from orpo_megatron import checkpoint_format, checkpointing, conversion
+from conftest import free_port
+from orpo_megatron import checkpoint_format, checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -27,13 +26,12 @@ TRAIN_ITERS = 12
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_mixtral, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("signals") / "converted")
-    return conversion.hf_to_megatron(tiny_mixtral, out, torch.float32, progress=False)
+def converted(tiny_converted) -> str:
+    return tiny_converted
 
 
 def start_run(converted: str, save: str, data_cache: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            "-m", "orpo_megatron.train", "--load", converted, "--save", save, "--data-path", DATA,
            "--data-cache-dir", data_cache, "--max-length", "64", "--max-prompt-length", "48",
            "--micro-batch-size", "1", "--global-batch-size", "4", "--expert-model-parallel-size", "2",

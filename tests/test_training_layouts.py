@@ -15,6 +15,7 @@ LAYOUTS = {  # name: (processes, flags)
     "pp2_4_micro_batches": (2, ["--pipeline-model-parallel-size", "2"]),
     "ep2": (2, ["--expert-model-parallel-size", "2"]),
     "dp2": (2, []),
+    "full_recompute": (1, ["--recompute-granularity", "full"]),
 }
 FIRST_STEP_TOL = 1e-5  # fp32, relative
 FIVE_STEP_TOL = 1e-4  # fp32, relative

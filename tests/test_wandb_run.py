@@ -9,9 +9,7 @@ import importlib.util
 import json
 import os
 
-import torch
 
-from orpo_megatron import conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -25,8 +23,8 @@ ORPO_METRICS = ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "reward
 TRAIN_ONLY = ["grad_norm", "lr", "tokens_per_second", "moe_load_balancing_loss", "memory/max_rss_gb"]
 
 
-def test_offline_wandb_run_of_the_trainer_matches_metrics_jsonl(torchrun, tiny_mixtral, tmp_path):
-    converted = conversion.hf_to_megatron(tiny_mixtral, str(tmp_path / "converted"), torch.float32, progress=False)
+def test_offline_wandb_run_of_the_trainer_matches_metrics_jsonl(torchrun, tiny_converted, tmp_path):
+    converted = tiny_converted
     save, wandb_dir = str(tmp_path / "run"), str(tmp_path / "wandb_save")
     torchrun("-m orpo_megatron.train", 2, "--load", converted, "--save", save, "--data-path", DATA,
              "--data-cache-dir", str(tmp_path / "data_cache"), "--eval-fraction", "0.1", "--eval-iters", "2",
