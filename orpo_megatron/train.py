@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         saved_at = at_iteration
 
     def last_good() -> str:
-        found = checkpointing.latest_iteration(args.save) if args.save else None
-        return checkpointing.iteration_dir(args.save, found) if found is not None else "none (no --save)"
+        if not args.save:
+            return "none (no --save)"
+        found = checkpointing.latest_iteration(args.save)
+        return checkpointing.iteration_dir(args.save, found) if found is not None else f"none yet in {args.save}"
 
     if evaluation is not None and iteration == 0:
         tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration, 0, prefix="eval")
