@@ -111,7 +111,10 @@ def _load_optimizer_state(optimizer, states: list[dict]) -> None:
         raise CheckpointError(f"optimizer has {len(inners)} parts but the checkpoint {len(states)}")
     for inner, state in zip(inners, states):
         inner.load_state_dict(state["state_dict"])
-        inner.load_parameter_state_from_dp_reshardable(state["param_state"])
+        # It copies in place into main parameters that are leaves requiring grad, which autograd refuses
+        # ("a view of a leaf Variable that requires grad is being used in an in-place operation").
+        with torch.no_grad():
+            inner.load_parameter_state_from_dp_reshardable(state["param_state"])
         _unshare_adam_steps(inner)
 
 

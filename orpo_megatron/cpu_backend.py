@@ -18,11 +18,12 @@ What it bridges, and why:
 - The `alltoall` MoE token dispatcher hands its split sizes to `all_to_all_single` as numpy arrays, which the
   c10d binding refuses ("incompatible function arguments"); they are passed on as lists. With that (and the
   no-op streams above) the alltoall dispatcher runs on gloo, so CPU runs can use the GPU default.
-- The distributed optimizer's `fully_reshardable` state load fails with `KeyError: 'step'`
-  (`DistributedOptimizer.load_parameter_state_from_fully_reshardable_format` indexes a `step` that torch's CPU
-  Adam keeps as a tensor only after the first step); `checkpointing.py` saves and loads optimizer state in the
-  `dp_reshardable` format, whose in-place copy into a leaf that requires grad is bridged here by running the
-  copy under `torch.no_grad()` (on GPU the same copy targets a non-leaf buffer view and never fails).
+- Activation recomputation reruns the forward inside autograd's backward, where the torch-function mode is not
+  active; the causal mask (the one CUDA tensor created there) is built on CPU at its source.
+- With expert tensor parallelism the alltoall dispatcher all-gathers uneven row counts, which gloo refuses: the
+  rows are padded to the longest, gathered, and copied out.
+
+Not here because it is not CPU-specific: the optimizer-state load fix (`checkpointing.py`).
 """
 from __future__ import annotations
 
@@ -107,7 +108,6 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
-    from megatron.core.optimizer import distrib_optimizer
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.moe import moe_utils
 
@@ -157,17 +157,6 @@ def _patch_megatron() -> None:
         return None
 
     dist.all_gather = all_gather_uneven_rows
-
-    # On CPU the distributed optimizer's main params are leaves that require grad; its dp_reshardable load
-    # copies into them in place.
-    load = distrib_optimizer.DistributedOptimizer.load_parameter_state_from_dp_reshardable
-
-    @functools.wraps(load)
-    def load_without_grad(self, *args, **kwargs):
-        with torch.no_grad():
-            return load(self, *args, **kwargs)
-
-    distrib_optimizer.DistributedOptimizer.load_parameter_state_from_dp_reshardable = load_without_grad
 
 
 def is_needed() -> bool:
