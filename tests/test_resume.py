@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron import checkpoint_format, checkpointing, conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -46,6 +46,7 @@ def losses(save_dir: str) -> dict[int, float]:
 
 
 def all_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    conversion.init_single_process()  # the full-tensor readers go through dist_checkpointing
     layers = checkpoint_format.read_metadata(ckpt_dir).model_config().num_layers
     weights = {f"outer.{k}": v for k, v in checkpoint_format.read_outer(ckpt_dir).items()}
     for layer in range(layers):
