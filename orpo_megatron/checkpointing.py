@@ -197,6 +197,9 @@ def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, hf_
     checkpoint_format.load_model_weights(checkpoint.weights_dir, model_chunks, hf_config)
     state = checkpoint.train_state
     if state is None:
+        # The optimizer copied its fp32 main params from the freshly initialized bf16 weights when it was built;
+        # without this refresh the first step would overwrite the loaded weights with that initialization.
+        optimizer.reload_model_params()
         return None
     scheduler.load_state_dict(state["scheduler"])
     saved_layout = state.get("layout")
@@ -204,6 +207,7 @@ def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, hf_
         log(f"WARNING: {checkpoint.weights_dir} was saved at layout [{saved_layout}] and is loaded at "
             f"[{layout_description}]: weights are resharded, but Megatron-Core cannot reshard this optimizer "
             "state, so Adam moments start from zero.")
+        optimizer.reload_model_params()
         return state
     rank_file = os.path.join(checkpoint.weights_dir, "optimizer", f"rank_{dist.get_rank():05d}.pt")
     if not os.path.isfile(rank_file):
