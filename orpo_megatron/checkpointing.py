@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
+from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
 
 from orpo_megatron import checkpoint_format
 
@@ -115,6 +116,12 @@ def _load_optimizer_state(optimizer, states: list[dict]) -> None:
         # ("a view of a leaf Variable that requires grad is being used in an in-place operation").
         with torch.no_grad():
             inner.load_parameter_state_from_dp_reshardable(state["param_state"])
+        if isinstance(inner.optimizer, HybridDeviceOptimizer):
+            # Offloaded: its sub-optimizers do not see the state tensors just set, and its load ran a step on
+            # random gradients (`dummy_step`) that moved the model params; restore both from the loaded state.
+            inner.optimizer._sync_hdo_state_to_sub_optimizers()
+            for param, main_param in inner.optimizer.param_to_fp32_param.items():
+                param.data.copy_(main_param)
         _unshare_adam_steps(inner)
 
 

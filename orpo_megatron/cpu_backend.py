@@ -22,14 +22,20 @@ What it bridges, and why:
   active; the causal mask (the one CUDA tensor created there) is built on CPU at its source.
 - With expert tensor parallelism the alltoall dispatcher all-gathers uneven row counts, which gloo refuses: the
   rows are padded to the longest, gathered, and copied out.
+- The offloading optimizer (`HybridDeviceOptimizer`) splits its parameters into a device part and a host part by
+  `tensor.is_cuda` and pins the host copies. While it splits, its parameters and their detached, cloned or
+  fp32 copies report `is_cuda`, copies made with `.cpu()` do not, and `pin_memory()` is a no-op: an offloaded
+  CPU run makes the same split, host copies and two sub-optimizers as on a GPU.
 
-Not here because it is not CPU-specific: the optimizer-state load fix (`checkpointing.py`).
+Not here because they are not CPU-specific: the optimizer-state load fix (`checkpointing.py`), the router's TE
+GEMM name (`model.py`) and the optimizer config's TE version check (`optimizer.py`).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -49,12 +55,17 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments to CPU and reports CPU tensor types under their CUDA names."""
+    """Rewrites CUDA device arguments to CPU and reports CPU tensor types under their CUDA names. While
+    `device_tensors` is set (id -> weak reference), those tensors and their copies stand in for CUDA tensors."""
+
+    device_tensors: dict | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if self.device_tensors is not None:
+            return self._as_device_tensors(func, args, kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
@@ -63,6 +74,22 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+    def _on_device(self, tensor) -> bool:
+        ref = self.device_tensors.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _as_device_tensors(self, func, args, kwargs):
+        if getattr(func, "__self__", None) is torch.Tensor.is_cuda:  # the property's getter
+            return self._on_device(args[0])
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.cpu:  # a host copy: a new tensor object that is not on the "device"
+            return args[0].view_as(args[0])
+        result = func(*args, **kwargs)
+        if func in (torch.Tensor.detach, torch.Tensor.clone, torch.Tensor.float) and self._on_device(args[0]):
+            self.device_tensors[id(result)] = weakref.ref(result)
+        return result
 
 
 class _NoOpStream:
@@ -158,6 +185,21 @@ def _patch_megatron() -> None:
 
     dist.all_gather = all_gather_uneven_rows
 
+    # The offloading optimizer's device/host split (see the module docstring).
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    split = HybridDeviceOptimizer._get_sub_optimizer_param_groups
+
+    @functools.wraps(split)
+    def split_as_on_a_device(self, offload_fraction):
+        _ACTIVE_MODE.device_tensors = {id(p): weakref.ref(p) for group in self.param_groups for p in group["params"]}
+        try:
+            return split(self, offload_fraction)
+        finally:
+            _ACTIVE_MODE.device_tensors = None
+
+    HybridDeviceOptimizer._get_sub_optimizer_param_groups = split_as_on_a_device
+
 
 def is_needed() -> bool:
     """True on machines with no CUDA device."""
@@ -170,9 +212,9 @@ def activate() -> bool:
     if not is_needed():
         return False
     if _ACTIVE_MODE is None:
+        _ACTIVE_MODE = _CudaToCpuMode()
         _patch_torch_cuda()
         _patch_megatron()
-        _ACTIVE_MODE = _CudaToCpuMode()
         _ACTIVE_MODE.__enter__()
     return True
 

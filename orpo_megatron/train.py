@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel, throughput, tracking
+from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
+from orpo_megatron import throughput, tracking
 from orpo_megatron.data.pipeline import build_preference_data
 from orpo_megatron.model_config import ModelConfigError, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
@@ -44,8 +44,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train for.")
     group.add_argument("--train-epochs", type=float, default=None,
                        help="Epochs over the training pairs (instead of --train-iters). Default: 1 if neither.")
-    group.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                       help="'adam' is AdamW (decoupled weight decay). Default: adam.")
     group.add_argument("--lr", type=float, default=1e-6, help="Peak learning rate. Default: 1e-6 (TRL's ORPO default).")
     group.add_argument("--min-lr", type=float, default=0.0, help="Learning rate floor of the decay. Default: 0.")
     group.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="linear",
@@ -54,17 +52,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warmup steps from 0. Default: 0.")
     group.add_argument("--lr-decay-iters", type=int, default=None,
                        help="Steps over which the LR decays to --min-lr. Default: the training length.")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay. Default: 0.")
-    group.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1. Default: 0.9.")
-    group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2. Default: 0.999.")
-    group.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon. Default: 1e-8.")
-    group.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clipping (0: off). Default: 1.0.")
-    group.add_argument("--optimizer-cpu-offload", action="store_true",
-                       help="Keep (part of) the optimizer state and step on the host (Megatron-Core's HybridDeviceOptimizer).")
-    group.add_argument("--optimizer-offload-fraction", type=float, default=1.0,
-                       help="Fraction of the optimizer state offloaded with --optimizer-cpu-offload. Default: 1.0.")
-    group.add_argument("--use-precision-aware-optimizer", action="store_true",
-                       help="Let the optimizer keep bf16 main params/moments (Transformer Engine's FusedAdam).")
     group.add_argument("--skip-nonfinite-steps", type=int, default=0,
                        help="Skip up to N optimizer steps whose loss or grad norm is NaN/inf before stopping. Default: 0.")
 
@@ -86,8 +73,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = arguments.new_parser("python -m orpo_megatron.train", __doc__.split("\n")[0])
     add_training_args(parser)
+    optimizers.add_optimizer_args(parser)
     tracking.add_logging_args(parser)
     args = arguments.parse_and_validate(parser, argv)
+    optimizers.validate_optimizer_args(parser, args)
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
     for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints"):
@@ -100,17 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def build_optimizer(args, chunks, precision: PrecisionConfig):
-    config = OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-        bf16=precision.bf16, params_dtype=precision.params_dtype, use_distributed_optimizer=True,
-        optimizer_cpu_offload=args.optimizer_cpu_offload, optimizer_offload_fraction=args.optimizer_offload_fraction,
-        use_precision_aware_optimizer=args.use_precision_aware_optimizer,
-    )
-    return get_megatron_optimizer(config, chunks)
-
-
 def build_scheduler(args, optimizer, train_iters: int) -> OptimizerParamScheduler:
     decay_iters = args.lr_decay_iters or train_iters
     if args.lr_warmup_iters >= decay_iters:
@@ -194,11 +172,12 @@ def main(argv: list[str] | None = None) -> None:
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                                       recompute_granularity=args.recompute_granularity)
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args),
+                                               use_distributed_optimizer=True)
     chunks = [DistributedDataParallel(config, ddp_config, chunk)
               for chunk in model.build_model(config, hf, vocab, use_te)]
     config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(args, chunks, precision)
+    optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
     config.grad_scale_func = optimizer.scale_loss
     if len(chunks) > 1:
         config.no_sync_func = [chunk.no_sync for chunk in chunks]

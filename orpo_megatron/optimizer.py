@@ -1,0 +1,165 @@
+"""The optimizer: its flags (Megatron-LM's names), the modes that work, and building Megatron-Core's optimizer.
+
+A mode is where the optimizer keeps its state and in which dtypes (`OptimizerMode`). Only these run:
+- plain: fp32 main params (copies of bf16 params) and fp32 Adam moments on the GPU, sharded over DP;
+- `--use-precision-aware-optimizer` (bf16, GPU with Transformer Engine): TE's FusedAdam keeps main params and
+  moments in the dtypes of `--main-params-dtype`, `--exp-avg-dtype`, `--exp-avg-sq-dtype`;
+- `--optimizer-cpu-offload --use-precision-aware-optimizer` (bf16): Megatron-Core's HybridDeviceOptimizer
+  steps `--optimizer-offload-fraction` of the shard with torch's AdamW on the host and the rest on the GPU,
+  both on fp32 copies of the bf16 params (the moment and main-param dtype flags do not apply there).
+Offload without the precision-aware optimizer is refused, as Megatron-LM refuses it: Megatron-Core then keeps
+every fp32 main param on the GPU (only the moments move) and `reload_model_params()` does not refresh the
+offloaded copies, so loaded weights would be lost. What each mode costs in bytes is `memory_estimate.py`'s.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+
+import torch
+
+# Megatron-LM's dtype names for the precision-aware optimizer ('fp8' is TE's uint8-coded E4M3 state).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.uint8}
+
+
+class OptimizerModeError(ValueError):
+    """A combination of optimizer flags that Megatron-Core cannot run (or would run wrongly), flags named."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerMode:
+    """Where the optimizer state lives and in which dtypes (Megatron-LM's flag names, dtypes as their names)."""
+
+    precision_aware: bool = False
+    offload_fraction: float = 0.0  # 0: nothing on the host (no --optimizer-cpu-offload)
+    main_params_dtype: str = "fp32"
+    main_grads_dtype: str = "fp32"
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
+
+    @property
+    def offload(self) -> bool:
+        return self.offload_fraction > 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "OptimizerMode":
+        return cls(precision_aware=args.use_precision_aware_optimizer,
+                   offload_fraction=args.optimizer_offload_fraction if args.optimizer_cpu_offload else 0.0,
+                   main_params_dtype=args.main_params_dtype, main_grads_dtype=args.main_grads_dtype,
+                   exp_avg_dtype=args.exp_avg_dtype, exp_avg_sq_dtype=args.exp_avg_sq_dtype)
+
+    def problems(self, bf16: bool) -> list[str]:
+        """What is wrong with this mode for a run with (or without) --bf16, each naming its flags."""
+        problems = []
+        if not 0.0 <= self.offload_fraction <= 1.0:
+            problems.append(f"--optimizer-offload-fraction must be in [0, 1], got {self.offload_fraction}")
+        lowered = [f"--{name.replace('_', '-')} {value}" for name, value in self._dtype_flags() if value != "fp32"]
+        if self.precision_aware and not bf16:
+            problems.append("--use-precision-aware-optimizer needs --bf16 (it manages the fp32 main copies of "
+                            "bf16 parameters)")
+        if self.offload and not self.precision_aware:
+            problems.append("--optimizer-cpu-offload needs --use-precision-aware-optimizer: without it "
+                            "Megatron-Core keeps every fp32 main param on the GPU and does not refresh the "
+                            "offloaded copies after loading weights (Megatron-LM refuses this combination too)")
+        if lowered and not self.precision_aware:
+            problems.append(f"{', '.join(lowered)} needs --use-precision-aware-optimizer")
+        host_fixed = [flag for flag in lowered if not flag.startswith("--main-grads-dtype")]
+        if self.offload and host_fixed:
+            problems.append(f"{', '.join(host_fixed)} cannot be used with --optimizer-cpu-offload: the offloaded "
+                            "optimizer steps fp32 copies with torch's AdamW (fp32 main params and moments)")
+        return problems
+
+    def _dtype_flags(self) -> list[tuple[str, str]]:
+        return [("main_params_dtype", self.main_params_dtype), ("main_grads_dtype", self.main_grads_dtype),
+                ("exp_avg_dtype", self.exp_avg_dtype), ("exp_avg_sq_dtype", self.exp_avg_sq_dtype)]
+
+    def needs_transformer_engine(self) -> bool:
+        """The precision-aware optimizer without offload is Transformer Engine's FusedAdam."""
+        return self.precision_aware and not self.offload
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--optimizer", choices=["adam"], default="adam",
+                       help="AdamW (decoupled weight decay). The only choice: Megatron-Core's distributed optimizer, "
+                            "which shards the optimizer state over data-parallel ranks, supports only Adam.")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay. Default: 0.")
+    group.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1. Default: 0.9.")
+    group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2. Default: 0.999.")
+    group.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon. Default: 1e-8.")
+    group.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clipping (0: off). Default: 1.0.")
+    group.add_argument("--optimizer-cpu-offload", action="store_true",
+                       help="Keep part of the optimizer state on the host and step it there with torch's AdamW "
+                            "(Megatron-Core's HybridDeviceOptimizer; give each task CPUs). Needs "
+                            "--use-precision-aware-optimizer.")
+    group.add_argument("--optimizer-offload-fraction", type=float, default=1.0,
+                       help="Fraction of the optimizer shard (fp32 main params, moments and a gradient copy) kept "
+                            "on the host with --optimizer-cpu-offload. Default: 1.0.")
+    group.add_argument("--use-precision-aware-optimizer", action="store_true",
+                       help="Let the optimizer own the main params (needs --bf16): on the GPU it is Transformer "
+                            "Engine's FusedAdam, with main params and moments in the dtypes below (fp32 main params "
+                            "are kept as bf16 params + 16-bit remainders: 2 B/param); with --optimizer-cpu-offload "
+                            "it is the host/GPU hybrid optimizer on fp32 copies.")
+    group.add_argument("--main-params-dtype", choices=["fp32", "fp16"], default="fp32",
+                       help="Precision-aware optimizer: dtype of the main (master) params it updates. Default: fp32.")
+    group.add_argument("--main-grads-dtype", choices=["fp32", "bf16"], default="fp32",
+                       help="Precision-aware optimizer: dtype of the gradient buffer gradients are accumulated and "
+                            "reduced in (bf16 halves it, at the cost of bf16 reductions). Default: fp32.")
+    for moment, what in (("exp-avg", "exp_avg, Adam's first moment"), ("exp-avg-sq", "exp_avg_sq, its second")):
+        group.add_argument(f"--{moment}-dtype", choices=["fp32", "fp16", "bf16", "fp8"], default="fp32",
+                           help=f"Precision-aware optimizer without offload: storage dtype of {what} (the kernel "
+                                "computes in fp32; fp8 is scaled E4M3). Default: fp32.")
+
+
+def validate_optimizer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, naming the flags, every optimizer mode that does not work here (exit 2 before any work)."""
+    mode = OptimizerMode.from_args(args)
+    problems = mode.problems(args.bf16)
+    if not problems and mode.needs_transformer_engine() and not transformer_engine_fused_adam_available():
+        problems.append("--use-precision-aware-optimizer without --optimizer-cpu-offload is Transformer Engine's "
+                        "FusedAdam and needs a CUDA GPU with transformer-engine installed (pip install "
+                        "'orpo-megatron[te]'); or add --optimizer-cpu-offload")
+    if problems:
+        parser.error("; ".join(problems))
+
+
+def transformer_engine_fused_adam_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_dtype: torch.dtype):
+    """Megatron-Core's distributed optimizer (chained per parameter kind) in the mode the flags give."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    _allow_precision_aware_config_without_transformer_engine()
+    mode = OptimizerMode.from_args(args)
+    on_gpu = torch.cuda.is_available()
+    config = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        bf16=bf16, params_dtype=params_dtype, use_distributed_optimizer=True,
+        optimizer_cpu_offload=mode.offload, optimizer_offload_fraction=mode.offload_fraction,
+        # Pinned host memory needs a CUDA device.
+        pin_cpu_grads=on_gpu, pin_cpu_params=on_gpu,
+        use_precision_aware_optimizer=mode.precision_aware,
+        main_params_dtype=DTYPES[mode.main_params_dtype], main_grads_dtype=DTYPES[mode.main_grads_dtype],
+        exp_avg_dtype=DTYPES[mode.exp_avg_dtype], exp_avg_sq_dtype=DTYPES[mode.exp_avg_sq_dtype],
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def grad_reduce_in_fp32(args: argparse.Namespace) -> bool:
+    """DDP's gradient buffer dtype: fp32 unless the precision-aware optimizer was given bf16 main grads."""
+    return args.main_grads_dtype == "fp32"
+
+
+def _allow_precision_aware_config_without_transformer_engine() -> None:
+    """OptimizerConfig's check of the TE version (for TE's param remainders) fails with a TypeError when TE is
+    not installed (megatron-core 0.16.1), although the offloaded precision-aware optimizer does not use TE.
+    Without TE, answer that check "older than required", which only turns off TE's remainders."""
+    from megatron.core import utils
+    from megatron.core.optimizer import optimizer_config
+
+    if utils.get_te_version() is None:
+        optimizer_config.is_te_min_version = lambda version, check_equality=True: False
