@@ -7,10 +7,12 @@ busiest rank of a layout. It builds nothing and needs no GPU.
 Exact parts (checked against the real allocation of the tiny model): the parameter list of a pipeline stage
 (local layer spec order; the TE spec fuses the norms into the linear layers, same counts); DDP's buffers
 (each parameter starts at a multiple of 64 elements, each bucket is padded to lcm(DP, 128); one bucket per
-buffer, as with `overlap_grad_reduce` off); the distributed optimizer's shard of each bucket per DP rank,
-with fp32 main copies of bf16 parameters and Adam's two fp32 moments for the elements the shard holds.
-Expert parameters (EP > 1) live in their own buffer, sharded over the expert-data-parallel group of size
-TP*DP / (ETP*EP); everything else over DP.
+buffer, as with `overlap_grad_reduce` off); the distributed optimizer's shard of each bucket per DP rank, and
+what each optimizer mode keeps for the elements of that shard on the GPU and on the host
+(`optimizer_bytes_per_element`, the one place that says so). Expert parameters (EP > 1) live in their own
+buffer, sharded over the expert-data-parallel group of size TP*DP / (ETP*EP); everything else over DP.
+With offload, Megatron moves whole parameter shards to the host until the fraction is reached; the estimate
+takes the fraction exactly (it differs from the real split by less than one parameter shard).
 
 Rough part: activations (see `layer_activation_bytes`), with balanced expert routing.
 """
@@ -21,6 +23,7 @@ import functools
 import math
 
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
+from orpo_megatron.optimizer import DTYPES, OptimizerMode
 
 GB = 1024**3
 # DDP alignment rules of megatron/core/distributed/param_and_grad_buffer.py (distributed optimizer on).
@@ -46,10 +49,9 @@ class MemoryLayout:
     seq_length: int = 2048
     bf16: bool = True
     fp8: bool = False
-    grad_reduce_in_fp32: bool = True
     recompute_full: bool = False
     flash_attention: bool = True  # TE/flash attention keeps no S x S scores; the CPU local spec does
-    optimizer_offload_fraction: float = 0.0
+    optimizer: OptimizerMode = OptimizerMode()
     num_micro_batches: int | None = None  # per step and DP rank; None: enough to fill the pipeline
     make_vocab_size_divisible_by: int = 128
 
@@ -100,10 +102,18 @@ class MemoryLayout:
             problems.append(f"EP={self.ep} needs a mixture-of-experts model")
         if hf.intermediate_size % self.etp:
             problems.append(f"FFN size {hf.intermediate_size} is not divisible by ETP={self.etp}")
-        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
-            problems.append(f"optimizer offload fraction {self.optimizer_offload_fraction} is not in [0, 1]")
+        problems += self.optimizer.problems(self.bf16)
         if problems:
             raise MemoryLayoutError("; ".join(problems))
+
+    @property
+    def param_size(self) -> int:
+        return 2 if self.bf16 else 4
+
+    @property
+    def grad_size(self) -> int:
+        """DDP's gradient buffer: fp32, or bf16 with the precision-aware optimizer's bf16 main grads."""
+        return DTYPES[self.optimizer.main_grads_dtype].itemsize if self.bf16 else 4
 
     @property
     def sequence_parallel(self) -> bool:
@@ -181,6 +191,37 @@ class BufferLayout:
         return sum(max(0, min(end, hi) - max(start, lo)) for start, end in self.param_ranges)
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerBytes:
+    """Bytes per element of a rank's optimizer shard: main params and optimizer state on the GPU, all on the host."""
+
+    gpu_main_params: float
+    gpu_state: float
+    host: float
+
+
+def optimizer_bytes_per_element(mode: OptimizerMode, bf16: bool) -> OptimizerBytes:
+    """Where each optimizer mode keeps what, per shard element, as Megatron-Core 0.16.1 allocates it.
+
+    plain                GPU: fp32 main copy of a bf16 param (4; fp32 params are stepped in place: 0), fp32 moments (8)
+    precision-aware      GPU (TE FusedAdam): main param 2 (fp32 kept as the bf16 param + an int16 remainder, or
+                         fp16), exp_avg and exp_avg_sq in their dtypes (fp8: 1)
+    offload f            (precision-aware, HybridDeviceOptimizer; both parts step fp32 copies of the bf16 params)
+                         GPU: (1 - f) x (fp32 copy 4 + moments 8, + an fp32 gradient copy 4 with bf16 main grads)
+                         host: f x (fp32 copy 4 + fp32 gradient copy 4 + moments 8)
+    The model's bf16 params and its gradient buffer are DDP's, counted apart (`rank_memory`).
+    """
+    size = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+    if mode.offload:
+        f = mode.offload_fraction
+        grad_copy = 4 if mode.main_grads_dtype != "fp32" else 0
+        return OptimizerBytes(gpu_main_params=(1 - f) * 4, gpu_state=(1 - f) * (8 + grad_copy), host=f * 16)
+    if mode.precision_aware:
+        return OptimizerBytes(gpu_main_params=2, gpu_state=size[mode.exp_avg_dtype] + size[mode.exp_avg_sq_dtype],
+                              host=0)
+    return OptimizerBytes(gpu_main_params=4 if bf16 else 0, gpu_state=8, host=0)
+
+
 @dataclasses.dataclass
 class RankMemory:
     """Bytes one rank allocates on its GPU (and on the host for offloaded optimizer state)."""
@@ -218,28 +259,21 @@ def rank_memory(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int, dp_rank: 
                 expert_dp_rank: int = 0) -> RankMemory:
     """Memory of the rank at (pipeline stage, DP rank, expert-DP rank); TP/EP ranks of a stage hold the same."""
     layout.validate(hf)
-    param_size = 2 if layout.bf16 else 4
-    grad_size = 4 if layout.grad_reduce_in_fp32 else param_size
     num_params, buffers = stage_buffers(hf, layout, pp_rank)
     buffer_numel = sum(buffer.numel for buffer, _ in buffers)
     owned = sum(buffer.shard_elements(layout.expert_data_parallel_size if is_expert else layout.dp,
                                       expert_dp_rank if is_expert else dp_rank)
                 for buffer, is_expert in buffers if buffer.numel)
-    # bf16 parameters get fp32 main copies for their shard; fp32 ones are stepped in place.
-    main_param_bytes = 4 * owned if layout.bf16 else 0
-    adam_bytes = 2 * 4 * owned
-    offload = layout.optimizer_offload_fraction
-    # Offloaded: the host keeps fp32 main params, both moments and an fp32 copy of the shard's gradients.
-    host_bytes = round(offload * (4 * owned + adam_bytes + 4 * owned))
+    optimizer = optimizer_bytes_per_element(layout.optimizer, layout.bf16)
     fp8_weight_copies = 2 * num_params if layout.fp8 else 0  # TE's fp8 weight and its transpose
     return RankMemory(
         pp_rank=pp_rank, dp_rank=dp_rank, expert_dp_rank=expert_dp_rank, num_params=num_params,
-        param_bytes=buffer_numel * param_size + fp8_weight_copies,
-        grad_bytes=buffer_numel * grad_size,
-        main_param_bytes=round((1 - offload) * main_param_bytes),
-        optimizer_state_bytes=round((1 - offload) * adam_bytes),
+        param_bytes=buffer_numel * layout.param_size + fp8_weight_copies,
+        grad_bytes=buffer_numel * layout.grad_size,
+        main_param_bytes=round(optimizer.gpu_main_params * owned),
+        optimizer_state_bytes=round(optimizer.gpu_state * owned),
         activation_bytes=stage_activation_bytes(hf, layout, pp_rank),
-        host_bytes=host_bytes,
+        host_bytes=round(optimizer.host * owned),
     )
 
 

@@ -74,6 +74,15 @@ class OptimizerMode:
         return [("main_params_dtype", self.main_params_dtype), ("main_grads_dtype", self.main_grads_dtype),
                 ("exp_avg_dtype", self.exp_avg_dtype), ("exp_avg_sq_dtype", self.exp_avg_sq_dtype)]
 
+    def describe(self) -> str:
+        if self.offload:
+            return (f"offload {self.offload_fraction:g} to the host (precision-aware, fp32 copies"
+                    + (", bf16 main grads)" if self.main_grads_dtype != "fp32" else ")"))
+        if self.precision_aware:
+            return ("precision-aware (TE FusedAdam): main params " + self.main_params_dtype + ", moments "
+                    + f"{self.exp_avg_dtype}/{self.exp_avg_sq_dtype}, main grads {self.main_grads_dtype}")
+        return "Adam, fp32 main params and moments on the GPU"
+
     def needs_transformer_engine(self) -> bool:
         """The precision-aware optimizer without offload is Transformer Engine's FusedAdam."""
         return self.precision_aware and not self.offload
@@ -89,6 +98,11 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2. Default: 0.999.")
     group.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon. Default: 1e-8.")
     group.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clipping (0: off). Default: 1.0.")
+    add_optimizer_mode_args(group)
+
+
+def add_optimizer_mode_args(group) -> None:
+    """The flags that choose an `OptimizerMode` (shared with tools/estimate_memory.py)."""
     group.add_argument("--optimizer-cpu-offload", action="store_true",
                        help="Keep part of the optimizer state on the host and step it there with torch's AdamW "
                             "(Megatron-Core's HybridDeviceOptimizer; give each task CPUs). Needs "
@@ -116,6 +130,8 @@ def validate_optimizer_args(parser: argparse.ArgumentParser, args: argparse.Name
     """Refuse, naming the flags, every optimizer mode that does not work here (exit 2 before any work)."""
     mode = OptimizerMode.from_args(args)
     problems = mode.problems(args.bf16)
+    if args.optimizer_cpu_offload and args.optimizer_offload_fraction == 0:
+        problems.append("--optimizer-offload-fraction 0 offloads nothing; drop --optimizer-cpu-offload instead")
     if not problems and mode.needs_transformer_engine() and not transformer_engine_fused_adam_available():
         problems.append("--use-precision-aware-optimizer without --optimizer-cpu-offload is Transformer Engine's "
                         "FusedAdam and needs a CUDA GPU with transformer-engine installed (pip install "
@@ -136,7 +152,7 @@ def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_d
     mode = OptimizerMode.from_args(args)
     on_gpu = torch.cuda.is_available()
     config = OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=bf16, params_dtype=params_dtype, use_distributed_optimizer=True,
         optimizer_cpu_offload=mode.offload, optimizer_offload_fraction=mode.offload_fraction,

@@ -1,8 +1,9 @@
 """Estimate per-GPU memory of ORPO training at a parallel layout, or search the layouts that fit.
 
     python tools/estimate_memory.py --hf-config CONFIG.json --tp 2 --pp 8 --ep 8 --dp 1 \\
-        --micro-batch-size 1 --max-length 2048 [--vp N] [--fp8] [--optimizer-offload 1.0] \\
-        [--recompute-granularity full] [--gpu-memory-gb 80]
+        --micro-batch-size 1 --max-length 2048 [--vp N] [--fp8] [--recompute-granularity full] \\
+        [--use-precision-aware-optimizer [--optimizer-cpu-offload --optimizer-offload-fraction F]] \\
+        [--exp-avg-dtype bf16 ...] [--gpu-memory-gb 80]
     python tools/estimate_memory.py --hf-config CONFIG.json --search --gpus-per-node 8 --max-length 2048
 
 Prints the busiest rank's weights, gradients, optimizer state and activations and whether they fit. The
@@ -12,6 +13,7 @@ are a rough formula). Sizes are GiB (2**30 bytes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -19,8 +21,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from orpo_megatron.memory_estimate import GB, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank  # noqa: E402
+from orpo_megatron.memory_estimate import (  # noqa: E402
+    GB, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank, optimizer_bytes_per_element,
+)
 from orpo_megatron.model_config import HFModelConfig, ModelConfigError  # noqa: E402
+from orpo_megatron.optimizer import OptimizerMode, add_optimizer_mode_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,9 +48,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fp32", action="store_true", help="fp32 parameters instead of bf16.")
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 GEMMs (Transformer Engine): fp8 weight copies, fp8 GEMM inputs saved.")
-    parser.add_argument("--optimizer-offload", type=float, default=0.0, metavar="FRACTION",
-                        help="Fraction of the optimizer state (fp32 main params + Adam moments) kept on the host "
-                             "(--optimizer-cpu-offload --optimizer-offload-fraction in the trainer).")
     parser.add_argument("--recompute-granularity", choices=["full"], default=None,
                         help="'full': recompute each layer in backward, keeping only layer inputs.")
     parser.add_argument("--no-flash-attention", action="store_true",
@@ -62,30 +64,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "1.4x of the measured saved tensors on the tiny model).")
     parser.add_argument("--search", action="store_true",
                         help="Try TP/PP/EP/DP and recompute on 1..--max-nodes nodes, each with the least optimizer "
-                             "offload that fits, and print the layouts that fit on the fewest nodes.")
+                             "offload that fits (the optimizer flags below without offload, then offload with the "
+                             "precision-aware optimizer in steps of 0.05), and print the layouts that fit on the "
+                             "fewest nodes.")
     parser.add_argument("--max-nodes", type=int, default=16, help="Largest node count --search tries.")
     parser.add_argument("--nodes", type=int, default=None,
                         help="With --search: list the layouts that fit on exactly this many nodes.")
+    add_optimizer_mode_args(parser.add_argument_group("optimizer mode (the trainer's flags)"))
     args = parser.parse_args(argv)
     for flag in ("tp", "pp", "ep", "dp", "micro_batch_size", "max_length", "gpus_per_node"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if not 0.0 <= args.optimizer_offload <= 1.0:
-        parser.error(f"--optimizer-offload must be a fraction in [0, 1], got {args.optimizer_offload}")
+    args.bf16 = not args.fp32
+    problems = OptimizerMode.from_args(args).problems(args.bf16)
+    if problems:
+        parser.error("; ".join(problems))
     return args
 
 
+def with_offload(args: argparse.Namespace, offload: float) -> OptimizerMode:
+    """The flags' optimizer mode, or (offload > 0) the offloaded precision-aware mode at that fraction."""
+    mode = OptimizerMode.from_args(args)
+    if offload == mode.offload_fraction:
+        return mode
+    if offload == 0:
+        return dataclasses.replace(mode, offload_fraction=0.0)
+    return OptimizerMode(precision_aware=True, offload_fraction=offload, main_grads_dtype=mode.main_grads_dtype)
+
+
 def make_layout(args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int, recompute: bool,
-                offload: float, vp: int | None = None) -> MemoryLayout:
+                optimizer: OptimizerMode, vp: int | None = None) -> MemoryLayout:
     micro_batches = None
     if args.global_batch_size:
         micro_batches = max(1, args.global_batch_size // (args.micro_batch_size * dp))
     return MemoryLayout(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=args.etp, virtual_pipeline_model_parallel_size=vp, data_parallel_size=dp,
-        micro_batch_size=args.micro_batch_size, seq_length=args.max_length, bf16=not args.fp32, fp8=args.fp8,
+        micro_batch_size=args.micro_batch_size, seq_length=args.max_length, bf16=args.bf16, fp8=args.fp8,
         recompute_full=recompute, flash_attention=not args.no_flash_attention,
-        optimizer_offload_fraction=offload, num_micro_batches=micro_batches,
+        optimizer=optimizer, num_micro_batches=micro_batches,
     )
 
 
@@ -102,7 +119,6 @@ def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: ar
     """Print the busiest rank's breakdown with its arithmetic; True when it fits the GPU and the host."""
     stage = ("first: embedding" if memory.pp_rank == 0 else "") + (
         ("; " if memory.pp_rank == 0 else "") + "last: output layer" if memory.pp_rank == layout.pp - 1 else "")
-    param_size = 2 if layout.bf16 else 4
     edp = layout.expert_data_parallel_size
     print(f"model: {hf.architecture}, {hf.num_layers} layers, hidden {hf.hidden_size}"
           + (f", {hf.num_experts} experts top-{hf.num_experts_per_tok}" if hf.is_moe else ""))
@@ -110,17 +126,17 @@ def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: ar
           + f" EP{layout.ep} ETP{layout.etp} DP{layout.dp} (world {layout.world_size}, expert-DP {edp}); "
           f"micro-batch {layout.micro_batch_size} pair(s) = {2 * layout.micro_batch_size} x {layout.seq_length} "
           f"tokens; {'bf16' if layout.bf16 else 'fp32'}{' + fp8' if layout.fp8 else ''}; "
-          f"{'full recompute' if layout.recompute_full else 'no recompute'}; optimizer offload "
-          f"{layout.optimizer_offload_fraction:g}")
+          f"{'full recompute' if layout.recompute_full else 'no recompute'}; optimizer: {layout.optimizer.describe()}")
     print(f"busiest rank: pipeline stage {memory.pp_rank}" + (f" ({stage})" if stage else "")
           + f", {memory.num_params / 1e9:.3f}B parameters on it")
-    print(f"  weights      {gib(memory.param_bytes)}   {param_size} B/param in DDP's param buffer"
+    print(f"  weights      {gib(memory.param_bytes)}   {layout.param_size} B/param in DDP's param buffer"
           + (" + 2 B/param fp8 copies" if layout.fp8 else "") + " (replicated over DP)")
-    print(f"  gradients    {gib(memory.grad_bytes)}   4 B/param fp32 grad buffer (replicated over DP)")
-    print(f"  main params  {gib(memory.main_param_bytes)}   4 B/param fp32 copies of the optimizer shard "
-          f"(1/DP={layout.dp}, experts 1/EDP={edp})" + (" x (1 - offload)" if layout.optimizer_offload_fraction else ""))
-    print(f"  Adam moments {gib(memory.optimizer_state_bytes)}   2 x 4 B/param of the same shard"
-          + (" x (1 - offload)" if layout.optimizer_offload_fraction else ""))
+    per_element = optimizer_bytes_per_element(layout.optimizer, layout.bf16)
+    print(f"  gradients    {gib(memory.grad_bytes)}   {layout.grad_size} B/param grad buffer (replicated over DP)")
+    print(f"  main params  {gib(memory.main_param_bytes)}   {per_element.gpu_main_params:g} B/param of the optimizer "
+          f"shard (1/DP={layout.dp}, experts 1/EDP={edp}) on the GPU")
+    print(f"  optim. state {gib(memory.optimizer_state_bytes)}   {per_element.gpu_state:g} B/param of the same shard: "
+          "Adam moments (+ gradient copies)")
     print(f"  activations  {gib(memory.activation_bytes)}   rough: in-flight micro-batches x layers x per-layer "
           "formula (memory_estimate.layer_activation_bytes) + logits")
     reserve = args.reserve_gb * GB
@@ -134,8 +150,8 @@ def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: ar
     if memory.host_bytes:
         per_node = memory.host_bytes * args.gpus_per_node
         fits_host = per_node <= args.host_memory_gb * GB
-        print(f"  host         {gib(memory.host_bytes)} per GPU (fp32 main params + moments + fp32 grad copy of "
-              f"the offloaded shard), {per_node / GB:.0f} GiB per {args.gpus_per_node}-GPU node of "
+        print(f"  host         {gib(memory.host_bytes)} per GPU ({per_element.host:g} B/param of the shard: fp32 main "
+              f"params, moments, gradient copy), {per_node / GB:.0f} GiB per {args.gpus_per_node}-GPU node of "
               f"{args.host_memory_gb:g} GiB: {'fits' if fits_host else 'does NOT fit'}")
     return fits_gpu and fits_host
 
@@ -145,15 +161,16 @@ def divisors(n: int) -> list[int]:
 
 
 def least_offload(hf: HFModelConfig, args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int,
-                  recompute: bool) -> float | None:
-    """The smallest optimizer offload fraction (in steps of 0.05) that fits GPU and host; None if none does."""
-    for step in range(21):
-        offload = step / 20
-        memory = busiest_rank(hf, make_layout(args, tp, pp, ep, dp, recompute, offload))
+                  recompute: bool) -> OptimizerMode | None:
+    """The optimizer mode with the smallest offload fraction (in steps of 0.05) that fits GPU and host; None if
+    none does. Offload needs bf16 (the precision-aware optimizer)."""
+    for step in range(21 if args.bf16 else 1):
+        mode = with_offload(args, step / 20)
+        memory = busiest_rank(hf, make_layout(args, tp, pp, ep, dp, recompute, mode))
         if memory.host_bytes * args.gpus_per_node > args.host_memory_gb * GB:
             return None  # more offload only needs more host memory
         if budget_bytes(memory, args) <= args.gpu_memory_gb * GB:
-            return offload
+            return mode
     return None
 
 
@@ -171,14 +188,14 @@ def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
                 continue
             for recompute in (False, True):
                 try:
-                    offload = least_offload(hf, args, tp, pp, ep, dp, recompute)
+                    mode = least_offload(hf, args, tp, pp, ep, dp, recompute)
                 except MemoryLayoutError:
                     break
-                if offload is None:
+                if mode is None:
                     continue
-                layout = make_layout(args, tp, pp, ep, dp, recompute, offload)
+                layout = make_layout(args, tp, pp, ep, dp, recompute, mode)
                 memory = busiest_rank(hf, layout)
-                fits.append((offload, recompute, pp, tp, budget_bytes(memory, args), layout, memory,
+                fits.append((mode.offload_fraction, recompute, pp, tp, budget_bytes(memory, args), layout, memory,
                              memory.host_bytes * args.gpus_per_node))
         if fits:
             fits.sort(key=lambda f: f[:5])
@@ -213,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.search:
         return search(hf, args)
     layout = make_layout(args, args.tp, args.pp, args.ep, args.dp, args.recompute_granularity == "full",
-                         args.optimizer_offload, args.vp)
+                         OptimizerMode.from_args(args), args.vp)
     try:
         memory = busiest_rank(hf, layout)
     except MemoryLayoutError as err:

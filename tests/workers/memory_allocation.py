@@ -1,10 +1,14 @@
 """Worker: the real per-rank memory of the tiny model at several layouts, for the memory estimator's test.
 
-For each layout (TP2 / EP2 / DP2 in fp32 / PP2, world 2), builds the Megatron model, wraps it in DDP with the
-distributed optimizer (as the trainer does), takes one optimizer step so Adam's state exists, and records on
-each rank: the parameter list (name, numel, expert or not), the DDP param and grad buffers, the optimizer's
-own fp32 main params (tensors not sharing storage with the model's buffers) and Adam moments, and the bytes
-of every tensor saved for backward by one forward of a micro-batch through the model and ORPO log-probs.
+For each layout (TP2 / EP2 / DP2 in fp32 / PP2, and optimizer modes that offload, world 2), builds the Megatron
+model, wraps it in DDP with the distributed optimizer built by the trainer's own `optimizer.build_optimizer`
+from the layout's optimizer flags, takes one optimizer step so Adam's state exists, and records on each rank:
+the parameter list (name, numel, expert or not), the DDP param and grad buffers, and the optimizer's own
+tensors (those not sharing storage with the model's buffers) on the device and on the host: main params, Adam
+moments and gradient copies. For the offloading hybrid optimizer its GPU sub-optimizer's tensors are the
+device ones and its CPU sub-optimizers' the host ones (the CPU backend lets it split as on a GPU). For the
+first three layouts also the bytes of every tensor saved for backward by one forward of a micro-batch through
+the model and ORPO log-probs.
 """
 import argparse
 import json
@@ -13,18 +17,24 @@ import os
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
 
-from orpo_megatron import model, parallel
+from orpo_megatron import model, optimizer as optimizers, parallel
 from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import vocab_parallel_logps
 
-LAYOUTS = {
-    "tp2": dict(tensor_model_parallel_size=2, sequence_parallel=True, bf16=True),
-    "ep2": dict(expert_model_parallel_size=2, bf16=True),
-    "dp2_fp32": dict(bf16=False),
-    "pp2": dict(pipeline_model_parallel_size=2, bf16=True),  # activations not measured (one stage alone)
+OFFLOAD = ["--use-precision-aware-optimizer", "--optimizer-cpu-offload"]
+LAYOUTS = {  # parallel layout, bf16, the trainer's optimizer flags
+    "tp2": (dict(tensor_model_parallel_size=2, sequence_parallel=True), True, []),
+    "ep2": (dict(expert_model_parallel_size=2), True, []),
+    "dp2_fp32": (dict(), False, []),
+    "pp2": (dict(pipeline_model_parallel_size=2), True, []),  # activations not measured (one stage alone)
+    "ep2_offload": (dict(expert_model_parallel_size=2), True, OFFLOAD),
+    "ep2_offload_half": (dict(expert_model_parallel_size=2), True, OFFLOAD + ["--optimizer-offload-fraction", "0.5"]),
+    "tp2_offload_half_bf16_grads": (dict(tensor_model_parallel_size=2, sequence_parallel=True), True,
+                                    OFFLOAD + ["--optimizer-offload-fraction", "0.5", "--main-grads-dtype", "bf16"]),
 }
+MEASURE_ACTIVATIONS = ("tp2", "ep2", "dp2_fp32")
 PAIRS, SEQ = 2, 32
 
 
@@ -32,8 +42,42 @@ def storage_ptr(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def optimizers(optimizer):
-    return getattr(optimizer, "chained_optimizers", [optimizer])
+def optimizer_flags(flags: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    optimizers.add_optimizer_args(parser)
+    args = parser.parse_args(flags)
+    args.lr = 1e-4  # a trainer flag outside the optimizer group
+    return args
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_tensors(sub_optimizer, buffer_storages: set[int]) -> tuple[int, int]:
+    """(main-param bytes, moment + gradient-copy bytes) a torch optimizer holds beyond the model's buffers."""
+    params = [p for group in sub_optimizer.param_groups for p in group["params"]]
+    own = lambda tensors: [t for t in tensors if t is not None and storage_ptr(t) not in buffer_storages]  # noqa: E731
+    moments = [sub_optimizer.state.get(p, {}).get(k) for p in params for k in ("exp_avg", "exp_avg_sq")]
+    return tensor_bytes(own(params)), tensor_bytes(own(moments)) + tensor_bytes(own(p.grad for p in params))
+
+
+def optimizer_allocation(optimizer, buffer_storages: set[int]) -> dict:
+    """Bytes of the optimizer's main params and state on the device and on the host."""
+    found = {"main_param_bytes": 0, "optimizer_state_bytes": 0, "host_bytes": 0}
+    for distributed in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = distributed.optimizer
+        parts = [(inner, True)]
+        if isinstance(inner, HybridDeviceOptimizer):
+            parts = [(sub, sub is inner.gpu_optimizer) for sub in inner.sub_optimizers]
+        for sub, on_device in parts:
+            main, state = optimizer_tensors(sub, buffer_storages)
+            if on_device:
+                found["main_param_bytes"] += main
+                found["optimizer_state_bytes"] += state
+            else:
+                found["host_bytes"] += main + state
+    return found
 
 
 def saved_activation_bytes(chunk, hf: HFModelConfig, excluded: set[int]) -> int:
@@ -57,17 +101,16 @@ def saved_activation_bytes(chunk, hf: HFModelConfig, excluded: set[int]) -> int:
 
 
 def measure(hf_dir: str, layout_name: str) -> dict:
-    options = dict(LAYOUTS[layout_name])
-    bf16 = options.pop("bf16")
+    options, bf16, flags = LAYOUTS[layout_name]
+    args = optimizer_flags(flags)
     hf = HFModelConfig.from_file(hf_dir)
     layout = parallel.initialize(options, hf)
     config = build_transformer_config(hf, **options, precision=PrecisionConfig(bf16=bf16))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args),
+                                               use_distributed_optimizer=True)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in model.build_model(config, hf, vocab)]
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, params_dtype=config.params_dtype,
-                        use_distributed_optimizer=True), chunks)
+    optimizer = optimizers.build_optimizer(args, chunks, bf16, config.params_dtype)
 
     buffers = [(buffer, "expert") for chunk in chunks for buffer in chunk.expert_parallel_buffers] + [
         (buffer, "dense") for chunk in chunks for buffer in chunk.buffers]
@@ -79,17 +122,9 @@ def measure(hf_dir: str, layout_name: str) -> dict:
         chunk.zero_grad_buffer()
     optimizer.step()  # Adam allocates its moments on the first step
 
-    main_param_bytes = adam_bytes = 0
-    for opt in optimizers(optimizer):
-        for group in opt.optimizer.param_groups:
-            for p in group["params"]:
-                if storage_ptr(p) not in buffer_storages:  # fp32 params are views of the model's buffer
-                    main_param_bytes += p.numel() * p.element_size()
-                state = opt.optimizer.state.get(p, {})
-                adam_bytes += sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq"))
-
-    single_stage = layout.pipeline_model_parallel_size == 1
-    activations = saved_activation_bytes(chunks[0].module, hf, buffer_storages) if single_stage else None
+    activations = None
+    if layout_name in MEASURE_ACTIVATIONS:
+        activations = saved_activation_bytes(chunks[0].module, hf, buffer_storages)
     result = {
         "layout": layout_name,
         "rank": torch.distributed.get_rank(),
@@ -103,8 +138,7 @@ def measure(hf_dir: str, layout_name: str) -> dict:
                                for kind in ("dense", "expert")},
         "grad_buffer_bytes": {kind: sum(b.grad_data.nbytes for b, k in buffers if k == kind)
                               for kind in ("dense", "expert")},
-        "main_param_bytes": main_param_bytes,
-        "adam_state_bytes": adam_bytes,
+        **optimizer_allocation(optimizer, buffer_storages),
         "activation_bytes": activations,
         "micro_batch": {"pairs": PAIRS, "seq_length": SEQ},
     }
