@@ -9,6 +9,7 @@ import argparse
 
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.model import FP8UnavailableError, check_fp8_supported
+from orpo_megatron.model_config import PrecisionConfig
 
 
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -74,6 +75,10 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="alltoall",
                        help="How tokens reach their experts: all-to-all exchange (sends each token only to the EP "
                             "ranks of its experts) or all-gather. Default: alltoall.")
+    group.add_argument("--distributed-timeout-minutes", type=int, default=30,
+                       help="Timeout of every collective of every process group (world, TP, PP, DP, EP, ...): "
+                            "how long a rank waits for the others (e.g. while one saves a checkpoint) before the "
+                            "job fails. Default: 30.")
 
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +98,8 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need no model: exit with the flag named (argparse's error: usage line, exit code 2)."""
-    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                 "distributed_timeout_minutes"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.virtual_pipeline_model_parallel_size is not None and args.virtual_pipeline_model_parallel_size < 1:
@@ -104,6 +110,13 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         check_fp8_supported(args.fp8_format)
     except FP8UnavailableError as err:
         parser.error(str(err))
+
+
+def precision_config(args: argparse.Namespace) -> PrecisionConfig:
+    """The numerics the precision flags ask for (trainer and evaluator alike)."""
+    return PrecisionConfig(bf16=args.bf16, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe,
+                           fp8_amax_history_len=args.fp8_amax_history_len,
+                           fp8_amax_compute_algo=args.fp8_amax_compute_algo, fp8_margin=args.fp8_margin)
 
 
 def layout_kwargs(args: argparse.Namespace, is_moe: bool) -> dict:

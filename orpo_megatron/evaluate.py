@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     checkpoint = checkpointing.resolve(args.load)
     hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
-    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed)
+    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
+                                 args.distributed_timeout_minutes)
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe),
+                                      precision=arguments.precision_config(args),
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type)
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab, model.transformer_engine_available())

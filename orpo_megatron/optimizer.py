@@ -152,7 +152,7 @@ def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_d
     mode = OptimizerMode.from_args(args)
     on_gpu = torch.cuda.is_available()
     config = OptimizerConfig(
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=bf16, params_dtype=params_dtype, use_distributed_optimizer=True,
         optimizer_cpu_offload=mode.offload, optimizer_offload_fraction=mode.offload_fraction,

@@ -147,11 +147,12 @@ def launch_env(environ: dict | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
-def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234) -> ParallelLayout:
+def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234,
+               timeout_minutes: int = 30) -> ParallelLayout:
     """Start torch.distributed and Megatron's parallel state; return the validated layout.
 
     The layout is validated before any process group exists, so a wrong layout fails fast on every rank with
-    the same message.
+    the same message. Every process group (the world's and each of Megatron's) gets `timeout_minutes`.
     """
     launch = launch_env()
     layout = ParallelLayout(world_size=launch.world_size, **layout_kwargs)
@@ -165,14 +166,17 @@ def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234) -> P
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=int(os.environ.get("ORPO_DIST_TIMEOUT_MINUTES", 30))),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
+    # Megatron-Core 0.16.1 creates its expert-data-parallel gloo groups without the timeout; set it on all.
+    parallel_state.update_pg_timeout(datetime.timedelta(minutes=timeout_minutes))
     model_parallel_cuda_manual_seed(seed)
     return layout
 

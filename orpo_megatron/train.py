@@ -23,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.pipeline import build_preference_data
-from orpo_megatron.model_config import ModelConfigError, PrecisionConfig, build_transformer_config
+from orpo_megatron.model_config import ModelConfigError, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import ScheduleResult, run_micro_batches
 
@@ -156,16 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load)
     hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
-    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed)
+    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
+                                 args.distributed_timeout_minutes)
     logging_rank = parallel.is_logging_rank()
     log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
         f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.weights_dir}")
 
     # Model and optimizer.
-    precision = PrecisionConfig(bf16=args.bf16, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe,
-                                fp8_amax_history_len=args.fp8_amax_history_len,
-                                fp8_amax_compute_algo=args.fp8_amax_compute_algo, fp8_margin=args.fp8_margin)
+    precision = arguments.precision_config(args)
     use_te = model.transformer_engine_available()
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
                                       moe_aux_loss_coeff=args.moe_aux_loss_coeff,

@@ -24,13 +24,22 @@ def tiny_mistral(tmp_path_factory) -> str:
     return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
 
 
+def convert(hf_dir: str, out: str, dtype: str) -> str:
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron",
+                    "--hf-dir", hf_dir, "--output", out, "--dtype", dtype], check=True, capture_output=True, cwd=REPO)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_converted(tiny_mixtral, tmp_path_factory) -> str:
     """The tiny Mixtral converted to our checkpoint format by the real tool."""
-    out = str(tmp_path_factory.mktemp("tiny_converted") / "ckpt")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron",
-                    "--hf-dir", tiny_mixtral, "--output", out, "--dtype", "fp32"], check=True, capture_output=True, cwd=REPO)
-    return out
+    return convert(tiny_mixtral, str(tmp_path_factory.mktemp("tiny_converted") / "ckpt"), "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_converted_bf16(tiny_mixtral, tmp_path_factory) -> str:
+    """The tiny Mixtral converted with --dtype bf16, as the GPU job converts its model."""
+    return convert(tiny_mixtral, str(tmp_path_factory.mktemp("tiny_converted_bf16") / "ckpt"), "bf16")
 
 
 def free_port() -> int:

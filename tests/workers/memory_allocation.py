@@ -46,7 +46,7 @@ def optimizer_flags(flags: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     optimizers.add_optimizer_args(parser)
     args = parser.parse_args(flags)
-    args.lr = 1e-4  # a trainer flag outside the optimizer group
+    args.lr, args.min_lr = 1e-4, 0.0  # the trainer's schedule flags
     return args
 
 
