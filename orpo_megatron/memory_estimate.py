@@ -6,8 +6,9 @@ busiest rank of a layout. It builds nothing and needs no GPU.
 
 Exact parts (checked against the real allocation of the tiny model): the parameter list of a pipeline stage
 (local layer spec order; the TE spec fuses the norms into the linear layers, same counts); DDP's buffers
-(each parameter starts at a multiple of 64 elements, each bucket is padded to lcm(DP, 128); one bucket per
-buffer, as with `overlap_grad_reduce` off); the distributed optimizer's shard of each bucket per DP rank, and
+(each parameter starts at a multiple of 64 elements, each bucket is padded to lcm(DP, 128); with
+`overlap_grad_reduce` (the GPU default) buckets of max(40M, 1M x DP) parameters on the first pipeline stage, one
+bucket per buffer otherwise); the distributed optimizer's shard of each bucket per DP rank, and
 what each optimizer mode keeps for the elements of that shard on the GPU and on the host
 (`optimizer_bytes_per_element`, the one place that says so). Expert parameters (EP > 1) live in their own
 buffer, sharded over the expert-data-parallel group of size TP*DP / (ETP*EP); everything else over DP.
@@ -52,6 +53,8 @@ class MemoryLayout:
     recompute_full: bool = False
     flash_attention: bool = True  # TE/flash attention keeps no S x S scores; the CPU local spec does
     optimizer: OptimizerMode = OptimizerMode()
+    overlap_grad_reduce: bool = True  # the trainer's GPU default: bucketed gradient reduction
+    ddp_bucket_size: int | None = None  # None: Megatron-Core's max(40M, 1M x DP)
     num_micro_batches: int | None = None  # per step and DP rank; None: enough to fill the pipeline
     make_vocab_size_divisible_by: int = 128
 
@@ -105,6 +108,12 @@ class MemoryLayout:
         problems += self.optimizer.problems(self.bf16)
         if problems:
             raise MemoryLayoutError("; ".join(problems))
+
+    def bucket_size(self, pp_rank: int) -> int | None:
+        """Parameters per DDP bucket on a pipeline stage (None: one bucket); later stages are not bucketed."""
+        if not self.overlap_grad_reduce or pp_rank > 0:
+            return None
+        return self.ddp_bucket_size or max(40_000_000, 1_000_000 * self.dp)
 
     @property
     def param_size(self) -> int:
@@ -170,25 +179,40 @@ def _pad(value: int, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BufferLayout:
-    """A DDP param/grad buffer: its padded size and where each parameter sits (single bucket)."""
+    """A DDP param/grad buffer: its padded size, its buckets and where each parameter sits."""
 
     numel: int
+    buckets: tuple[tuple[int, int], ...]
     param_ranges: tuple[tuple[int, int], ...]
 
     @classmethod
-    def of(cls, numels: list[int], dp: int) -> "BufferLayout":
-        ranges, start = [], 0
-        for numel in reversed(numels):  # Megatron fills buffers in reverse (roughly backprop) order
+    def of(cls, numels: list[int], dp: int, bucket_size: int | None = None) -> "BufferLayout":
+        """Megatron's layout: parameters in reverse order (roughly backprop order), each starting at a multiple of
+        64; a bucket closes once it holds `bucket_size` elements, its end padded to lcm(DP, 128)."""
+        bucket_alignment = math.lcm(dp, BUCKET_ALIGNMENT)
+        ranges, buckets, start, bucket_start, open_params = [], [], 0, 0, 0
+        for numel in reversed(numels):
             start = _pad(start, PARAM_START_ALIGNMENT)
             ranges.append((start, start + numel))
             start += numel
-        return cls(_pad(start, math.lcm(dp, BUCKET_ALIGNMENT)) if numels else 0, tuple(ranges))
+            open_params += 1
+            if bucket_size is not None and start - bucket_start >= bucket_size:
+                buckets.append((bucket_start, _pad(start, bucket_alignment)))
+                start = bucket_start = buckets[-1][1]
+                open_params = 0
+        if open_params:
+            buckets.append((bucket_start, _pad(start, bucket_alignment)))
+        return cls(buckets[-1][1] if buckets else 0, tuple(buckets), tuple(ranges))
 
     def shard_elements(self, dp: int, dp_rank: int) -> int:
-        """Parameter elements (padding excluded) in the distributed optimizer's shard of `dp_rank`."""
-        size = self.numel // dp
-        lo, hi = dp_rank * size, (dp_rank + 1) * size
-        return sum(max(0, min(end, hi) - max(start, lo)) for start, end in self.param_ranges)
+        """Parameter elements (padding excluded) in the distributed optimizer's shard of `dp_rank`: its 1/DP
+        slice of every bucket."""
+        owned = 0
+        for bucket_start, bucket_end in self.buckets:
+            size = (bucket_end - bucket_start) // dp
+            lo = bucket_start + dp_rank * size
+            owned += sum(max(0, min(end, lo + size) - max(start, lo)) for start, end in self.param_ranges)
+        return owned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +275,8 @@ def stage_buffers(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tupl
         params = chunk_parameters(hf, layout, pp_rank, vp_stage)
         num_params += sum(p.numel for p in params)
         for is_expert, dp in ((False, layout.dp), (True, layout.expert_data_parallel_size)):
-            buffers.append((BufferLayout.of([p.numel for p in params if p.expert == is_expert], dp), is_expert))
+            buffers.append((BufferLayout.of([p.numel for p in params if p.expert == is_expert], dp,
+                                            layout.bucket_size(pp_rank)), is_expert))
     return num_params, buffers
 
 

@@ -55,6 +55,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip-nonfinite-steps", type=int, default=0,
                        help="Skip up to N optimizer steps whose loss or grad norm is NaN/inf before stopping. Default: 0.")
 
+    group = parser.add_argument_group("data-parallel communication (default: on with a GPU, off on CPU)")
+    group.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None,
+                       help="Reduce-scatter each gradient bucket during the backward pass of the last micro-batch "
+                            "instead of after it (buckets of max(40M, 1M x DP) parameters).")
+    group.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=None,
+                       help="All-gather the updated parameters bucket by bucket during the next forward pass "
+                            "instead of right after the optimizer step. Needs --overlap-grad-reduce.")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: "
+                            "Megatron-Core's max(40M, 1M x DP).")
+
     group = parser.add_argument_group("evaluation and checkpoints")
     group.add_argument("--eval-interval", type=int, default=100, help="Evaluate every N steps (0: only at the end).")
     group.add_argument("--eval-iters", type=int, default=None,
@@ -79,16 +90,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimizers.validate_optimizer_args(parser, args)
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
-    for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints"):
+    for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints",
+                 "ddp_bucket_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.save_interval and not args.save:
         parser.error("--save-interval needs --save")
+    for flag in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, torch.cuda.is_available())
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        parser.error("--overlap-param-gather needs --overlap-grad-reduce")
     return args
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+def wrap_data_parallel(config, args, modules) -> list[DistributedDataParallel]:
+    """Megatron's DDP around each model chunk (distributed optimizer), and the schedule's hooks into it."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args), use_distributed_optimizer=True,
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+        bucket_size=args.ddp_bucket_size)
+    chunks = [DistributedDataParallel(config, ddp_config, module) for module in modules]
+    config.finalize_model_grads_func = finalize_model_grads
+    one_or_all = (lambda funcs: funcs[0] if len(funcs) == 1 else funcs)  # noqa: E731
+    if args.overlap_grad_reduce:
+        # Reductions start only after the last micro-batch's backward (no_sync before), bucket by bucket.
+        config.no_sync_func = one_or_all([chunk.no_sync for chunk in chunks])
+        config.grad_sync_func = one_or_all([chunk.start_grad_sync for chunk in chunks])
+    elif len(chunks) > 1:
+        config.no_sync_func = [chunk.no_sync for chunk in chunks]
+    return chunks
+
+
+def gather_updated_params(chunks) -> None:
+    """With --overlap-param-gather the next forward all-gathers the params the last step updated; anything that
+    reads them without a forward (a checkpoint save) gathers them first."""
+    for chunk in chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def build_scheduler(args, optimizer, train_iters: int) -> OptimizerParamScheduler:
     decay_iters = args.lr_decay_iters or train_iters
     if args.lr_warmup_iters >= decay_iters:
@@ -171,15 +214,9 @@ def main(argv: list[str] | None = None) -> None:
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                                       recompute_granularity=args.recompute_granularity)
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args),
-                                               use_distributed_optimizer=True)
-    chunks = [DistributedDataParallel(config, ddp_config, chunk)
-              for chunk in model.build_model(config, hf, vocab, use_te)]
-    config.finalize_model_grads_func = finalize_model_grads
+    chunks = wrap_data_parallel(config, args, model.build_model(config, hf, vocab, use_te))
     optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
     config.grad_scale_func = optimizer.scale_loss
-    if len(chunks) > 1:
-        config.no_sync_func = [chunk.no_sync for chunk in chunks]
 
     # Data.
     dp_size = layout.data_parallel_size
@@ -218,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal saved_at
         if at_iteration == saved_at:
             return
+        gather_updated_params(chunks)
         train_state = {"data": train_iter.state_dict(), "layout": layout.describe(), "args": vars(args)}
         path = checkpointing.save(args.save, at_iteration, chunks, optimizer, scheduler, train_state, hf,
                                   hf_files_from=checkpoint.weights_dir, keep_last=args.keep_last_checkpoints)

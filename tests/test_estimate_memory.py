@@ -28,6 +28,7 @@ LAYOUTS = {
                              optimizer=OptimizerMode(**HALF_OFFLOADED)),
     "tp2_offload_half_bf16_grads": dict(tensor_model_parallel_size=2, data_parallel_size=1,
                                         optimizer=OptimizerMode(**HALF_OFFLOADED, main_grads_dtype="bf16")),
+    "dp2_buckets": dict(data_parallel_size=2, overlap_grad_reduce=True, ddp_bucket_size=5000),
 }
 # Megatron offloads whole parameter shards until the fraction is reached; the estimate takes the fraction exactly.
 # Per chained optimizer (dense, experts) the split can differ by up to one parameter's shard, 16 B per element.
@@ -44,7 +45,8 @@ def real_allocation(tiny_mixtral, torchrun, tmp_path_factory):
 
 
 def estimator_layout(name: str, micro_batch: dict) -> MemoryLayout:
-    return MemoryLayout(**LAYOUTS[name], micro_batch_size=micro_batch["pairs"], seq_length=micro_batch["seq_length"],
+    options = dict(overlap_grad_reduce=False) | LAYOUTS[name]  # the worker's DDP reduces without buckets
+    return MemoryLayout(**options, micro_batch_size=micro_batch["pairs"], seq_length=micro_batch["seq_length"],
                         flash_attention=False)  # the CPU local spec materializes S x S scores
 
 
@@ -72,6 +74,9 @@ def test_params_grads_and_optimizer_state_equal_the_real_allocation(tiny_mixtral
     # The DP ranks' shards really differ (padding), and the estimate follows each one.
     ep2 = {r["rank"]: r["optimizer_state_bytes"] for r in real_allocation if r["layout"] == "ep2"}
     assert ep2[0] != ep2[1]
+    # Small buckets really split the buffers (and pad each bucket), and the estimate follows.
+    buckets = {r["layout"]: r["buckets"] for r in real_allocation if r["rank"] == 0}
+    assert buckets["ep2"] == 2 and buckets["dp2_buckets"] > 5
     # Offloading really moves state to the host: all of it at fraction 1, part of it at 0.5.
     by_layout = {(r["layout"], r["rank"]): r for r in real_allocation}
     for rank in (0, 1):

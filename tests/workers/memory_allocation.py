@@ -33,7 +33,10 @@ LAYOUTS = {  # parallel layout, bf16, the trainer's optimizer flags
     "ep2_offload_half": (dict(expert_model_parallel_size=2), True, OFFLOAD + ["--optimizer-offload-fraction", "0.5"]),
     "tp2_offload_half_bf16_grads": (dict(tensor_model_parallel_size=2, sequence_parallel=True), True,
                                     OFFLOAD + ["--optimizer-offload-fraction", "0.5", "--main-grads-dtype", "bf16"]),
+    "dp2_buckets": (dict(), True, []),
 }
+# Bucketed gradient reduction (the GPU default) with buckets small enough to split the tiny model's buffers.
+DDP_OVERRIDES = {"dp2_buckets": dict(overlap_grad_reduce=True, bucket_size=5000)}
 MEASURE_ACTIVATIONS = ("tp2", "ep2", "dp2_fp32")
 PAIRS, SEQ = 2, 32
 
@@ -108,7 +111,7 @@ def measure(hf_dir: str, layout_name: str) -> dict:
     config = build_transformer_config(hf, **options, precision=PrecisionConfig(bf16=bf16))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args),
-                                               use_distributed_optimizer=True)
+                                               use_distributed_optimizer=True, **DDP_OVERRIDES.get(layout_name, {}))
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in model.build_model(config, hf, vocab)]
     optimizer = optimizers.build_optimizer(args, chunks, bf16, config.params_dtype)
 
@@ -138,6 +141,7 @@ def measure(hf_dir: str, layout_name: str) -> dict:
                                for kind in ("dense", "expert")},
         "grad_buffer_bytes": {kind: sum(b.grad_data.nbytes for b, k in buffers if k == kind)
                               for kind in ("dense", "expert")},
+        "buckets": sum(len(b.buckets) for b, _ in buffers),
         **optimizer_allocation(optimizer, buffer_storages),
         "activation_bytes": activations,
         "micro_batch": {"pairs": PAIRS, "seq_length": SEQ},
