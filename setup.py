@@ -10,9 +10,9 @@ setup(
     packages=find_packages(include=["orpo_megatron", "orpo_megatron.*"]),
     python_requires=">=3.11",
     install_requires=[
-        # torch is installed first by the README's set-up command (torch==2.13.0 is the CPU build here);
-        # any 2.4+ release works on GPU clusters.
-        "torch>=2.4",
+        # torch is installed first by the README's set-up command (torch==2.13.0 is the CPU build here); on GPU
+        # clusters any release megatron-core 0.16.1 accepts (2.6+) with the matching CUDA build.
+        "torch>=2.6.0",
         "megatron-core==0.16.1",
         "sentencepiece>=0.2",
         "datasets>=3.0",
@@ -26,7 +26,9 @@ setup(
     extras_require={
         # transformers and trl are test references only: parity against real peers.
         "test": ["pytest>=8", "transformers>=5.0", "trl>=0.26", "mpmath"],
-        "fp8": ["transformer-engine[pytorch]"],
+        # Transformer Engine: the GPU layers (FP8, grouped experts, fused kernels, the precision-aware optimizer),
+        # in the range megatron-core 0.16.1 supports (its own `dev` extra); orpo_megatron.model checks it too.
+        "te": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
     },
     entry_points={
         "console_scripts": [

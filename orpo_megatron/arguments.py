@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from orpo_megatron.data.arguments import DataConfig, add_data_args
-from orpo_megatron.model import FP8UnavailableError, check_fp8_supported
+from orpo_megatron.model import BackendUnavailableError, check_backend
 from orpo_megatron.model_config import PrecisionConfig
 
 
@@ -107,8 +107,8 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.fp8_format and not args.bf16:
         parser.error("--fp8-format needs --bf16 (FP8 matmuls run inside a bf16 model)")
     try:
-        check_fp8_supported(args.fp8_format)
-    except FP8UnavailableError as err:
+        check_backend(args.fp8_format)
+    except BackendUnavailableError as err:
         parser.error(str(err))
 
 

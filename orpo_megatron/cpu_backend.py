@@ -136,7 +136,6 @@ def _patch_torch_cuda() -> None:
 
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as tp_random
-    from megatron.core.transformer.moe import moe_utils
 
     # The tracker's own get/set go through torch.cuda's lazy-init machinery, which never runs without CUDA.
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
@@ -150,10 +149,6 @@ def _patch_megatron() -> None:
     fused_softmax.get_default_causal_mask = functools.lru_cache(maxsize=8)(
         lambda sq: torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
     )
-
-    # Router gating references this name even when Transformer Engine is absent (a 0.16.1 bug).
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
     # The alltoall token dispatcher passes its split sizes as numpy arrays, which the c10d binding refuses.
     all_to_all_single = dist.all_to_all_single

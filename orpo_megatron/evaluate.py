@@ -19,7 +19,7 @@ from orpo_megatron import arguments, checkpoint_format, checkpointing, model, pa
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-from orpo_megatron.model_config import ModelConfigError, build_transformer_config
+from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import run_micro_batches
 
@@ -38,11 +38,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
                                  args.distributed_timeout_minutes)
+    use_te = model.transformer_engine_available()
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe),
                                       precision=arguments.precision_config(args),
-                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                                      kernels=FusedKernels.for_backend(use_te))
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    chunks = model.build_model(config, hf, vocab, model.transformer_engine_available())
+    chunks = model.build_model(config, hf, vocab, use_te)
     checkpoint_format.load_model_weights(checkpoint.weights_dir, chunks, hf)
     for chunk in chunks:
         chunk.eval()

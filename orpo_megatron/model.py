@@ -1,12 +1,15 @@
 """Model building: a Megatron-Core `GPTModel` for a Mixtral-family config, on the TE or the local spec.
 
 The backend is a spec choice, not branches inside layers: the Transformer Engine spec when TE and CUDA are
-present (required for FP8), otherwise Megatron's local spec with this module's RMSNorm, which (unlike
-Megatron's torch-norm wrapper) supports sequence parallelism.
+present (required for FP8; experts as TEGroupedMLP when the config asks for grouped GEMM), otherwise
+Megatron's local spec with this module's RMSNorm, which (unlike Megatron's torch-norm wrapper) supports
+sequence parallelism. `check_backend` refuses, at start-up, a Transformer Engine outside the versions
+megatron-core 0.16.1 supports and FP8 where it cannot run.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 
 import torch
@@ -22,29 +25,83 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 
 
-class FP8UnavailableError(RuntimeError):
-    """--fp8-format was asked for where Transformer Engine or a CUDA GPU is missing."""
+# Transformer Engine releases megatron-core 0.16.1 supports (its `dev` extra); setup.py's `te` extra pins the same.
+TRANSFORMER_ENGINE_SUPPORTED = (">=2.9.0a0", "<2.12.0")
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada / Hopper: TE's FP8 GEMMs
+
+
+class BackendUnavailableError(RuntimeError):
+    """The machine cannot run what the flags ask for (FP8, or the installed Transformer Engine), with the fix."""
 
 
 def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def check_fp8_supported(fp8_format: str | None) -> None:
-    """Fail at start-up, before any work, when FP8 cannot run here."""
-    if not fp8_format:
-        return
-    if not torch.cuda.is_available():
-        raise FP8UnavailableError(
-            f"--fp8-format {fp8_format} needs a CUDA GPU with FP8 support (Hopper or newer); this machine has "
-            "no CUDA device. Drop --fp8-format (use --bf16) to run here."
-        )
+def _installed_transformer_engine() -> str | None:
     if importlib.util.find_spec("transformer_engine") is None:
-        raise FP8UnavailableError(
-            f"--fp8-format {fp8_format} needs NVIDIA Transformer Engine, which is not installed. "
-            "Install it with: pip install 'orpo-megatron[fp8]' (transformer-engine[pytorch]); "
-            "or drop --fp8-format and train with --bf16."
-        )
+        return None
+    for name in ("transformer-engine", "transformer_engine", "transformer-engine-cu12"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import transformer_engine
+
+    return str(transformer_engine.__version__)
+
+
+def backend_problems(fp8_format: str | None, cuda: bool, te_version: str | None,
+                     capability: tuple[int, int] | None, device_name: str = "this GPU") -> list[str]:
+    """What stops this machine from running the flags: a Transformer Engine megatron-core 0.16.1 does not
+    support (when it would be used), or FP8 without CUDA, TE or an FP8-capable GPU. Pure, so tests can ask
+    about any machine."""
+    from packaging.specifiers import SpecifierSet
+
+    problems = []
+    supported = SpecifierSet(",".join(TRANSFORMER_ENGINE_SUPPORTED))
+    if cuda and te_version is not None and not supported.contains(te_version, prereleases=True):
+        problems.append(f"transformer-engine {te_version} is installed, but megatron-core 0.16.1 supports "
+                        f"transformer-engine{supported}: pip install 'orpo-megatron[te]' (or uninstall it to "
+                        "run on Megatron's local layers, without FP8)")
+    if not fp8_format:
+        return problems
+    if not cuda:
+        problems.append(f"--fp8-format {fp8_format} needs a CUDA GPU with FP8 support (compute capability "
+                        f"{'.'.join(map(str, FP8_MIN_COMPUTE_CAPABILITY))}+: Ada, Hopper or newer); this machine "
+                        "has no CUDA device. Drop --fp8-format (use --bf16) to run here.")
+    elif te_version is None:
+        problems.append(f"--fp8-format {fp8_format} needs NVIDIA Transformer Engine, which is not installed. "
+                        "Install it with: pip install 'orpo-megatron[te]'; or drop --fp8-format and train with "
+                        "--bf16.")
+    elif capability is not None and tuple(capability) < FP8_MIN_COMPUTE_CAPABILITY:
+        problems.append(f"--fp8-format {fp8_format} needs compute capability "
+                        f"{'.'.join(map(str, FP8_MIN_COMPUTE_CAPABILITY))}+ (Ada, Hopper or newer); {device_name} "
+                        f"has {capability[0]}.{capability[1]}. Drop --fp8-format (use --bf16).")
+    return problems
+
+
+def check_backend(fp8_format: str | None) -> None:
+    """Fail at start-up, before any work, when this machine cannot run the flags."""
+    cuda = torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability() if cuda else None
+    problems = backend_problems(fp8_format, cuda, _installed_transformer_engine(), capability,
+                                torch.cuda.get_device_name() if cuda else "this GPU")
+    if problems:
+        raise BackendUnavailableError("; ".join(problems))
+
+
+def _router_gemm_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router calls `te_general_gemm` unless it is None, but binds the name only when TE
+    imports: without TE every MoE forward would raise a NameError, on a GPU as on CPU. Binding it to None sends
+    the router to its torch matmul."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+_router_gemm_without_transformer_engine()
 
 
 class RMSNorm(torch.nn.Module):

@@ -7,6 +7,7 @@ Megatron's names, plus vocabulary padding. It does not build modules (`model.py`
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -144,6 +145,36 @@ class PrecisionConfig:
         return torch.bfloat16 if self.bf16 else torch.float32
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedKernels:
+    """GPU kernels a run on the Transformer Engine spec uses; all off on the local spec (CPU), whose unfused
+    paths are exact and run everywhere.
+
+    moe_grouped_gemm: the local experts as TEGroupedMLP, one grouped GEMM per projection, instead of
+        SequentialMLP's loop over experts.
+    moe_permute_fusion: TE's fused token permutation in the MoE dispatcher.
+    apply_rope_fusion, bias_dropout_fusion, masked_softmax_fusion: fused RoPE, residual add, softmax.
+    gradient_accumulation_fusion: weight gradients accumulated straight into DDP's fp32 buffer; the output layer
+        (Megatron's own linear) needs Apex's `fused_weight_gradient_mlp_cuda` for it.
+    """
+
+    moe_grouped_gemm: bool = False
+    moe_permute_fusion: bool = False
+    apply_rope_fusion: bool = False
+    bias_dropout_fusion: bool = False
+    masked_softmax_fusion: bool = False
+    gradient_accumulation_fusion: bool = False
+
+    @classmethod
+    def for_backend(cls, use_transformer_engine: bool) -> "FusedKernels":
+        """All of them on the TE spec (gradient accumulation fusion where Apex's kernel is installed)."""
+        if not use_transformer_engine:
+            return cls()
+        return cls(moe_grouped_gemm=True, moe_permute_fusion=True, apply_rope_fusion=True, bias_dropout_fusion=True,
+                   masked_softmax_fusion=True,
+                   gradient_accumulation_fusion=importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)
+
+
 def build_transformer_config(
     hf: HFModelConfig,
     *,
@@ -156,14 +187,17 @@ def build_transformer_config(
     moe_aux_loss_coeff: float | None = None,
     moe_token_dispatcher_type: str = "alltoall",
     recompute_granularity: str | None = None,
+    kernels: FusedKernels | None = None,
 ) -> TransformerConfig:
     """Translate an HF config into a TransformerConfig for the given parallel layout.
 
     Routing equals HF Mixtral's: top-k over the router logits, then a softmax over those k
     (`moe_router_pre_softmax=False`), which is the same as softmax-all, top-k, renormalize. The router runs
-    in fp32. Dropout is off (ORPO fine-tuning, as TRL's `disable_dropout=True`).
+    in fp32. Dropout is off (ORPO fine-tuning, as TRL's `disable_dropout=True`). `kernels` (default: none) are
+    the fused GPU kernels of the Transformer Engine spec.
     """
     precision = precision or PrecisionConfig()
+    kernels = kernels or FusedKernels()
     on_gpu = torch.cuda.is_available()
     moe_kwargs: dict[str, Any] = {}
     if hf.is_moe:
@@ -175,8 +209,8 @@ def build_transformer_config(
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=hf.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff,
             moe_token_dispatcher_type=moe_token_dispatcher_type,
-            # Experts stay separate modules (SequentialMLP) on both specs, so checkpoints name them the same way.
-            moe_grouped_gemm=False,
+            moe_grouped_gemm=kernels.moe_grouped_gemm,
+            moe_permute_fusion=kernels.moe_permute_fusion,
             moe_ffn_hidden_size=hf.intermediate_size,
         )
     fp8_kwargs: dict[str, Any] = {}
@@ -213,11 +247,10 @@ def build_transformer_config(
         params_dtype=precision.params_dtype,
         pipeline_dtype=precision.params_dtype,
         autocast_dtype=precision.params_dtype,
-        # Fusions need Apex/TE kernels; the unfused paths are exact and run everywhere.
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=kernels.bias_dropout_fusion,
+        masked_softmax_fusion=kernels.masked_softmax_fusion,
+        apply_rope_fusion=kernels.apply_rope_fusion,
+        gradient_accumulation_fusion=kernels.gradient_accumulation_fusion,
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
         recompute_granularity=recompute_granularity,

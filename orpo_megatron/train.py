@@ -23,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.pipeline import build_preference_data
-from orpo_megatron.model_config import ModelConfigError, build_transformer_config
+from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import ScheduleResult, run_micro_batches
 
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
                                       moe_aux_loss_coeff=args.moe_aux_loss_coeff,
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-                                      recompute_granularity=args.recompute_granularity)
+                                      recompute_granularity=args.recompute_granularity,
+                                      kernels=FusedKernels.for_backend(use_te))
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     chunks = wrap_data_parallel(config, args, model.build_model(config, hf, vocab, use_te))
     optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)

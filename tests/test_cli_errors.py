@@ -1,8 +1,18 @@
-"""Bad flags and layouts stop the trainer at start-up with one clear message, a non-zero exit, no traceback."""
+"""Bad flags and layouts stop the trainer at start-up with one clear message, a non-zero exit, no traceback;
+and the start-up checks of the GPU backend (Transformer Engine version, FP8 hardware) decide right for any machine."""
+import ast
+import importlib.metadata
+import os
 import subprocess
 import sys
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from orpo_megatron.model import TRANSFORMER_ENGINE_SUPPORTED, backend_problems
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, cwd=None):
@@ -16,7 +26,7 @@ def test_fp8_without_transformer_engine_or_gpu_exits_with_what_to_install(tiny_c
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "--fp8-format hybrid" in proc.stderr
-    assert ("no CUDA device" in proc.stderr) or ("pip install 'orpo-megatron[fp8]'" in proc.stderr)
+    assert ("no CUDA device" in proc.stderr) or ("pip install 'orpo-megatron[te]'" in proc.stderr)
 
 
 def test_fp8_needs_bf16():
@@ -49,3 +59,78 @@ def test_missing_checkpoint_is_named(tmp_path):
     assert proc.returncode != 0
     assert "nothing: no such checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bf16", "--optimizer-cpu-offload"], "--optimizer-cpu-offload needs --use-precision-aware-optimizer"),
+    (["--use-precision-aware-optimizer"], "--use-precision-aware-optimizer needs --bf16"),
+    (["--bf16", "--exp-avg-dtype", "bf16"], "--exp-avg-dtype bf16 needs --use-precision-aware-optimizer"),
+    (["--bf16", "--use-precision-aware-optimizer", "--optimizer-cpu-offload", "--exp-avg-sq-dtype", "fp8"],
+     "--exp-avg-sq-dtype fp8 cannot be used with --optimizer-cpu-offload"),
+    (["--bf16", "--use-precision-aware-optimizer"], "needs a CUDA GPU with transformer-engine installed"),
+    (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["--overlap-param-gather", "--no-overlap-grad-reduce"], "--overlap-param-gather needs --overlap-grad-reduce"),
+])
+def test_optimizer_and_communication_modes_that_cannot_work_are_named(flags, message, capsys):
+    from orpo_megatron import train
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error: usage line, exit 2, before any work
+        train.parse_args(["--load", "x", "--data-path", "y", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+H100, A100 = (9, 0), (8, 0)
+
+
+@pytest.mark.parametrize("fp8, cuda, te, capability, expected", [
+    ("hybrid", True, "2.10.0", H100, None),
+    (None, True, "2.9.0", A100, None),  # bf16 on an A100 with a supported TE
+    ("e4m3", True, "2.11.0", A100, "needs compute capability 8.9+ (Ada, Hopper or newer); this GPU has 8.0"),
+    ("hybrid", True, None, H100, "needs NVIDIA Transformer Engine, which is not installed"),
+    ("hybrid", False, None, None, "this machine has no CUDA device"),
+    (None, True, "2.12.0", H100, "transformer-engine 2.12.0 is installed, but megatron-core 0.16.1 supports"),
+    (None, True, "2.8.0", H100, "transformer-engine 2.8.0 is installed"),
+    (None, False, "2.12.0", None, None),  # no GPU: TE is never used
+])
+def test_backend_checks_decide_for_any_machine(fp8, cuda, te, capability, expected):
+    problems = backend_problems(fp8, cuda, te, capability)
+    if expected is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and expected in problems[0], problems
+
+
+def setup_requirements() -> dict[str, Requirement]:
+    """The requirements setup.py declares (install_requires and every extra), by package name."""
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    kwargs = {k.arg: k.value for k in call.keywords}
+    listed = ast.literal_eval(kwargs["install_requires"])
+    for extra in ast.literal_eval(kwargs["extras_require"]).values():
+        listed += extra
+    return {Requirement(r).name: Requirement(r) for r in listed}
+
+
+def test_torch_and_transformer_engine_pins_follow_megatron_core():
+    ours = setup_requirements()
+    theirs = {Requirement(r).name: Requirement(r) for r in importlib.metadata.requires("megatron-core")}
+    assert ours["transformer-engine"].specifier == theirs["transformer-engine"].specifier
+    assert SpecifierSet(",".join(TRANSFORMER_ENGINE_SUPPORTED)) == theirs["transformer-engine"].specifier
+    assert ours["torch"].specifier == theirs["torch"].specifier
+
+
+def test_router_runs_without_transformer_engine_outside_the_cpu_backend():
+    # A GPU machine without TE never activates the CPU backend; the router's TE GEMM name must still be bound.
+    code = (
+        "import torch, orpo_megatron.model\n"
+        "from orpo_megatron import cpu_backend\n"
+        "from megatron.core.transformer.moe.moe_utils import router_gating_linear\n"
+        "assert not cpu_backend.is_active()\n"
+        "x, w = torch.randn(5, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)\n"
+        "out = router_gating_linear(x, w, None, torch.float32)\n"
+        "assert out.dtype == torch.float32 and torch.allclose(out, x.float() @ w.float().t())\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
