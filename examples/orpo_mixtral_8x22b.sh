@@ -16,23 +16,25 @@
 #
 # Layout (tools/estimate_memory.py --hf-config tools/configs/mixtral-8x22b.json --tp 4 --pp 1 --ep 4 --dp 4
 #         --micro-batch-size 1 --max-length 2048 --global-batch-size 32 --recompute-granularity full
-#         --optimizer-offload 1.0):
+#         --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0):
 #   layout: TP4 PP1 EP4 ETP4 DP4 (world 16, expert-DP 1); micro-batch 1 pair(s) = 2 x 2048 tokens; bf16; full
-#           recompute; optimizer offload 1
+#           recompute; optimizer: offload 1 to the host (precision-aware, fp32 copies)
 #   busiest rank: pipeline stage 0 (first: embedding; last: output layer), 9.791B parameters on it
 #     weights         18.24 GiB   2 B/param in DDP's param buffer (replicated over DP)
-#     gradients       36.48 GiB   4 B/param fp32 grad buffer (replicated over DP)
-#     main params      0.00 GiB   4 B/param fp32 copies of the optimizer shard (1/DP=4, experts 1/EDP=1) x (1 - offload)
-#     Adam moments     0.00 GiB   2 x 4 B/param of the same shard x (1 - offload)
+#     gradients       36.48 GiB   4 B/param grad buffer (replicated over DP)
+#     main params      0.00 GiB   0 B/param of the optimizer shard (1/DP=4, experts 1/EDP=1) on the GPU
+#     optim. state     0.00 GiB   0 B/param of the same shard: Adam moments (+ gradient copies)
 #     activations      1.33 GiB   rough: in-flight micro-batches x layers x per-layer formula + logits
 #     reserve          6.00 GiB   CUDA context, NCCL, temporaries, fragmentation
 #     estimate        62.04 GiB
 #     budgeted        62.70 GiB   activations x 1.5; of 80 GiB: fits
-#     host           130.98 GiB per GPU (fp32 main params + moments + fp32 grad copy of the offloaded shard),
+#     host           130.98 GiB per GPU (16 B/param of the shard: fp32 main params, moments, gradient copy),
 #                    1048 GiB per 8-GPU node of 2000 GiB: fits
+# Offloading needs the precision-aware optimizer, which the script passes with OPTIMIZER_OFFLOAD: without it
+# Megatron-Core keeps the fp32 main params on the GPU (4 B/param of the shard, +32.7 GiB here: ~95 GiB, over 80).
 # One node cannot hold it (`estimate_memory.py --search`: 2 nodes is the fewest). On 2 nodes the estimator's own
 # pick is TP8 EP2 DP2 with offload 0.8 (77.8 of 80 GiB budgeted); this layout keeps ~17 GiB of headroom over a
-# rough activation estimate at the price of running all of Adam on the hosts (give tasks CPUs: -c below).
+# rough activation estimate at the price of running all of Adam on the hosts (12 CPUs per task, given to srun).
 #
 # Every default can be changed with an environment variable (sbatch passes the submitting environment on), so
 # the same script runs a tiny model on a small cluster. #SBATCH lines cannot read variables: override them on
@@ -51,7 +53,8 @@
 #   TP PP EP VP       parallel layout (default 4 1 4 -); VP = virtual pipeline chunks per stage
 #   BF16=1            bf16 training (0: fp32);  FP8=e4m3|hybrid: FP8 matmuls via Transformer Engine (default off)
 #   RECOMPUTE         activation recomputation: full | selective | "" (default full)
-#   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 1.0; 0: all on the GPU)
+#   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 1.0; 0: all on the GPU); with it the
+#                     precision-aware optimizer is on (bf16 only)
 #   EPOCHS / TRAIN_ITERS  training length (default 3 epochs; TRAIN_ITERS wins when set)
 #   GLOBAL_BATCH MICRO_BATCH MAX_LENGTH MAX_PROMPT_LENGTH LR WARMUP LR_DECAY_STYLE BETA SEED
 #   EVAL_FRACTION     held-out fraction of the training pairs for eval/ metrics (default 0: the recipe trains on all)
@@ -131,8 +134,12 @@ WANDB_EXP_NAME=${WANDB_EXP_NAME:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 EXPORT_HF=${EXPORT_HF:-0}
 EXPORT_DIR=${EXPORT_DIR:-$RUN_DIR/hf}
-# CPU-side work per task (offloaded Adam, data) gets the CPUs SLURM gave the task.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# CPU-side work per task (offloaded Adam, data) gets the CPUs SLURM gave the task: srun is told the count (since
+# Slurm 22.05 it does not inherit --cpus-per-task), binds each task to its own cores, and OpenMP uses them all.
+CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
+# One hardware queue per GPU: Megatron-Core then overlaps tensor-parallel communication with compute.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
 REQUEUE=0
 TRAIN_PID=
@@ -180,7 +187,9 @@ ARGS=(
 [ "$BF16" = 1 ] && ARGS+=(--bf16)
 [ -n "$FP8" ] && ARGS+=(--fp8-format "$FP8")
 [ -n "$RECOMPUTE" ] && ARGS+=(--recompute-granularity "$RECOMPUTE")
-[ "$OPTIMIZER_OFFLOAD" != 0 ] && ARGS+=(--optimizer-cpu-offload --optimizer-offload-fraction "$OPTIMIZER_OFFLOAD")
+# Offloading needs the precision-aware optimizer (otherwise the fp32 main params stay on the GPU).
+[ "$OPTIMIZER_OFFLOAD" != 0 ] && ARGS+=(--use-precision-aware-optimizer --optimizer-cpu-offload
+                                       --optimizer-offload-fraction "$OPTIMIZER_OFFLOAD")
 [ "$EVAL_FRACTION" != 0 ] && ARGS+=(--eval-fraction "$EVAL_FRACTION")
 [ -n "$WANDB_PROJECT" ] && ARGS+=(--wandb-project "$WANDB_PROJECT")
 [ -n "$WANDB_EXP_NAME" ] && ARGS+=(--wandb-exp-name "$WANDB_EXP_NAME")
@@ -191,8 +200,9 @@ if [ "$REQUEUE" = 1 ]; then  # the warning came during the conversion
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
-echo "$(date '+%F %T') srun $PYTHON -m orpo_megatron.train ${ARGS[*]}"
-srun --kill-on-bad-exit=1 "$PYTHON" -m orpo_megatron.train "${ARGS[@]}" &
+SRUN=(srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS_PER_TASK" --cpu-bind=cores)
+echo "$(date '+%F %T') ${SRUN[*]} $PYTHON -m orpo_megatron.train ${ARGS[*]}"
+"${SRUN[@]}" "$PYTHON" -m orpo_megatron.train "${ARGS[@]}" &
 TRAIN_PID=$!
 # A trapped signal interrupts `wait` (status > 128) while srun still runs: wait again for its real exit status.
 while :; do

@@ -10,20 +10,22 @@
 #
 # Layout (tools/estimate_memory.py --hf-config tools/configs/mixtral-8x7b.json --tp 8 --pp 1 --ep 1 --dp 1
 #         --micro-batch-size 1 --max-length 2048 --global-batch-size 32 --recompute-granularity full
-#         --optimizer-offload 0.5):
+#         --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 0.5):
 #   layout: TP8 PP1 EP1 ETP8 DP1 (world 8, expert-DP 1); micro-batch 1 pair(s) = 2 x 2048 tokens; bf16; full
-#           recompute; optimizer offload 0.5
+#           recompute; optimizer: offload 0.5 to the host (precision-aware, fp32 copies)
 #     weights         10.88 GiB   2 B/param in DDP's param buffer (replicated over DP)
-#     gradients       21.75 GiB   4 B/param fp32 grad buffer (replicated over DP)
-#     main params     10.88 GiB   4 B/param fp32 copies of the optimizer shard x (1 - offload)
-#     Adam moments    21.75 GiB   2 x 4 B/param of the same shard x (1 - offload)
+#     gradients       21.75 GiB   4 B/param grad buffer (replicated over DP)
+#     main params     10.88 GiB   2 B/param of the optimizer shard on the GPU (fp32 copies of the half kept there)
+#     optim. state    21.75 GiB   4 B/param of the same shard: Adam moments of that half
 #     activations      0.46 GiB   rough: in-flight micro-batches x layers x per-layer formula + logits
 #     reserve          6.00 GiB   CUDA context, NCCL, temporaries, fragmentation
 #     estimate        71.73 GiB
 #     budgeted        71.96 GiB   activations x 1.5; of 80 GiB: fits
-#     host            43.51 GiB per GPU, 348 GiB per 8-GPU node of 2000 GiB: fits
-# `estimate_memory.py --search` finds 1 node the fewest; its pick there is this layout with offload 0.4 (78.5 of
-# 80 GiB budgeted); 0.5 keeps ~8 GiB of headroom for the rough activation figure.
+#     host            43.51 GiB per GPU (8 B/param: the other half's fp32 main params, moments, gradient copy),
+#                     348 GiB per 8-GPU node of 2000 GiB: fits
+# Without the precision-aware optimizer (which OPTIMIZER_OFFLOAD turns on) all fp32 main params would stay on the
+# GPU: +10.9 GiB, 82.6 GiB, over 80. `estimate_memory.py --search` finds 1 node the fewest; its pick there is this
+# layout with offload 0.4 (78.5 of 80 GiB budgeted); 0.5 keeps ~8 GiB of headroom for the rough activation figure.
 #
 #SBATCH --job-name=orpo-mixtral-8x7b
 #SBATCH --nodes=1

@@ -179,39 +179,37 @@ def _pad(value: int, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BufferLayout:
-    """A DDP param/grad buffer: its padded size, its buckets and where each parameter sits."""
+    """A DDP param/grad buffer: its padded size and its buckets, each (start, end, its parameters' ranges)."""
 
     numel: int
-    buckets: tuple[tuple[int, int], ...]
-    param_ranges: tuple[tuple[int, int], ...]
+    buckets: tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...]
 
     @classmethod
     def of(cls, numels: list[int], dp: int, bucket_size: int | None = None) -> "BufferLayout":
         """Megatron's layout: parameters in reverse order (roughly backprop order), each starting at a multiple of
         64; a bucket closes once it holds `bucket_size` elements, its end padded to lcm(DP, 128)."""
         bucket_alignment = math.lcm(dp, BUCKET_ALIGNMENT)
-        ranges, buckets, start, bucket_start, open_params = [], [], 0, 0, 0
+        buckets, ranges, start, bucket_start = [], [], 0, 0
         for numel in reversed(numels):
             start = _pad(start, PARAM_START_ALIGNMENT)
             ranges.append((start, start + numel))
             start += numel
-            open_params += 1
             if bucket_size is not None and start - bucket_start >= bucket_size:
-                buckets.append((bucket_start, _pad(start, bucket_alignment)))
+                buckets.append((bucket_start, _pad(start, bucket_alignment), tuple(ranges)))
                 start = bucket_start = buckets[-1][1]
-                open_params = 0
-        if open_params:
-            buckets.append((bucket_start, _pad(start, bucket_alignment)))
-        return cls(buckets[-1][1] if buckets else 0, tuple(buckets), tuple(ranges))
+                ranges = []
+        if ranges:
+            buckets.append((bucket_start, _pad(start, bucket_alignment), tuple(ranges)))
+        return cls(buckets[-1][1] if buckets else 0, tuple(buckets))
 
     def shard_elements(self, dp: int, dp_rank: int) -> int:
         """Parameter elements (padding excluded) in the distributed optimizer's shard of `dp_rank`: its 1/DP
         slice of every bucket."""
         owned = 0
-        for bucket_start, bucket_end in self.buckets:
+        for bucket_start, bucket_end, ranges in self.buckets:
             size = (bucket_end - bucket_start) // dp
             lo = bucket_start + dp_rank * size
-            owned += sum(max(0, min(end, lo + size) - max(start, lo)) for start, end in self.param_ranges)
+            owned += sum(max(0, min(end, lo + size) - max(start, lo)) for start, end in ranges)
         return owned
 
 
@@ -267,9 +265,16 @@ class RankMemory:
                 + self.activation_bytes)
 
 
-@functools.lru_cache(maxsize=256)
 def stage_buffers(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tuple[int, list]:
     """Parameter count and (buffer, is_expert) of every DDP buffer of a pipeline rank's model chunks."""
+    # The buffers do not depend on the optimizer, micro-batches or sequences: cache on what they depend on.
+    return _stage_buffers(hf, dataclasses.replace(layout, optimizer=OptimizerMode(), micro_batch_size=1,
+                                                  seq_length=1, num_micro_batches=None, recompute_full=False),
+                          pp_rank)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stage_buffers(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tuple[int, list]:
     num_params, buffers = 0, []
     for vp_stage in range(layout.vp):  # each model chunk is its own DDP with its own buffers
         params = chunk_parameters(hf, layout, pp_rank, vp_stage)

@@ -181,6 +181,23 @@ def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234,
     return layout
 
 
+def launch_summary(layout: ParallelLayout, environ: dict | None = None) -> str:
+    """One start-up line on how this process was launched for speed: threads, CPU cores, CUDA connections.
+
+    A task given too few cores (srun without -c: since Slurm 22.05 it does not inherit --cpus-per-task) shows
+    here as "1 CPU core"; the offloaded optimizer steps on those cores.
+    """
+    env = os.environ if environ is None else environ
+    connections = env.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    line = (f"launch: OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}, "
+            f"{len(os.sched_getaffinity(0))} CPU core(s) for this task, CUDA_DEVICE_MAX_CONNECTIONS={connections or 'unset'}")
+    if torch.cuda.is_available() and layout.tensor_model_parallel_size > 1 and connections != "1":
+        # Megatron-Core orders TP communication before dependent compute only with one hardware queue.
+        line += ("; WARNING: with TP > 1 set CUDA_DEVICE_MAX_CONNECTIONS=1 (the SLURM scripts do) so tensor-"
+                 "parallel communication overlaps compute")
+    return line
+
+
 def is_logging_rank() -> bool:
     """The one rank that prints and logs metrics: the first rank of the last pipeline stage, which holds them."""
     return (

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
         f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.weights_dir}")
+    log(parallel.launch_summary(layout))
 
     # Model and optimizer.
     precision = arguments.precision_config(args)

@@ -2,7 +2,9 @@
 
 Skipped unless SLURM_CONF is set (CI runs `bash .ci/slurm/start.sh` and sources its env file first).
 1. One node, 8 tasks at TP2 x PP2 x EP2 (DP2): the job converts the tiny HF checkpoint, trains 3 steps, saves,
-   exports to HF and exits 0; the recipe's defaults (beta, lr schedule, template, seed) reach the trainer.
+   exports to HF and exits 0; the recipe's defaults (beta, lr schedule, template, seed) reach the trainer; srun
+   gets the job's CPUs per task (-c, which srun no longer inherits) and binds tasks to cores, and the trainer
+   runs with CUDA_DEVICE_MAX_CONNECTIONS=1.
 2. The time-limit path, through the 8x7B wrapper: USR1 to the batch shell (what `--signal=B:USR1@900` sends)
    makes the trainer save and exit, the script requeue the job, and the requeued run resume and finish.
 """
@@ -36,22 +38,28 @@ def job_env(**overrides: str) -> dict:
     return dict(env, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **TINY, **overrides)
 
 
-def sbatch(script: str, tasks: int, output: str, env: dict, cwd: str, wait: bool = True) -> subprocess.Popen:
+def sbatch(script: str, tasks: int, output: str, env: dict, cwd: str, wait: bool = True,
+           cpus_per_task: int = 1) -> subprocess.Popen:
     return subprocess.Popen(["sbatch", *(["--wait"] if wait else []), "--parsable", "-N", "1", f"--ntasks-per-node={tasks}",
-                             f"--gpus-per-node={tasks}", "--cpus-per-task=1", "--time=01:00:00", f"--output={output}",
-                             script], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"--gpus-per-node={tasks}", f"--cpus-per-task={cpus_per_task}", "--time=01:00:00",
+                             f"--output={output}", script],
+                            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sbatch_job_converts_trains_at_tp2_pp2_ep2_saves_and_exports(tiny_mixtral, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = job_env(HF_DIR=tiny_mixtral, RUN_DIR=str(run_dir), TP="2", PP="2", EP="2", TRAIN_ITERS="3",
                   EVAL_FRACTION="0.1", EVAL_INTERVAL="2", SAVE_INTERVAL="2", EXTRA_ARGS="--eval-iters 1", EXPORT_HF="1")
-    job = sbatch(SCRIPT_8X22B, 8, str(output), env, str(tmp_path))
+    # 2 CPUs per task (the cluster declares 16 for 8 tasks); the script must hand them to srun itself.
+    job = sbatch(SCRIPT_8X22B, 8, str(output), env, str(tmp_path), cpus_per_task=2)
     stdout, stderr = job.communicate(timeout=900)
     log = output.read_text() if output.exists() else "(no job output)"
     assert job.returncode == 0, f"sbatch --wait exited {job.returncode}: {stderr}\n{log[-5000:]}"
 
     assert "8 tasks, TP=2 PP=2 EP=2 DP=2" in log
+    srun_line = next(line for line in log.splitlines() if " srun " in line and "orpo_megatron.train" in line)
+    assert " srun --kill-on-bad-exit=1 --cpus-per-task=2 --cpu-bind=cores " in srun_line, srun_line
+    assert "launch: OMP_NUM_THREADS=1," in log and "CUDA_DEVICE_MAX_CONNECTIONS=1" in log  # what the tasks saw
     assert "world=8 TP=2 PP=2 EP=2 DP=2 SP, CPU/gloo" in log  # the trainer's own view of the layout
     assert checkpoint_format.read_metadata(str(run_dir / "converted")).iteration is None  # converted, not trained
 
