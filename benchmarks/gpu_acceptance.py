@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -229,6 +230,14 @@ def fp8(machine: Machine) -> Iterator[Line]:
         tolerance = RESUME_LOSS["cuda"]
         yield Line(name, "pass" if difference <= tolerance else "FAIL: resumed losses differ",
                    f"steps 3-4 loss max |diff| {difference:.2e} (tolerance {tolerance:g})")
+    if machine.cuda and machine.transformer_engine and machine.capability >= FP8_MIN_COMPUTE_CAPABILITY:
+        output = os.path.join(machine.work, "fp8-scores.jsonl")
+        run([sys.executable, "-m", "orpo_megatron.evaluate", "--load", os.path.join(machine.work, "fp8-delayed-straight"),
+             "--data-path", DATA, "--data-cache-dir", os.path.join(machine.work, "data_cache"), *SHAPES, "--bf16",
+             "--fp8-format", "hybrid", "--output", output], timeout=300)
+        summary = json.load(open(output + ".summary.json"))
+        yield Line("evaluator with --fp8-format", "pass" if math.isfinite(summary["loss"]) else "FAIL: loss not finite",
+                   f"{summary['pairs']} pairs scored, loss {summary['loss']:.4f}")
 
 
 @check("(d) throughput")

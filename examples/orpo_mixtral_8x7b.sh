@@ -26,6 +26,8 @@
 # Without the precision-aware optimizer (which OPTIMIZER_OFFLOAD turns on) all fp32 main params would stay on the
 # GPU: +10.9 GiB, 82.6 GiB, over 80. `estimate_memory.py --search` finds 1 node the fewest; its pick there is this
 # layout with offload 0.4 (78.5 of 80 GiB budgeted); 0.5 keeps ~8 GiB of headroom for the rough activation figure.
+# With Transformer Engine, EXTRA_ARGS="--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16"
+# and OPTIMIZER_OFFLOAD=0 also fits (71.7 GiB: bf16 moments and 2 B/param main params, nothing on the host).
 #
 #SBATCH --job-name=orpo-mixtral-8x7b
 #SBATCH --nodes=1

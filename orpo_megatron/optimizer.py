@@ -23,10 +23,6 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.uint8}
 
 
-class OptimizerModeError(ValueError):
-    """A combination of optimizer flags that Megatron-Core cannot run (or would run wrongly), flags named."""
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimizerMode:
     """Where the optimizer state lives and in which dtypes (Megatron-LM's flag names, dtypes as their names)."""
