@@ -17,7 +17,9 @@ says FAIL with the error, and the command exits 1. The lines:
 (d) throughput: tokens/s and MFU of two Mixtral-8x22B-shaped layers (real hidden size, heads, experts, FFN;
     bf16; one pair of 2048-token sequences per micro-batch, 2 micro-batches; forward, backward and the
     data-parallel communication, not the optimizer's arithmetic), with every fused kernel on, then each one
-    off (on/off ratio), and the DP communication overlaps on/off (with 2+ GPUs; one GPU has none).
+    off (on/off ratio), and the DP communication overlaps on/off (with 2+ GPUs; one GPU has none);
+(e) memory: for each optimizer mode, the GPU bytes the optimizer really allocates (CUDA allocator, after its
+    first step) against `memory_estimate`'s figure, on a 4-layer Mixtral-shaped model.
 Adding a line: write a function that yields `Line`s (raise `Skip("why")` for a missing piece) and decorate it
 with `@check(section)`; checks run in the order they are defined.
 """
@@ -263,6 +265,21 @@ def throughput_lines(machine: Machine) -> Iterator[Line]:
                    f"on {base['tokens_per_second']:,.0f} tok/s, off {off['tokens_per_second']:,.0f} tok/s")
 
 
+@check("(e) memory")
+def optimizer_memory(machine: Machine) -> Iterator[Line]:
+    machine.need_cuda()
+    out = os.path.join(machine.work, "memory.json")
+    run([sys.executable, __file__, "--worker", "memory", "--out", out], timeout=600)
+    for mode, r in json.load(open(out)).items():
+        if isinstance(r, str):
+            yield Line(f"{mode}: optimizer GPU bytes", f"skipped: {r}")
+            continue
+        ok = abs(r["real"] - r["estimate"]) <= r["tolerance"]
+        yield Line(f"{mode}: optimizer GPU bytes", "pass" if ok else "FAIL: the estimate is off",
+                   f"allocated {r['real'] / 2**20:,.1f} MiB, estimated {r['estimate'] / 2**20:,.1f} MiB "
+                   f"(tolerance {r['tolerance'] / 2**20:,.1f} MiB)")
+
+
 # ------------------------------------------------------------------------------------------- workers
 def worker_parity(args: argparse.Namespace) -> None:
     """Our model (each spec and dtype here) and transformers' Mixtral on the same sequences: per-sequence mean
@@ -418,6 +435,58 @@ def worker_throughput(args: argparse.Namespace) -> None:
     parallel.destroy()
 
 
+def worker_memory(args: argparse.Namespace) -> None:
+    """GPU bytes each optimizer mode allocates (its construction and first step) vs the estimator's figure."""
+    from orpo_megatron import model, optimizer as optimizers, parallel, train
+    from orpo_megatron.memory_estimate import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
+    from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
+
+    hf = dataclasses.replace(HFModelConfig.from_file(CONFIG_8X22B), num_layers=4, hidden_size=1024,
+                             num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=2048)
+    parallel.initialize({}, hf)
+    use_te = model.transformer_engine_available()
+    modes = {"adam": [], "offload 0.5": OFFLOAD,
+             "precision-aware, bf16 moments": ["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
+                                               "--exp-avg-sq-dtype", "bf16"]}
+    parser = argparse.ArgumentParser()
+    optimizers.add_optimizer_args(parser)
+    report = {}
+    for name, flags in modes.items():
+        if name.startswith("precision-aware") and not use_te:
+            report[name] = "transformer-engine not installed (TE's FusedAdam)"
+            continue
+        opt_args = parser.parse_args(flags)
+        opt_args.lr, opt_args.min_lr = 1e-4, 0.0
+        config = build_transformer_config(hf, precision=PrecisionConfig(bf16=True),
+                                          kernels=FusedKernels.for_backend(use_te))
+        ddp = SimpleNamespace(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=None,
+                              main_grads_dtype=opt_args.main_grads_dtype)
+        chunks = train.wrap_data_parallel(config, ddp, model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        optimizer = optimizers.build_optimizer(opt_args, chunks, True, torch.bfloat16)
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.step()
+        torch.cuda.synchronize()
+        real = torch.cuda.memory_allocated() - before
+        mode = optimizers.OptimizerMode.from_args(opt_args)
+        estimate = rank_memory(hf, MemoryLayout(optimizer=mode), 0)
+        # Offload moves whole parameter shards: allow the largest one; otherwise 1% (allocator rounding, scales).
+        largest = max(p.numel for p in chunk_parameters(hf, MemoryLayout(), 0))
+        per_element = optimizer_bytes_per_element(mode, True)
+        slack = (largest * (per_element.gpu_main_params + per_element.gpu_state) / (1 - mode.offload_fraction)
+                 if 0 < mode.offload_fraction < 1 else 0)
+        expected = estimate.main_param_bytes + estimate.optimizer_state_bytes
+        report[name] = {"real": real, "estimate": expected, "tolerance": max(slack, 0.01 * expected)}
+        del optimizer, chunks, config
+        gc.collect()
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(report, f)
+    parallel.destroy()
+
+
 # --------------------------------------------------------------------------------------------- main
 def describe_machine(dry_run: bool, work: str, budget_minutes: float) -> Machine:
     cuda = torch.cuda.is_available()
@@ -460,13 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--budget-minutes", type=float, default=9.5,
                         help="checks not started within this many minutes are skipped (the command's budget is 10)")
-    parser.add_argument("--worker", choices=["parity", "throughput"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["parity", "throughput", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        {"parity": worker_parity, "throughput": worker_throughput}[args.worker](args)
+        {"parity": worker_parity, "throughput": worker_throughput, "memory": worker_memory}[args.worker](args)
         return 0
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --dry-run to exercise the checks on CPU")
