@@ -230,7 +230,7 @@ def default_tp_group():
 def vocab_parallel_logps(
     vocab_parallel_logits: torch.Tensor, target: torch.Tensor, vocab_size: int, tp_group=None
 ) -> torch.Tensor:
-    """fp32 log-prob of `target` [2B, S] under vocab-parallel logits [2B, S, V/TP]; padding columns excluded.
+    """fp32 log-prob of `target` [R, S] under vocab-parallel logits [R, S, V/TP]; padding columns excluded.
 
     `tp_group=None` uses Megatron's tensor-parallel group (or a single rank without parallel state).
     """
@@ -307,7 +307,7 @@ class GlobalNormalizers:
 
 @dataclasses.dataclass
 class ORPOMetricSums:
-    """Sums and counts behind every TRL metric, for any set of micro-batches; add, all-reduce once, finalize.
+    """Sums and counts behind every TRL metric, for any set of micro-batches: total, all-reduce once, finalize.
 
     0-d float64 tensors, so accumulating over micro-batches needs no host sync and counts stay exact.
     """

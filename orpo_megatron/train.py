@@ -43,7 +43,9 @@ class TrainingError(RuntimeError):
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1,
-                       help="Pairs per micro-batch (each pair is a chosen and a rejected sequence). Default: 1.")
+                       help="Pairs per micro-batch (each pair is a chosen and a rejected sequence; packed into one row "
+                            "unless --no-packing). With pipeline parallelism or --packed-length the micro-batches are "
+                            "fixed-length packed rows instead. Default: 1.")
     group.add_argument("--global-batch-size", type=int, default=None,
                        help="Pairs per optimizer step over all data-parallel ranks; gradient accumulation is "
                             "derived from it. Default: micro-batch size x data-parallel size.")

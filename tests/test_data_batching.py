@@ -12,6 +12,7 @@ import torch
 from orpo_megatron.data.batching import BatchLayout, EvalPairs, TrainPairIterator
 from orpo_megatron.data.micro_batch import DEVICE_FIELDS, MicroBatch, packed_micro_batch, padded_micro_batch
 from orpo_megatron.data.packing import pack_rows
+from orpo_megatron.pipeline import batch_layout
 
 PAD = 2
 
@@ -224,6 +225,19 @@ def test_pack_rows_fills_the_fewest_rows_the_multiple_allows():
         pack_rows(lengths, 8)
     with pytest.raises(ValueError, match="8 pairs cannot fill a multiple of 9 rows"):
         pack_rows(lengths, 10, rows_multiple=9)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("packing, pp", [(True, 1), (True, 2), (False, 1)], ids=["packed", "fixed_rows", "padded"])
+def test_fp8_row_lengths_suit_transformer_engine(tp, packing, pp):
+    """With FP8, TE's GEMMs need each TP rank's token rows (sequence positions after the SP split, times rows) to be
+    a multiple of 8 (TE `assert_dim_for_fp8_exec`); sequence parallelism needs positions divisible by TP."""
+    layout = batch_layout(packing, None, tp, pp, None, sequence_parallel=tp > 1, fp8=True)
+    pairs = _pairs(40, seed=tp)
+    steps = [next(TrainPairIterator(pairs, 8, 2, 0, 1, seed, PAD, layout)).micro_batches for seed in range(3)]
+    for micro_batch in [mb for step in steps for mb in step] + list(EvalPairs(pairs, 3, 0, 1, PAD, layout)):
+        rows, length = micro_batch.input_ids.shape
+        assert length % tp == 0 and (rows * length // tp) % 8 == 0, (rows, length)
 
 
 def test_to_device_moves_every_tensor_the_model_and_loss_read():

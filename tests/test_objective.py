@@ -467,8 +467,8 @@ def test_micro_batch_that_breaks_the_contract_is_rejected_naming_the_source_row(
 
     out_of_vocab = dict(batch, input_ids=batch["input_ids"].clone())
     out_of_vocab["input_ids"][1, 3] = TRUE_VOCAB
-    with pytest.raises(ObjectiveInputError,
-                       match=r"source row 101 \(chosen sequence\) holds token id 600, outside the vocabulary \[0, 600\)"):
+    with pytest.raises(ObjectiveInputError, match=r"source row 101 \(chosen sequence\) holds token id 600, outside "
+                                                  r"the vocabulary \[0, 600\)"):
         as_micro_batch(out_of_vocab)
 
     empty = dict(batch, completion_mask=batch["completion_mask"].clone())

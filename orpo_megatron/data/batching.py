@@ -167,7 +167,8 @@ class TrainPairIterator:
             tokens = (2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]).tolist()
             rows = pack_rows(tokens, self.packed_length, self.dp_size * self.layout.rows_per_rank_multiple)
             per_rank = len(rows) // self.dp_size
-            groups = [[global_batch[i] for i in row] for row in rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]]
+            mine = rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            groups = [[global_batch[i] for i in row] for row in mine]
         else:
             per_rank = self.global_batch_size // self.dp_size
             mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
