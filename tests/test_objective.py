@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers.trl_reference import trl_padded_batch
 from workers.trl_reference import trl_reference as workers_trl_reference
 from orpo_megatron.data.micro_batch import MicroBatch, packed_micro_batch, padded_rows
 from orpo_megatron.objective import (
@@ -385,17 +386,8 @@ def make_pairs(num_pairs: int, seed: int) -> dict:
 def padded_dict(pairs: dict) -> tuple[dict, list[list[int]]]:
     """The padded batch TRL's collator makes of the pairs (chosen rows, then rejected rows), and the sequences."""
     prompts = pairs["prompt_input_ids"] * 2
-    completions = pairs["chosen_input_ids"] + pairs["rejected_input_ids"]
-    sequences = [p + c for p, c in zip(prompts, completions)]
-    longest = max(map(len, sequences))
-    batch = {"input_ids": torch.full((len(sequences), longest), PAD_ID),
-             "attention_mask": torch.zeros(len(sequences), longest, dtype=torch.long),
-             "completion_mask": torch.zeros(len(sequences), longest, dtype=torch.bool)}
-    for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
-        batch["input_ids"][row, :len(sequence)] = torch.tensor(sequence)
-        batch["attention_mask"][row, :len(sequence)] = 1
-        batch["completion_mask"][row, len(prompt):len(sequence)] = True
-    return batch, sequences
+    sequences = [p + c for p, c in zip(prompts, pairs["chosen_input_ids"] + pairs["rejected_input_ids"])]
+    return trl_padded_batch(pairs, PAD_ID), sequences
 
 
 def packed_positions(sequences: list[list[int]]) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import argparse
 import json
 
 import torch
-from trl_reference import trl_reference
+from trl_reference import trl_padded_batch, trl_reference
 
 from orpo_megatron import arguments, checkpoint_format, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
@@ -20,21 +20,6 @@ from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import length_multiple, run_micro_batches
 
 BETA, NUM_PAIRS = 0.1, 4
-
-
-def trl_padded_batch(columns: dict, pad_id: int) -> dict:
-    """The pairs as TRL's collator pads them: chosen rows then rejected rows, right-padded to the longest."""
-    prompts = columns["prompt_input_ids"] * 2
-    sequences = [p + c for p, c in zip(prompts, columns["chosen_input_ids"] + columns["rejected_input_ids"])]
-    longest = max(map(len, sequences))
-    batch = {"input_ids": torch.full((len(sequences), longest), pad_id),
-             "attention_mask": torch.zeros(len(sequences), longest, dtype=torch.long),
-             "completion_mask": torch.zeros(len(sequences), longest, dtype=torch.bool)}
-    for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
-        batch["input_ids"][row, :len(sequence)] = torch.tensor(sequence)
-        batch["attention_mask"][row, :len(sequence)] = 1
-        batch["completion_mask"][row, len(prompt):len(sequence)] = True
-    return batch
 
 
 def main() -> None:
