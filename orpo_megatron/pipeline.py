@@ -169,7 +169,10 @@ def run_micro_batches(
     device = accelerator()
     outputs = []
     for group in schedule_groups(micro_batches, pipelined):
-        on_device = [batch.to_device(device) for batch in group]  # once per micro-batch, read by every chunk
+        # Once per micro-batch, read by every model chunk. CPU tests check the move (every tensor field) and the
+        # loss on the meta device; the model's forward cannot run there (Megatron's collectives and buffers need
+        # real memory), so the GPU acceptance command checks that a packed step runs with the batch on the GPU.
+        on_device = [batch.to_device(device) for batch in group]
         # The interleaved schedule reads one iterator per model chunk.
         iterators = [iter(on_device) for _ in model_chunks]
         outputs += get_forward_backward_func()(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Sequence
+
 import torch
 
 DEVICE_FIELDS = ("input_ids", "position_ids", "labels", "sequence_index", "real_targets", "completion_targets",
@@ -41,9 +42,9 @@ def round_up(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple
 
 
-def pair_target_counts(prompt_length: int, chosen_length: int) -> tuple[int, int]:
-    """(real, completion) targets of a chosen sequence: every token but the first is a target, and every
-    completion token is one unless it is the sequence's first token (an empty prompt)."""
+def pair_target_counts(prompt_length, chosen_length):
+    """(real, completion) targets of a chosen sequence (ints or numpy arrays of them): every token but the first
+    is a target, and every completion token is one unless it is the sequence's first token (an empty prompt)."""
     return prompt_length + chosen_length - 1, chosen_length - (prompt_length == 0)
 
 
@@ -150,7 +151,7 @@ def _shift_left(tensor: torch.Tensor, fill) -> torch.Tensor:
 def _assemble(input_ids, is_real, is_completion, sequence_index, position_ids, logits_positions, cu_seqlens,
               max_seqlen, row_index, sequence_lengths) -> MicroBatch:
     """Targets from the unshifted masks: position t is scored on token t + 1 if it is real and of the same
-    sequence."""
+    sequence. `logits_positions` None: every position with a target."""
     real_targets = _shift_left(is_real, False) & (_shift_left(sequence_index, -1) == sequence_index)
     completion_targets = real_targets & _shift_left(is_completion, False)
     num_pairs = len(sequence_lengths) // 2
@@ -158,7 +159,7 @@ def _assemble(input_ids, is_real, is_completion, sequence_index, position_ids, l
     return MicroBatch(
         input_ids=input_ids, position_ids=position_ids, labels=torch.where(real_targets, _shift_left(input_ids, 0), 0),
         sequence_index=sequence_index, real_targets=real_targets, completion_targets=completion_targets,
-        logits_positions=logits_positions, padding_mask=~is_real, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        logits_positions=real_targets if logits_positions is None else logits_positions, padding_mask=~is_real, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
         row_index=torch.tensor(row_index, dtype=torch.long), sequence_lengths=tuple(sequence_lengths),
         num_chosen_real_targets=int((real_targets & chosen).sum()),
         num_chosen_completion_targets=int((completion_targets & chosen).sum()),
@@ -205,7 +206,7 @@ def packed_micro_batch(pairs: dict[str, list], pad_id: int, length_multiple: int
         raise ValueError(f"the {len(sequences) // 2} pairs of rows {list(pairs['row_index'])} hold {real} tokens, "
                          f"more than the row length {length}")
     input_ids = torch.full((1, length), pad_id, dtype=torch.long)
-    input_ids[0, :real] = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)
+    input_ids[0, :real] = torch.cat([torch.tensor(sequence, dtype=torch.long) for sequence in sequences])
     starts = torch.cumsum(lengths, 0) - lengths
     sequence_index = torch.repeat_interleave(torch.arange(len(sequences)), lengths, output_size=real)
     sequence_index = torch.nn.functional.pad(sequence_index, (0, length - real), value=len(sequences) - 1)
@@ -215,7 +216,6 @@ def packed_micro_batch(pairs: dict[str, list], pad_id: int, length_multiple: int
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lengths, 0).to(torch.int32)])
     cu_seqlens[-1] = length
     segment_lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    batch = _assemble(input_ids, is_real[None], is_completion[None], sequence_index[None], position_ids[None],
-                      None, cu_seqlens, int(segment_lengths.max()), pairs["row_index"], lengths.tolist())
-    return dataclasses.replace(batch, logits_positions=batch.real_targets)
+    return _assemble(input_ids, is_real[None], is_completion[None], sequence_index[None], position_ids[None],
+                     None, cu_seqlens, int(segment_lengths.max()), pairs["row_index"], lengths.tolist())
 
