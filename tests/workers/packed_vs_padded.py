@@ -10,7 +10,8 @@ global batch is built twice by `TrainPairIterator`: padded (`--no-packing`) and 
 - perturbation: with one pair's chosen completion replaced on DP rank 0 (the first segment of its packed row),
   the largest change of every other sequence's log-prob and of the perturbed one.
 `--moe-aux-loss-coeff` sets the router's coefficient for the gradient passes; `--fixed-rows-length` (world 1)
-adds a pass with fixed-length rows at the model's coefficient, whose load-balancing loss is also reported.
+adds a pass with fixed-length rows at the model's coefficient, whose load-balancing loss is also reported;
+`--bf16` runs the model in bf16 (fp32 gradients).
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ from orpo_megatron import arguments, hf_mapping, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.pipeline import batch_layout, moe_load_balancing_loss, run_micro_batches
 
@@ -111,12 +112,14 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--moe-aux-loss-coeff", type=float, default=None)
     parser.add_argument("--fixed-rows-length", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
 
     hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
     layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs, moe_aux_loss_coeff=args.moe_aux_loss_coeff)
+    config = build_transformer_config(hf, **layout_kwargs, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+                                      precision=PrecisionConfig(bf16=args.bf16))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab)
     hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf, vocab.padded_size)
