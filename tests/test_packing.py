@@ -28,8 +28,7 @@ LAYOUTS = {  # name: (processes, flags)
     # packing or not), so the 8 pairs go in 2 rows and, padded, 2 micro-batches of 4.
     "pp2_vp2": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
                     "--moe-aux-loss-coeff", "0", "--packed-length", "4096", "--micro-batch-size", "4"]),
-    "ep2_dp2": (2, ["--expert-model-parallel-size", "2"]),
-    "dp2": (2, []),
+    "ep2_dp2": (2, ["--expert-model-parallel-size", "2"]),  # DP2 too: each rank packs its half of the batch
     "tp1_bf16": (1, ["--bf16"]),
 }
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
