@@ -85,8 +85,9 @@ class PackedDotProductAttention(DotProductAttention):
 
     Megatron's own refuses `packed_seq_params`. A packed row arrives as [t, heads, dim] with its segment bounds in
     `cu_seqlens`; it is attended as one [t, 1, heads, dim] sequence under a block-diagonal causal mask, so no
-    position sees another sequence (masked weights are exactly 0). Padded rows get the plain causal mask. The
-    softmax is built for an arbitrary mask: its fused kernel would ignore any mask of a causal layer.
+    position sees another sequence (masked weights are exactly 0). Padded rows get the plain causal mask (the
+    project's forward passes no mask of its own). The softmax is built for an arbitrary mask: its fused kernel
+    would ignore any mask of a causal layer.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType, *args, **kwargs):
