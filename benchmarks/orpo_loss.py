@@ -43,32 +43,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
-    """Random fp32 logits [2B, S, V] and a micro-batch: 256 prompt tokens, rejected rows 10% shorter."""
+def make_inputs(args: argparse.Namespace):
+    """Random fp32 logits [2B, S, V] and a padded micro-batch: 256 prompt tokens, rejected rows 10% shorter."""
+    from orpo_megatron.data.micro_batch import padded_rows
+
     gen = torch.Generator().manual_seed(0)
     rows, seq_len = 2 * args.micro_batch_size, args.seq_length
     lengths = torch.tensor([seq_len] * args.micro_batch_size + [int(seq_len * 0.9)] * args.micro_batch_size)
     positions = torch.arange(seq_len).expand(rows, seq_len)
     attention = positions < lengths[:, None]
-    batch = {
-        "input_ids": torch.randint(3, args.vocab_size, (rows, seq_len), generator=gen).masked_fill(~attention, 2),
-        "attention_mask": attention.long(),
-        "completion_mask": attention & (positions >= min(256, seq_len // 2)),
-        "position_ids": positions.clone(),
-    }
+    input_ids = torch.randint(3, args.vocab_size, (rows, seq_len), generator=gen).masked_fill(~attention, 2)
+    batch = padded_rows(input_ids, attention, attention & (positions >= min(256, seq_len // 2)),
+                        list(range(args.micro_batch_size)))
     logits = torch.randn(rows, seq_len, args.vocab_size, generator=gen)
     return logits, batch
 
 
-def full_log_softmax_loss(logits: torch.Tensor, batch: dict, config) -> torch.Tensor:
+def full_log_softmax_loss(logits: torch.Tensor, batch, config) -> torch.Tensor:
     """The same ORPO loss with per-token log-probs from a full log_softmax + gather."""
     from orpo_megatron import objective
 
-    targets = objective.shift_targets(batch, config.nll_on_prompt)
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.token_ids[..., None]).squeeze(-1)
-    pairs = targets.token_ids.shape[0] // 2
-    logps = objective.sequence_logps(token_logps, targets.completion)
-    nll_sums, nll_counts = objective.nll_row_sums(token_logps[:pairs], targets.nll[:pairs])
+    token_logps = torch.gather(logits.log_softmax(-1), 2, batch.labels[..., None]).squeeze(-1)
+    pairs = batch.num_pairs
+    membership = objective.sequence_membership(batch.sequence_index, 2 * pairs)
+    completion = membership & batch.completion_targets.reshape(1, -1)
+    logps = objective.per_sequence_sums(token_logps, completion) / completion.sum(-1)
+    nll = membership[:pairs] & batch.real_targets.reshape(1, -1)
+    nll_sums, nll_counts = -objective.per_sequence_sums(token_logps, nll), nll.sum(-1)
     _, or_losses = objective.odds_ratio(logps[:pairs], logps[pairs:])
     with torch.no_grad():  # TRL's logits metric, as ours computes it too
         logits[:, :-1].mean()

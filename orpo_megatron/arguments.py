@@ -104,6 +104,8 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.virtual_pipeline_model_parallel_size is not None and args.virtual_pipeline_model_parallel_size < 1:
         parser.error("--virtual-pipeline-model-parallel-size must be >= 1")
+    if args.packed_length is not None and (not args.packing or args.packed_length < 2):
+        parser.error(f"--packed-length {args.packed_length} needs packing (no --no-packing) and at least 2 tokens")
     if args.fp8_format and not args.bf16:
         parser.error("--fp8-format needs --bf16 (FP8 matmuls run inside a bf16 model)")
     try:

@@ -21,7 +21,7 @@ from orpo_megatron.data.batching import EvalPairs
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.pipeline import run_micro_batches
+from orpo_megatron.pipeline import batch_layout, run_micro_batches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenized_split(data_config, pair_tokenizer, data_config.split)
     dist.barrier()
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
-    pad_multiple = layout.tensor_model_parallel_size if config.sequence_parallel else 1
+    batches = batch_layout(args.packing, None, layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+                           layout.virtual_pipeline_model_parallel_size, config.sequence_parallel,
+                           bool(args.fp8_format))
     evaluation = EvalPairs(pairs, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                           layout.data_parallel_size, pair_tokenizer.tokenizer.pad_id, pad_multiple)
+                           layout.data_parallel_size, pair_tokenizer.tokenizer.pad_id, batches)
     micro_batches = list(evaluation)
     orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
     with torch.no_grad():
@@ -66,21 +68,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows = []
     if result.sums is not None:
         for batch, values in zip(micro_batches, result.pairs):
-            for i, index in enumerate(batch["row_index"].tolist()):
-                rows.append({
-                    "index": index,
-                    "chosen_logps": values.chosen_logps[i].item(),
-                    "rejected_logps": values.rejected_logps[i].item(),
-                    "log_odds": values.log_odds[i].item(),
-                    "nll_loss": values.chosen_nll[i].item(),
-                    "chosen_wins": bool(values.chosen_wins[i].item()),
-                })
+            columns = zip(batch.row_index.tolist(), values.chosen_logps.tolist(), values.rejected_logps.tolist(),
+                          values.log_odds.tolist(), values.chosen_nll.tolist(), values.chosen_wins.tolist())
+            for index, chosen, rejected, log_odds, nll, wins in columns:
+                rows.append({"index": index, "chosen_logps": chosen, "rejected_logps": rejected,
+                             "log_odds": log_odds, "nll_loss": nll, "chosen_wins": wins})
+    metrics = result.metrics(orpo_config.beta)
     summary = {}
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
         gathered = [None] * layout.data_parallel_size
         dist.all_gather_object(gathered, rows, group=parallel_state.get_data_parallel_group())
         if parallel.is_logging_rank():
-            summary = dict(result.sums.finalize(orpo_config.beta), pairs=sum(len(g) for g in gathered),
+            summary = dict(metrics, pairs=sum(len(g) for g in gathered),
                            pairs_left_out=evaluation.dropped_pairs, checkpoint=checkpoint.weights_dir)
             with open(args.output, "w", encoding="utf-8") as f:
                 for row in sorted((r for g in gathered for r in g), key=lambda r: r["index"]):

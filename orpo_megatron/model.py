@@ -3,8 +3,9 @@
 The backend is a spec choice, not branches inside layers: the Transformer Engine spec when TE and CUDA are
 present (required for FP8; experts as TEGroupedMLP when the config asks for grouped GEMM), otherwise
 Megatron's local spec with this module's RMSNorm, which (unlike Megatron's torch-norm wrapper) supports
-sequence parallelism. `check_backend` refuses, at start-up, a Transformer Engine outside the versions
-megatron-core 0.16.1 supports and FP8 where it cannot run.
+sequence parallelism, and this module's core attention, which (unlike Megatron's unfused one) takes packed
+rows: both specs attend only within each sequence of a packed row (THD). `check_backend` refuses, at start-up,
+a Transformer Engine outside the versions megatron-core 0.16.1 supports and FP8 where it cannot run.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import ModuleSpec, TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
@@ -125,11 +129,48 @@ class RMSNorm(torch.nn.Module):
         return self.weight * normalized.to(input_dtype)
 
 
+def block_causal_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, 1, length, length] bool, True where attention is blocked: a key in another segment or in the future."""
+    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    segment = torch.searchsorted(cu_seqlens[1:], positions, right=True)
+    blocked = (segment[:, None] != segment[None, :]) | (positions[None, :] > positions[:, None])
+    return blocked[None, None]
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """Megatron's unfused attention for padded rows and packed (THD) rows alike, always with an explicit mask.
+
+    Megatron's own refuses `packed_seq_params`. A packed row arrives as [t, heads, dim] with its segment bounds in
+    `cu_seqlens`; it is attended as one [t, 1, heads, dim] sequence under a block-diagonal causal mask, so no
+    position sees another sequence (masked weights are exactly 0). Padded rows get the plain causal mask (the
+    project's forward passes no mask of its own). The softmax is built for an arbitrary mask: its fused kernel
+    would ignore any mask of a causal layer.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType, *args, **kwargs):
+        super().__init__(config, layer_number, AttnMaskType.arbitrary, *args, **kwargs)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PackedSeqParams | None = None):
+        if packed_seq_params is None:
+            length = query.shape[0]
+            mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu_(1)[None, None]
+            return super().forward(query, key, value, mask, attention_bias=attention_bias)
+        mask = block_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
+        return super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask,
+                               attention_bias=attention_bias)
+
+
 def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    attention = spec.submodules.self_attention
+    attention = ModuleSpec(module=attention.module, params=attention.params,
+                           submodules=dataclasses.replace(attention.submodules,
+                                                          core_attention=PackedDotProductAttention))
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
+                                     self_attention=attention)
     return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
 
 

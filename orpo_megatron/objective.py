@@ -1,10 +1,14 @@
 """The ORPO objective over vocab-parallel logits: per-token log-probs, sequence log-probs, odds ratio, loss, metrics.
 
-Owns everything between the last pipeline stage's logits [2B, S, V/TP] and a scalar loss: the target shift,
-vocab-parallel log-softmax (never gathering the vocabulary), the NLL and odds-ratio terms, their normalization
-over the global batch, TRL-named metrics as reducible sums, and per-pair values for the evaluator. It does not
-run the model, build batches, reduce across data-parallel ranks on its own, or add the MoE aux loss (Megatron's
-router does).
+Owns everything between the last pipeline stage's logits [R, S, V/TP] of a micro-batch (`data/micro_batch.py`,
+padded or packed) and a scalar loss: vocab-parallel log-softmax (never gathering the vocabulary), per-sequence
+sums over the batch's target masks, the NLL and odds-ratio terms, their normalization over the global batch,
+TRL-named metrics as reducible sums, and per-pair values for the evaluator; and the host-side check of a
+micro-batch's contract, run before it moves to the accelerator. It does not run the model, build batches, reduce
+across data-parallel ranks on its own, or add the MoE aux loss (Megatron's router does).
+
+Nothing here reads a device value back to the host (no `.item()`, boolean indexing or `.tolist()`): a micro-batch's
+loss and metrics stay tensors until the caller turns them into numbers.
 
 Normalization (differs from TRL on purpose): TRL's loss is, per micro-batch, the token-mean NLL of that
 micro-batch plus beta times the pair-mean OR term, and gradient accumulation then averages those micro-batch
@@ -18,13 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.utils import VocabUtility
+
+from orpo_megatron.data.micro_batch import MicroBatch
 
 # Branch point of log1mexp: below -ln 2, 1 - exp(x) is not close to 0 and log1p is exact; above it expm1 is.
 _MINUS_LN2 = -math.log(2.0)
@@ -56,73 +62,44 @@ class ORPOConfig:
             raise ValueError(f"--orpo-beta must be a finite number >= 0, got {self.beta}")
 
 
-# ---------------------------------------------------------------------------------------------- targets
+# --------------------------------------------------------------------------------------- host-side check
 
 
-@dataclasses.dataclass(frozen=True)
-class ShiftedTargets:
-    """Targets aligned with the logits positions: position t is scored on input_ids[t + 1].
+def check_micro_batch(batch: MicroBatch, vocab_size: int) -> None:
+    """Raise ObjectiveInputError unless a host micro-batch follows the contract the loss relies on, naming the
+    source row. Runs on the host before the batch moves to the accelerator, so it never waits on the device."""
+    shape = batch.input_ids.shape
+    num_sequences = len(batch.sequence_lengths)
+    if batch.input_ids.dim() != 2 or shape[1] < 2 or num_sequences < 2 or num_sequences % 2:
+        raise ObjectiveInputError(f"a micro-batch needs [R, S >= 2] input_ids and an even number of sequences, got "
+                                  f"{tuple(shape)} and {num_sequences}")
+    for name in ("position_ids", "labels", "sequence_index", "real_targets", "completion_targets",
+                 "logits_positions", "padding_mask"):
+        if getattr(batch, name).shape != shape:
+            raise ObjectiveInputError(f"{name} has shape {tuple(getattr(batch, name).shape)}, input_ids {tuple(shape)}")
 
-    The last position has no target (id 0, masked everywhere), so logits are never sliced or copied.
-    """
+    def source(position: torch.Tensor) -> str:
+        sequence = int(batch.sequence_index.reshape(-1)[position])
+        pairs = batch.num_pairs
+        return (f"source row {int(batch.row_index[sequence % pairs])} "
+                f"({'chosen' if sequence < pairs else 'rejected'} sequence)")
 
-    token_ids: torch.Tensor  # [2B, S] long
-    completion: torch.Tensor  # [2B, S] bool: target is a completion token (sequence log-probs)
-    nll: torch.Tensor  # [2B, S] bool: target counts in the NLL term (read on chosen rows only)
-
-
-def _shift_left(tensor: torch.Tensor, fill) -> torch.Tensor:
-    shifted = torch.full_like(tensor, fill)
-    shifted[:, :-1] = tensor[:, 1:]
-    return shifted
-
-
-def shift_targets(batch: Mapping[str, torch.Tensor], nll_on_prompt: bool = True) -> ShiftedTargets:
-    """Targets and masks of a micro-batch (`input_ids`, `attention_mask`, `completion_mask`) shifted by one."""
-    completion = _shift_left(batch["completion_mask"].bool(), False)
-    real = _shift_left(batch["attention_mask"].bool(), False)
-    return ShiftedTargets(
-        token_ids=_shift_left(batch["input_ids"], 0),
-        completion=completion,
-        nll=real if nll_on_prompt else completion,
-    )
-
-
-def check_micro_batch(batch: Mapping[str, torch.Tensor], vocab_size: int) -> None:
-    """Raise ObjectiveInputError unless the micro-batch follows the data contract the loss relies on."""
-    for key in ("input_ids", "attention_mask", "completion_mask"):
-        if key not in batch:
-            raise ObjectiveInputError(f"micro-batch has no '{key}' (keys: {sorted(batch)})")
-    input_ids = batch["input_ids"]
-    if input_ids.dim() != 2 or input_ids.shape[0] % 2 or input_ids.shape[1] < 2:
-        raise ObjectiveInputError(
-            f"input_ids must be [2B, S] with chosen rows then rejected rows and S >= 2, got {tuple(input_ids.shape)}"
-        )
-    for key in ("attention_mask", "completion_mask"):
-        if batch[key].shape != input_ids.shape:
-            raise ObjectiveInputError(
-                f"{key} has shape {tuple(batch[key].shape)}, input_ids {tuple(input_ids.shape)}"
-            )
-    real = batch["attention_mask"].bool()
-    bad = real & ((input_ids < 0) | (input_ids >= vocab_size))
-    if bad.any():
-        row, pos = (int(i) for i in bad.nonzero()[0])
-        raise ObjectiveInputError(
-            f"row {row} position {pos} holds token id {int(input_ids[row, pos])}, "
-            f"outside the vocabulary [0, {vocab_size})"
-        )
-    outside = batch["completion_mask"].bool() & ~real
+    outside = (~batch.padding_mask & ((batch.input_ids < 0) | (batch.input_ids >= vocab_size))).reshape(-1)
     if outside.any():
-        row, pos = (int(i) for i in outside.nonzero()[0])
-        raise ObjectiveInputError(f"row {row} position {pos} is marked completion but attention_mask is 0 there")
-    completion_targets = batch["completion_mask"].bool()[:, 1:].sum(-1)
-    empty = (completion_targets == 0).nonzero()
-    if len(empty):
-        row = int(empty[0])
-        raise ObjectiveInputError(
-            f"row {row} of the micro-batch has no completion token after position 0; the data layer must drop "
-            "pairs whose completion is empty after truncation"
-        )
+        position = outside.nonzero()[0, 0]
+        raise ObjectiveInputError(f"{source(position)} holds token id {int(batch.input_ids.reshape(-1)[position])}, "
+                                  f"outside the vocabulary [0, {vocab_size})")
+    targets = torch.bincount(batch.sequence_index[batch.completion_targets], minlength=num_sequences)
+    if (targets == 0).any():
+        sequence = int((targets == 0).nonzero()[0, 0])
+        position = (batch.sequence_index.reshape(-1) == sequence).nonzero()[0, 0]
+        raise ObjectiveInputError(f"{source(position)} has no completion token after its first position; the data "
+                                  "layer must drop pairs whose completion is empty after truncation")
+    if batch.packed and (batch.cu_seqlens[-1] != shape[1] or batch.max_seqlen >= shape[1]):
+        # With max_seqlen == T Megatron's THD RoPE maps positions by offset instead of restarting them.
+        raise ObjectiveInputError(f"packed row of {shape[1]} positions has cu_seqlens ending at "
+                                  f"{int(batch.cu_seqlens[-1])} and max_seqlen {batch.max_seqlen}; expected the row "
+                                  "length and a longest segment shorter than it")
 
 
 # ------------------------------------------------------------------------- vocab-parallel log-probabilities
@@ -174,15 +151,16 @@ def _sum_exp_without_max(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of this rank's exp(shifted logits) leaving out one column holding the global max, and whether it did.
 
-    The left-out column holds exp(0) = 1 exactly and is restored before the buffer is reused.
+    The left-out column holds exp(0) = 1 exactly; every position's argmax column is zeroed where it holds the
+    global max and restored after the sum (fixed shapes: no boolean indexing, which would wait on the device).
     """
-    holds_max = (local_max == global_max).reshape(-1)
+    holds_max = (local_max == global_max).reshape(-1, 1)
     exp_2d = exp_logits.view(-1, exp_logits.shape[-1])
-    rows = torch.arange(exp_2d.shape[0], device=exp_2d.device)[holds_max]
-    columns = local_argmax.reshape(-1)[holds_max]
-    exp_2d[rows, columns] = 0.0
+    columns = local_argmax.reshape(-1, 1)
+    at_argmax = exp_2d.gather(1, columns)
+    exp_2d.scatter_(1, columns, at_argmax.masked_fill(holds_max, 0.0))
     sum_other_exp = exp_logits.sum(dim=-1)
-    exp_2d[rows, columns] = 1.0
+    exp_2d.scatter_(1, columns, at_argmax)
     return sum_other_exp, holds_max.view_as(local_max).float()
 
 
@@ -252,7 +230,7 @@ def default_tp_group():
 def vocab_parallel_logps(
     vocab_parallel_logits: torch.Tensor, target: torch.Tensor, vocab_size: int, tp_group=None
 ) -> torch.Tensor:
-    """fp32 log-prob of `target` [2B, S] under vocab-parallel logits [2B, S, V/TP]; padding columns excluded.
+    """fp32 log-prob of `target` [R, S] under vocab-parallel logits [R, S, V/TP]; padding columns excluded.
 
     `tp_group=None` uses Megatron's tensor-parallel group (or a single rank without parallel state).
     """
@@ -263,16 +241,16 @@ def vocab_parallel_logps(
 # ------------------------------------------------------------------------------ sequence terms and ORPO
 
 
-def sequence_logps(token_logps: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
-    """Per-row mean log-prob over completion targets (TRL's `average_log_prob=True`)."""
+def sequence_membership(sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """[num_sequences, positions] bool: which flattened positions belong to each sequence (either layout)."""
+    sequences = torch.arange(num_sequences, device=sequence_index.device)
+    return sequence_index.reshape(1, -1) == sequences[:, None]
+
+
+def per_sequence_sums(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` ([R, S]) over each row of `members` ([n, R*S] bool)."""
     # where, not a product: a -inf log-prob on a masked position must not turn into NaN.
-    total = torch.where(completion, token_logps, 0.0).sum(dim=-1)
-    return total / completion.sum(dim=-1)
-
-
-def nll_row_sums(token_logps: torch.Tensor, nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of -log p over NLL targets and the per-row number of those targets."""
-    return -torch.where(nll, token_logps, 0.0).sum(dim=-1), nll.sum(dim=-1)
+    return torch.where(members, values.reshape(1, -1), 0.0).sum(dim=-1)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -304,15 +282,10 @@ def odds_ratio(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> tupl
 # -------------------------------------------------------------------------------- normalization and metrics
 
 
-def nll_target_count(batch: Mapping[str, torch.Tensor], nll_on_prompt: bool = True) -> int:
-    """Number of NLL targets on the chosen rows of one micro-batch (what the NLL term averages over)."""
-    num_pairs = batch["input_ids"].shape[0] // 2
-    return int(shift_targets(batch, nll_on_prompt).nll[:num_pairs].sum())
-
-
 @dataclasses.dataclass(frozen=True)
 class GlobalNormalizers:
-    """Denominators of the global-batch loss: all pairs and all chosen NLL targets of the step."""
+    """Denominators of the global-batch loss: all pairs and all chosen NLL targets of the step (host numbers,
+    e.g. from the data iterator, which knows the whole global batch)."""
 
     num_pairs: int
     num_nll_tokens: int
@@ -325,24 +298,16 @@ class GlobalNormalizers:
             )
 
     @classmethod
-    def of_micro_batches(
-        cls, micro_batches: Iterable[Mapping[str, torch.Tensor]], nll_on_prompt: bool = True, dp_group=None
-    ) -> "GlobalNormalizers":
-        """Count this rank's micro-batches of the step, then sum over `dp_group` (one all-reduce) if given."""
-        counts = torch.zeros(2, dtype=torch.int64)
-        for batch in micro_batches:
-            counts[0] += batch["input_ids"].shape[0] // 2
-            counts[1] += nll_target_count(batch, nll_on_prompt)
-        if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            if dist.get_backend(dp_group) == "nccl":
-                counts = counts.cuda()
-            dist.all_reduce(counts, group=dp_group)
-        return cls(int(counts[0]), int(counts[1]))
+    def of_micro_batches(cls, micro_batches: Iterable[MicroBatch], nll_on_prompt: bool = True) -> "GlobalNormalizers":
+        """The counts of these micro-batches (from their host values)."""
+        micro_batches = list(micro_batches)
+        return cls(sum(b.num_pairs for b in micro_batches),
+                   sum(b.num_nll_targets(nll_on_prompt) for b in micro_batches))
 
 
 @dataclasses.dataclass
 class ORPOMetricSums:
-    """Sums and counts behind every TRL metric, for any set of micro-batches; add, all-reduce once, finalize.
+    """Sums and counts behind every TRL metric, for any set of micro-batches: total, all-reduce once, finalize.
 
     0-d float64 tensors, so accumulating over micro-batches needs no host sync and counts stay exact.
     """
@@ -357,11 +322,8 @@ class ORPOMetricSums:
     logsigmoid_log_odds_sum: torch.Tensor
     chosen_logits_sum: torch.Tensor
     rejected_logits_sum: torch.Tensor
-    logits_count: torch.Tensor  # rows x positions x true vocab columns, per half (chosen or rejected)
-
-    @classmethod
-    def zeros(cls, device=None) -> "ORPOMetricSums":
-        return cls.from_tensor(torch.zeros(len(dataclasses.fields(cls)), dtype=torch.float64, device=device))
+    chosen_logits_count: torch.Tensor  # positions x true vocab columns the chosen logits sum covers
+    rejected_logits_count: torch.Tensor
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "ORPOMetricSums":
@@ -370,11 +332,10 @@ class ORPOMetricSums:
     def to_tensor(self) -> torch.Tensor:
         return torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)])
 
-    def __add__(self, other: "ORPOMetricSums") -> "ORPOMetricSums":
-        mine, theirs = self.to_tensor(), other.to_tensor()
-        # zeros() starts on the CPU; keep the sum where the micro-batch values live (the GPU in training).
-        device = theirs.device if mine.device.type == "cpu" else mine.device
-        return ORPOMetricSums.from_tensor(mine.to(device) + theirs.to(device))
+    @classmethod
+    def total(cls, parts: Iterable["ORPOMetricSums"]) -> "ORPOMetricSums":
+        """The sums of several micro-batches (on their device)."""
+        return cls.from_tensor(torch.stack([part.to_tensor() for part in parts]).sum(dim=0))
 
     def all_reduce(self, group=None) -> "ORPOMetricSums":
         """Sum over the ranks of `group` (the DP group of the last pipeline stage); one collective."""
@@ -386,49 +347,52 @@ class ORPOMetricSums:
         return ORPOMetricSums.from_tensor(values)
 
     def finalize(self, beta: float) -> dict[str, float]:
-        """TRL-named means; `loss` is the global-batch ORPO loss (without the MoE aux loss)."""
-        pairs, logits_count = float(self.num_pairs), float(self.logits_count)
-        nll_loss = float(self.nll_sum) / float(self.num_nll_tokens)
-        chosen_logps = float(self.chosen_logps_sum) / pairs
-        rejected_logps = float(self.rejected_logps_sum) / pairs
-        log_odds_ratio = float(self.logsigmoid_log_odds_sum) / pairs
+        """TRL-named means; `loss` is the global-batch ORPO loss (without the MoE aux loss). Reads the sums back
+        to the host once."""
+        sums = ORPOMetricSums(*self.to_tensor().tolist())
+        pairs = sums.num_pairs
+        nll_loss = sums.nll_sum / sums.num_nll_tokens
+        chosen_logps = sums.chosen_logps_sum / pairs
+        rejected_logps = sums.rejected_logps_sum / pairs
+        log_odds_ratio = sums.logsigmoid_log_odds_sum / pairs
         return {
             "loss": nll_loss - beta * log_odds_ratio,
             "rewards/chosen": beta * chosen_logps,
             "rewards/rejected": beta * rejected_logps,
-            "rewards/accuracies": float(self.chosen_reward_wins) / pairs,
+            "rewards/accuracies": sums.chosen_reward_wins / pairs,
             "rewards/margins": beta * (chosen_logps - rejected_logps),
             "logps/chosen": chosen_logps,
             "logps/rejected": rejected_logps,
-            "logits/chosen": float(self.chosen_logits_sum) / logits_count,
-            "logits/rejected": float(self.rejected_logits_sum) / logits_count,
+            "logits/chosen": sums.chosen_logits_sum / sums.chosen_logits_count,
+            "logits/rejected": sums.rejected_logits_sum / sums.rejected_logits_count,
             "nll_loss": nll_loss,
             "log_odds_ratio": log_odds_ratio,
-            "log_odds_chosen": float(self.log_odds_sum) / pairs,
+            "log_odds_chosen": sums.log_odds_sum / pairs,
         }
 
 
 @torch.no_grad()
 def vocab_parallel_logits_sums(
-    vocab_parallel_logits: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int, tp_group=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sums of raw logits over chosen rows and over rejected rows, and the count per half, for TRL's metric.
+    vocab_parallel_logits: torch.Tensor, batch: MicroBatch, vocab_size: int, tp_group=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums of raw logits over the chosen and the rejected sequences' `logits_positions`, and their counts.
 
-    TRL averages `logits[:, :-1]` of the batch padded to its longest real row L: positions 0..L-2 of every row,
-    padding positions of shorter rows included, over the true vocabulary. Each position's shard is summed in
-    fp32 (no upcast copy of the logits), positions and rows in float64.
+    TRL averages `logits[:, :-1]` of the batch padded to its longest real row, padding positions included, over
+    the true vocabulary; the padded layout marks exactly those positions. A packed row has no padding positions
+    between sequences to average, so there the metric covers every position with a real target. Each position's
+    shard is summed in fp32 (no upcast copy of the logits), positions in float64.
     """
     group = default_tp_group() if tp_group is None else tp_group
     rank = dist.get_rank(group) if group is not None else 0
     world_size = dist.get_world_size(group) if group is not None else 1
     _, num_true = _true_columns_in_partition(vocab_parallel_logits.shape[-1], rank, world_size, vocab_size)
-    longest = int(attention_mask.sum(dim=-1).max())
-    position_sums = vocab_parallel_logits[:, : longest - 1, :num_true].sum(dim=-1, dtype=torch.float32)
-    row_sums = position_sums.double().sum(dim=-1)
-    _all_reduce(row_sums, dist.ReduceOp.SUM, group)
-    num_pairs = attention_mask.shape[0] // 2
-    count = torch.tensor(float(num_pairs * (longest - 1) * vocab_size), dtype=torch.float64, device=row_sums.device)
-    return row_sums[:num_pairs].sum(), row_sums[num_pairs:].sum(), count
+    position_sums = vocab_parallel_logits[..., :num_true].sum(dim=-1, dtype=torch.float32).double()
+    chosen = batch.sequence_index < batch.num_pairs
+    halves = torch.stack([batch.logits_positions & chosen, batch.logits_positions & ~chosen])
+    sums = torch.where(halves, position_sums, 0.0).sum(dim=(1, 2))
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    counts = halves.sum(dim=(1, 2)).double() * vocab_size
+    return sums[0], sums[1], counts[0], counts[1]
 
 
 # ------------------------------------------------------------------------------------------- the loss
@@ -459,36 +423,38 @@ class ORPOOutput:
 
 def orpo_loss(
     vocab_parallel_logits: torch.Tensor,
-    batch: Mapping[str, torch.Tensor],
+    batch: MicroBatch,
     config: ORPOConfig,
     normalizers: GlobalNormalizers | None = None,
     tp_group=None,
 ) -> ORPOOutput:
-    """ORPO loss share of one micro-batch of B pairs (rows 0..B-1 chosen, B..2B-1 rejected).
+    """ORPO loss share of one micro-batch of B pairs, from its logits [R, S, V/TP] (either layout).
 
     loss = nll_sum / normalizers.num_nll_tokens + beta * or_sum / normalizers.num_pairs. Summing it over every
     micro-batch and DP rank of a step gives the global-batch loss. `normalizers=None` normalizes by this
-    micro-batch alone (TRL's per-micro-batch loss, e.g. for evaluation).
+    micro-batch alone (TRL's per-micro-batch loss, e.g. for evaluation). The batch must already be checked
+    (`check_micro_batch`) and on the logits' device.
     """
-    check_micro_batch(batch, config.vocab_size)
-    if normalizers is None:
-        normalizers = GlobalNormalizers.of_micro_batches([batch], config.nll_on_prompt)
-    targets = shift_targets(batch, config.nll_on_prompt)
-    num_pairs = targets.token_ids.shape[0] // 2
-
-    token_logps = vocab_parallel_logps(vocab_parallel_logits, targets.token_ids, config.vocab_size, tp_group)
-    logps = sequence_logps(token_logps, targets.completion)
+    num_pairs = batch.num_pairs
+    token_logps = vocab_parallel_logps(vocab_parallel_logits, batch.labels, config.vocab_size, tp_group)
+    membership = sequence_membership(batch.sequence_index, 2 * num_pairs)
+    completion = membership & batch.completion_targets.reshape(1, -1)
+    logps = per_sequence_sums(token_logps, completion) / completion.sum(dim=-1)
     chosen_logps, rejected_logps = logps[:num_pairs], logps[num_pairs:]
-    nll_sums, nll_counts = nll_row_sums(token_logps[:num_pairs], targets.nll[:num_pairs])
+    nll_targets = batch.real_targets if config.nll_on_prompt else batch.completion_targets
+    nll = membership[:num_pairs] & nll_targets.reshape(1, -1)
+    nll_sums, nll_counts = -per_sequence_sums(token_logps, nll), nll.sum(dim=-1)
     log_odds, or_losses = odds_ratio(chosen_logps, rejected_logps)
-    loss = nll_sums.sum() / normalizers.num_nll_tokens + config.beta * or_losses.sum() / normalizers.num_pairs
+    if normalizers is None:
+        loss = nll_sums.sum() / nll_counts.sum() + config.beta * or_losses.sum() / num_pairs
+    else:
+        loss = nll_sums.sum() / normalizers.num_nll_tokens + config.beta * or_losses.sum() / normalizers.num_pairs
 
     with torch.no_grad():
-        chosen_logits_sum, rejected_logits_sum, logits_count = vocab_parallel_logits_sums(
-            vocab_parallel_logits, batch["attention_mask"], config.vocab_size, tp_group
-        )
+        chosen_logits_sum, rejected_logits_sum, chosen_logits_count, rejected_logits_count = (
+            vocab_parallel_logits_sums(vocab_parallel_logits, batch, config.vocab_size, tp_group))
         sums = ORPOMetricSums(
-            num_pairs=torch.tensor(float(num_pairs), dtype=torch.float64, device=logps.device),
+            num_pairs=torch.full((), float(num_pairs), dtype=torch.float64, device=logps.device),
             num_nll_tokens=nll_counts.sum().double(),
             nll_sum=nll_sums.sum().double(),
             chosen_logps_sum=chosen_logps.sum().double(),
@@ -498,7 +464,8 @@ def orpo_loss(
             logsigmoid_log_odds_sum=(-or_losses).sum().double(),
             chosen_logits_sum=chosen_logits_sum,
             rejected_logits_sum=rejected_logits_sum,
-            logits_count=logits_count,
+            chosen_logits_count=chosen_logits_count,
+            rejected_logits_count=rejected_logits_count,
         )
         pairs = PairValues(
             chosen_logps=chosen_logps.detach(),

@@ -1,38 +1,85 @@
 """ORPO micro-batches through Megatron-Core's pipeline schedule (1F1B, interleaved with VP, or no pipelining).
 
-Owns the glue between `get_forward_backward_func()` and the objective: the forward step, the loss function
-with its normalization, and collecting metric sums and per-pair values from the last pipeline stage. Used by
-the trainer (forward + backward) and the evaluator (forward only). It does not step the optimizer.
+Owns the glue between `get_forward_backward_func()` and the objective: checking host micro-batches and moving
+them to the accelerator once each, giving the schedule shapes it can exchange, the forward step (packed rows as
+THD with `cu_seqlens`), the loss function with its normalization, and collecting metric sums and per-pair
+values from the last pipeline stage. Used by the trainer (forward + backward) and the evaluator (forward only).
+It does not step the optimizer.
+
+Nothing in the per-micro-batch path reads a device value back to the host: validation happens on the host
+before the move, and metric sums stay tensors until `ScheduleResult.metrics` or `moe_load_balancing_loss`.
 """
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Mapping
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
-from orpo_megatron.objective import GlobalNormalizers, ORPOConfig, ORPOMetricSums, PairValues, orpo_loss
+from orpo_megatron.data.batching import BatchLayout
+from orpo_megatron.data.micro_batch import MicroBatch
+from orpo_megatron.objective import (
+    GlobalNormalizers,
+    ORPOConfig,
+    ORPOMetricSums,
+    PairValues,
+    check_micro_batch,
+    orpo_loss,
+)
 
-MicroBatch = Mapping[str, torch.Tensor]
+
+def length_multiple(tensor_model_parallel_size: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every micro-batch row length must be a multiple of.
+
+    Sequence parallelism splits the positions over TP ranks. Transformer Engine's FP8 GEMMs need the rows they
+    multiply (positions of a TP rank, times rows) to be a multiple of 8; 16 per TP rank also covers FP8 recipes
+    that tile by 16.
+    """
+    per_rank = 16 if fp8 else 1
+    return per_rank * (tensor_model_parallel_size if sequence_parallel else 1)
+
+
+def batch_layout(packing: bool, packed_length: int | None, tensor_model_parallel_size: int,
+                 pipeline_model_parallel_size: int, virtual_pipeline_model_parallel_size: int | None,
+                 sequence_parallel: bool, fp8: bool) -> BatchLayout:
+    """The micro-batch layout a parallel layout needs (`--no-packing`, `--packed-length`).
+
+    With pipelining a step's micro-batches are rows of one length; the interleaved schedule also needs a
+    multiple of PP micro-batches per rank.
+    """
+    pipelined = pipeline_model_parallel_size > 1
+    return BatchLayout(
+        packing=packing, fixed_length_rows=packing and (pipelined or packed_length is not None),
+        packed_length=packed_length,
+        length_multiple=length_multiple(tensor_model_parallel_size, sequence_parallel, fp8),
+        rows_per_rank_multiple=pipeline_model_parallel_size if virtual_pipeline_model_parallel_size else 1)
+
+
+def accelerator() -> torch.device | None:
+    """Where micro-batches go: this process's GPU, or None on a machine without one (they stay on the host)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 @dataclasses.dataclass
 class ScheduleResult:
     """What one pass over a step's micro-batches produced.
 
-    `sums` are reduced over the data-parallel ranks and are only set on the last pipeline stage; `pairs` are this
-    rank's micro-batches' per-pair values (last stage only, when asked for). `moe_load_balancing_loss` is the
-    router's load-balancing loss without its coefficient, summed over layers and averaged over micro-batches and
-    data-parallel ranks (MoE models in training only).
+    `sums` are this rank's (summed over its micro-batches, still on the device) and only set on the last
+    pipeline stage; `pairs` are this rank's micro-batches' per-pair values (last stage only, when asked for).
     """
 
     sums: ORPOMetricSums | None
     pairs: list[PairValues]
-    moe_load_balancing_loss: float | None = None
+
+    def metrics(self, beta: float) -> dict[str, float] | None:
+        """TRL-named metrics of the whole batch: sums over the data-parallel ranks, read back once."""
+        if self.sums is None:
+            return None
+        return self.sums.all_reduce(parallel_state.get_data_parallel_group()).finalize(beta)
 
 
 def router_padding_mask(batch: MicroBatch, model_chunk: torch.nn.Module) -> torch.Tensor:
@@ -41,7 +88,7 @@ def router_padding_mask(batch: MicroBatch, model_chunk: torch.nn.Module) -> torc
     GPTModel splits the mask for sequence parallelism only on the first pipeline stage; later stages get their
     TP rank's sequence slice here.
     """
-    padding = batch["attention_mask"] == 0
+    padding = batch.padding_mask
     module = getattr(model_chunk, "module", model_chunk)
     if module.config.sequence_parallel and not module.pre_process:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -49,12 +96,21 @@ def router_padding_mask(batch: MicroBatch, model_chunk: torch.nn.Module) -> torc
     return padding
 
 
+def packed_seq_params(batch: MicroBatch) -> PackedSeqParams | None:
+    """THD parameters of a packed row (None for padded rows): attention and RoPE restart at every boundary."""
+    if not batch.packed:
+        return None
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
+                           max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+
+
 def _forward_step(orpo_config: ORPOConfig, normalizers: GlobalNormalizers | None, loss_scale: float,
                   data_iterator, model_chunk):
-    """Causal attention only: with right padding no real position sees padding, so no attention mask is built.
-    (TRL also masks padding keys; that changes only padding positions' logits, i.e. TRL's `logits/*` metric.)"""
+    """Padded rows attend causally (right padding: no real position sees padding); packed rows attend causally
+    within each sequence."""
     batch = next(data_iterator)
-    output = model_chunk(batch["input_ids"], batch["position_ids"], attention_mask=None,
+    output = model_chunk(batch.input_ids, batch.position_ids, attention_mask=None,
+                         packed_seq_params=packed_seq_params(batch),
                          padding_mask=router_padding_mask(batch, model_chunk))
     return output, partial(_loss_func, orpo_config, normalizers, loss_scale, batch)
 
@@ -67,33 +123,24 @@ def _loss_func(orpo_config: ORPOConfig, normalizers: GlobalNormalizers | None, l
     return result.loss * loss_scale, {"sums": result.sums, "pairs": result.pairs}
 
 
-def pad_to_length(batch: MicroBatch, length: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to `length` positions; the new positions are masked everywhere (token id 0)."""
-    extra = length - batch["input_ids"].shape[1]
-    if extra == 0:
-        return dict(batch)
-    padded = dict(batch)
-    for key in ("input_ids", "attention_mask", "completion_mask"):
-        padded[key] = torch.nn.functional.pad(batch[key], (0, extra), value=0)
-    rows = batch["input_ids"].shape[0]
-    padded["position_ids"] = torch.arange(length, dtype=torch.long).repeat(rows, 1)
-    return padded
+def schedule_groups(micro_batches: list[MicroBatch], pipelined: bool) -> list[list[MicroBatch]]:
+    """The micro-batches of each schedule call, with shapes the schedule can run.
 
-
-def _same_shape_groups(micro_batches: list[MicroBatch]) -> list[list[dict[str, torch.Tensor]]]:
-    """Consecutive micro-batches with the same number of rows, each group padded to its longest sequence.
-
-    Pipeline stages exchange activations of the shape given to the schedule; Megatron's variable-shape mode
-    deadlocks in the interleaved schedule on gloo and rules out the allgather dispatcher, so shapes are made
-    uniform instead. Training steps are one group; an evaluation set may end with a smaller micro-batch.
+    Pipeline stages exchange activations of the shape given to the schedule (Megatron's variable-shape mode
+    deadlocks in the interleaved schedule on gloo and rules out the allgather dispatcher), so with pipelining
+    consecutive micro-batches with the same number of rows form a group padded to its longest row. Padded rows
+    (`--no-packing`) are grouped that way without pipelining too, as before packing existed; packed rows without
+    pipelining keep their own lengths in one call.
     """
+    if not pipelined and micro_batches and micro_batches[0].packed:
+        return [micro_batches]
     groups: list[list[MicroBatch]] = []
     for batch in micro_batches:
-        if groups and groups[-1][0]["input_ids"].shape[0] == batch["input_ids"].shape[0]:
+        if groups and groups[-1][0].input_ids.shape[0] == batch.input_ids.shape[0]:
             groups[-1].append(batch)
         else:
             groups.append([batch])
-    return [[pad_to_length(b, max(x["input_ids"].shape[1] for x in group)) for b in group] for group in groups]
+    return [[b.padded_to(max(x.input_ids.shape[1] for x in group)) for b in group] for group in groups]
 
 
 def run_micro_batches(
@@ -101,44 +148,51 @@ def run_micro_batches(
     micro_batches: list[MicroBatch],
     orpo_config: ORPOConfig,
     forward_only: bool,
+    normalizers: GlobalNormalizers | None = None,
     collect_pairs: bool = False,
 ) -> ScheduleResult:
-    """Forward (and backward unless `forward_only`) of this rank's micro-batches of one step.
+    """Forward (and backward unless `forward_only`) of this rank's host micro-batches of one step.
 
-    Training normalizes by the counts of the whole global batch (one all-reduce over DP), so the loss and the
-    gradients do not depend on the parallel layout or on the micro-batch split.
+    Training normalizes by `normalizers`, the counts of the whole global batch, so the loss and the gradients do
+    not depend on the parallel layout or on the micro-batch split; forward-only passes may normalize each
+    micro-batch by itself (None).
     """
-    dp_group = parallel_state.get_data_parallel_group()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    normalizers = None
     if not forward_only:
-        normalizers = GlobalNormalizers.of_micro_batches(micro_batches, orpo_config.nll_on_prompt, dp_group)
+        if normalizers is None:
+            raise ValueError("training needs the global batch's normalizers")
         moe_utils.clear_aux_losses_tracker()
+    vocab_size = orpo_config.vocab_size
+    for batch in micro_batches:
+        check_micro_batch(batch, vocab_size)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    device = accelerator()
     outputs = []
-    for group in _same_shape_groups(micro_batches):
+    for group in schedule_groups(micro_batches, pipelined):
+        # Once per micro-batch, read by every model chunk. CPU tests check the move (every tensor field) and the
+        # loss on the meta device; the model's forward cannot run there (Megatron's collectives and buffers need
+        # real memory), so the GPU acceptance command checks that a packed step runs with the batch on the GPU.
+        on_device = [batch.to_device(device) for batch in group]
         # The interleaved schedule reads one iterator per model chunk.
-        iterators = [iter(group) for _ in model_chunks]
+        iterators = [iter(on_device) for _ in model_chunks]
         outputs += get_forward_backward_func()(
             forward_step_func=partial(_forward_step, orpo_config, normalizers, float(len(group) * dp_size)),
             data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
             model=model_chunks,
             num_microbatches=len(group),
-            seq_length=group[0]["input_ids"].shape[1],
-            micro_batch_size=group[0]["input_ids"].shape[0],
+            seq_length=group[0].input_ids.shape[1],
+            micro_batch_size=group[0].input_ids.shape[0],
             forward_only=forward_only,
         )
-    sums, pairs = None, []
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        sums = ORPOMetricSums.zeros()
-        for output in outputs:
-            sums = sums + output["sums"]
-            if collect_pairs:
-                pairs.append(output["pairs"])
-        sums = sums.all_reduce(dp_group)
-    return ScheduleResult(sums, pairs, None if forward_only else _moe_load_balancing_loss(len(micro_batches)))
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return ScheduleResult(None, [])
+    return ScheduleResult(ORPOMetricSums.total(output["sums"] for output in outputs),
+                          [output["pairs"] for output in outputs] if collect_pairs else [])
 
 
-def _moe_load_balancing_loss(num_micro_batches: int) -> float | None:
+def moe_load_balancing_loss(num_micro_batches: int) -> float | None:
+    """The router's load-balancing loss of the last training pass, without its coefficient: summed over layers,
+    averaged over micro-batches and data-parallel ranks (MoE models only). A collective: call on every rank."""
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     if "load_balancing_loss" not in tracker:
         return None

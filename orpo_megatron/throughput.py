@@ -5,7 +5,9 @@ from a small table of accelerators or `--peak-tflops`. It does not time anything
 (`tracking.py`) measures wall time and calls `throughput()`.
 
 Counting convention (the one of PaLM's MFU and Megatron-LM's reports): only matrix multiplications, 2 FLOPs
-per multiply-add; norms, activations, softmax and the embedding lookup are not counted. Per token and layer:
+per multiply-add; norms, activations, softmax and the embedding lookup are not counted. Only real sequences
+count, each at its own length S: padding is computed but is not model work, and a packed row's attention spans
+one sequence at a time. Per token and layer:
   attention projections   2*h*(q + 2*kv) + 2*q*h            q = heads*head_dim, kv = kv_heads*head_dim
   attention scores/values 2*q*S + 2*q*S                     the full S x S products (no causal halving)
   router                  2*h*E                             MoE only
@@ -90,7 +92,7 @@ def throughput(tokens: int, model_flops: float, seconds: float, num_gpus: int,
 
 
 class FlopsCounter:
-    """Per-step throughput metrics of a model: what the trainer adds to each step's metrics."""
+    """Per-step throughput metrics of a model: what the trainer adds to each logged step's metrics."""
 
     def __init__(self, hf: HFModelConfig, peak_tflops: float | None = None, world_size: int = 1,
                  vocab_size: int | None = None, fp8: bool = False):
@@ -99,17 +101,17 @@ class FlopsCounter:
         self.world_size = world_size
         self.peak_tflops = peak_tflops if peak_tflops is not None else default_peak_tflops(fp8)
 
-    def step_metrics(self, micro_batches, dp_size: int, seconds: float, tokens: int) -> dict[str, float]:
-        """`tokens_per_second`, `tflops_per_gpu` and (with a peak) `mfu` of one optimizer step.
+    def sequences_flops(self, sequence_lengths) -> float:
+        """Training model FLOPs of sequences of these lengths (real tokens only)."""
+        return sum(training_flops(self.hf, 1, length, vocab_size=self.vocab_size) for length in sequence_lengths)
 
-        FLOPs are counted on this rank's micro-batches ([2B, S] `input_ids`, padding included since it is
-        computed) times `dp_size`; other DP ranks' lengths differ a little. `tokens` is the step's total over
-        all DP ranks.
-        """
-        local = sum(training_flops(self.hf, *batch["input_ids"].shape, vocab_size=self.vocab_size)
-                    for batch in micro_batches)
-        figures = throughput(tokens, local * dp_size, seconds, self.world_size, self.peak_tflops)
-        metrics = {"tokens_per_second": figures.tokens_per_second, "tflops_per_gpu": figures.tflops_per_gpu}
+    def step_metrics(self, real_tokens: int, computed_positions: int, model_flops: float,
+                     seconds: float) -> dict[str, float]:
+        """`tokens_per_second`, `tflops_per_gpu`, (with a peak) `mfu`, and `real_token_fraction` (real tokens /
+        positions computed) of one optimizer step, from the step's totals over all data-parallel ranks."""
+        figures = throughput(real_tokens, model_flops, seconds, self.world_size, self.peak_tflops)
+        metrics = {"tokens_per_second": figures.tokens_per_second, "tflops_per_gpu": figures.tflops_per_gpu,
+                   "real_token_fraction": real_tokens / computed_positions}
         if figures.mfu is not None:
             metrics["mfu"] = figures.mfu
         return metrics

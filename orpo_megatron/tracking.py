@@ -35,6 +35,7 @@ CONSOLE_COLUMNS = (
     ("grad_norm", "grad", "{:.3f}"),
     ("lr", "lr", "{:.3g}"),
     ("tokens_per_second", "tok/s", "{:.0f}"),
+    ("real_token_fraction", "real", "{:.1%}"),
     ("tflops_per_gpu", "TFLOP/s/GPU", "{:.1f}"),
     ("mfu", "MFU", "{:.1%}"),
 )

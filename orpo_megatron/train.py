@@ -24,8 +24,14 @@ from orpo_megatron import arguments, checkpoint_format, checkpointing, model, op
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.pipeline import build_preference_data
 from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
-from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.pipeline import ScheduleResult, run_micro_batches
+from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
+from orpo_megatron.pipeline import (
+    ScheduleResult,
+    accelerator,
+    batch_layout,
+    moe_load_balancing_loss,
+    run_micro_batches,
+)
 
 LR_DECAY_STYLES = ["constant", "linear", "cosine", "inverse-square-root"]
 
@@ -37,7 +43,9 @@ class TrainingError(RuntimeError):
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1,
-                       help="Pairs per micro-batch (each pair is a chosen and a rejected sequence). Default: 1.")
+                       help="Pairs per micro-batch (each pair is a chosen and a rejected sequence; packed into one row "
+                            "unless --no-packing). With pipeline parallelism or --packed-length the micro-batches are "
+                            "fixed-length packed rows instead. Default: 1.")
     group.add_argument("--global-batch-size", type=int, default=None,
                        help="Pairs per optimizer step over all data-parallel ranks; gradient accumulation is "
                             "derived from it. Default: micro-batch size x data-parallel size.")
@@ -167,13 +175,14 @@ class StopSignal:
 
 
 # ------------------------------------------------------------------------------------------------- steps
-def train_step(chunks, optimizer, scheduler, micro_batches, orpo_config) -> tuple[ScheduleResult, float, bool]:
-    """One optimizer step over this rank's micro-batches. Returns the schedule result, grad norm, and whether
-    the step was applied (Megatron skips it when the grad norm is not finite)."""
+def train_step(chunks, optimizer, scheduler, step, orpo_config) -> tuple[ScheduleResult, float, bool]:
+    """One optimizer step over this rank's micro-batches of `step` (a `TrainStep`). Returns the schedule result,
+    grad norm, and whether the step was applied (Megatron skips it when the grad norm is not finite)."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    result = run_micro_batches(chunks, micro_batches, orpo_config, forward_only=False)
+    normalizers = GlobalNormalizers(step.num_pairs, step.num_nll_targets(orpo_config.nll_on_prompt))
+    result = run_micro_batches(chunks, step.micro_batches, orpo_config, forward_only=False, normalizers=normalizers)
     applied, grad_norm, _ = optimizer.step()
     if applied:
         scheduler.step(increment=1)
@@ -188,7 +197,7 @@ def evaluate(chunks, evaluation, orpo_config, max_micro_batches: int | None) -> 
     result = run_micro_batches(chunks, micro_batches, orpo_config, forward_only=True)
     for chunk in chunks:
         chunk.train()
-    return result.sums.finalize(orpo_config.beta) if result.sums is not None else None
+    return result.metrics(orpo_config.beta)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,15 +232,17 @@ def main(argv: list[str] | None = None) -> None:
     # Data.
     dp_size = layout.data_parallel_size
     global_batch_size = args.global_batch_size or args.micro_batch_size * dp_size
-    pad_multiple = layout.tensor_model_parallel_size if config.sequence_parallel else 1
+    batches = batch_layout(args.packing, args.packed_length, layout.tensor_model_parallel_size,
+                           layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size,
+                           config.sequence_parallel, bool(args.fp8_format))
     tokenizer_fallback = os.path.join(checkpoint.weights_dir, checkpoint_format.HF_FILES_DIR)
     if dist.get_rank() == 0:  # tokenize once into the cache; the other ranks then read it
         build_preference_data(args, tokenizer_fallback, 0, dp_size, args.micro_batch_size, global_batch_size,
-                              pad_multiple, args.seed)
+                              batches, args.seed)
     dist.barrier()
     train_iter, evaluation, data_stats = build_preference_data(
         args, tokenizer_fallback, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
-        global_batch_size, pad_multiple, args.seed)
+        global_batch_size, batches, args.seed)
     log(data_stats.summary())
     train_iters = train_length(args, train_iter.steps_per_epoch)
     scheduler = build_scheduler(args, optimizer, train_iters)
@@ -278,23 +289,29 @@ def main(argv: list[str] | None = None) -> None:
         chunk.train()
     while iteration < train_iters:
         started = time.perf_counter()
-        micro_batches = next(train_iter)
-        result, grad_norm, applied = train_step(chunks, optimizer, scheduler, micro_batches, orpo_config)
+        step = next(train_iter)
+        result, grad_norm, applied = train_step(chunks, optimizer, scheduler, step, orpo_config)
+        seconds = time.perf_counter() - started
         iteration += 1
-        metrics = result.sums.finalize(orpo_config.beta) if result.sums is not None else {}
-        nonfinite = not applied or not math.isfinite(grad_norm) or not all(map(math.isfinite, metrics.values()))
-        if _any_rank(nonfinite):
+        # Megatron's grad norm is reduced over every rank, so every rank takes the same decision here without a
+        # collective; the loss and the other metrics are read back only on log steps.
+        nonfinite = not applied or not math.isfinite(grad_norm)
+        logging_step = iteration % args.log_interval == 0 or iteration == train_iters
+        if logging_step:
+            metrics = dict(result.metrics(orpo_config.beta) or {}, grad_norm=grad_norm,
+                           lr=scheduler.get_lr(optimizer.param_groups[0]))
+            nonfinite = _any_rank(nonfinite or not all(map(math.isfinite, metrics.values())))
+            load_balancing = moe_load_balancing_loss(len(step.micro_batches))
+            if load_balancing is not None:
+                metrics["moe_load_balancing_loss"] = load_balancing
+            metrics.update(step_throughput(flops, step.micro_batches, seconds))
+        if nonfinite:
             skipped += 1
             if skipped > args.skip_nonfinite_steps:
                 raise TrainingError(f"non-finite loss or grad norm at iteration {iteration} "
                                     f"(grad norm {grad_norm}); last good checkpoint: {last_good()}")
             log(f"WARNING: skipped non-finite step at iteration {iteration} ({skipped}/{args.skip_nonfinite_steps})")
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * dp_size
-        metrics.update(grad_norm=grad_norm, lr=scheduler.get_lr(optimizer.param_groups[0]))
-        if result.moe_load_balancing_loss is not None:
-            metrics["moe_load_balancing_loss"] = result.moe_load_balancing_loss
-        metrics.update(flops.step_metrics(micro_batches, dp_size, time.perf_counter() - started, tokens))
-        if iteration % args.log_interval == 0 or iteration == train_iters:
+        if logging_step:
             tracker.log(metrics, iteration, train_iter.consumed_pairs, prefix="train")
         if evaluation is not None and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == train_iters):
             tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration,
@@ -311,6 +328,17 @@ def main(argv: list[str] | None = None) -> None:
             save(iteration)
     tracker.finish()
     parallel.destroy()
+
+
+def step_throughput(flops: throughput.FlopsCounter, micro_batches, seconds: float) -> dict[str, float]:
+    """Throughput of a step from its real tokens, computed positions and real-sequence FLOPs, summed over the
+    data-parallel ranks (a collective of the DP group)."""
+    local = [sum(b.num_real_tokens for b in micro_batches), sum(b.num_positions for b in micro_batches),
+             sum(flops.sequences_flops(b.sequence_lengths) for b in micro_batches)]
+    totals = torch.tensor(local, dtype=torch.float64, device=accelerator())
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    real_tokens, positions, model_flops = totals.tolist()
+    return flops.step_metrics(int(real_tokens), int(positions), model_flops, seconds)
 
 
 def _any_rank(flag: bool) -> bool:

@@ -38,6 +38,7 @@ def test_fp8_needs_bf16():
     (["--tensor-model-parallel-size", "3"], "world size 1 is not divisible by TP*PP = 3*1 = 3"),
     (["--expert-model-parallel-size", "0"], "--expert-model-parallel-size must be >= 1"),
     (["--max-length", "128", "--max-prompt-length", "200"], "--max-prompt-length must be in [0, --max-length)"),
+    (["--no-packing", "--packed-length", "512"], "--packed-length 512 needs packing (no --no-packing)"),
 ])
 def test_wrong_flags_are_named(flags, message, tiny_converted):
     proc = run_train("--load", tiny_converted, "--data-path", "examples/data/plain.jsonl", *flags)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaTokenizer
 
-from orpo_megatron.data.batching import collate_pairs
+from orpo_megatron.data.micro_batch import MicroBatch, padded_micro_batch
 from orpo_megatron.data.chat_template import ZEPHYR
 from orpo_megatron.data.preference import BadRow, PairTokenizer, TruncationConfig
 
@@ -26,11 +26,11 @@ def _read_jsonl(name: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _batch(pair_tokenizer: PairTokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
+def _batch(pair_tokenizer: PairTokenizer, rows: list[dict]) -> MicroBatch:
     pairs = [pair_tokenizer(row) for row in rows]
     columns = {"row_index": list(range(len(pairs))), "prompt_input_ids": [p.prompt_ids for p in pairs],
                "chosen_input_ids": [p.chosen_ids for p in pairs], "rejected_input_ids": [p.rejected_ids for p in pairs]}
-    return collate_pairs(columns, pad_id=pair_tokenizer.tokenizer.pad_id)
+    return padded_micro_batch(columns, pad_id=pair_tokenizer.tokenizer.pad_id)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +68,13 @@ def test_capybara_plain_and_pretokenized_forms_give_identical_ids_and_masks(tiny
     from_capybara = _batch(pair_tokenizer, capybara_rows)
     for other in (plain, pretokenized):
         batch = _batch(pair_tokenizer, other)
-        for key in ("input_ids", "attention_mask", "completion_mask"):
-            assert torch.equal(batch[key], from_capybara[key]), key
+        for key in ("input_ids", "padding_mask", "completion_targets"):
+            assert torch.equal(getattr(batch, key), getattr(from_capybara, key)), key
     # The committed plain copy of the shipped pairs.
     shipped = _batch(pair_tokenizer, _read_jsonl("capybara_style.jsonl"))
     shipped_plain = _batch(pair_tokenizer, _read_jsonl("plain.jsonl"))
-    for key in ("input_ids", "attention_mask", "completion_mask"):
-        assert torch.equal(shipped_plain[key], shipped[key]), key
+    for key in ("input_ids", "padding_mask", "completion_targets"):
+        assert torch.equal(getattr(shipped_plain, key), getattr(shipped, key)), key
 
 
 def test_sequences_are_transformers_ids_of_the_rendered_conversation(tiny_mixtral, reference, capybara_rows):

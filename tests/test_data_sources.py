@@ -12,6 +12,7 @@ import torch
 
 from orpo_megatron.data import add_data_args, build_preference_data
 from orpo_megatron.data.arguments import DataConfig
+from orpo_megatron.data.batching import BatchLayout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.data.preference import TruncationConfig
 from orpo_megatron.data.sources import load_split
@@ -95,30 +96,30 @@ def test_build_preference_data_for_two_dp_ranks(tmp_path, tiny_mixtral):
     args = _parse("--data-path", CAPYBARA, "--eval-fraction", "0.1", "--data-cache-dir", str(tmp_path),
                   "--max-length", "64", "--max-prompt-length", "32")
     built = [build_preference_data(args, tiny_mixtral, rank, 2, micro_batch_size=2, global_batch_size=8,
-                                   pad_to_multiple_of=4, seed=5) for rank in range(2)]
+                                   layout=BatchLayout(packing=False, length_multiple=4), seed=5) for rank in range(2)]
     (train0, eval0, stats), (train1, eval1, _) = built
     assert stats.train.rows == 300 and stats.train.bad_rows == {}
     assert (stats.train_pairs, stats.eval_pairs, stats.eval_pairs_dropped) == (270, 30, 0)
     assert stats.train.chosen_truncated + stats.train.rejected_truncated > 0  # some multi-turn pairs exceed 64
     train_rows = set(train0.pairs["row_index"])
-    eval_rows = [r for shard in (eval0, eval1) for mb in shard for r in mb["row_index"].tolist()]
+    eval_rows = [r for shard in (eval0, eval1) for mb in shard for r in mb.row_index.tolist()]
     assert len(eval_rows) == 30 and not set(eval_rows) & train_rows and len(train_rows | set(eval_rows)) == 300
-    step0, step1 = next(train0), next(train1)
+    step0, step1 = next(train0).micro_batches, next(train1).micro_batches
     assert len(step0) == len(step1) == 2
     for micro_batch in step0 + step1:
-        assert micro_batch["input_ids"].shape[0] == 4 and micro_batch["input_ids"].shape[1] % 4 == 0
-        assert micro_batch["attention_mask"].sum(1).max() <= 64
-        assert micro_batch["input_ids"][:, 0].eq(1).all()  # BOS first on every row
+        assert micro_batch.input_ids.shape[0] == 4 and micro_batch.input_ids.shape[1] % 4 == 0
+        assert max(micro_batch.sequence_lengths) <= 64
+        assert micro_batch.input_ids[:, 0].eq(1).all()  # BOS first on every row
     assert stats.as_dict()["data/train_pairs"] == 270 and "pairs from 300 rows" in stats.summary()
 
 
 def test_tokenizer_defaults_to_the_checkpoint_folder_and_must_exist(tmp_path, tiny_mixtral):
     args = _parse("--data-path", CAPYBARA, "--data-cache-dir", str(tmp_path))
     with pytest.raises(ValueError, match="no tokenizer: pass --tokenizer"):
-        build_preference_data(args, None, 0, 1, 1, 8, 1, 0)
+        build_preference_data(args, None, 0, 1, 1, 8, BatchLayout(), 0)
     args = _parse("--data-path", CAPYBARA, "--data-cache-dir", str(tmp_path), "--tokenizer", tiny_mixtral)
-    train, evaluation, _ = build_preference_data(args, "/nonexistent", 0, 1, 1, 8, 1, 0)
-    assert evaluation is None and isinstance(next(train)[0]["input_ids"], torch.Tensor)
+    train, evaluation, _ = build_preference_data(args, "/nonexistent", 0, 1, 1, 8, BatchLayout(), 0)
+    assert evaluation is None and isinstance(next(train).micro_batches[0].input_ids, torch.Tensor)
 
 
 def test_message_rows_without_any_template_are_a_clear_error(tmp_path, tiny_mixtral):
@@ -130,10 +131,10 @@ def test_message_rows_without_any_template_are_a_clear_error(tmp_path, tiny_mixt
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     args = _parse("--data-path", CAPYBARA, "--data-cache-dir", str(tmp_path), "--tokenizer", str(folder))
     with pytest.raises(ValueError, match="no chat template: pass --chat-template zephyr"):
-        build_preference_data(args, None, 0, 1, 1, 8, 1, 0)
+        build_preference_data(args, None, 0, 1, 1, 8, BatchLayout(), 0)
     args = _parse("--data-path", CAPYBARA, "--data-cache-dir", str(tmp_path), "--tokenizer", str(folder),
                   "--chat-template", "zephyr")
-    assert build_preference_data(args, None, 0, 1, 1, 8, 1, 0)[2].train_pairs == 300
+    assert build_preference_data(args, None, 0, 1, 1, 8, BatchLayout(), 0)[2].train_pairs == 300
 
 
 def test_multiprocess_tokenization_equals_single_process(tmp_path, tiny_mixtral):

@@ -13,12 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers.trl_reference import trl_padded_batch
 from workers.trl_reference import trl_reference as workers_trl_reference
+from orpo_megatron.data.micro_batch import MicroBatch, packed_micro_batch, padded_rows
 from orpo_megatron.objective import (
     GlobalNormalizers,
     ObjectiveInputError,
     ORPOConfig,
     ORPOMetricSums,
+    check_micro_batch,
     log1mexp,
     odds_ratio,
     orpo_loss,
@@ -54,6 +57,14 @@ def make_micro_batch(num_pairs: int, seq_len: int, seed: int, longest: int | Non
     }
 
 
+def as_micro_batch(batch: dict, first_row: int = 100) -> MicroBatch:
+    """Our micro-batch of a padded batch dict (rows chosen then rejected), checked as the pipeline does."""
+    micro_batch = padded_rows(batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"],
+                              list(range(first_row, first_row + batch["input_ids"].shape[0] // 2)))
+    check_micro_batch(micro_batch, TRUE_VOCAB)
+    return micro_batch
+
+
 def make_logits(batch: dict, seed: int, padded_vocab: int = PADDED_VOCAB, pad_value: float = 0.0) -> torch.Tensor:
     """fp32 logits [2B, S, padded_vocab], nonzero mean; padding columns hold `pad_value`."""
     gen = torch.Generator().manual_seed(seed)
@@ -86,7 +97,7 @@ def assert_grad_close(ours: torch.Tensor, reference: torch.Tensor, rtol: float =
 
 def loss_and_grad(logits: torch.Tensor, batch: dict, config: ORPOConfig, normalizers=None):
     logits = logits.clone().requires_grad_(True)
-    output = orpo_loss(logits, batch, config, normalizers)
+    output = orpo_loss(logits, as_micro_batch(batch), config, normalizers)
     output.loss.backward()
     return output, logits.grad
 
@@ -179,8 +190,8 @@ def test_nll_on_prompt_changes_the_nll_term():
     """Guards the flag itself: with prompts of >= 2 tokens the two NLL definitions must differ."""
     batch = make_micro_batch(num_pairs=2, seq_len=16, seed=3)
     logits = make_logits(batch, seed=4)
-    with_prompt = orpo_loss(logits, batch, ORPOConfig(TRUE_VOCAB, nll_on_prompt=True)).sums
-    without_prompt = orpo_loss(logits, batch, ORPOConfig(TRUE_VOCAB, nll_on_prompt=False)).sums
+    with_prompt = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, nll_on_prompt=True)).sums
+    without_prompt = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, nll_on_prompt=False)).sums
     assert with_prompt.num_nll_tokens > without_prompt.num_nll_tokens
     assert without_prompt.num_nll_tokens == (batch["completion_mask"][:2, 1:]).sum()
 
@@ -198,7 +209,7 @@ def test_near_certain_completions_keep_fp32_relative_precision():
     logits.scatter_add_(2, targets[..., None], (margin * completion_targets)[..., None])
     logits[..., TRUE_VOCAB:] = 0.0
 
-    output = orpo_loss(logits, batch, ORPOConfig(TRUE_VOCAB))
+    output = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB))
     reference = trl_reference(logits, batch)
     assert reference["chosen_logps"].abs().max() < 1e-5
     for name in ("chosen_logps", "rejected_logps", "log_odds"):
@@ -229,7 +240,7 @@ def test_trl_odds_ratio_loss_and_batch_logps_agree_with_ours():
     batch = make_micro_batch(num_pairs=4, seq_len=20, seed=7)
     logits = make_logits(batch, seed=8)
     config = ORPOConfig(TRUE_VOCAB, beta=0.25)
-    output = orpo_loss(logits, batch, config)
+    output = orpo_loss(logits, as_micro_batch(batch), config)
 
     labels = torch.where(batch["completion_mask"], batch["input_ids"], -100)
     trl_logps = ORPOTrainer.get_batch_logps(logits[..., :TRUE_VOCAB], labels, average_log_prob=True)
@@ -266,11 +277,12 @@ def test_micro_batch_shares_sum_to_the_global_batch_loss_and_metrics():
     second = make_micro_batch(num_pairs=3, seq_len=22, seed=10)
     first_logits, second_logits = make_logits(first, seed=11), make_logits(second, seed=12)
     config = ORPOConfig(TRUE_VOCAB, beta=0.1)
-    normalizers = GlobalNormalizers.of_micro_batches([first, second], config.nll_on_prompt)
+    normalizers = GlobalNormalizers.of_micro_batches([as_micro_batch(first), as_micro_batch(second)],
+                                                     config.nll_on_prompt)
 
     first_out, first_grad = loss_and_grad(first_logits, first, config, normalizers)
     second_out, second_grad = loss_and_grad(second_logits, second, config, normalizers)
-    metrics = (ORPOMetricSums.zeros() + first_out.sums + second_out.sums).finalize(config.beta)
+    metrics = ORPOMetricSums.total([first_out.sums, second_out.sums]).finalize(config.beta)
 
     # Reference: the whole batch as one, padded to the longer length; rows reordered chosen-then-rejected.
     whole, whole_logits = concat_pairs([first, second], [first_logits, second_logits])
@@ -355,27 +367,110 @@ def test_bf16_logits_are_scored_in_fp32():
     assert bf16_error > 100 * ours_error
 
 
+# ------------------------------------------------------------------------------------- packed layout
+
+
+def make_pairs(num_pairs: int, seed: int) -> dict:
+    """Pair columns as the data layer stores them: a shared prompt, two completions of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(low, high):
+        return torch.randint(3, TRUE_VOCAB, (int(torch.randint(low, high, (), generator=gen)),), generator=gen).tolist()
+
+    return {"row_index": list(range(200, 200 + num_pairs)),
+            "prompt_input_ids": [[1] + tokens(1, 6) for _ in range(num_pairs)],
+            "chosen_input_ids": [tokens(1, 9) + [PAD_ID] for _ in range(num_pairs)],
+            "rejected_input_ids": [tokens(1, 9) + [PAD_ID] for _ in range(num_pairs)]}
+
+
+def padded_dict(pairs: dict) -> tuple[dict, list[list[int]]]:
+    """The padded batch TRL's collator makes of the pairs (chosen rows, then rejected rows), and the sequences."""
+    prompts = pairs["prompt_input_ids"] * 2
+    sequences = [p + c for p, c in zip(prompts, pairs["chosen_input_ids"] + pairs["rejected_input_ids"])]
+    return trl_padded_batch(pairs, PAD_ID), sequences
+
+
+def packed_positions(sequences: list[list[int]]) -> list[tuple[int, int]]:
+    """(row, position) of the padded batch behind each position of the packed row, sequences back to back."""
+    return [(row, position) for row, sequence in enumerate(sequences) for position in range(len(sequence))]
+
+
+@pytest.mark.parametrize("nll_on_prompt", [True, False])
+def test_packed_row_gives_the_loss_pairs_metrics_and_gradient_of_the_padded_batch(nll_on_prompt):
+    """The same pairs packed into one row (padding only at its end) and padded as TRL pads them: the packed
+    row's logits are the padded batch's at the same tokens, so everything must agree with TRL's formulas on the
+    padded batch, except `logits/*`, which TRL averages over padding positions a packed row does not have."""
+    pairs = make_pairs(num_pairs=3, seed=30)
+    batch, sequences = padded_dict(pairs)
+    logits = make_logits(batch, seed=31)
+    packed = packed_micro_batch(pairs, PAD_ID, length_multiple=16)
+    check_micro_batch(packed, TRUE_VOCAB)
+    positions = packed_positions(sequences)
+    assert packed.input_ids.shape[1] % 16 == 0 and packed.input_ids.shape[1] > len(positions)  # a padding tail
+    packed_logits = torch.randn(1, packed.input_ids.shape[1], PADDED_VOCAB, generator=torch.Generator().manual_seed(32))
+    for t, (row, position) in enumerate(positions):
+        packed_logits[0, t] = logits[row, position]
+    config = ORPOConfig(TRUE_VOCAB, beta=0.1, nll_on_prompt=nll_on_prompt)
+
+    output, grad = loss_and_grad_of(packed_logits, packed, config)
+    reference = trl_reference(logits, batch, beta=0.1, nll_on_prompt=nll_on_prompt)
+    assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll"):
+        torch.testing.assert_close(getattr(output.pairs, name).double(), reference[name], rtol=RTOL, atol=0)
+    expected = dict(reference["metrics"])
+    for half, rows in (("chosen", range(3)), ("rejected", range(3, 6))):
+        block = torch.cat([logits[row, :len(sequences[row]) - 1, :TRUE_VOCAB] for row in rows]).double()
+        expected[f"logits/{half}"] = block.mean().item()  # every position with a next token of its sequence
+    assert_metrics_close(output.sums.finalize(config.beta), expected)
+
+    reference_gradient = reference_grad(logits, batch, nll_on_prompt=nll_on_prompt)
+    expected_grad = torch.zeros_like(grad)
+    for t, (row, position) in enumerate(positions):
+        expected_grad[0, t] = reference_gradient[row, position]
+    assert_grad_close(grad, expected_grad)  # and exactly 0 on the padding tail
+
+
+def loss_and_grad_of(logits: torch.Tensor, micro_batch: MicroBatch, config: ORPOConfig):
+    logits = logits.clone().requires_grad_(True)
+    output = orpo_loss(logits, micro_batch, config)
+    output.loss.backward()
+    return output, logits.grad
+
+
+def test_loss_on_meta_tensors_needs_no_host_values():
+    """The loss path creates no tensor on the host and reads nothing back from the device: on the meta device
+    (tensors without data) a host tensor in an operation, `.item()`, `.tolist()` or boolean indexing raises."""
+    pairs = make_pairs(num_pairs=2, seed=33)
+    for micro_batch in (packed_micro_batch(pairs, PAD_ID, 8), as_micro_batch(padded_dict(pairs)[0])):
+        on_meta = micro_batch.to_device(torch.device("meta"))
+        logits = torch.zeros(*micro_batch.input_ids.shape, PADDED_VOCAB, device="meta", requires_grad=True)
+        output = orpo_loss(logits, on_meta, ORPOConfig(TRUE_VOCAB),
+                           GlobalNormalizers.of_micro_batches([micro_batch]))
+        output.loss.backward()
+        assert output.loss.device.type == "meta" and logits.grad.device.type == "meta"
+        assert all(value.device.type == "meta" for value in output.sums.to_tensor().unbind())
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 
-def test_micro_batch_that_breaks_the_contract_is_rejected_naming_the_row():
-    config = ORPOConfig(TRUE_VOCAB)
+def test_micro_batch_that_breaks_the_contract_is_rejected_naming_the_source_row():
     batch = make_micro_batch(num_pairs=2, seq_len=12, seed=15)
-    logits = make_logits(batch, seed=16)
 
     out_of_vocab = dict(batch, input_ids=batch["input_ids"].clone())
     out_of_vocab["input_ids"][1, 3] = TRUE_VOCAB
-    with pytest.raises(ObjectiveInputError, match=r"row 1 position 3 .* outside the vocabulary \[0, 600\)"):
-        orpo_loss(logits, out_of_vocab, config)
+    with pytest.raises(ObjectiveInputError, match=r"source row 101 \(chosen sequence\) holds token id 600, outside "
+                                                  r"the vocabulary \[0, 600\)"):
+        as_micro_batch(out_of_vocab)
 
     empty = dict(batch, completion_mask=batch["completion_mask"].clone())
     empty["completion_mask"][2] = False
-    with pytest.raises(ObjectiveInputError, match="row 2 of the micro-batch has no completion token"):
-        orpo_loss(logits, empty, config)
+    with pytest.raises(ObjectiveInputError, match=r"source row 100 \(rejected sequence\) has no completion token"):
+        as_micro_batch(empty)
 
     odd = {key: value[:3] for key, value in batch.items()}
-    with pytest.raises(ObjectiveInputError, match=r"\[2B, S\]"):
-        orpo_loss(logits[:3], odd, config)
+    with pytest.raises(ObjectiveInputError, match="even number of sequences"):
+        as_micro_batch(odd)
 
     with pytest.raises(ValueError, match="--orpo-beta"):
         ORPOConfig(TRUE_VOCAB, beta=-1.0)

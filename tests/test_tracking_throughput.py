@@ -33,18 +33,26 @@ def test_flops_equal_counted_matmul_flops_of_transformers_forward_and_backward(m
     assert counted_flops(model_dir, batch, seq_length, backward=True) == training_flops(hf, batch, seq_length)
 
 
+def test_real_sequence_flops_are_transformers_counted_flops_of_each_sequence_alone(tiny_mixtral):
+    """A packed row's model FLOPs: each real sequence at its own length, as if run alone (padding and the
+    attention a packed row masks out are not model work)."""
+    hf = HFModelConfig.from_file(tiny_mixtral)
+    lengths = [5, 17, 9]
+    expected = sum(counted_flops(tiny_mixtral, 1, length, backward=True) for length in lengths)
+    assert FlopsCounter(hf).sequences_flops(lengths) == expected
+
+
 def test_step_metrics_divide_the_step_flops_by_time_gpus_and_peak(tiny_mixtral):
     hf = HFModelConfig.from_file(tiny_mixtral)
-    micro_batches = [{"input_ids": torch.zeros(4, 16, dtype=torch.long)},
-                     {"input_ids": torch.zeros(4, 24, dtype=torch.long)}]
-    per_rank = training_flops(hf, 4, 16) + training_flops(hf, 4, 24)
-    metrics = FlopsCounter(hf, peak_tflops=2.0, world_size=8).step_metrics(micro_batches, dp_size=2, seconds=0.5,
-                                                                           tokens=300)
+    flops = training_flops(hf, 1, 16) + training_flops(hf, 1, 24)
+    metrics = FlopsCounter(hf, peak_tflops=2.0, world_size=8).step_metrics(
+        real_tokens=300, computed_positions=400, model_flops=flops, seconds=0.5)
     assert metrics["tokens_per_second"] == pytest.approx(600.0, rel=1e-12)
-    assert metrics["tflops_per_gpu"] == pytest.approx(per_rank * 2 / 0.5 / 8 / 1e12, rel=1e-12)
+    assert metrics["tflops_per_gpu"] == pytest.approx(flops / 0.5 / 8 / 1e12, rel=1e-12)
     assert metrics["mfu"] == pytest.approx(metrics["tflops_per_gpu"] / 2.0, rel=1e-12)
+    assert metrics["real_token_fraction"] == 0.75
     if not torch.cuda.is_available():
-        assert "mfu" not in FlopsCounter(hf, world_size=8).step_metrics(micro_batches, 2, 0.5, 300)
+        assert "mfu" not in FlopsCounter(hf, world_size=8).step_metrics(300, 400, flops, 0.5)
 
 
 def test_peak_table_matches_torch_device_names():

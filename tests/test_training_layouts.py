@@ -1,9 +1,13 @@
-"""The ORPO training step is layout-invariant: same first-step loss and grad norm at every parallel layout.
+"""The ORPO training step is layout-invariant: same first-step loss and grad norm at every parallel layout, packed
+or not.
 
 The real trainer (`python -m orpo_megatron.train`) runs 5 steps of 8 pairs (micro-batches of 2) from the same
-converted checkpoint and data at each layout; the per-step metrics of `metrics.jsonl` are compared with the
-single-process run. The loss is normalized over the global batch and the MoE router ignores padding, so the
-micro-batch split, padding for sequence parallelism and the DP split must not change anything.
+converted checkpoint and data at each layout, packing its micro-batches (the default); the per-step metrics of
+`metrics.jsonl` are compared with the single-process run with `--no-packing`. The loss is normalized over the
+global batch, the MoE router ignores padding and packed sequences attend only to themselves, so neither the
+micro-batch split, padding, packing nor the DP split may change anything. One exception: with pipelining a step's
+pairs are regrouped into fixed-length rows, and the router's load-balancing loss is a statistic of each
+micro-batch's tokens, so its value (and its small share of the gradient) moves there.
 """
 import json
 import os
@@ -11,8 +15,11 @@ import os
 import pytest
 
 LAYOUTS = {  # name: (processes, flags)
+    "packed": (1, []),
     "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    "pp2_4_micro_batches": (2, ["--pipeline-model-parallel-size", "2"]),
+    # Pipelining packs a step into fixed-length rows: other micro-batches, so another load-balancing statistic;
+    # compared without it (coefficient 0 on both sides).
+    "pp2_4_micro_batches": (2, ["--pipeline-model-parallel-size", "2", "--moe-aux-loss-coeff", "0"]),
     "ep2": (2, ["--expert-model-parallel-size", "2"]),
     "dp2": (2, []),
     "full_recompute": (1, ["--recompute-granularity", "full"]),
@@ -33,7 +40,13 @@ def train(torchrun, converted, save, nproc, flags):
 
 @pytest.fixture(scope="module")
 def single_process(torchrun, tiny_converted, tmp_path_factory):
-    return train(torchrun, tiny_converted, str(tmp_path_factory.mktemp("tp1") / "run"), 1, [])
+    return train(torchrun, tiny_converted, str(tmp_path_factory.mktemp("tp1") / "run"), 1, ["--no-packing"])
+
+
+@pytest.fixture(scope="module")
+def single_process_without_load_balancing(torchrun, tiny_converted, tmp_path_factory):
+    return train(torchrun, tiny_converted, str(tmp_path_factory.mktemp("tp1_no_aux") / "run"), 1,
+                 ["--no-packing", "--moe-aux-loss-coeff", "0"])
 
 
 def relative(a, b):
@@ -51,15 +64,21 @@ def test_single_process_trains(single_process):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_first_step_and_five_steps_match_single_process(name, torchrun, tiny_converted, tmp_path, single_process):
+def test_first_step_and_five_steps_match_single_process(name, torchrun, tiny_converted, tmp_path, request):
     nproc, flags = LAYOUTS[name]
+    without_load_balancing = "--moe-aux-loss-coeff" in flags
+    single_process = request.getfixturevalue(
+        "single_process_without_load_balancing" if without_load_balancing else "single_process")
     rows = train(torchrun, tiny_converted, str(tmp_path / "run"), nproc, flags)
     assert [row["iteration"] for row in rows] == [1, 2, 3, 4, 5]
     first, reference = rows[0], single_process[0]
     for key in ("train/loss", "train/grad_norm"):
         assert relative(first[key], reference[key]) <= FIRST_STEP_TOL, (key, first[key], reference[key])
-    for key in ("train/nll_loss", "train/log_odds_chosen", "train/rewards/margins", "train/moe_load_balancing_loss"):
+    for key in ("train/nll_loss", "train/log_odds_chosen", "train/rewards/margins", "train/logps/chosen",
+                "train/logps/rejected", "train/log_odds_ratio", "train/rewards/accuracies") + (
+                () if without_load_balancing else ("train/moe_load_balancing_loss",)):
         assert mixed(first[key], reference[key]) <= FIRST_STEP_TOL, (key, first[key], reference[key])
+    assert 0.5 < first["train/real_token_fraction"] <= 1.0
     for row, ref in zip(rows, single_process):
         assert relative(row["train/loss"], ref["train/loss"]) <= FIVE_STEP_TOL, (row["iteration"], row, ref)
         assert relative(row["train/grad_norm"], ref["train/grad_norm"]) <= FIVE_STEP_TOL

@@ -1,7 +1,7 @@
 """Command-line flags of the data layer and their validated config.
 
-Owns `add_data_args(parser)` and `DataConfig`. Batch sizes and `--seed` are the trainer's flags (Megatron names);
-the objective's flags (e.g. `--no-nll-on-prompt`) are not here.
+Owns `add_data_args(parser)` (data and packing flags) and `DataConfig`. Batch sizes and `--seed` are the trainer's
+flags (Megatron names); the objective's flags (e.g. `--no-nll-on-prompt`) are not here.
 """
 from __future__ import annotations
 
@@ -52,6 +52,18 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Processes used to tokenize the data once (default: 1).")
     group.add_argument("--data-cache-dir", type=str, default=None,
                        help="Where tokenized data is cached (default: $HF_DATASETS_CACHE/orpo_megatron).")
+
+    group = parser.add_argument_group("packing")
+    group.add_argument("--no-packing", dest="packing", action="store_false",
+                       help="Pad each pair's chosen and rejected sequences into rows of one length instead of packing "
+                            "a micro-batch's sequences into one padding-free row (attention and RoPE restart at "
+                            "every sequence, so the results are the same).")
+    group.add_argument("--packed-length", type=int, default=None,
+                       help="Pack each step's pairs whole into rows of this many tokens, one micro-batch per row "
+                            "(--micro-batch-size is then unused), the same number of rows on every data-parallel "
+                            "rank. Always done with pipeline parallelism, which needs one row shape per step. "
+                            "Default: without pipelining one row per micro-batch of its own length; with it, the "
+                            "longest pair of the training split (prompt + chosen + prompt + rejected).")
     return parser
 
 

@@ -1,62 +1,97 @@
-"""Tokenized pairs -> micro-batches for ORPO: shuffled, sharded over data-parallel ranks, padded, resumable.
+"""Tokenized pairs -> this DP rank's micro-batches: shuffled, sharded over data-parallel ranks, packed, resumable.
 
-Owns the order in which pairs are seen and the micro-batch tensors. It does not tokenize (`preprocess.py`) and uses
-no collectives: every DP rank builds the same order from the seed and takes its own slice.
-
-Micro-batch of B pairs (the contract with the objective), CPU tensors:
-- `input_ids` Long [2B, S]: rows 0..B-1 chosen, B..2B-1 rejected of the same pairs in the same order; each row is
-  prompt + completion, right-padded with the pad id; S = the longest row rounded up to `pad_to_multiple_of`;
-- `attention_mask` Long [2B, S]: 1 on tokens, 0 on padding;
-- `completion_mask` Bool [2B, S]: True on completion tokens (EOS included), False on prompt and padding;
-- `position_ids` Long [2B, S]: 0..S-1 on every row;
-- `row_index` Long [B]: the pairs' row numbers in the source split (for logs and debugging, not for the model).
+Owns the order in which pairs are seen and which pairs form each micro-batch; the tensors of a micro-batch and its
+two layouts (packed, padded) are `micro_batch.py`'s, the bin-packing of fixed-length rows `packing.py`'s. It uses no
+collectives: every DP rank builds the same order from the seed and takes its own share, and the counts that
+normalize the loss over the whole global batch come from a table of pair lengths, the same on every rank.
 
 Training order: epoch e visits the pairs in a permutation drawn from (seed, e). A global batch takes the next
-`global_batch_size` pairs of it; DP rank r takes the r-th contiguous 1/dp_size of the global batch, cut into
-micro-batches of `micro_batch_size`. An epoch ends when fewer than `global_batch_size` pairs are left: those are not
+`global_batch_size` pairs of it. An epoch ends when fewer than `global_batch_size` pairs are left: those are not
 seen in that epoch (a different few each epoch). The state is (epoch, pairs consumed in the epoch), so a run
 resumed from a checkpoint sees exactly the pairs it would have seen, even with another DP size.
+How a global batch becomes micro-batches (`BatchLayout`):
+- padded or packed per micro-batch: DP rank r takes the r-th contiguous 1/dp_size of the global batch, cut into
+  micro-batches of `micro_batch_size` pairs; packed, each micro-batch is one row of its own length.
+- fixed-length rows (pipelining, or `--packed-length`): the whole global batch is packed into rows of
+  `packed_length` tokens (`packing.pack_rows`), the number of rows a multiple of the DP size (and of
+  `rows_per_rank_multiple` per rank); DP rank r takes the r-th contiguous share of the rows, one micro-batch each.
 
 Evaluation: the held-out pairs in source order, cut to a multiple of dp_size (the remainder, at most dp_size - 1
 pairs, is reported as `dropped_pairs`, never silently), each rank a contiguous equal share in micro-batches of
-`micro_batch_size`, the last one smaller. Every rank has the same number of micro-batches of the same sizes, so
-collectives inside the forward (expert parallelism spans DP ranks) stay matched.
+`micro_batch_size`, the last one smaller (with the interleaved schedule, a multiple of PP micro-batches of
+near-equal sizes instead). Every rank has the same number of micro-batches, so collectives inside
+the forward (expert parallelism spans DP ranks) stay matched.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import datasets
-import torch
+import numpy as np
+import pyarrow.compute as pc
+
+from orpo_megatron.data.micro_batch import (
+    MicroBatch,
+    packed_micro_batch,
+    padded_micro_batch,
+    pair_target_counts,
+    round_up,
+)
+from orpo_megatron.data.packing import pack_rows
 
 PAIR_COLUMNS = ["row_index", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
 
 
-def collate_pairs(pairs: dict[str, list], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """A micro-batch (see the module docstring) from columns `prompt_input_ids`, `chosen_input_ids`,
-    `rejected_input_ids` (completions) and `row_index`, one entry per pair."""
-    prompts = pairs["prompt_input_ids"]
-    completions = pairs["chosen_input_ids"] + pairs["rejected_input_ids"]
-    prompts = prompts + prompts
-    longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    length = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
-    rows = len(completions)
-    input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((rows, length), dtype=torch.long)
-    completion_mask = torch.zeros((rows, length), dtype=torch.bool)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        total = len(prompt) + len(completion)
-        input_ids[row, :total] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention_mask[row, :total] = 1
-        completion_mask[row, len(prompt):total] = True
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "position_ids": torch.arange(length, dtype=torch.long).repeat(rows, 1),
-        "row_index": torch.tensor(pairs["row_index"], dtype=torch.long),
-    }
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How pairs become micro-batches.
+
+    packing: one padding-free row per micro-batch (default) instead of 2B padded rows (`--no-packing`).
+    fixed_length_rows: pack each global batch into rows of one length (needed with pipelining).
+    packed_length: that length; None: the longest pair of the training split, rounded up to `length_multiple`.
+    length_multiple: every row's length is a multiple of it (sequence parallelism, FP8).
+    rows_per_rank_multiple: with fixed-length rows, the rows of a rank are a multiple of it (PP with VP).
+    """
+
+    packing: bool = True
+    fixed_length_rows: bool = False
+    packed_length: int | None = None
+    length_multiple: int = 1
+    rows_per_rank_multiple: int = 1
+
+    def __post_init__(self):
+        if not self.packing and (self.fixed_length_rows or self.packed_length is not None):
+            raise ValueError("--packed-length and pipelining pack rows; they cannot be combined with --no-packing")
+        if self.packed_length is not None and (self.packed_length < 2 or self.packed_length % self.length_multiple):
+            raise ValueError(f"--packed-length {self.packed_length} must be a positive multiple of "
+                             f"{self.length_multiple} (sequence parallelism and FP8 need row lengths divisible by it)")
+
+    def build(self, pairs: dict[str, list], pad_id: int, length: int | None = None) -> MicroBatch:
+        if self.packing:
+            return packed_micro_batch(pairs, pad_id, self.length_multiple, length)
+        return padded_micro_batch(pairs, pad_id, self.length_multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """This DP rank's micro-batches of one optimizer step, and the global batch's counts (all DP ranks)."""
+
+    micro_batches: list[MicroBatch]
+    num_pairs: int
+    num_chosen_real_targets: int
+    num_chosen_completion_targets: int
+
+    def num_nll_targets(self, nll_on_prompt: bool) -> int:
+        return self.num_chosen_real_targets if nll_on_prompt else self.num_chosen_completion_targets
+
+
+def pair_length_table(pairs: datasets.Dataset) -> np.ndarray:
+    """[num_pairs, 3] int64: prompt, chosen and rejected tokens of every pair, read from Arrow (no Python lists)."""
+    table = pairs.with_format("arrow")[:]
+    return np.stack([pc.list_value_length(table[column]).to_numpy(zero_copy_only=False).astype(np.int64)
+                     for column in PAIR_COLUMNS[1:]], axis=1)
 
 
 def epoch_permutation(num_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -67,10 +102,10 @@ def epoch_permutation(num_pairs: int, seed: int, epoch: int) -> list[int]:
 
 
 class TrainPairIterator:
-    """Infinite iterator over optimizer steps; each step is this DP rank's list of micro-batches."""
+    """Infinite iterator over optimizer steps (`TrainStep`)."""
 
     def __init__(self, pairs: datasets.Dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, pad_id: int, pad_to_multiple_of: int = 1):
+                 dp_size: int, seed: int, pad_id: int, layout: BatchLayout = BatchLayout()):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         if micro_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
@@ -80,17 +115,35 @@ class TrainPairIterator:
             raise ValueError(f"the training split has {pairs.num_rows} pairs, fewer than one global batch "
                              f"({global_batch_size}); lower --global-batch-size or add data")
         self.pairs = pairs.select_columns(PAIR_COLUMNS)
+        self.lengths = pair_length_table(self.pairs)
         self.num_pairs = pairs.num_rows
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed
         self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.layout = layout
+        self.packed_length = self._resolve_packed_length() if layout.fixed_length_rows else None
         self.epoch = 0
         self.pairs_in_epoch = 0  # global position inside this epoch's permutation
         self.consumed_pairs = 0  # over all ranks since the start of training
         self._order: list[int] | None = None
+
+    def _resolve_packed_length(self) -> int:
+        """--packed-length, or the longest pair rounded up; every pair must fit and every rank get its rows."""
+        tokens = 2 * self.lengths[:, 0] + self.lengths[:, 1] + self.lengths[:, 2]
+        longest = int(np.argmax(tokens))
+        length = self.layout.packed_length or round_up(int(tokens[longest]), self.layout.length_multiple)
+        if tokens[longest] > length:
+            row = self.pairs[longest]["row_index"]
+            raise ValueError(f"--packed-length {length} is shorter than the training pair of source row {row} "
+                             f"({int(tokens[longest])} tokens: prompt + chosen + prompt + rejected); raise it")
+        rows_multiple = self.dp_size * self.layout.rows_per_rank_multiple
+        if self.global_batch_size < rows_multiple:
+            raise ValueError(f"--global-batch-size {self.global_batch_size} is smaller than the {rows_multiple} "
+                             f"packed rows a step needs at least (data-parallel size {self.dp_size} x "
+                             f"{self.layout.rows_per_rank_multiple} micro-batches per rank)")
+        return length
 
     @property
     def steps_per_epoch(self) -> int:
@@ -99,7 +152,7 @@ class TrainPairIterator:
     def __iter__(self) -> TrainPairIterator:
         return self
 
-    def __next__(self) -> list[dict[str, torch.Tensor]]:
+    def __next__(self) -> TrainStep:
         if self.pairs_in_epoch + self.global_batch_size > self.num_pairs:
             self.epoch += 1
             self.pairs_in_epoch = 0
@@ -107,13 +160,24 @@ class TrainPairIterator:
         if self._order is None:
             self._order = epoch_permutation(self.num_pairs, self.seed, self.epoch)
         global_batch = self._order[self.pairs_in_epoch:self.pairs_in_epoch + self.global_batch_size]
-        per_rank = self.global_batch_size // self.dp_size
-        mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         self.pairs_in_epoch += self.global_batch_size
         self.consumed_pairs += self.global_batch_size
-        return [collate_pairs(self.pairs[mine[start:start + self.micro_batch_size]], self.pad_id,
-                              self.pad_to_multiple_of)
-                for start in range(0, per_rank, self.micro_batch_size)]
+        lengths = self.lengths[global_batch]
+        if self.packed_length is not None:
+            tokens = (2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]).tolist()
+            rows = pack_rows(tokens, self.packed_length, self.dp_size * self.layout.rows_per_rank_multiple)
+            per_rank = len(rows) // self.dp_size
+            mine = rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            groups = [[global_batch[i] for i in row] for row in mine]
+        else:
+            per_rank = self.global_batch_size // self.dp_size
+            mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            groups = [mine[start:start + self.micro_batch_size] for start in range(0, per_rank, self.micro_batch_size)]
+        real, completion = pair_target_counts(lengths[:, 0], lengths[:, 1])
+        return TrainStep(
+            micro_batches=[self.layout.build(self.pairs[group], self.pad_id, self.packed_length) for group in groups],
+            num_pairs=self.global_batch_size, num_chosen_real_targets=int(real.sum()),
+            num_chosen_completion_targets=int(completion.sum()))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pairs_in_epoch": self.pairs_in_epoch, "consumed_pairs": self.consumed_pairs,
@@ -130,10 +194,11 @@ class TrainPairIterator:
 
 
 class EvalPairs:
-    """The held-out pairs of this DP rank as micro-batches; iterate once per evaluation."""
+    """The held-out pairs of this DP rank as micro-batches (one row each when packed); iterate once per
+    evaluation."""
 
     def __init__(self, pairs: datasets.Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, pad_id: int,
-                 pad_to_multiple_of: int = 1):
+                 layout: BatchLayout = BatchLayout()):
         if pairs.num_rows < dp_size:
             raise ValueError(f"the evaluation split has {pairs.num_rows} pairs, fewer than the {dp_size} "
                              "data-parallel ranks; use a larger --eval-fraction/--eval-split")
@@ -142,14 +207,26 @@ class EvalPairs:
         self.num_pairs = per_rank  # on this rank
         self.positions = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         self.pairs = pairs.select_columns(PAIR_COLUMNS)
-        self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+        # Fixed-length rows are a training-step packing; evaluation keeps one row per micro-batch.
+        self.layout = dataclasses.replace(layout, fixed_length_rows=False, packed_length=None)
+        count = math.ceil(per_rank / micro_batch_size)
+        multiple = layout.rows_per_rank_multiple
+        if count % multiple:
+            # The interleaved schedule needs a multiple of PP micro-batches: the same pairs, split more evenly.
+            count = math.ceil(count / multiple) * multiple
+            if count > per_rank:
+                raise ValueError(f"{per_rank} evaluation pairs per data-parallel rank cannot form a multiple of "
+                                 f"{multiple} micro-batches (the interleaved pipeline schedule needs one); "
+                                 "evaluate more pairs")
+            sizes = [per_rank // count + (i < per_rank % count) for i in range(count)]
+        else:
+            sizes = [min(micro_batch_size, per_rank - start) for start in range(0, per_rank, micro_batch_size)]
+        self.starts = [sum(sizes[:i]) for i in range(count + 1)]
 
     def __len__(self) -> int:
-        return math.ceil(self.num_pairs / self.micro_batch_size)
+        return len(self.starts) - 1
 
     def __iter__(self):
-        for start in range(0, self.num_pairs, self.micro_batch_size):
-            yield collate_pairs(self.pairs[self.positions[start:start + self.micro_batch_size]], self.pad_id,
-                                self.pad_to_multiple_of)
+        for start, end in zip(self.starts, self.starts[1:]):
+            yield self.layout.build(self.pairs[self.positions[start:end]], self.pad_id)

@@ -12,7 +12,7 @@ import random
 import datasets
 
 from orpo_megatron.data.arguments import DataConfig
-from orpo_megatron.data.batching import EvalPairs, TrainPairIterator
+from orpo_megatron.data.batching import BatchLayout, EvalPairs, TrainPairIterator
 from orpo_megatron.data.chat_template import resolve_chat_template
 from orpo_megatron.data.preference import PairTokenizer
 from orpo_megatron.data.preprocess import PreprocessStats, apply_bad_row_policy, tokenize_dataset
@@ -81,7 +81,7 @@ def hold_out(pairs: datasets.Dataset, fraction: float, seed: int) -> tuple[datas
 
 
 def build_preference_data(args: argparse.Namespace, tokenizer_dir_fallback: str | None, dp_rank: int, dp_size: int,
-                          micro_batch_size: int, global_batch_size: int, pad_to_multiple_of: int, seed: int
+                          micro_batch_size: int, global_batch_size: int, layout: BatchLayout, seed: int
                           ) -> tuple[TrainPairIterator, EvalPairs | None, PreferenceDataStats]:
     """Everything the training loop needs from the data; `args` carries the flags of `add_data_args`."""
     config = DataConfig.from_args(args)
@@ -94,8 +94,8 @@ def build_preference_data(args: argparse.Namespace, tokenizer_dir_fallback: str 
         train_pairs, eval_pairs = hold_out(train_pairs, config.eval_fraction, seed)
     pad_id = pair_tokenizer.tokenizer.pad_id
     train_iterator = TrainPairIterator(train_pairs, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
-                                       pad_id, pad_to_multiple_of)
-    evaluation = (EvalPairs(eval_pairs, micro_batch_size, dp_rank, dp_size, pad_id, pad_to_multiple_of)
+                                       pad_id, layout)
+    evaluation = (EvalPairs(eval_pairs, micro_batch_size, dp_rank, dp_size, pad_id, layout)
                   if eval_pairs is not None else None)
     stats = PreferenceDataStats(
         train=train_stats, eval=eval_stats, train_pairs=train_pairs.num_rows,

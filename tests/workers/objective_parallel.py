@@ -4,8 +4,8 @@ Reads the full logits and micro-batches the test wrote (`--inputs`), runs on thi
 writes what the test compares with its whole-vocabulary, whole-batch reference (`--out`):
 - tp2/<case>: loss, per-pair values, finalized metrics and the gathered logits gradient, with the vocabulary
   split over a Megatron TP group of 2 (case "fp32", "bf16", and "tied_max": the global max sits on both ranks).
-- dp2: each rank scores one micro-batch normalized by the counts of both; the summed loss, the metrics from
-  all-reduced sums and both ranks' gradients.
+- dp2: each rank scores one micro-batch normalized by the counts of both (as the data iterator gives them); the
+  summed loss, the metrics from all-reduced sums and both ranks' gradients.
 """
 import argparse
 
@@ -14,7 +14,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from orpo_megatron import cpu_backend
+from orpo_megatron.data.micro_batch import padded_rows
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig, orpo_loss
+
+
+def micro_batch(batch: dict):
+    return padded_rows(batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"],
+                       list(range(batch["input_ids"].shape[0] // 2)))
 
 
 def vocab_shard(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -31,7 +37,7 @@ def gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 def run_tp2(full_logits: torch.Tensor, batch: dict, config: ORPOConfig) -> dict:
     rank = parallel_state.get_tensor_model_parallel_rank()
     shard = vocab_shard(full_logits, rank, parallel_state.get_tensor_model_parallel_world_size())
-    output = orpo_loss(shard, batch, config)
+    output = orpo_loss(shard, micro_batch(batch), config)
     output.loss.backward()
     return {
         "loss": output.loss.item(),
@@ -46,9 +52,10 @@ def run_dp2(micro_batches: list, logits: list, config: ORPOConfig) -> dict:
     rank = dist.get_rank()
     # Each rank holds the whole vocabulary here: a TP group of one per rank.
     single_rank_groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
-    batch, mine = micro_batches[rank], logits[rank].clone().requires_grad_(True)
-    normalizers = GlobalNormalizers.of_micro_batches([batch], config.nll_on_prompt, dp_group=dist.group.WORLD)
-    output = orpo_loss(mine, batch, config, normalizers, tp_group=single_rank_groups[rank])
+    batches = [micro_batch(batch) for batch in micro_batches]
+    mine = logits[rank].clone().requires_grad_(True)
+    normalizers = GlobalNormalizers.of_micro_batches(batches, config.nll_on_prompt)  # both ranks' counts
+    output = orpo_loss(mine, batches[rank], config, normalizers, tp_group=single_rank_groups[rank])
     output.loss.backward()
     losses = [None] * dist.get_world_size()
     grads = [None] * dist.get_world_size()

@@ -1,22 +1,23 @@
 """Worker: ORPO loss and TRL metrics of our model on a fixed batch vs transformers' Mixtral + TRL's formulas.
 
 Our side: the converted checkpoint loaded at the given layout, the bundled data through our data layer, one
-forward-only pass of `pipeline.run_micro_batches`. Reference side: transformers' MixtralForCausalLM on the HF
-weights and the same token ids, then TRL ORPOTrainer's formulas written out in plain PyTorch (`trl_reference`).
+forward-only pass of `pipeline.run_micro_batches` with the pairs padded and with them packed into one row.
+Reference side: transformers' MixtralForCausalLM on the HF weights and the same token ids padded as TRL's collator
+pads them, then TRL ORPOTrainer's formulas written out in plain PyTorch (`trl_reference`).
 """
 import argparse
 import json
 
 import torch
-from trl_reference import trl_reference
+from trl_reference import trl_padded_batch, trl_reference
 
 from orpo_megatron import arguments, checkpoint_format, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
-from orpo_megatron.data.batching import collate_pairs
+from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batch
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.pipeline import run_micro_batches
+from orpo_megatron.pipeline import length_multiple, run_micro_batches
 
 BETA, NUM_PAIRS = 0.1, 4
 
@@ -41,25 +42,35 @@ def main() -> None:
     data_config = DataConfig.from_args(args)
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
-    pad_multiple = layout.tensor_model_parallel_size if config.sequence_parallel else 1
-    batch = collate_pairs(pairs[:NUM_PAIRS], pair_tokenizer.tokenizer.pad_id, pad_multiple)
-    with torch.no_grad():
-        result = run_micro_batches(chunks, [batch], ORPOConfig(vocab_size=hf.vocab_size, beta=BETA),
-                                   forward_only=True)
+    multiple = length_multiple(layout.tensor_model_parallel_size, config.sequence_parallel, fp8=False)
+    columns, pad_id = pairs[:NUM_PAIRS], pair_tokenizer.tokenizer.pad_id
+    ours = {}
+    for name, batch in (("padded", padded_micro_batch(columns, pad_id, multiple)),
+                        ("packed", packed_micro_batch(columns, pad_id, multiple))):
+        with torch.no_grad():
+            result = run_micro_batches(chunks, [batch], ORPOConfig(vocab_size=hf.vocab_size, beta=BETA),
+                                       forward_only=True)
+        ours[name] = result.metrics(BETA)
 
     if parallel.is_logging_rank():
         from transformers import AutoModelForCausalLM
 
         reference_model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
-        longest = int(batch["attention_mask"].sum(-1).max())  # TRL pads to the longest row, no further
-        trimmed = {key: value[:, :longest] for key, value in batch.items() if value.dim() == 2}
+        batch = trl_padded_batch(columns, pad_id)
         with torch.no_grad():
-            logits = reference_model(trimmed["input_ids"], attention_mask=trimmed["attention_mask"]).logits.float()
-            causal_logits = reference_model(trimmed["input_ids"]).logits.float()
-        report = {"ours": result.sums.finalize(BETA), "reference": trl_reference(logits, trimmed, BETA)["metrics"],
+            logits = reference_model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            causal_logits = reference_model(batch["input_ids"]).logits.float()
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        real_positions = {}  # every position with a next token of its own sequence, per half
+        for half, rows in (("chosen", range(NUM_PAIRS)), ("rejected", range(NUM_PAIRS, 2 * NUM_PAIRS))):
+            block = torch.cat([logits[row, :lengths[row] - 1, :hf.vocab_size] for row in rows]).double()
+            real_positions[f"logits/{half}"] = block.mean().item()
+        report = {"ours": ours["padded"], "ours_packed": ours["packed"],
+                  "reference": trl_reference(logits, batch, BETA)["metrics"],
                   # Our attention is causal only; TRL's call also masks padding keys. Real positions are the same
                   # either way (right padding), padding positions are not, and `logits/*` averages them too.
-                  "reference_causal_only": trl_reference(causal_logits, trimmed, BETA)["metrics"],
+                  "reference_causal_only": trl_reference(causal_logits, batch, BETA)["metrics"],
+                  "reference_real_positions": real_positions,
                   "layout": layout.describe()}
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

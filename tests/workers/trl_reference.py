@@ -1,10 +1,27 @@
 """TRL ORPOTrainer's loss and metrics written out in plain PyTorch: the independent reference of the tests.
 
 Follows TRL's `get_batch_logps(average_log_prob=True)`, `cross_entropy_loss` on the chosen rows (prompt included by
-default), `odds_ratio_loss` and the logged metrics (orpo-reference-implementations.md, sections 1.4-1.8).
+default), `odds_ratio_loss` and the logged metrics (orpo-reference-implementations.md, sections 1.4-1.8), on a
+batch padded as TRL's collator pads pairs (`trl_padded_batch`).
 """
 import torch
 import torch.nn.functional as F
+
+
+def trl_padded_batch(pairs: dict, pad_id: int) -> dict:
+    """Pair columns (`prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`) as TRL's collator pads them:
+    chosen rows then rejected rows, right-padded to the longest, with attention and completion masks."""
+    prompts = pairs["prompt_input_ids"] * 2
+    sequences = [p + c for p, c in zip(prompts, pairs["chosen_input_ids"] + pairs["rejected_input_ids"])]
+    longest = max(map(len, sequences))
+    batch = {"input_ids": torch.full((len(sequences), longest), pad_id),
+             "attention_mask": torch.zeros(len(sequences), longest, dtype=torch.long),
+             "completion_mask": torch.zeros(len(sequences), longest, dtype=torch.bool)}
+    for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
+        batch["input_ids"][row, :len(sequence)] = torch.tensor(sequence)
+        batch["attention_mask"][row, :len(sequence)] = 1
+        batch["completion_mask"][row, len(prompt):len(sequence)] = True
+    return batch
 
 
 def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_prompt: bool = True,

@@ -1,0 +1,102 @@
+"""Packed micro-batches train exactly like padded ones at every parallel layout, and no position attends across a
+sequence boundary.
+
+Each layout runs `workers/packed_vs_padded.py`: one global batch of 8 bundled pairs built by the data layer both
+ways, one training pass each on the tiny Mixtral loaded from its HF checkpoint. Compared in fp32:
+- every gradient shard and every TRL metric but `logits/*` (TRL averages those over padding positions, which a
+  packed row does not have; test_orpo_vs_transformers checks both definitions against transformers), in fp32
+  and, at one process, in bf16;
+- the query and key each core attention receives after RoPE, sequence by sequence: positions restart at 0 in
+  a packed row (RoPE being relative, attention alone could not show it);
+- perturbation: a new chosen completion for the first segment of a packed row changes that sequence's log-prob
+  and nothing else's.
+With pipelining a step's pairs are regrouped into fixed-length rows, so the router's load-balancing loss (a
+statistic of each micro-batch's tokens, averaged over micro-batches) changes; those layouts compare gradients with
+the coefficient at 0, and the world-1 run shows the change (`fixed_rows`).
+"""
+import glob
+import json
+import os
+
+import pytest
+
+LAYOUTS = {  # name: (processes, flags)
+    "tp1": (1, ["--fixed-rows-length", "1024"]),  # 8 pairs in one row; padded, 4 micro-batches of 2 pairs
+    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2", "--moe-aux-loss-coeff", "0"]),
+    # The interleaved schedule on gloo is only right with as many micro-batches as stages (it is wrong for more,
+    # packing or not), so the 8 pairs go in 2 rows and, padded, 2 micro-batches of 4.
+    "pp2_vp2": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+                    "--moe-aux-loss-coeff", "0", "--packed-length", "4096", "--micro-batch-size", "4"]),
+    "ep2_dp2": (2, ["--expert-model-parallel-size", "2"]),  # DP2 too: each rank packs its half of the batch
+    "tp1_bf16": (1, ["--bf16"]),
+}
+METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"]
+TOL = 1e-5  # fp32: relative for gradients and metrics of order 1, absolute below
+# bf16 (8-bit mantissa): the two layouts multiply in different shapes, so gradients differ by a few bf16 ulps
+# (2.6e-3 seen); the metrics are fp32 reductions of bf16 logits.
+BF16_GRAD_TOL, BF16_METRIC_TOL = 1e-2, 1e-4
+
+
+def run(torchrun, hf_dir, out_dir, nproc, flags) -> list[dict]:
+    os.makedirs(out_dir, exist_ok=True)
+    torchrun("packed_vs_padded.py", nproc, "--hf-dir", hf_dir, "--out", out_dir, "--data-path",
+             "examples/data/capybara_style.jsonl", "--max-length", "256", "--max-prompt-length", "192",
+             "--data-cache-dir", os.path.join(out_dir, "cache"), *flags)
+    reports = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(out_dir, "rank*.json")))]
+    assert len(reports) == nproc
+    return reports
+
+
+def assert_metrics_equal(ours: dict, reference: dict, tol: float = TOL) -> None:
+    for name in METRICS:
+        assert abs(ours[name] - reference[name]) <= tol * max(abs(reference[name]), 1.0), (name, ours, reference)
+
+
+@pytest.fixture(scope="module")
+def reports_of(torchrun, tiny_mixtral, tmp_path_factory):
+    """The worker's reports per layout, each layout run once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = run(torchrun, tiny_mixtral, str(tmp_path_factory.mktemp(name)), *LAYOUTS[name])
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_packed_step_equals_padded_step(name, reports_of):
+    flags = LAYOUTS[name][1]
+    reports = reports_of(name)
+    pipelined = "--pipeline-model-parallel-size" in flags
+    grad_tol, metric_tol = (BF16_GRAD_TOL, BF16_METRIC_TOL) if "--bf16" in flags else (TOL, TOL)
+    for report in reports:
+        assert report["grads"] <= grad_tol, report
+        if pipelined:  # fixed-length rows, as many on every DP rank
+            assert len({tuple(shape) for shape in report["rows"]}) == 1
+        else:
+            assert report["rope"] <= 1e-5, report
+        perturbation = report["perturbation"]
+        assert perturbation["others_change"] <= 1e-6, report
+    last_stage = [r for r in reports if r["metrics"]["packed"] is not None]
+    assert last_stage
+    for report in last_stage:
+        assert_metrics_equal(report["metrics"]["packed"], report["metrics"]["padded"], metric_tol)
+        if not pipelined:
+            balancing = report["load_balancing"]
+            assert abs(balancing["packed"] - balancing["padded"]) <= metric_tol * balancing["padded"], balancing
+    # The perturbed pair lives on DP rank 0's last stage: its log-prob really moved.
+    assert max(r["perturbation"]["perturbed_change"] for r in last_stage) > 1e-2
+
+
+def test_fixed_rows_change_only_the_load_balancing_statistic(reports_of):
+    """Fixed-length rows regroup the pairs into other micro-batches: the ORPO metrics stay those of the global
+    batch, while the router's load-balancing loss, computed per micro-batch over its tokens, moves."""
+    (report,) = reports_of("tp1")
+    fixed = report["fixed_rows"]
+    assert fixed["rows"] < 4  # 8 pairs regrouped into fewer, longer micro-batches than the 4 padded ones
+    assert_metrics_equal(fixed["metrics"], report["metrics"]["padded"])
+    assert abs(fixed["load_balancing"] - fixed["padded_load_balancing"]) > 1e-4 * fixed["padded_load_balancing"]
