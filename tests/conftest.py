@@ -33,6 +33,20 @@ def tiny_converted(tiny_mixtral, tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_tp2_pp2(tiny_converted, tmp_path_factory) -> str:
+    """A training save folder: the converted tiny Mixtral after one step at TP2 x PP2 (world 4, the trainer's
+    own command line), saved as iteration 1."""
+    root = tmp_path_factory.mktemp("trained_tp2_pp2")
+    save = str(root / "train")
+    run_torchrun("-m orpo_megatron.train", 4, "--load", tiny_converted, "--save", save,
+                 "--data-path", os.path.join(REPO, "examples", "data", "capybara_style.jsonl"),
+                 "--data-cache-dir", str(root / "data_cache"), "--max-length", "64", "--max-prompt-length", "48",
+                 "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "1", "--lr", "1e-3",
+                 "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    return save
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
