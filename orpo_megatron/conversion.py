@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,6 @@ from orpo_megatron import checkpoint_format as fmt
 from orpo_megatron import cpu_backend, legacy_format
 from orpo_megatron.hf_mapping import (
     EMBEDDING,
-    FINAL_NORM,
     HFCheckpointReader,
     hf_layer_to_megatron,
     hf_outer_to_megatron,
@@ -34,7 +33,6 @@ from orpo_megatron.hf_mapping import (
     megatron_layer_to_hf,
     megatron_outer_shapes,
     megatron_outer_to_hf,
-    pad_vocab,
 )
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 
@@ -131,46 +129,43 @@ def hf_to_megatron(hf_dir: str, output: str, dtype: torch.dtype | None = None, o
     hf, reader = validate_hf_folder(hf_dir)
     if dtype is None:
         dtype = reader.read(["model.norm.weight"])["model.norm.weight"].dtype
-    padded_vocab = padded_vocab_size(hf.vocab_size, make_vocab_size_divisible_by, 1)
     tensors = reader.lazy()
     init_single_process()
-    with staged_output(output, overwrite, inputs=(hf_dir,)) as staging, \
-            _tensor_progress(hf, "hf-to-megatron", progress) as bar:
-        folder = fmt.iteration_dir(staging, fmt.RELEASE)
-
-        def layer_tensor(key: str, layer: int) -> torch.Tensor:
-            bar.update()
-            return hf_layer_to_megatron(tensors, layer, hf, keys=[key])[key]
-
-        def outer_tensor(key: str) -> torch.Tensor:
-            bar.update()
-            return hf_outer_to_megatron(tensors, hf, padded_vocab, keys=[key])[key]
-
-        args = fmt.megatron_args(hf, _single_process_run(dtype), padded_vocab_size=padded_vocab,
-                                 make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=0)
-        fmt.write_streaming(folder, hf, padded_vocab, dtype, layer_tensor, outer_tensor, _common(args))
+    with staged_output(output, overwrite, inputs=(hf_dir,)) as staging:
+        folder = _write_release(
+            staging, hf, dtype, make_vocab_size_divisible_by, "hf-to-megatron", progress,
+            layer_tensor=lambda key, layer: hf_layer_to_megatron(tensors, layer, hf, keys=[key])[key],
+            outer_tensor=lambda key, padded: hf_outer_to_megatron(tensors, hf, padded, keys=[key])[key])
         fmt.copy_hf_files(hf_dir, folder)
-        fmt.write_tracker(staging, fmt.RELEASE)
     return os.path.abspath(output)
 
 
-def _single_process_run(dtype: torch.dtype) -> dict:
-    """The layout and precision flags Megatron-LM records, for a checkpoint written by one process."""
-    return dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
-                virtual_pipeline_model_parallel_size=None, world_size=1, data_parallel_size=1,
-                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
+def _write_release(root: str, hf: HFModelConfig, dtype: torch.dtype, make_vocab_size_divisible_by: int, desc: str,
+                   progress: bool, layer_tensor: Callable[[str, int], torch.Tensor],
+                   outer_tensor: Callable[[str, int], torch.Tensor]) -> str:
+    """Stream a model into `root`/release (with Megatron-LM's common.pt for a one-process TP1 checkpoint), then
+    point the tracker at it. `outer_tensor(key, padded_vocab)` pads the vocabulary. Returns the folder."""
+    padded_vocab = padded_vocab_size(hf.vocab_size, make_vocab_size_divisible_by, 1)
+    run = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+               virtual_pipeline_model_parallel_size=None, world_size=1, data_parallel_size=1,
+               bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
+    args = fmt.megatron_args(hf, run, padded_vocab_size=padded_vocab,
+                             make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=0)
+    folder = fmt.iteration_dir(root, fmt.RELEASE)
+    total = len(megatron_layer_shapes(hf)) * hf.num_layers + len(megatron_outer_shapes(hf, padded_vocab))
+    with tqdm(total=total, desc=desc, unit="tensor", disable=not progress) as bar:
+        def layer(key: str, index: int) -> torch.Tensor:
+            bar.update()
+            return layer_tensor(key, index)
 
+        def outer(key: str) -> torch.Tensor:
+            bar.update()
+            return outer_tensor(key, padded_vocab)
 
-def _common(args) -> dict:
-    return {"args": args, "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": 0}
-
-
-@contextlib.contextmanager
-def _tensor_progress(hf: HFModelConfig, desc: str, enabled: bool) -> Iterator[tqdm]:
-    """A progress bar over the tensors written (each stacked key once per layer, then the outer tensors)."""
-    total = len(megatron_layer_shapes(hf)) * hf.num_layers + len(megatron_outer_shapes(hf, 0))
-    with tqdm(total=total, desc=desc, unit="tensor", disable=not enabled) as bar:
-        yield bar
+        fmt.write_streaming(folder, hf, padded_vocab, dtype, layer, outer,
+                            {"args": args, "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": 0})
+    fmt.write_tracker(root, fmt.RELEASE)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------- Megatron -> HF
@@ -274,25 +269,12 @@ def upgrade(load: str, output: str, overwrite: bool = False, progress: bool = Tr
     not, so training from the result starts a fresh optimizer and schedule.
     """
     source = legacy_format.weights_folder(load)
-    hf, dtype = legacy_format.model_config(source), legacy_format.stored_dtype(source)
-    padded_vocab = padded_vocab_size(hf.vocab_size, make_vocab_size_divisible_by, 1)
+    hf = legacy_format.model_config(source)
     init_single_process()
-    with staged_output(output, overwrite, inputs=(load, source)) as staging, \
-            _tensor_progress(hf, "upgrade", progress) as bar:
-        folder = fmt.iteration_dir(staging, fmt.RELEASE)
-
-        def layer_tensor(key: str, layer: int) -> torch.Tensor:
-            bar.update()
-            return legacy_format.layer_tensor(source, hf, key, layer)
-
-        def outer_tensor(key: str) -> torch.Tensor:
-            bar.update()
-            return pad_vocab(legacy_format.outer_tensor(source, key), padded_vocab) if key != FINAL_NORM \
-                else legacy_format.outer_tensor(source, key)
-
-        args = fmt.megatron_args(hf, _single_process_run(dtype), padded_vocab_size=padded_vocab,
-                                 make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=0)
-        fmt.write_streaming(folder, hf, padded_vocab, dtype, layer_tensor, outer_tensor, _common(args))
+    with staged_output(output, overwrite, inputs=(load, source)) as staging:
+        folder = _write_release(
+            staging, hf, legacy_format.stored_dtype(source), make_vocab_size_divisible_by, "upgrade", progress,
+            layer_tensor=lambda key, layer: legacy_format.layer_tensor(source, hf, key, layer),
+            outer_tensor=lambda key, padded: legacy_format.outer_tensor(source, key, padded))
         legacy_format.copy_hf_files(source, folder)
-        fmt.write_tracker(staging, fmt.RELEASE)
     return os.path.abspath(output)

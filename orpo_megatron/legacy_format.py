@@ -17,7 +17,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
 from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron.hf_mapping import LAYERS
+from orpo_megatron.hf_mapping import FINAL_NORM, LAYERS, pad_vocab
 from orpo_megatron.model_config import HFModelConfig
 
 METADATA_FILE = "metadata.json"
@@ -80,9 +80,10 @@ def layer_tensor(folder: str, hf: HFModelConfig, key: str, layer: int) -> torch.
     return tensor.reshape(-1, tensor.shape[-1]) if name == "mlp.linear_fc1.weight" else tensor
 
 
-def outer_tensor(folder: str, key: str) -> torch.Tensor:
-    """Embedding (unpadded), final norm or output layer."""
-    return _read(os.path.join(folder, "model", "outer"), [key])[key]
+def outer_tensor(folder: str, key: str, padded_vocab: int) -> torch.Tensor:
+    """Embedding, final norm or output layer; the vocabulary (stored unpadded) padded to `padded_vocab` rows."""
+    tensor = _read(os.path.join(folder, "model", "outer"), [key])[key]
+    return tensor if key == FINAL_NORM else pad_vocab(tensor, padded_vocab)
 
 
 def copy_hf_files(source: str, folder: str) -> None:

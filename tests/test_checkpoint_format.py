@@ -5,7 +5,6 @@ save and load (pinning the megatron-core optimizer internals it relies on), and 
 Saving and loading at parallel layouts is exercised end to end in test_convert.py, test_resume.py and
 test_megatron_interop.py (torchrun workers).
 """
-import argparse
 import json
 import os
 import shutil
