@@ -8,7 +8,6 @@ test_megatron_interop.py (torchrun workers).
 import json
 import os
 import shutil
-import weakref
 
 import pytest
 import torch
@@ -123,34 +122,44 @@ def test_written_arguments_pass_megatron_lm_argument_checks():
 
 
 # ----------------------------------------------------------------------------------- streamed writer
-def test_streamed_save_holds_one_chunk_at_a_time_and_reads_back(tmp_path):
-    """Pins what `write_streaming` relies on in torch.distributed.checkpoint: the file writer asks the planner
-    for each chunk (`resolve_data`) while writing, one after another, so at most the chunk being written is alive
-    when the next is produced. If a torch upgrade resolved chunks eagerly, conversion memory would grow with the
-    model: this fails first. The chunks then read back, by layer slice, as produced."""
+def test_streamed_save_holds_one_chunk_at_a_time_and_reads_back(tmp_path, monkeypatch):
+    """Pins what `write_streaming` relies on in torch.distributed.checkpoint: its file writer asks the planner for
+    each chunk (`resolve_data`) only when it is about to write it, so no chunk is held while another is produced
+    (on CPU; on a GPU machine torch's overlapping loader would read ahead about 1 MB). If a torch upgrade resolved
+    chunks eagerly, conversion memory would grow with the model: this fails first. The chunks then read back, by
+    layer slice, as produced."""
+    from torch.distributed.checkpoint import filesystem
+
     conversion.init_single_process()
-    produced, alive_before = {}, []
-
-    def make(key, index):
-        alive_before.append(sum(ref() is not None for ref in produced.values()))
-        generator = torch.Generator().manual_seed(hash((key, index)) % 2**31)
-        tensor = torch.randn(shapes[key], generator=generator) if key in shapes else torch.randn(outer[key], generator=generator)
-        produced[(key, index)] = weakref.ref(tensor)
-        return tensor
-
     shapes, outer = megatron_layer_shapes(TINY), megatron_outer_shapes(TINY, 640)
-    fmt.write_streaming(str(tmp_path / "ckpt"), TINY, 640, torch.float32, lambda key, layer: make(key, layer),
-                        lambda key: make(key, None), {"iteration": 0})
-    assert len(produced) == len(shapes) * TINY.num_layers + len(outer)
-    assert max(alive_before) <= 1, alive_before
+    unwritten, held_when_producing = set(), []
 
-    stored = fmt.stored_tensors(str(tmp_path / "ckpt"))
+    def make(key, layer):
+        held_when_producing.append(len(unwritten))
+        unwritten.add((key, layer))
+        seed = hash((key, layer)) % 2**31
+        return torch.randn(shapes[key] if layer is not None else outer[key], generator=torch.Generator().manual_seed(seed))
+
+    write_item = filesystem._write_item
+
+    def recording_write(transforms, stream, data, item, *args, **kwargs):
+        unwritten.discard((item.index.fqn, item.index.offset[0] if item.index.fqn in shapes else None))
+        return write_item(transforms, stream, data, item, *args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "_write_item", recording_write)
+    folder = str(tmp_path / "ckpt")
+    fmt.write_streaming(folder, TINY, 640, torch.float32, make, lambda key: make(key, None), {"iteration": 0})
+    assert len(held_when_producing) == len(shapes) * TINY.num_layers + len(outer)
+    assert max(held_when_producing) == 0 and not unwritten, held_when_producing
+
+    stored = fmt.stored_tensors(folder)
     for layer in (0, 3):
-        for key, tensor in fmt.read_layer(str(tmp_path / "ckpt"), TINY, layer, stored).items():
-            generator = torch.Generator().manual_seed(hash((key, layer)) % 2**31)
-            assert torch.equal(tensor, torch.randn(shapes[key], generator=generator)), (key, layer)
-    for key, tensor in fmt.read_outer(str(tmp_path / "ckpt"), TINY, stored).items():
-        assert torch.equal(tensor, torch.randn(outer[key], generator=torch.Generator().manual_seed(hash((key, None)) % 2**31)))
+        for key, tensor in fmt.read_layer(folder, TINY, layer, stored).items():
+            expected = torch.randn(shapes[key], generator=torch.Generator().manual_seed(hash((key, layer)) % 2**31))
+            assert torch.equal(tensor, expected), (key, layer)
+    for key, tensor in fmt.read_outer(folder, TINY, stored).items():
+        expected = torch.randn(outer[key], generator=torch.Generator().manual_seed(hash((key, None)) % 2**31))
+        assert torch.equal(tensor, expected), key
 
 
 # -------------------------------------------------------------------------------------- optimizer state
