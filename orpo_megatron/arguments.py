@@ -39,8 +39,13 @@ def parse_and_validate(parser: argparse.ArgumentParser, argv: list[str] | None) 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and checkpoint")
     group.add_argument("--load", required=True,
-                       help="Checkpoint to start from: the output of `tools/convert_hf.py hf-to-megatron`, or a "
-                            "training checkpoint folder (its newest complete iteration is used).")
+                       help="Checkpoint to start from: the output of `tools/convert_hf.py hf-to-megatron`, a "
+                            "training save folder (its newest complete iteration is used), one of its iteration "
+                            "folders, or a Megatron-LM torch_dist checkpoint (with --hf-config), at any layout.")
+    group.add_argument("--hf-config", default=None,
+                       help="For a --load written by Megatron-LM: the Hugging Face folder (or config.json) of its "
+                            "model; checked against the checkpoint's stored arguments, and its tokenizer files are "
+                            "used unless --tokenizer is given. Checkpoints of this project carry their own.")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                        help="Pad the vocabulary to a multiple of this value times the TP size (Megatron's rule); "
                             "padded rows never enter the softmax. Default: 128.")

@@ -1,21 +1,29 @@
-"""Training checkpoints: iteration folders that resume exactly, a `latest` pointer, retention, and resolution.
+"""Training checkpoints: iterations that resume exactly, keep their Adam state at any layout, and that
+Megatron-LM resumes too; the `latest` pointer, retention, and resolving what `--load` names.
 
-A training checkpoint directory (`--save`) looks like Megatron-LM's:
+A training save folder (`--save`) is a Megatron-LM checkpoint root (folder format: `checkpoint_format.py`):
 
     SAVE/latest_checkpointed_iteration.txt    the newest COMPLETE iteration (written last, atomically)
-    SAVE/iter_0000006/                         model weights in the layout-free format of `checkpoint_format`
-        train_state.json                       iteration, consumed pairs, data-iterator and LR-scheduler state,
-                                               parallel layout, arguments
-        optimizer/rank_00003.pt                per rank: optimizer state, RNG states
+    SAVE/iter_0000006/                         one Megatron-LM torch_dist checkpoint with
+        model                                  `GPTModel.sharded_state_dict()` (any layout loads it)
+        optimizer                              Adam's fp32 main params and moments per model key
+                                               (`optimizer.state.{param,exp_avg,exp_avg_sq}.<key>`, Megatron's
+                                               fully_reshardable form; the step count in common.pt's param groups)
+        opt_param_scheduler, args, iteration   in common.pt, where Megatron-LM reads them
+        rng_state                              Megatron-LM's: per (PP, TP) rank, with the states of every DP rank
+        train_state.json                       ours: data position (epoch, consumed pairs), layout, our flags
+        hf_files/                              config.json and tokenizer of the model
 
 An iteration is written under a hidden `.iter_0000006.partial` name and renamed only when every rank has
 finished, so a crash or a kill during a save never leaves a folder that looks complete, and the pointer never
-names a partial one. Model weights load at any TP/PP/EP/VP layout. Optimizer state is Megatron's
-`dp_reshardable` per-rank state: it resumes at the same layout only; at another layout the run starts with fresh
-optimizer state and says so at start-up.
+names a partial one. Resuming at the same layout is exact; at another TP / PP / EP / DP layout the weights and
+the optimizer state (moments, main params, step) reshard and only the RNG state (dropout is off) starts anew.
+Optimizer state is read into host memory and copied into the optimizer's own buffers (no second GPU copy).
+A converted or Megatron-LM checkpoint without our train_state.json starts a new run from its weights.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,13 +33,15 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import tensor_parallel
-from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.optimizer import distrib_optimizer
 
-from orpo_megatron import checkpoint_format
+from orpo_megatron import checkpoint_format as fmt
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 TRAIN_STATE_FILE = "train_state.json"
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
+                    "distrib_optim_fully_reshardable_mem_efficient": False}
 
 
 class CheckpointError(RuntimeError):
@@ -39,50 +49,55 @@ class CheckpointError(RuntimeError):
 
 
 def iteration_dir(save_dir: str, iteration: int) -> str:
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
+    return fmt.iteration_dir(save_dir, iteration)
 
 
 def latest_iteration(save_dir: str) -> int | None:
     """The newest complete iteration recorded in `save_dir`, or None when it holds no training checkpoint."""
-    tracker = os.path.join(save_dir, TRACKER_FILE)
-    if not os.path.isfile(tracker):
-        return None
-    text = open(tracker, encoding="utf-8").read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    iteration = int(text)
-    if not os.path.isdir(iteration_dir(save_dir, iteration)):
-        raise CheckpointError(f"{tracker} names iteration {iteration}, but {iteration_dir(save_dir, iteration)} is missing")
-    return iteration
+    tracked = fmt.read_tracker(save_dir)
+    if tracked == fmt.RELEASE:
+        raise CheckpointError(f"{save_dir} holds converted weights (`release`), not a training run: give --save a "
+                              "folder of its own and pass the converted checkpoint as --load")
+    return tracked
 
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """Where to read model weights from, and the training state when resuming a training run."""
+    """The checkpoint folder to load, its model, and the training state when resuming a run of ours."""
 
-    weights_dir: str
-    train_state: dict | None  # None: a converted checkpoint (fresh training)
+    info: fmt.CheckpointInfo
+    train_state: dict | None  # None: converted or Megatron-LM weights (a new run starts from them)
+
+    @property
+    def folder(self) -> str:
+        return self.info.folder
+
+    @property
+    def hf(self):
+        return self.info.hf
+
+    @property
+    def hf_files(self) -> str:
+        return self.info.hf_files
 
     @property
     def iteration(self) -> int:
         return self.train_state["iteration"] if self.train_state else 0
 
 
-def resolve(path: str) -> ResolvedCheckpoint:
-    """A converted checkpoint folder, a training iteration folder, or a training directory (its latest)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint")
-    iteration = latest_iteration(path)
-    if iteration is not None:
-        path = iteration_dir(path, iteration)
-    if not os.path.isfile(os.path.join(path, checkpoint_format.METADATA_FILE)):
-        raise CheckpointError(
-            f"{path}: not a checkpoint (no {checkpoint_format.METADATA_FILE} and no {TRACKER_FILE}); expected the "
-            "output of `tools/convert_hf.py hf-to-megatron` or a training checkpoint directory"
-        )
-    state_file = os.path.join(path, TRAIN_STATE_FILE)
-    train_state = json.load(open(state_file, encoding="utf-8")) if os.path.isfile(state_file) else None
-    return ResolvedCheckpoint(path, train_state)
+def resolve(path: str, hf_config: str | None = None) -> ResolvedCheckpoint:
+    """A checkpoint root (its tracker's folder), or a checkpoint folder: ours (converted or trained) or
+    Megatron-LM's, the latter with `hf_config` describing its model. Errors name the path and the problem."""
+    try:
+        info = fmt.describe(path, hf_config)
+    except fmt.CheckpointFormatError as err:
+        raise CheckpointError(str(err)) from None
+    state_file = os.path.join(info.folder, TRAIN_STATE_FILE)
+    train_state = None
+    if os.path.isfile(state_file):
+        with open(state_file, encoding="utf-8") as f:
+            train_state = json.load(f)
+    return ResolvedCheckpoint(info, train_state)
 
 
 # ------------------------------------------------------------------------------------------- optimizer
@@ -91,96 +106,146 @@ def _optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _optimizer_state(optimizer) -> list[dict]:
-    states = []
+def _torch_adam(inner) -> bool:
+    """The path without Apex or TE (CPU, or a GPU without TE): torch's Adam keeps a `step` per parameter."""
+    return not distrib_optimizer.HAVE_APEX_OR_TE and isinstance(inner.optimizer, torch.optim.Optimizer) \
+        and not isinstance(inner.optimizer, distrib_optimizer.HybridDeviceOptimizer)
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Megatron-core builds the loading state dict from `state_dict()`, which on the torch-Adam path asserts one
+    `step` over all parameters' state; a fresh optimizer has none yet, so give it its (dummy, overwritten) state."""
     for inner in _optimizers(optimizer):
-        param_state = inner.get_parameter_state_dp_reshardable()
-        # The loader skips bucket padding entries by this flag, which the getter does not set.
-        for key, per_dtype in param_state.items():
-            if isinstance(key, int):
-                for buckets in per_dtype.values():
-                    for bucket in buckets:
-                        for entry in bucket:
-                            entry.setdefault("padding", False)
-        states.append({"state_dict": inner.state_dict(), "param_state": param_state})
-    return states
+        if _torch_adam(inner) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
 
 
-def _load_optimizer_state(optimizer, states: list[dict]) -> None:
+@contextlib.contextmanager
+def _steps_set_aside(inner):
+    """megatron-core 0.16.1's fully_reshardable loader copies every entry of a parameter's optimizer state from
+    the checkpoint, which holds no `step` (it is in the param groups): on the torch-Adam path that is a KeyError.
+    Hide the steps meanwhile, and give each parameter its own copy back (torch's Adam increments each in place;
+    a shared one would advance once per parameter per iteration and break the bias correction)."""
+    states = inner.optimizer.state.values() if _torch_adam(inner) else []
+    steps = [(state, state.pop("step")) for state in states if "step" in state]
+    try:
+        yield
+    finally:
+        for state, step in steps:
+            state["step"] = step.clone()
+
+
+def _saved_step(tree) -> float | int:
+    """The step count of the saved param groups (one for all of them, as megatron-core keeps it)."""
+    steps = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
+                step = group.get("step")
+                if step is not None:
+                    steps.add(step.item() if torch.is_tensor(step) else step)
+            stack.extend(v for k, v in node.items() if k != "param_groups")
+    if len(steps) != 1:
+        raise CheckpointError(f"saved optimizer has step counts {sorted(steps)}; expected exactly one")
+    return steps.pop()
+
+
+def _load_optimizer(optimizer, loaded: dict) -> None:
+    """The saved moments and main params, resharded to this layout by megatron-core's fully_reshardable loader.
+
+    The param groups are this run's (their number and kind depend on the layout: experts get their own
+    optimizer at EP > 1); only the step count comes from the checkpoint. LR and weight decay are the
+    scheduler's, restored with it.
+    """
     inners = _optimizers(optimizer)
-    if len(inners) != len(states):
-        raise CheckpointError(f"optimizer has {len(inners)} parts but the checkpoint {len(states)}")
-    for inner, state in zip(inners, states):
-        inner.load_state_dict(state["state_dict"])
-        # It copies in place into main parameters that are leaves requiring grad, which autograd refuses
-        # ("a view of a leaf Variable that requires grad is being used in an in-place operation").
-        with torch.no_grad():
-            inner.load_parameter_state_from_dp_reshardable(state["param_state"])
-        if isinstance(inner.optimizer, HybridDeviceOptimizer):
+    parts = [loaded] if len(inners) == 1 else [loaded[i] for i in range(len(inners))]
+    step = _saved_step(loaded)
+    for inner, part in zip(inners, parts):
+        state = inner.state_dict()
+        for group in state["optimizer"]["param_groups"]:
+            group["step"] = step
+        inner.load_state_dict(state)
+        with _steps_set_aside(inner), torch.no_grad():
+            inner.load_parameter_state_from_fully_reshardable(part["param_state"])
+        if isinstance(inner.optimizer, distrib_optimizer.HybridDeviceOptimizer):
             # Offloaded: its sub-optimizers do not see the state tensors just set, and its load ran a step on
             # random gradients (`dummy_step`) that moved the model params; restore both from the loaded state.
             inner.optimizer._sync_hdo_state_to_sub_optimizers()
             for param, main_param in inner.optimizer.param_to_fp32_param.items():
                 param.data.copy_(main_param)
-        _unshare_adam_steps(inner)
 
 
-def _unshare_adam_steps(inner) -> None:
-    """Megatron-Core's load_state_dict on the torch-optimizer path (no Apex/TE) gives every parameter the same
-    `step` tensor, and torch's Adam increments each parameter's step in place: a shared one would advance once
-    per parameter per iteration and break Adam's bias correction after a resume. Give each its own copy."""
-    for param_state in getattr(inner.optimizer, "state", {}).values():
-        if torch.is_tensor(param_state.get("step")):
-            param_state["step"] = param_state["step"].clone()
-
-
+# ------------------------------------------------------------------------------------------------- RNG
 def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    return {  # Megatron-LM's names
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+def _rng_sharded(states: list | None) -> ShardedObject:
+    """Megatron-LM's `rng_state` object: per (PP, TP) rank, or per (PP, TP, DP) rank with experts; without
+    experts it lists every DP rank's state (Megatron-LM reads the first), so each rank resumes its own."""
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        return ShardedObject("rng_state", states, (pp_size, tp_size, dp_size), (pp, tp, dp), replica_id=0)
+    return ShardedObject("rng_state", states, (pp_size, tp_size), (pp, tp), replica_id=dp)
+
+
+def _gathered_rng_states() -> list:
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        return [_rng_state()]
+    group = parallel_state.get_data_parallel_group()
+    states: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, _rng_state(), group=group)
+    return states
+
+
+def _set_rng_state(states: list) -> None:
+    state = states[parallel_state.get_data_parallel_rank()] if len(states) > 1 else states[0]
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
 # ----------------------------------------------------------------------------------------------- save
-def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict, hf_config,
+def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict, megatron_args,
          hf_files_from: str, keep_last: int | None = None) -> str:
-    """Write iteration `iteration` (collective), with the tokenizer files of `hf_files_from` (the checkpoint the
-    run started from). Returns the final folder."""
+    """Write iteration `iteration` (collective): Megatron-LM's checkpoint with `megatron_args` in common.pt,
+    our train state, and the HF config and tokenizer files of `hf_files_from`. Returns the final folder."""
     rank = dist.get_rank()
     final = iteration_dir(save_dir, iteration)
     partial = os.path.join(save_dir, f".{os.path.basename(final)}.partial")
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(os.path.join(partial, "optimizer"))
-    dist.barrier()
-    checkpoint_format.save_model_weights(partial, model_chunks, hf_config, hf_files_from=hf_files_from,
-                                         iteration=iteration, produced_by="orpo_megatron.train")
-    torch.save({"optimizer": _optimizer_state(optimizer), "rng": _rng_state()},
-               os.path.join(partial, "optimizer", f"rank_{rank:05d}.pt"))
+    metadata = fmt.sharded_metadata(OPTIMIZER_FORMAT)
+    state = fmt.model_state_dicts(model_chunks, metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
+    state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_sharded(_gathered_rng_states()),
+                 args=megatron_args, checkpoint_version=fmt.CHECKPOINT_VERSION, iteration=iteration,
+                 num_floating_point_operations_so_far=0)
+    fmt.save(partial, state, metadata)
     if rank == 0:
-        state = dict(train_state, iteration=iteration, scheduler=scheduler.state_dict())
+        fmt.copy_hf_files(hf_files_from, partial)
         with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2, default=str)
+            json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(partial, final)
-        tmp = os.path.join(save_dir, f".{TRACKER_FILE}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(save_dir, TRACKER_FILE))
+        fmt.write_tracker(save_dir, iteration)
         if keep_last:
             _prune(save_dir, keep_last)
     dist.barrier()
@@ -195,32 +260,37 @@ def _prune(save_dir: str, keep_last: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- load
-def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, hf_config, layout_description: str,
+def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, layout_description: str,
          log=print) -> dict | None:
-    """Load weights (any layout) and, when resuming at the same layout, optimizer, scheduler and RNG state.
-
-    Returns the training state to resume from, or None when starting fresh from converted weights.
-    """
-    checkpoint_format.load_model_weights(checkpoint.weights_dir, model_chunks, hf_config)
-    state = checkpoint.train_state
+    """Load weights (any layout) and, when resuming a run of ours, optimizer and scheduler state (any layout)
+    and RNG state (same layout). Returns the training state to resume from, or None for a new run."""
+    info, state = checkpoint.info, checkpoint.train_state
+    metadata = fmt.sharded_metadata(info.content_metadata)
+    request = fmt.model_state_dicts(model_chunks, metadata)
+    fmt.fit_to_checkpoint(request, info.folder)
     if state is None:
+        fmt.apply_model_state(model_chunks, dist_checkpointing.load(request, info.folder))
         # The optimizer copied its fp32 main params from the freshly initialized bf16 weights when it was built;
         # without this refresh the first step would overwrite the loaded weights with that initialization.
         optimizer.reload_model_params()
         return None
-    scheduler.load_state_dict(state["scheduler"])
-    saved_layout = state.get("layout")
-    if saved_layout != layout_description:
-        log(f"WARNING: {checkpoint.weights_dir} was saved at layout [{saved_layout}] and is loaded at "
-            f"[{layout_description}]: weights are resharded, but Megatron-Core cannot reshard this optimizer "
-            "state, so Adam moments start from zero.")
-        optimizer.reload_model_params()
-        return state
-    rank_file = os.path.join(checkpoint.weights_dir, "optimizer", f"rank_{dist.get_rank():05d}.pt")
-    if not os.path.isfile(rank_file):
-        raise CheckpointError(f"{rank_file}: missing optimizer state for this rank")
-    saved = torch.load(rank_file, weights_only=False)
-    _load_optimizer_state(optimizer, saved["optimizer"])
-    _set_rng_state(saved["rng"])
+    if info.content_metadata.get("distrib_optim_sharding_type") != OPTIMIZER_FORMAT["distrib_optim_sharding_type"]:
+        raise CheckpointError(f"{info.folder}: optimizer state stored as "
+                              f"{info.content_metadata.get('distrib_optim_sharding_type')!r}; this trainer resumes "
+                              "the fully_reshardable form it writes")
+    same_layout = state.get("layout") == layout_description
+    _ensure_adam_state(optimizer)
+    request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True, metadata=metadata)
+    if same_layout:
+        request["rng_state"] = _rng_sharded(None)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(request, info.folder)
+        fmt.apply_model_state(model_chunks, loaded)
+    _load_optimizer(optimizer, loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    else:
+        log(f"resuming {info.folder}, saved at layout [{state.get('layout')}], at [{layout_description}]: weights "
+            "and optimizer state (Adam moments, main params, step) resharded; RNG state starts anew")
     return state
-

@@ -1,8 +1,9 @@
-"""Streaming conversion between Hugging Face folders and model-weights folders, one layer in memory at a time.
+"""Streaming conversion between Hugging Face folders and Megatron checkpoints, one layer in memory at a time.
 
-Owns both directions, their up-front input validation, the safetensors shard writer, and writing the output
-under a temporary name that is renamed only when complete. The tensor mapping is `hf_mapping.py`, the
-Megatron-side format `checkpoint_format.py`, the command line `tools/convert_hf.py`.
+Owns both directions, the upgrade of orpo-megatron's first checkpoint format, their up-front input validation,
+the safetensors shard writer, and writing the output under a temporary name that is renamed only when
+complete. The tensor mapping is `hf_mapping.py`, the Megatron-side format `checkpoint_format.py`, the command
+line `tools/convert_hf.py`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,18 +23,18 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron import checkpointing, cpu_backend
+from orpo_megatron import cpu_backend, legacy_format
 from orpo_megatron.hf_mapping import (
+    EMBEDDING,
     HFCheckpointReader,
     hf_layer_to_megatron,
-    hf_outer_names,
     hf_outer_to_megatron,
-    megatron_layer_names,
+    megatron_layer_shapes,
     megatron_layer_to_hf,
-    megatron_outer_names,
+    megatron_outer_shapes,
     megatron_outer_to_hf,
 )
-from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,29 +121,51 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
 
 
 def hf_to_megatron(hf_dir: str, output: str, dtype: torch.dtype | None = None, overwrite: bool = False,
-                   progress: bool = True) -> str:
-    """Convert an HF folder (classic or fused expert layout) into a model-weights folder at `output`, stored in
-    `dtype` (default: the dtype of the HF tensors, so conversion never changes precision unasked)."""
+                   progress: bool = True, make_vocab_size_divisible_by: int = 128) -> str:
+    """Convert an HF folder (classic or fused expert layout) into a checkpoint root at `output`: a `release`
+    folder with its tracker, which the trainer and Megatron-LM both load. Stored in `dtype` (default: the dtype
+    of the HF tensors, so conversion never changes precision unasked), the vocabulary padded as Megatron-LM pads
+    it at TP1."""
     hf, reader = validate_hf_folder(hf_dir)
     if dtype is None:
         dtype = reader.read(["model.norm.weight"])["model.norm.weight"].dtype
+    tensors = reader.lazy()
     init_single_process()
     with staged_output(output, overwrite, inputs=(hf_dir,)) as staging:
-        for layer in tqdm(range(hf.num_layers), desc="hf-to-megatron", unit="layer", disable=not progress):
-            tensors = hf_layer_to_megatron(reader.read_layer(hf, layer), layer, hf)
-            fmt.write_layer(staging, layer, _cast(tensors, dtype))
-            del tensors
-        # Stored unpadded: padding belongs to the layout that loads it.
-        outer = hf_outer_to_megatron(reader.read(hf_outer_names(hf)), hf, padded_vocab=hf.vocab_size)
-        fmt.write_outer(staging, _cast(outer, dtype), hf.vocab_size)
-        fmt.copy_hf_files(hf_dir, staging)
-        fmt.write_metadata(staging, fmt.WeightsMetadata(
-            hf_config=hf.raw,
-            dtype=str(dtype).removeprefix("torch."),
-            produced_by=f"tools/convert_hf.py hf-to-megatron --hf-dir {os.path.abspath(hf_dir)}",
-            vocab_size=hf.vocab_size,
-        ))
+        folder = _write_release(
+            staging, hf, dtype, make_vocab_size_divisible_by, "hf-to-megatron", progress,
+            layer_tensor=lambda key, layer: hf_layer_to_megatron(tensors, layer, hf, keys=[key])[key],
+            outer_tensor=lambda key, padded: hf_outer_to_megatron(tensors, hf, padded, keys=[key])[key])
+        fmt.copy_hf_files(hf_dir, folder)
     return os.path.abspath(output)
+
+
+def _write_release(root: str, hf: HFModelConfig, dtype: torch.dtype, make_vocab_size_divisible_by: int, desc: str,
+                   progress: bool, layer_tensor: Callable[[str, int], torch.Tensor],
+                   outer_tensor: Callable[[str, int], torch.Tensor]) -> str:
+    """Stream a model into `root`/release (with Megatron-LM's common.pt for a one-process TP1 checkpoint), then
+    point the tracker at it. `outer_tensor(key, padded_vocab)` pads the vocabulary. Returns the folder."""
+    padded_vocab = padded_vocab_size(hf.vocab_size, make_vocab_size_divisible_by, 1)
+    run = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+               virtual_pipeline_model_parallel_size=None, world_size=1, data_parallel_size=1,
+               bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype)
+    args = fmt.megatron_args(hf, run, padded_vocab_size=padded_vocab,
+                             make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=0)
+    folder = fmt.iteration_dir(root, fmt.RELEASE)
+    total = len(megatron_layer_shapes(hf)) * hf.num_layers + len(megatron_outer_shapes(hf, padded_vocab))
+    with tqdm(total=total, desc=desc, unit="tensor", disable=not progress) as bar:
+        def layer(key: str, index: int) -> torch.Tensor:
+            bar.update()
+            return layer_tensor(key, index)
+
+        def outer(key: str) -> torch.Tensor:
+            bar.update()
+            return outer_tensor(key, padded_vocab)
+
+        fmt.write_streaming(folder, hf, padded_vocab, dtype, layer, outer,
+                            {"args": args, "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": 0})
+    fmt.write_tracker(root, fmt.RELEASE)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------- Megatron -> HF
@@ -188,17 +211,6 @@ class SafetensorsShardWriter:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
 
 
-def _check_names(got: dict[str, torch.Tensor], expected: list[str], where: str) -> None:
-    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or extra:
-        raise fmt.CheckpointFormatError(
-            f"{where}: " + "; ".join(
-                part for part in (missing and f"missing tensors: {', '.join(missing)}",
-                                  extra and f"unexpected tensors: {', '.join(extra)}") if part
-            )
-        )
-
-
 def hf_config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
     """config.json content with its dtype field (transformers v4 `torch_dtype`, v5 `dtype`) set."""
     config = dict(config)
@@ -215,38 +227,54 @@ def megatron_to_hf(
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
     progress: bool = True,
+    hf_config: str | None = None,
 ) -> str:
-    """Export a model-weights folder to an HF folder in the classic expert layout.
+    """Export a checkpoint (converted, trained here, or Megatron-LM's at any layout) to an HF folder in the
+    classic expert layout, one layer in memory at a time.
 
-    `load` is a converter output, a training iteration folder, or a training save folder (its newest complete
-    iteration). `dtype` None keeps the stored dtype.
+    `load` is a checkpoint root (its tracker's folder is used) or a checkpoint folder; `hf_config` the HF
+    config.json / folder for a checkpoint without hf_files/. `dtype` None keeps the stored dtype.
     """
-    if os.path.isdir(os.path.join(load, fmt.MODEL_DIR)):
-        fmt.read_metadata(load)  # names an unfinished weights folder as such
-    ckpt = checkpointing.resolve(load).weights_dir
-    metadata = fmt.read_metadata(ckpt)
-    hf = metadata.model_config()
-    dtype = dtype or metadata.torch_dtype
-    groups = [fmt.layer_dir(ckpt, layer) for layer in range(hf.num_layers)] + [fmt.outer_dir(ckpt)]
-    missing = [path for path in groups if not os.path.isfile(os.path.join(path, ".metadata"))]
-    if missing:
-        raise fmt.CheckpointFormatError(f"{ckpt}: incomplete, missing: {', '.join(missing)}")
+    info = fmt.describe(load, hf_config)
+    hf = info.hf
+    if info.content_metadata.get("singleton_local_shards"):
+        raise fmt.CheckpointFormatError(f"{info.folder}: saved with singleton_local_shards=True (one key per layer "
+                                        "and expert); export reads the stacked form Megatron-LM writes by default")
     init_single_process()
-    with staged_output(output, overwrite, inputs=(load, ckpt)) as staging:
+    stored = fmt.stored_tensors(info.folder)
+    dtype = dtype or stored[EMBEDDING].dtype
+    with staged_output(output, overwrite, inputs=(load, info.folder)) as staging:
         writer = SafetensorsShardWriter(staging, max_shard_bytes)
-        outer = fmt.read_outer(ckpt)
-        _check_names(outer, megatron_outer_names(hf), fmt.outer_dir(ckpt))
-        writer.add(_cast(megatron_outer_to_hf(outer, hf), dtype))
-        del outer
+        writer.add(_cast(megatron_outer_to_hf(fmt.read_outer(info.folder, hf, stored), hf), dtype))
         for layer in tqdm(range(hf.num_layers), desc="megatron-to-hf", unit="layer", disable=not progress):
-            tensors = fmt.read_layer(ckpt, layer)
-            _check_names(tensors, megatron_layer_names(hf, layer), fmt.layer_dir(ckpt, layer))
+            tensors = fmt.read_layer(info.folder, hf, layer, stored)
             writer.add(_cast(megatron_layer_to_hf(tensors, layer, hf), dtype))
             del tensors
         writer.finish()
         with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config_with_dtype(metadata.hf_config, dtype), f, indent=2)
-        hf_files = os.path.join(ckpt, fmt.HF_FILES_DIR)
-        for name in sorted(os.listdir(hf_files)) if os.path.isdir(hf_files) else []:
-            shutil.copyfile(os.path.join(hf_files, name), os.path.join(staging, name))
+            json.dump(hf_config_with_dtype(hf.raw, dtype), f, indent=2)
+        for name in fmt.HF_FILE_NAMES:
+            if name != "config.json" and os.path.isfile(os.path.join(info.hf_files, name)):
+                shutil.copyfile(os.path.join(info.hf_files, name), os.path.join(staging, name))
+    return os.path.abspath(output)
+
+
+# ---------------------------------------------------------------------------------- earlier format -> now
+def upgrade(load: str, output: str, overwrite: bool = False, progress: bool = True,
+            make_vocab_size_divisible_by: int = 128) -> str:
+    """Rewrite a checkpoint in orpo-megatron's first format (a converted folder, a training iteration folder or
+    a training save folder: its newest iteration) as a `release` checkpoint root of today's format.
+
+    Weights, config and tokenizer carry over; that format's optimizer state (per rank, same layout only) does
+    not, so training from the result starts a fresh optimizer and schedule.
+    """
+    source = legacy_format.weights_folder(load)
+    hf = legacy_format.model_config(source)
+    init_single_process()
+    with staged_output(output, overwrite, inputs=(load, source)) as staging:
+        folder = _write_release(
+            staging, hf, legacy_format.stored_dtype(source), make_vocab_size_divisible_by, "upgrade", progress,
+            layer_tensor=lambda key, layer: legacy_format.layer_tensor(source, hf, key, layer),
+            outer_tensor=lambda key, padded: legacy_format.outer_tensor(source, key, padded))
+        legacy_format.copy_hf_files(source, folder)
     return os.path.abspath(output)

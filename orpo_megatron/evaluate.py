@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -34,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    checkpoint = checkpointing.resolve(args.load)
-    hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
+    checkpoint = checkpointing.resolve(args.load, args.hf_config)
+    hf = checkpoint.hf
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
                                  args.distributed_timeout_minutes)
     use_te = model.transformer_engine_available()
@@ -45,12 +44,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                       kernels=FusedKernels.for_backend(use_te))
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab, use_te)
-    checkpoint_format.load_model_weights(checkpoint.weights_dir, chunks, hf)
+    checkpoint_format.load_model_weights(checkpoint.info, chunks)
     for chunk in chunks:
         chunk.eval()
 
     data_config = DataConfig.from_args(args)
-    pair_tokenizer = make_pair_tokenizer(data_config, os.path.join(checkpoint.weights_dir, checkpoint_format.HF_FILES_DIR))
+    pair_tokenizer = make_pair_tokenizer(data_config, checkpoint.hf_files)
     if dist.get_rank() == 0:  # tokenize once into the cache; the other ranks then read it
         tokenized_split(data_config, pair_tokenizer, data_config.split)
     dist.barrier()
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dist.all_gather_object(gathered, rows, group=parallel_state.get_data_parallel_group())
         if parallel.is_logging_rank():
             summary = dict(metrics, pairs=sum(len(g) for g in gathered),
-                           pairs_left_out=evaluation.dropped_pairs, checkpoint=checkpoint.weights_dir)
+                           pairs_left_out=evaluation.dropped_pairs, checkpoint=checkpoint.folder)
             with open(args.output, "w", encoding="utf-8") as f:
                 for row in sorted((r for g in gathered for r in g), key=lambda r: r["index"]):
                     f.write(json.dumps(row) + "\n")

@@ -1,30 +1,32 @@
 """Hugging Face <-> Megatron-Core tensor mapping for the Mixtral family, one layer at a time.
 
-Works on full (unsharded) tensors with global layer and expert indices, so the same mapping serves the
-conversion tool, loading HF weights straight into a parallel model, and export. Slicing a full tensor into
-this rank's shard is `local_shard()`.
-
-Megatron names are those of the local spec (`input_layernorm`, `local_experts.E.linear_fc1`, ...).
+The Megatron side is the checkpoint's: the keys of `GPTModel.sharded_state_dict()` as the Transformer Engine
+spec names them, layers stacked on a leading axis (`decoder.layers.self_attention.linear_qkv.weight` is
+[layers, qkv rows, hidden]) and experts on a second one (`decoder.layers.mlp.experts.experts.linear_fc1.weight`
+is [layers, experts, 2 x ffn, hidden], gate rows then up rows). The mapping works on one layer's slice of
+those tensors (the layer axis removed), so conversion and export hold one layer at a time. Filling a parallel
+model from full tensors goes through the model's own sharded state dict (`local_part`), so parameter names
+(local or TE spec, SequentialMLP or TEGroupedMLP experts) never need translating here.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
-from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from safetensors import safe_open
 
 from orpo_megatron.model_config import HFModelConfig
 
-ATTENTION = {
-    "input_layernorm.weight": "input_layernorm.weight",
-    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
-}
+LAYERS = "decoder.layers."
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT_LAYER = "output_layer.weight"
+# The TE spec's key -> the one Megatron's stock local spec uses for the same tensor (it names the MoE pre-MLP
+# norm after linear_fc1, as if fused; the TE spec keeps that norm a module of its own).
+LOCAL_SPEC_KEYS = {LAYERS + "pre_mlp_layernorm.weight": LAYERS + "mlp.linear_fc1.layer_norm_weight"}
 
 
 class MappingError(ValueError):
@@ -73,7 +75,8 @@ def pad_vocab(weight: torch.Tensor, padded_size: int) -> torch.Tensor:
 def hf_layer_names(hf: HFModelConfig, layer: int, fused_experts: bool = False) -> list[str]:
     """Every HF tensor name of one decoder layer (classic per-expert layout unless `fused_experts`)."""
     p = f"model.layers.{layer}."
-    names = [p + name for name in ATTENTION]
+    names = [p + name for name in ("input_layernorm.weight", "self_attn.o_proj.weight",
+                                   "post_attention_layernorm.weight")]
     names += [p + f"self_attn.{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj")]
     if hf.attention_bias:
         names += [p + f"self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj")]
@@ -92,27 +95,6 @@ def hf_outer_names(hf: HFModelConfig) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not hf.tie_word_embeddings:
         names.append("lm_head.weight")
-    return names
-
-
-def megatron_outer_names(hf: HFModelConfig) -> list[str]:
-    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
-    if not hf.tie_word_embeddings:
-        names.append("output_layer.weight")
-    return names
-
-
-def megatron_layer_names(hf: HFModelConfig, layer: int) -> list[str]:
-    p = f"decoder.layers.{layer}."
-    names = [p + name for name in ATTENTION.values()] + [p + "self_attention.linear_qkv.weight"]
-    if hf.attention_bias:
-        names.append(p + "self_attention.linear_qkv.bias")
-    if hf.is_moe:
-        names.append(p + "mlp.router.weight")
-        for e in range(hf.num_experts):
-            names += [p + f"mlp.experts.local_experts.{e}.linear_fc{i}.weight" for i in (1, 2)]
-    else:
-        names += [p + f"mlp.linear_fc{i}.weight" for i in (1, 2)]
     return names
 
 
@@ -145,91 +127,151 @@ def hf_outer_shapes(hf: HFModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# ------------------------------------------------------------------------------------------ Megatron keys
+def megatron_layer_shapes(hf: HFModelConfig) -> dict[str, tuple[int, ...]]:
+    """Stacked checkpoint key -> the shape of one layer's slice of it (the layer axis removed)."""
+    h, d, ffn = hf.hidden_size, hf.head_dim, hf.intermediate_size
+    q_rows, kv_rows = hf.num_attention_heads * d, hf.num_key_value_heads * d
+    shapes = {
+        LAYERS + "self_attention.linear_qkv.layer_norm_weight": (h,),
+        LAYERS + "self_attention.linear_qkv.weight": (q_rows + 2 * kv_rows, h),
+        LAYERS + "self_attention.linear_proj.weight": (h, q_rows),
+    }
+    if hf.attention_bias:
+        shapes[LAYERS + "self_attention.linear_qkv.bias"] = (q_rows + 2 * kv_rows,)
+    if hf.is_moe:
+        e = hf.num_experts
+        shapes[LAYERS + "pre_mlp_layernorm.weight"] = (h,)
+        shapes[LAYERS + "mlp.router.weight"] = (e, h)
+        shapes[LAYERS + "mlp.experts.experts.linear_fc1.weight"] = (e, 2 * ffn, h)
+        shapes[LAYERS + "mlp.experts.experts.linear_fc2.weight"] = (e, h, ffn)
+    else:
+        shapes[LAYERS + "mlp.linear_fc1.layer_norm_weight"] = (h,)
+        shapes[LAYERS + "mlp.linear_fc1.weight"] = (2 * ffn, h)
+        shapes[LAYERS + "mlp.linear_fc2.weight"] = (h, ffn)
+    return shapes
+
+
+def megatron_outer_shapes(hf: HFModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """The tensors outside the decoder layers; the vocabulary padded to `padded_vocab` rows."""
+    shapes = {EMBEDDING: (padded_vocab, hf.hidden_size), FINAL_NORM: (hf.hidden_size,)}
+    if not hf.tie_word_embeddings:
+        shapes[OUTPUT_LAYER] = (padded_vocab, hf.hidden_size)
+    return shapes
+
+
+def extra_state_keys(hf: HFModelConfig) -> dict[str, tuple[int, ...]]:
+    """Keys of the `_extra_state` objects a model saves -> their grid: (layers,), (layers, experts) or (1,).
+
+    The TE spec's linear layers and standalone norms each have one (FP8 metadata); the local spec's linear
+    layers and `model.StandaloneRMSNorm` have the same keys with no content.
+    """
+    layers = (hf.num_layers,)
+    keys = {LAYERS + "self_attention.linear_qkv._extra_state": layers,
+            LAYERS + "self_attention.linear_proj._extra_state": layers,
+            "decoder.final_layernorm._extra_state": (1,)}
+    if hf.is_moe:
+        keys[LAYERS + "pre_mlp_layernorm._extra_state"] = layers
+        for fc in ("linear_fc1", "linear_fc2"):
+            keys[LAYERS + f"mlp.experts.experts.{fc}._extra_state"] = (hf.num_layers, hf.num_experts)
+    else:
+        for fc in ("linear_fc1", "linear_fc2"):
+            keys[LAYERS + f"mlp.{fc}._extra_state"] = layers
+    return keys
+
+
 # ------------------------------------------------------------------------------------------ layer mapping
-def _classic_experts(tensors: dict[str, torch.Tensor], prefix: str, hf: HFModelConfig) -> None:
-    """Rewrite transformers v5 fused expert tensors (mlp.experts.gate_up_proj / down_proj) to w1/w2/w3."""
-    fused_gate_up = tensors.pop(prefix + "mlp.experts.gate_up_proj", None)
-    fused_down = tensors.pop(prefix + "mlp.experts.down_proj", None)
-    if fused_gate_up is None and fused_down is None:
-        return
-    router = tensors.pop(prefix + "mlp.gate.weight", None)
-    if fused_gate_up is None or fused_down is None or router is None:
-        raise MappingError(f"{prefix}: incomplete fused expert tensors (need gate_up_proj, down_proj, gate)")
-    tensors[prefix + "block_sparse_moe.gate.weight"] = router
-    for e in range(hf.num_experts):
-        w1, w3 = fused_gate_up[e].chunk(2, dim=0)  # gate rows first, then up
-        tensors[prefix + f"block_sparse_moe.experts.{e}.w1.weight"] = w1
-        tensors[prefix + f"block_sparse_moe.experts.{e}.w3.weight"] = w3
-        tensors[prefix + f"block_sparse_moe.experts.{e}.w2.weight"] = fused_down[e]
+def _experts(tensors: Mapping[str, torch.Tensor], p: str, hf: HFModelConfig) -> dict[str, Callable[[], torch.Tensor]]:
+    """Router and stacked expert weights from either HF layout (classic w1/w2/w3, or transformers v5's fused
+    `mlp.experts.gate_up_proj` [E, 2 x ffn, h] / `down_proj` [E, h, ffn], which are already Megatron's stacks)."""
+    if p + "mlp.experts.gate_up_proj" in tensors:
+        return {"router": lambda: tensors[p + "mlp.gate.weight"],
+                "fc1": lambda: tensors[p + "mlp.experts.gate_up_proj"],
+                "fc2": lambda: tensors[p + "mlp.experts.down_proj"]}
+    experts = [p + f"block_sparse_moe.experts.{e}." for e in range(hf.num_experts)]
+    fc1 = lambda x: torch.cat([tensors[x + "w1.weight"], tensors[x + "w3.weight"]])  # noqa: E731  gate rows, then up
+    return {"router": lambda: tensors[p + "block_sparse_moe.gate.weight"],
+            "fc1": lambda: torch.stack([fc1(x) for x in experts]),
+            "fc2": lambda: torch.stack([tensors[x + "w2.weight"] for x in experts])}
 
 
-def hf_layer_to_megatron(tensors: dict[str, torch.Tensor], layer: int, hf: HFModelConfig) -> dict[str, torch.Tensor]:
-    """One decoder layer's HF tensors (either expert layout) -> Megatron tensors, full size."""
-    p, m = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-    tensors = dict(tensors)
-    _classic_experts(tensors, p, hf)
-    out = {m + meg: tensors[p + name] for name, meg in ATTENTION.items()}
-    out[m + "self_attention.linear_qkv.weight"] = qkv_to_megatron(
-        *(tensors[p + f"self_attn.{x}_proj.weight"] for x in "qkv"), hf
-    )
-    if hf.attention_bias:
-        out[m + "self_attention.linear_qkv.bias"] = qkv_to_megatron(
-            *(tensors[p + f"self_attn.{x}_proj.bias"] for x in "qkv"), hf
-        )
+def hf_layer_to_megatron(tensors: Mapping[str, torch.Tensor], layer: int, hf: HFModelConfig,
+                         keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """One decoder layer's HF tensors -> its slice of each stacked Megatron key (only `keys` if given).
+
+    `tensors` may be lazy (`HFCheckpointReader.lazy()`): only the HF tensors the requested keys need are read.
+    """
+    p, m = f"model.layers.{layer}.", LAYERS
+    qkv = lambda kind: qkv_to_megatron(*(tensors[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"), hf)  # noqa: E731
+    build = {
+        m + "self_attention.linear_qkv.layer_norm_weight": lambda: tensors[p + "input_layernorm.weight"],
+        m + "self_attention.linear_qkv.weight": lambda: qkv("weight"),
+        m + "self_attention.linear_qkv.bias": lambda: qkv("bias"),
+        m + "self_attention.linear_proj.weight": lambda: tensors[p + "self_attn.o_proj.weight"],
+    }
     if hf.is_moe:
-        out[m + "mlp.router.weight"] = tensors[p + "block_sparse_moe.gate.weight"]
-        for e in range(hf.num_experts):
-            experts = p + f"block_sparse_moe.experts.{e}."
-            local = m + f"mlp.experts.local_experts.{e}."
-            out[local + "linear_fc1.weight"] = torch.cat([tensors[experts + "w1.weight"], tensors[experts + "w3.weight"]])
-            out[local + "linear_fc2.weight"] = tensors[experts + "w2.weight"]
+        experts = _experts(tensors, p, hf)
+        build.update({
+            m + "pre_mlp_layernorm.weight": lambda: tensors[p + "post_attention_layernorm.weight"],
+            m + "mlp.router.weight": experts["router"],
+            m + "mlp.experts.experts.linear_fc1.weight": experts["fc1"],
+            m + "mlp.experts.experts.linear_fc2.weight": experts["fc2"],
+        })
     else:
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
-        out[m + "mlp.linear_fc2.weight"] = tensors[p + "mlp.down_proj.weight"]
-    return out
+        build.update({
+            m + "mlp.linear_fc1.layer_norm_weight": lambda: tensors[p + "post_attention_layernorm.weight"],
+            m + "mlp.linear_fc1.weight": lambda: torch.cat([tensors[p + "mlp.gate_proj.weight"],
+                                                            tensors[p + "mlp.up_proj.weight"]]),
+            m + "mlp.linear_fc2.weight": lambda: tensors[p + "mlp.down_proj.weight"],
+        })
+    return {key: build[key]() for key in (megatron_layer_shapes(hf) if keys is None else keys)}
 
 
-def megatron_layer_to_hf(tensors: dict[str, torch.Tensor], layer: int, hf: HFModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of `hf_layer_to_megatron`; writes the classic expert layout."""
-    p, m = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-    out = {p + name: tensors[m + meg] for name, meg in ATTENTION.items()}
-    for x, t in zip("qkv", qkv_from_megatron(tensors[m + "self_attention.linear_qkv.weight"], hf)):
-        out[p + f"self_attn.{x}_proj.weight"] = t
-    if hf.attention_bias:
-        for x, t in zip("qkv", qkv_from_megatron(tensors[m + "self_attention.linear_qkv.bias"], hf)):
-            out[p + f"self_attn.{x}_proj.bias"] = t
+def megatron_layer_to_hf(tensors: Mapping[str, torch.Tensor], layer: int, hf: HFModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `hf_layer_to_megatron` (one layer's slices); writes the classic expert layout."""
+    p, m = f"model.layers.{layer}.", LAYERS
+    out = {p + "input_layernorm.weight": tensors[m + "self_attention.linear_qkv.layer_norm_weight"],
+           p + "self_attn.o_proj.weight": tensors[m + "self_attention.linear_proj.weight"]}
+    kinds = ("weight", "bias") if hf.attention_bias else ("weight",)
+    for kind in kinds:
+        for x, t in zip("qkv", qkv_from_megatron(tensors[m + f"self_attention.linear_qkv.{kind}"], hf)):
+            out[p + f"self_attn.{x}_proj.{kind}"] = t
     if hf.is_moe:
+        out[p + "post_attention_layernorm.weight"] = tensors[m + "pre_mlp_layernorm.weight"]
         out[p + "block_sparse_moe.gate.weight"] = tensors[m + "mlp.router.weight"]
+        fc1 = tensors[m + "mlp.experts.experts.linear_fc1.weight"]
+        fc2 = tensors[m + "mlp.experts.experts.linear_fc2.weight"]
         for e in range(hf.num_experts):
-            local = m + f"mlp.experts.local_experts.{e}."
-            w1, w3 = tensors[local + "linear_fc1.weight"].chunk(2, dim=0)
+            w1, w3 = fc1[e].chunk(2, dim=0)
             experts = p + f"block_sparse_moe.experts.{e}."
-            out[experts + "w1.weight"], out[experts + "w3.weight"] = w1.contiguous(), w3.contiguous()
-            out[experts + "w2.weight"] = tensors[local + "linear_fc2.weight"]
+            out[experts + "w1.weight"], out[experts + "w3.weight"] = w1, w3
+            out[experts + "w2.weight"] = fc2[e]
     else:
-        gate, up = tensors[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        out[p + "post_attention_layernorm.weight"] = tensors[m + "mlp.linear_fc1.layer_norm_weight"]
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = tensors[m + "mlp.linear_fc1.weight"].chunk(2)
         out[p + "mlp.down_proj.weight"] = tensors[m + "mlp.linear_fc2.weight"]
-    return out
+    return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
-def hf_outer_to_megatron(tensors: dict[str, torch.Tensor], hf: HFModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
-    out = {
-        "embedding.word_embeddings.weight": pad_vocab(tensors["model.embed_tokens.weight"], padded_vocab),
-        "decoder.final_layernorm.weight": tensors["model.norm.weight"],
+def hf_outer_to_megatron(tensors: Mapping[str, torch.Tensor], hf: HFModelConfig, padded_vocab: int,
+                         keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and output layer (only `keys` if given), the vocabulary padded with zero rows."""
+    build = {
+        EMBEDDING: lambda: pad_vocab(tensors["model.embed_tokens.weight"], padded_vocab),
+        FINAL_NORM: lambda: tensors["model.norm.weight"],
     }
     if not hf.tie_word_embeddings:
-        out["output_layer.weight"] = pad_vocab(tensors["lm_head.weight"], padded_vocab)
-    return out
+        build[OUTPUT_LAYER] = lambda: pad_vocab(tensors["lm_head.weight"], padded_vocab)
+    return {key: build[key]() for key in (build if keys is None else keys)}
 
 
-def megatron_outer_to_hf(tensors: dict[str, torch.Tensor], hf: HFModelConfig) -> dict[str, torch.Tensor]:
+def megatron_outer_to_hf(tensors: Mapping[str, torch.Tensor], hf: HFModelConfig) -> dict[str, torch.Tensor]:
     out = {
-        "model.embed_tokens.weight": tensors["embedding.word_embeddings.weight"][: hf.vocab_size].contiguous(),
-        "model.norm.weight": tensors["decoder.final_layernorm.weight"],
+        "model.embed_tokens.weight": tensors[EMBEDDING][: hf.vocab_size].contiguous(),
+        "model.norm.weight": tensors[FINAL_NORM],
     }
     if not hf.tie_word_embeddings:
-        out["lm_head.weight"] = tensors["output_layer.weight"][: hf.vocab_size].contiguous()
+        out["lm_head.weight"] = tensors[OUTPUT_LAYER][: hf.vocab_size].contiguous()
     return out
 
 
@@ -255,6 +297,10 @@ class HFCheckpointReader:
 
     def names(self) -> set[str]:
         return set(self.weight_map)
+
+    def lazy(self) -> Mapping[str, torch.Tensor]:
+        """The folder's tensors by name, each read from disk when asked for (and not kept)."""
+        return _LazyTensors(self)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self.weight_map]
@@ -316,120 +362,86 @@ class HFCheckpointReader:
             raise MappingError(f"{self.hf_dir}: tensors that do not match config.json: " + "; ".join(problems))
 
 
-# ----------------------------------------------------------------------------------- sharding to this rank
-_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
-_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.*)")
+class _LazyTensors(Mapping):
+    def __init__(self, reader: HFCheckpointReader):
+        self.reader = reader
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.read([name])[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.reader.weight_map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.reader.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.reader.weight_map)
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSplit:
-    """How a full Megatron tensor is divided over tensor-parallel ranks.
+# ----------------------------------------------------------------------------- full tensors -> this rank
+def _slice(entry: ShardedTensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of a full (global) tensor that a ShardedTensor describes, in the shape of its data; rows past
+    the end of `full` (vocabulary padding the full tensor lacks) are zeros."""
+    prepended = entry.prepend_axis_num
+    index = tuple(slice(offset, offset + (1 if axis < prepended else entry.local_shape[axis - prepended]))
+                  for axis, offset in enumerate(entry.global_offset))
+    part = full[index]
+    if part.shape[prepended:] != tuple(entry.local_shape):  # padding rows beyond the full tensor
+        padded = part.new_zeros((*part.shape[:prepended], *entry.local_shape))
+        padded[tuple(slice(0, n) for n in part.shape)] = part
+        part = padded
+    return part.reshape(entry.local_shape)
 
-    `axis` is None for replicated tensors (norms, router). `gated`: the SwiGLU fc1 holds [gate; up] and each
-    rank holds [gate shard; up shard], not a plain row chunk. `expert`: split over the expert-TP group.
-    `vocab`: rows are the (padded) vocabulary.
+
+def local_part(entry: ShardedTensor | ShardedTensorFactory, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a full tensor for one entry of a model's sharded state dict, shaped like the parameter.
+
+    A factory (the SwiGLU fc1, whose TP shard is [gate shard; up shard]) is built into its pieces, each sliced,
+    and merged back by the factory's own merge function.
     """
-
-    axis: int | None
-    gated: bool = False
-    expert: bool = False
-    vocab: bool = False
-
-    def rank_and_size(self) -> tuple[int, int]:
-        if self.expert:
-            return (
-                parallel_state.get_expert_tensor_parallel_rank(),
-                parallel_state.get_expert_tensor_parallel_world_size(),
-            )
-        return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    if isinstance(entry, ShardedTensorFactory):
+        pieces = entry.build()
+        pieces = pieces if isinstance(pieces, list) else [pieces]
+        return entry.merge_fn([_slice(piece, full) for piece in pieces])
+    return _slice(entry, full)
 
 
-def tensor_split(name: str) -> TensorSplit:
-    """The tensor-parallel split of a Megatron tensor, given its (local-spec) name."""
-    expert = ".local_experts." in name
-    if name.endswith("linear_fc1.weight"):
-        return TensorSplit(axis=0, gated=True, expert=expert)
-    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-        return TensorSplit(axis=0, vocab=True)
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-        return TensorSplit(axis=0, expert=expert)
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return TensorSplit(axis=1, expert=expert)
-    return TensorSplit(axis=None, expert=expert)  # norms and the router are replicated
+def model_parameters(model_chunk: torch.nn.Module) -> Iterator[tuple[str, ShardedTensor | ShardedTensorFactory]]:
+    """(checkpoint key, entry) for each parameter of a GPTModel chunk; `entry.data` is the parameter.
+
+    Replicas included (every rank gets its copy); with tied embeddings at PP > 1, the last stage's copy of the
+    embedding is the output layer's parameter and carries the embedding's key.
+    """
+    for entry in model_chunk.sharded_state_dict().values():
+        if isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and isinstance(entry.data, torch.nn.Parameter):
+            yield entry.key, entry
 
 
-def _swiglu_shard(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    gate, up = full.chunk(2, dim=0)
-    return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
-
-
-def local_shard(name: str, full: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a full Megatron tensor, given its (local-spec) name."""
-    split = tensor_split(name)
-    if split.axis is None:
-        return full
-    rank, size = split.rank_and_size()
-    if split.gated:
-        return _swiglu_shard(full, rank, size)
-    return full.chunk(size, dim=split.axis)[rank]
-
-
-# The Transformer Engine spec fuses the pre-attention norm (and, in dense layers, the pre-MLP norm) into the
-# following linear layer; the stored names are the local spec's.
-TE_FUSED_NORMS = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-
-
-def global_param_names(model_chunk: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-    """(local name, global name, param) for each parameter of a chunk: global layer and expert indices, and
-    local-spec names for the Transformer Engine spec's fused norms."""
-    num_local_experts = None
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    layer_numbers = {}
-    if hasattr(model_chunk, "decoder"):
-        layer_numbers = {i: layer.layer_number - 1 for i, layer in enumerate(model_chunk.decoder.layers)}
-    for local_name, param in model_chunk.named_parameters():
-        name = local_name.removeprefix("module.")
-        match = _LAYER.fullmatch(name)
-        if match:
-            local_layer, rest = int(match.group(1)), match.group(2)
-            rest = TE_FUSED_NORMS.get(rest, rest)
-            expert = _EXPERT.fullmatch(rest)
-            if expert:
-                if num_local_experts is None:
-                    num_local_experts = len(model_chunk.decoder.layers[local_layer].mlp.experts.local_experts)
-                global_expert = ep_rank * num_local_experts + int(expert.group(1))
-                rest = f"mlp.experts.local_experts.{global_expert}.{expert.group(2)}"
-            name = f"decoder.layers.{layer_numbers[local_layer]}.{rest}"
-        yield local_name, name, param
+def stack_layers(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-layer slices -> full stacked tensors (whole model in memory: tests and small models only)."""
+    return {key: torch.stack([layer[key] for layer in per_layer]) for key in per_layer[0]}
 
 
 @torch.no_grad()
-def load_hf_checkpoint(model_chunks: list[torch.nn.Module], hf_dir: str, hf: HFModelConfig, padded_vocab: int) -> None:
-    """Copy an HF checkpoint's weights into this rank's model chunks, one layer at a time."""
+def load_hf_checkpoint(model_chunks: list[torch.nn.Module], hf_dir: str, hf: HFModelConfig) -> None:
+    """Copy an HF checkpoint's weights into this rank's model chunks (whole model in memory; a reference path
+    for tests that does not go through any checkpoint file)."""
     reader = HFCheckpointReader(hf_dir)
     reader.check_complete(hf)
-    wanted: dict[str, torch.nn.Parameter] = {}
+    tensors = reader.lazy()
+    full = stack_layers([hf_layer_to_megatron(tensors, layer, hf) for layer in range(hf.num_layers)])
+    full.update(hf_outer_to_megatron(tensors, hf, padded_vocab=hf.vocab_size))
+    full.update({local: full[te] for te, local in LOCAL_SPEC_KEYS.items() if te in full})
     for chunk in model_chunks:
-        for _, global_name, param in global_param_names(chunk):
-            wanted[global_name] = param
-    layers = sorted({int(_LAYER.fullmatch(n).group(1)) for n in wanted if _LAYER.fullmatch(n)})
-    outer = hf_outer_to_megatron(reader.read(hf_outer_names(hf)), hf, padded_vocab)
-    if hf.tie_word_embeddings:  # at PP > 1 the last stage holds its own copy of the tied embedding
-        outer["output_layer.weight"] = outer["embedding.word_embeddings.weight"]
-    groups = [outer]
-    groups += (hf_layer_to_megatron(reader.read_layer(hf, layer), layer, hf) for layer in layers)
-    loaded = set()
-    for tensors in groups:
-        for name, full in tensors.items():
-            if name in wanted:
-                shard = local_shard(name, full)
-                param = wanted[name]
-                if shard.shape != param.shape:
-                    raise MappingError(f"{name}: shard shape {tuple(shard.shape)} != parameter {tuple(param.shape)}")
-                param.copy_(shard)
-                loaded.add(name)
-    if set(wanted) - loaded:
-        raise MappingError("parameters not found in the HF checkpoint: " + ", ".join(sorted(set(wanted) - loaded)))
+        for key, entry in model_parameters(unwrap(chunk)):
+            if key not in full:
+                raise MappingError(f"{key}: no such tensor in the HF checkpoint mapping")
+            entry.data.copy_(local_part(entry, full[key]))
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

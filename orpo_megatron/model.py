@@ -5,7 +5,9 @@ present (required for FP8; experts as TEGroupedMLP when the config asks for grou
 Megatron's local spec with this module's RMSNorm, which (unlike Megatron's torch-norm wrapper) supports
 sequence parallelism, and this module's core attention, which (unlike Megatron's unfused one) takes packed
 rows: both specs attend only within each sequence of a packed row (THD). `check_backend` refuses, at start-up,
-a Transformer Engine outside the versions megatron-core 0.16.1 supports and FP8 where it cannot run.
+a Transformer Engine outside the versions megatron-core 0.16.1 supports and FP8 where it cannot run. Both
+specs give the same checkpoint keys (`GPTModel.sharded_state_dict()`, the TE spec's names), so a checkpoint
+saved on one loads on the other and in Megatron-LM.
 """
 from __future__ import annotations
 
@@ -161,6 +163,28 @@ class PackedDotProductAttention(DotProductAttention):
                                attention_bias=attention_bias)
 
 
+class StandaloneRMSNorm(RMSNorm):
+    """The RMSNorm where the TE spec has a norm module of its own (the MoE pre-MLP norm, the final norm).
+
+    Like Transformer Engine's norm it has an `_extra_state` entry (TE keeps FP8 metadata there): held as loaded
+    and saved back, so a local-spec checkpoint has every key the TE spec asks for and a TE checkpoint's norm
+    state survives a pass through the local spec. A checkpoint without the entry loads as "no extra state".
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(config, hidden_size, eps)
+        self.extra_state = None
+        self._register_load_state_dict_pre_hook(
+            lambda state_dict, prefix, *args: state_dict.setdefault(f"{prefix}_extra_state")
+        )
+
+    def get_extra_state(self):
+        return self.extra_state
+
+    def set_extra_state(self, state) -> None:
+        self.extra_state = state
+
+
 def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
@@ -169,8 +193,17 @@ def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     attention = ModuleSpec(module=attention.module, params=attention.params,
                            submodules=dataclasses.replace(attention.submodules,
                                                           core_attention=PackedDotProductAttention))
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
-                                     self_attention=attention)
+    moe = config.num_moe_experts is not None
+    # Checkpoint keys as the TE spec names them. TE fuses the pre-attention norm into linear_qkv, and in dense
+    # layers the pre-MLP norm into linear_fc1; in MoE layers the pre-MLP norm is a module of its own (Megatron's
+    # local spec maps it into linear_fc1 there too, a key the TE spec never asks for).
+    keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    if not moe:
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    submodules = dataclasses.replace(
+        spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=StandaloneRMSNorm if moe else RMSNorm,
+        self_attention=attention, sharded_state_dict_keys_map=keys_map,
+    )
     return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
 
 
@@ -181,7 +214,8 @@ def decoder_spec(config: TransformerConfig, use_transformer_engine: bool, vp_sta
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
         )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[_local_layer_spec(config)] * num_layers, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[_local_layer_spec(config)] * num_layers,
+                                      layer_norm=StandaloneRMSNorm)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,8 @@ import away. Launch with torchrun or srun; on a machine without a GPU it runs on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -206,14 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     # stops (and saves) after its first step instead of the default action killing the process.
     stop = StopSignal()
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
-    checkpoint = checkpointing.resolve(resume_dir or args.load)
-    hf = checkpoint_format.read_metadata(checkpoint.weights_dir).model_config()
+    checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
+    hf = checkpoint.hf
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
                                  args.distributed_timeout_minutes)
     logging_rank = parallel.is_logging_rank()
     log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
-        f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.weights_dir}")
+        f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.folder}")
     log(parallel.launch_summary(layout))
 
     # Model and optimizer.
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = batch_layout(args.packing, args.packed_length, layout.tensor_model_parallel_size,
                            layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size,
                            config.sequence_parallel, bool(args.fp8_format))
-    tokenizer_fallback = os.path.join(checkpoint.weights_dir, checkpoint_format.HF_FILES_DIR)
+    tokenizer_fallback = checkpoint.hf_files
     if dist.get_rank() == 0:  # tokenize once into the cache; the other ranks then read it
         build_preference_data(args, tokenizer_fallback, 0, dp_size, args.micro_batch_size, global_batch_size,
                               batches, args.seed)
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = build_scheduler(args, optimizer, train_iters)
 
     # Weights, and the training state when resuming.
-    state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, hf, layout.describe(), log=log)
+    state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log)
     iteration = state["iteration"] if state else 0
     if state:
         train_iter.load_state_dict(state["data"])
@@ -270,8 +270,13 @@ def main(argv: list[str] | None = None) -> None:
             return
         gather_updated_params(chunks)
         train_state = {"data": train_iter.state_dict(), "layout": layout.describe(), "args": vars(args)}
-        path = checkpointing.save(args.save, at_iteration, chunks, optimizer, scheduler, train_state, hf,
-                                  hf_files_from=checkpoint.weights_dir, keep_last=args.keep_last_checkpoints)
+        megatron_args = checkpoint_format.megatron_args(
+            hf, {**vars(args), **dataclasses.asdict(layout), "data_parallel_size": dp_size,
+                 "seq_length": args.max_length, "consumed_pairs": train_iter.consumed_pairs},
+            padded_vocab_size=vocab.padded_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            iteration=at_iteration)
+        path = checkpointing.save(args.save, at_iteration, chunks, optimizer, scheduler, train_state, megatron_args,
+                                  hf_files_from=checkpoint.hf_files, keep_last=args.keep_last_checkpoints)
         log(f"saved checkpoint {path}")
         saved_at = at_iteration
 

@@ -42,6 +42,34 @@ def tiny_converted_bf16(tiny_mixtral, tmp_path_factory) -> str:
     return convert(tiny_mixtral, str(tmp_path_factory.mktemp("tiny_converted_bf16") / "ckpt"), "bf16")
 
 
+@pytest.fixture(scope="session")
+def trained_tp2_pp2(tiny_converted, tmp_path_factory) -> str:
+    """A training save folder: the converted tiny Mixtral after one step at TP2 x PP2 (world 4, the trainer's
+    own command line), saved as iteration 1."""
+    root = tmp_path_factory.mktemp("trained_tp2_pp2")
+    save = str(root / "train")
+    run_torchrun("-m orpo_megatron.train", 4, "--load", tiny_converted, "--save", save,
+                 "--data-path", os.path.join(REPO, "examples", "data", "capybara_style.jsonl"),
+                 "--data-cache-dir", str(root / "data_cache"), "--max-length", "64", "--max-prompt-length", "48",
+                 "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "1", "--lr", "1e-3",
+                 "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    return save
+
+
+def checkpoint_weights(path: str) -> dict:
+    """Every stored model tensor of a checkpoint (a folder or a tracker root), full and unpadded, by layer."""
+    from orpo_megatron import checkpoint_format, conversion
+
+    conversion.init_single_process()  # the full-tensor readers go through dist_checkpointing
+    info = checkpoint_format.describe(path)
+    stored = checkpoint_format.stored_tensors(info.folder)
+    weights = {f"outer.{k}": v for k, v in checkpoint_format.read_outer(info.folder, info.hf, stored).items()}
+    for layer in range(info.hf.num_layers):
+        tensors = checkpoint_format.read_layer(info.folder, info.hf, layer, stored)
+        weights.update({f"layer{layer}.{k}": v for k, v in tensors.items()})
+    return weights
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

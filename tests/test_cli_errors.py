@@ -1,8 +1,11 @@
-"""Bad flags and layouts stop the trainer at start-up with one clear message, a non-zero exit, no traceback;
-and the start-up checks of the GPU backend (Transformer Engine version, FP8 hardware) decide right for any machine."""
+"""Bad flags, layouts and checkpoints stop the trainer at start-up with one clear message, a non-zero exit, no
+traceback; and the start-up checks of the GPU backend (Transformer Engine version, FP8 hardware) decide right for
+any machine."""
 import ast
 import importlib.metadata
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,3 +138,28 @@ def test_router_runs_without_transformer_engine_outside_the_cpu_backend():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("first_format", "python tools/convert_hf.py upgrade --load"),
+    ("megatron_lm_without_config", "pass --hf-config"),
+    ("wrong_config", "num_hidden_layers: "),
+])
+def test_unusable_checkpoints_are_named_before_any_work(tiny_converted, tiny_mixtral, tmp_path, case, expected):
+    load, extra = str(tmp_path / "ckpt"), []
+    if case == "first_format":
+        os.makedirs(load)
+        with open(os.path.join(load, "metadata.json"), "w") as f:
+            json.dump({"format": "orpo-megatron-model-weights", "format_version": 1}, f)
+    else:  # a checkpoint as Megatron-LM leaves it: no hf_files/ of ours
+        shutil.copytree(os.path.join(tiny_converted, "release"), load)
+        shutil.rmtree(os.path.join(load, "hf_files"))
+    if case == "wrong_config":
+        config = json.load(open(os.path.join(tiny_mixtral, "config.json")))
+        os.makedirs(tmp_path / "hf")
+        json.dump(dict(config, num_hidden_layers=6), open(tmp_path / "hf" / "config.json", "w"))
+        extra = ["--hf-config", str(tmp_path / "hf")]
+    proc = run_train("--load", load, *extra, "--data-path", "examples/data/plain.jsonl")
+    assert proc.returncode != 0
+    assert expected in proc.stderr and load in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -1,8 +1,9 @@
-"""tools/convert_hf.py and the model-weights format, checked against the HF tensors and transformers.
+"""tools/convert_hf.py and the checkpoint format, checked against the HF tensors and transformers.
 
-Covers: HF -> Megatron -> HF round trips (bit-identical), the stored tensors against an independent mapping,
-transformers-v5 fused input, refusal of bad input, and converted / trainer-saved weights loaded at other
-layouts (TP2 x EP2, PP2) giving transformers' log-probabilities.
+Covers: HF -> Megatron -> HF round trips (bit-identical), the stored tensors and files against an independent
+mapping and Megatron-LM's layout, transformers-v5 fused input, refusal of bad input, the upgrade of this
+project's first format, and converted / saved weights loaded at other layouts (TP2 x EP2, PP2, PP2 x VP2)
+giving transformers' log-probabilities, with `_extra_state` carried across layouts.
 All conversions of this module run in one process (tests/workers/convert_cli.py) to pay the imports once.
 """
 import filecmp
@@ -16,9 +17,10 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from megatron.core.dist_checkpointing import ShardedTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from orpo_megatron import checkpointing, fixtures
+from orpo_megatron import checkpoint_format, conversion, fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_hf.py")
@@ -37,17 +39,23 @@ def hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def stored_tensors(folder: str, scratch: str) -> dict[str, torch.Tensor]:
-    """A torch_dist folder read by PyTorch's own DCP converter: independent of our reader."""
+def stored_tensors(root: str, scratch: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint root's tracked folder, read by PyTorch's own DCP converter (independent of
+    our reader); the `_extra_state` objects left out."""
     target = os.path.join(scratch, "stored.pt")
-    dcp_to_torch_save(folder, target)
-    tensors = torch.load(target)
+    dcp_to_torch_save(checkpoint_format.checkpoint_folder(root), target)
+    stored = torch.load(target, weights_only=False)
     os.remove(target)
-    return tensors
+    return {key: value for key, value in stored.items() if torch.is_tensor(value)}
 
 
-def stored_folders(ckpt: str) -> list[str]:
-    return sorted(os.listdir(os.path.join(ckpt, "model")))
+def stored_objects(root: str, scratch: str) -> dict[str, object]:
+    """The `_extra_state` objects, by their sharded key (megatron-core stores each object as a one-item list)."""
+    target = os.path.join(scratch, "stored.pt")
+    dcp_to_torch_save(checkpoint_format.checkpoint_folder(root), target)
+    stored = torch.load(target, weights_only=False)
+    os.remove(target)
+    return {key: value[0] for key, value in stored.items() if "/shard_" in key}
 
 
 def run_cli(commands: dict[str, list[str]], scratch: str) -> dict[str, dict]:
@@ -69,31 +77,82 @@ def succeeded(result: dict) -> dict:
     return result
 
 
-def independent_megatron_tensors(hf: dict[str, torch.Tensor], config: dict, layer: int) -> dict[str, torch.Tensor]:
-    """The stored Megatron tensors of one layer, written out here from the HF tensors with plain indexing."""
-    p, m = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+def independent_megatron_tensors(hf: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The stored Megatron tensors, written out here from the HF tensors with plain indexing: TE-spec keys,
+    layers stacked on axis 0, experts on axis 1, SwiGLU fc1 as [gate rows; up rows]."""
     groups, d = config["num_key_value_heads"], config["head_dim"]
     per_group = config["num_attention_heads"] // groups
-    q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
-    rows = []
-    for g in range(groups):  # [q heads of group g, k_g, v_g] per query group
-        rows += [q[g * per_group * d:(g + 1) * per_group * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
-    out = {
-        m + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
-        m + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"],
-        m + "self_attention.linear_qkv.weight": torch.cat(rows),
-        m + "self_attention.linear_proj.weight": hf[p + "self_attn.o_proj.weight"],
-    }
-    if "num_local_experts" in config:
-        out[m + "mlp.router.weight"] = hf[p + "block_sparse_moe.gate.weight"]
+    layers = []
+    for layer in range(config["num_hidden_layers"]):
+        p, m = f"model.layers.{layer}.", "decoder.layers."
+        q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+        rows = []
+        for g in range(groups):  # [q heads of group g, k_g, v_g] per query group
+            rows += [q[g * per_group * d:(g + 1) * per_group * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+        out = {
+            m + "self_attention.linear_qkv.layer_norm_weight": hf[p + "input_layernorm.weight"],
+            m + "self_attention.linear_qkv.weight": torch.cat(rows),
+            m + "self_attention.linear_proj.weight": hf[p + "self_attn.o_proj.weight"],
+        }
+        if "num_local_experts" in config:
+            experts = [p + f"block_sparse_moe.experts.{e}." for e in range(config["num_local_experts"])]
+            out[m + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+            out[m + "mlp.router.weight"] = hf[p + "block_sparse_moe.gate.weight"]
+            out[m + "mlp.experts.experts.linear_fc1.weight"] = torch.stack(
+                [torch.cat([hf[x + "w1.weight"], hf[x + "w3.weight"]]) for x in experts])
+            out[m + "mlp.experts.experts.linear_fc2.weight"] = torch.stack([hf[x + "w2.weight"] for x in experts])
+        else:
+            out[m + "mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
+            out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+            out[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
+        layers.append(out)
+    return {key: torch.stack([layer[key] for layer in layers]) for key in layers[0]}
+
+
+def assert_same_stored(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], where: str) -> None:
+    """Equal tensors; vocabulary tensors compared on their common rows, the longer one's extra rows zero."""
+    assert sorted(a) == sorted(b), where
+    for name in b:
+        x, y = a[name], b[name]
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight") and x.shape != y.shape:
+            rows = min(x.shape[0], y.shape[0])
+            longer = x if x.shape[0] > rows else y
+            assert torch.equal(x[:rows], y[:rows]) and not longer[rows:].any(), (where, name)
+        else:
+            assert torch.equal(x, y), (where, name)
+
+
+def write_first_format(hf_dir: str, out: str) -> str:
+    """A converted checkpoint as this project's first format stored it: per-layer torch_dist folders under
+    per-layer local-spec names (fc1 as [2, ffn, hidden]), the vocabulary unpadded, our own metadata.json."""
+    conversion.init_single_process()
+    tensors, config = hf_tensors(hf_dir), json.load(open(os.path.join(hf_dir, "config.json")))
+    stacked = independent_megatron_tensors(tensors, config)
+    for layer in range(config["num_hidden_layers"]):
+        m, old = "decoder.layers.", f"decoder.layers.{layer}."
+        names = {old + "input_layernorm.weight": stacked[m + "self_attention.linear_qkv.layer_norm_weight"][layer],
+                 old + "pre_mlp_layernorm.weight": stacked[m + "pre_mlp_layernorm.weight"][layer],
+                 old + "self_attention.linear_qkv.weight": stacked[m + "self_attention.linear_qkv.weight"][layer],
+                 old + "self_attention.linear_proj.weight": stacked[m + "self_attention.linear_proj.weight"][layer],
+                 old + "mlp.router.weight": stacked[m + "mlp.router.weight"][layer]}
         for e in range(config["num_local_experts"]):
-            expert = p + f"block_sparse_moe.experts.{e}."
-            local = m + f"mlp.experts.local_experts.{e}."
-            out[local + "linear_fc1.weight"] = torch.stack([hf[expert + "w1.weight"], hf[expert + "w3.weight"]])
-            out[local + "linear_fc2.weight"] = hf[expert + "w2.weight"]
-    else:
-        out[m + "mlp.linear_fc1.weight"] = torch.stack([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
-        out[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
+            fc1 = stacked[m + "mlp.experts.experts.linear_fc1.weight"][layer, e]
+            names[old + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1.reshape(2, -1, fc1.shape[-1])
+            names[old + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = \
+                stacked[m + "mlp.experts.experts.linear_fc2.weight"][layer, e]
+        checkpoint_format.save(os.path.join(out, "model", f"layer_{layer:04d}"), {
+            name: ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0) for name, t in names.items()}, {})
+    outer = {"embedding.word_embeddings.weight": tensors["model.embed_tokens.weight"],
+             "decoder.final_layernorm.weight": tensors["model.norm.weight"], "output_layer.weight": tensors["lm_head.weight"]}
+    checkpoint_format.save(os.path.join(out, "model", "outer"), {
+        name: ShardedTensor.from_rank_offsets(name, t, replica_id=0) for name, t in outer.items()}, {})
+    os.makedirs(os.path.join(out, "hf_files"))
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out, "hf_files", name))
+    with open(os.path.join(out, "metadata.json"), "w") as f:
+        json.dump({"format": "orpo-megatron-model-weights", "format_version": 1, "dtype": "float32",
+                   "produced_by": "tools/convert_hf.py hf-to-megatron", "vocab_size": config["vocab_size"],
+                   "padded_vocab_size": None, "iteration": None, "created": "", "hf_config": config}, f)
     return out
 
 
@@ -140,6 +199,7 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
         json.dump(dict(config, architectures=["Qwen2MoeForCausalLM"]), f)
     out["arch"] = arch
     out["small"] = small
+    out["first_format"] = write_first_format(tiny_mixtral, os.path.join(root, "first_format"))
     return out
 
 
@@ -173,11 +233,19 @@ def cli(sources, tmp_path_factory) -> dict:
     commands["existing"] = ["hf-to-megatron", "--hf-dir", sources["small"], "--output", os.path.join(root, "existing")]
     commands["replaced"] = ["hf-to-megatron", "--hf-dir", sources["small"], "--output", os.path.join(root, "replaced"),
                             "--overwrite"]
-    os.makedirs(os.path.join(root, "incomplete", "model", "layer_0000"))
+    # A checkpoint folder whose writer stopped before megatron-core's metadata.json.
+    os.makedirs(os.path.join(root, "incomplete"))
+    for name in (".metadata", "common.pt"):
+        open(os.path.join(root, "incomplete", name), "w").close()
     commands["export_incomplete"] = ["megatron-to-hf", "--load", os.path.join(root, "incomplete"),
                                      "--output", os.path.join(root, "bad_export_incomplete")]
     commands["export_hf_folder"] = ["megatron-to-hf", "--load", sources["small"],
                                     "--output", os.path.join(root, "bad_export_hf_folder")]
+    commands["export_first_format"] = ["megatron-to-hf", "--load", sources["first_format"],
+                                       "--output", os.path.join(root, "bad_export_first_format")]
+    commands["upgrade"] = ["upgrade", "--load", sources["first_format"], "--output", os.path.join(root, "upgraded")]
+    commands["to_hf_upgraded"] = ["megatron-to-hf", "--load", os.path.join(root, "upgraded"),
+                                  "--output", os.path.join(root, "hf_upgraded")]
     return {"root": root, **run_cli(commands, os.path.join(root, "cli"))}
 
 
@@ -240,58 +308,78 @@ def test_verify_reports_logits_equal_to_transformers(cli):
 
 # ------------------------------------------------------------------------------------------ stored layout
 @pytest.mark.parametrize("model", ["mixtral", "mistral"])
-def test_stored_tensors_are_global_megatron_tensors(cli, sources, model, tmp_path):
-    """Each layer folder holds exactly that layer's tensors, full size, fc1 as [2, ffn, hidden]; the outer folder
-    holds the unpadded vocabulary."""
+def test_stored_tensors_are_megatron_lm_checkpoint_tensors(cli, sources, model, tmp_path):
+    """A release checkpoint root; the folder holds exactly the keys the model saves (TE names, layers stacked,
+    experts stacked), with the HF values, the vocabulary padded with zero rows as Megatron-LM pads it at TP1."""
     succeeded(cli[f"to_megatron_{model}_fp32"])
     source, ckpt = sources[(model, "fp32")], os.path.join(cli["root"], f"ckpt_{model}_fp32")
     with open(os.path.join(source, "config.json")) as f:
         config = json.load(f)
     hf = hf_tensors(source)
-    layers = config["num_hidden_layers"]
-    assert stored_folders(ckpt) == [f"layer_{i:04d}" for i in range(layers)] + ["outer"]
-    for layer in range(layers):
-        stored = stored_tensors(os.path.join(ckpt, "model", f"layer_{layer:04d}"), str(tmp_path))
-        expected = independent_megatron_tensors(hf, config, layer)
-        assert sorted(stored) == sorted(expected)
-        for name, tensor in expected.items():
-            assert torch.equal(stored[name], tensor), name
-    outer = stored_tensors(os.path.join(ckpt, "model", "outer"), str(tmp_path))
-    assert sorted(outer) == ["decoder.final_layernorm.weight", "embedding.word_embeddings.weight",
-                             "output_layer.weight"]
-    assert torch.equal(outer["embedding.word_embeddings.weight"], hf["model.embed_tokens.weight"])
-    assert torch.equal(outer["output_layer.weight"], hf["lm_head.weight"])  # 600 rows: no padding stored
-    assert torch.equal(outer["decoder.final_layernorm.weight"], hf["model.norm.weight"])
+    assert sorted(os.listdir(ckpt)) == ["latest_checkpointed_iteration.txt", "release"]
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "release"
+    folder = os.path.join(ckpt, "release")
+    assert {"metadata.json", "common.pt", ".metadata", "hf_files"} <= set(os.listdir(folder))
+    with open(os.path.join(folder, "metadata.json")) as f:  # megatron-core's own
+        assert json.load(f) == {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                "common_backend": "torch", "common_backend_version": 1}
 
-    with open(os.path.join(ckpt, "metadata.json")) as f:
-        metadata = json.load(f)
-    assert metadata["format"] == "orpo-megatron-model-weights" and metadata["format_version"] == 1
-    assert metadata["hf_config"] == config and metadata["vocab_size"] == 600 and metadata["dtype"] == "float32"
-    assert metadata["iteration"] is None and "hf-to-megatron" in metadata["produced_by"]
-    for name in TOKENIZER_FILES:
-        assert filecmp.cmp(os.path.join(source, name), os.path.join(ckpt, "hf_files", name), shallow=False), name
+    stored = stored_tensors(ckpt, str(tmp_path))
+    expected = independent_megatron_tensors(hf, config)
+    outer = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"}
+    assert sorted(stored) == sorted(set(expected) | outer)
+    for name, tensor in expected.items():
+        assert torch.equal(stored[name], tensor), name
+    for name, hf_name in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+                          ("output_layer.weight", "lm_head.weight")):
+        assert stored[name].shape == (640, 64)  # 600 tokens padded to a multiple of 128
+        assert torch.equal(stored[name][:600], hf[hf_name]) and not stored[name][600:].any()
+    assert torch.equal(stored["decoder.final_layernorm.weight"], hf["model.norm.weight"])
+
+    common = torch.load(os.path.join(folder, "common.pt"), weights_only=False)
+    assert common["checkpoint_version"] == 3.0 and common["iteration"] == 0
+    args = common["args"]
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.num_query_groups) == (4, 64, 8, 2)
+    assert (args.padded_vocab_size, args.add_position_embedding, args.position_embedding_type) == (640, False, "rope")
+    assert args.num_experts == config.get("num_local_experts") and args.rotary_base == 1000000
+    assert common["content_metadata"] == {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    for name in ("config.json", *TOKENIZER_FILES):
+        assert filecmp.cmp(os.path.join(source, name), os.path.join(folder, "hf_files", name), shallow=False), name
+
+
+def test_converted_checkpoint_holds_every_key_the_model_saves(cli, tmp_path):
+    """The same tensor keys and `_extra_state` objects as `GPTModel.sharded_state_dict()` (empty objects, as a
+    model without FP8 state saves them), so Megatron-LM's default strictness finds all it asks for."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    from orpo_megatron import model
+    from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+
+    succeeded(cli["to_megatron_mixtral_fp32"])
+    ckpt = os.path.join(cli["root"], "ckpt_mixtral_fp32")
+    conversion.init_single_process()
+    hf = HFModelConfig.from_file(os.path.join(ckpt, "release", "hf_files"))
+    chunk = model.build_model(build_transformer_config(hf), hf, model.vocab_info(hf, 128, 1))[0]
+    wanted = {entry.unique_key if isinstance(entry, ShardedObject) else entry.key
+              for entry in chunk.sharded_state_dict().values()}
+    objects = stored_objects(ckpt, str(tmp_path))
+    assert set(stored_tensors(ckpt, str(tmp_path))) | set(objects) == wanted
+    assert "decoder.layers.pre_mlp_layernorm._extra_state/shard_3_4" in objects  # the TE spec's standalone norm
+    assert "decoder.layers.mlp.experts.experts.linear_fc2._extra_state/shard_2.1_4.4" in objects
+    assert all(value is None for value in objects.values())
 
 
 def test_fused_expert_layout_converts_to_the_same_checkpoint(cli, tmp_path):
     succeeded(cli["fused"])
     succeeded(cli["to_megatron_mixtral_fp32"])
     fused, classic = os.path.join(cli["root"], "ckpt_fused"), os.path.join(cli["root"], "ckpt_mixtral_fp32")
-    assert stored_folders(fused) == stored_folders(classic)
-    for folder in stored_folders(classic):
-        a = stored_tensors(os.path.join(fused, "model", folder), str(tmp_path))
-        b = stored_tensors(os.path.join(classic, "model", folder), str(tmp_path))
-        assert sorted(a) == sorted(b), folder
-        for name in b:
-            assert torch.equal(a[name], b[name]), name
+    assert_same_stored(stored_tensors(fused, str(tmp_path)), stored_tensors(classic, str(tmp_path)), "fused")
 
 
 def test_sharded_hf_folder_converts_like_a_single_file(cli, tmp_path):
     succeeded(cli["from_sharded"])
     sharded, single = os.path.join(cli["root"], "ckpt_from_sharded"), os.path.join(cli["root"], "ckpt_mixtral_fp32")
-    for folder in stored_folders(single):
-        a = stored_tensors(os.path.join(sharded, "model", folder), str(tmp_path))
-        b = stored_tensors(os.path.join(single, "model", folder), str(tmp_path))
-        assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in b), folder
+    assert_same_stored(stored_tensors(sharded, str(tmp_path)), stored_tensors(single, str(tmp_path)), "sharded")
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -317,18 +405,30 @@ def test_existing_output_is_refused_without_overwrite(cli):
     assert os.listdir(existing) == ["keep.txt"]
     replaced = os.path.join(cli["root"], "replaced")
     succeeded(cli["replaced"])
-    assert sorted(os.listdir(replaced)) == ["hf_files", "metadata.json", "model"]
+    assert sorted(os.listdir(replaced)) == ["latest_checkpointed_iteration.txt", "release"]
     assert not [n for n in os.listdir(cli["root"]) if n.startswith((".existing", ".replaced"))]
 
 
 @pytest.mark.parametrize("case,expected", [
     ("export_incomplete", ["incomplete", "metadata.json"]),
-    ("export_hf_folder", ["not a checkpoint"]),
+    ("export_hf_folder", ["not a checkpoint", "latest_checkpointed_iteration.txt"]),
+    ("export_first_format", ["first checkpoint format", "python tools/convert_hf.py upgrade --load"]),
 ])
-def test_export_refuses_what_is_not_complete_model_weights(cli, case, expected):
+def test_export_refuses_what_is_not_a_complete_checkpoint(cli, case, expected):
     result = cli[case]
     assert result["rc"] != 0 and all(text in result["stderr"] for text in expected), result["stderr"]
     assert not os.path.exists(os.path.join(cli["root"], f"bad_{case}"))
+
+
+def test_first_format_upgrades_to_a_checkpoint_that_exports_bit_identical(cli, sources, tmp_path):
+    succeeded(cli["upgrade"])
+    succeeded(cli["to_hf_upgraded"])
+    upgraded, converted = os.path.join(cli["root"], "upgraded"), os.path.join(cli["root"], "ckpt_mixtral_fp32")
+    assert_same_stored(stored_tensors(upgraded, str(tmp_path)), stored_tensors(converted, str(tmp_path)), "upgraded")
+    original, exported = hf_tensors(sources[("mixtral", "fp32")]), hf_tensors(os.path.join(cli["root"], "hf_upgraded"))
+    assert sorted(exported) == sorted(original) and all(torch.equal(exported[n], original[n]) for n in original)
+    for name in ("config.json", *TOKENIZER_FILES):
+        assert os.path.isfile(os.path.join(cli["root"], "hf_upgraded", name)), name
 
 
 # ------------------------------------------------------------------------------- loading at other layouts
@@ -355,14 +455,12 @@ def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
                  "--tokens", os.path.join(root, "tokens.pt"), "--out", out,
                  "--save", os.path.join(root, f"saved_{name}"), *layout)
 
-    # A trainer save folder: the tracker names iteration 7, whose folder holds the weights saved at PP2.
-    train_dir = os.path.join(root, "train")
-    shutil.copytree(os.path.join(root, "saved_pp2"), checkpointing.iteration_dir(train_dir, 7))
-    with open(os.path.join(train_dir, checkpointing.TRACKER_FILE), "w") as f:
-        f.write("7")
+    # Each save is a checkpoint root naming iteration 7; export also takes the iteration folder itself.
     exports = {f"export_{name}": ["megatron-to-hf", "--load", os.path.join(root, name),
                                   "--output", os.path.join(root, f"hf_{name}")]
-               for name in ("saved_tp2_ep2", "saved_pp2", "saved_tied_pp2_vp2", "train")}
+               for name in ("saved_tp2_ep2", "saved_pp2", "saved_tied_pp2_vp2")}
+    exports["export_iteration_folder"] = ["megatron-to-hf", "--load", os.path.join(root, "saved_pp2", "iter_0000007"),
+                                          "--output", os.path.join(root, "hf_iteration_folder")]
     return {"root": root, "tokens": tokens, **run_cli(exports, os.path.join(root, "cli"))}
 
 
@@ -394,13 +492,16 @@ def test_logps_from_converted_checkpoint_match_transformers(parallel_runs, sourc
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
-def test_weights_saved_at_tp2_ep2_load_at_pp2(parallel_runs):
+def test_weights_saved_at_tp2_ep2_load_at_pp2_with_their_extra_state(parallel_runs):
+    """The TP2 x EP2 save loads at PP2 into the same weights, and the `_extra_state` each standalone norm held
+    when saved (a payload naming its layer) is back in the norm of that layer: saved and loaded, not dropped."""
     for report in reports(os.path.join(parallel_runs["root"], "pp2")):
         assert report["other_params_checked"] > 0 and report["other_params_mismatched"] == [], report
+        assert report["other_extra_states_checked"] > 0 and report["other_extra_states_mismatched"] == [], report
 
 
-@pytest.mark.parametrize("saved", ["saved_tp2_ep2", "saved_pp2", "saved_tied_pp2_vp2", "train"])
-def test_trainer_saves_export_bit_identical(parallel_runs, cli, sources, saved, tmp_path):
+@pytest.mark.parametrize("saved", ["saved_tp2_ep2", "saved_pp2", "saved_tied_pp2_vp2", "iteration_folder"])
+def test_saves_at_any_layout_export_bit_identical(parallel_runs, cli, sources, saved, tmp_path):
     succeeded(parallel_runs[f"export_{saved}"])
     model = "tied" if "tied" in saved else "mixtral"
     original = hf_tensors(sources[(model, "fp32")])
@@ -411,15 +512,12 @@ def test_trainer_saves_export_bit_identical(parallel_runs, cli, sources, saved, 
     for name in TOKENIZER_FILES:
         assert os.path.isfile(os.path.join(parallel_runs["root"], f"hf_{saved}", name)), name
 
-    if saved != "train":
-        # Layout-free on disk: the same stored tensors as the converter wrote, whatever layout saved them.
+    if saved != "iteration_folder":
+        # Layout-free on disk: the converter's tensors whatever layout saved them (the vocabulary padded as the
+        # saving layout pads it: 768 rows at TP2, zeros beyond the 600 tokens).
         folder = os.path.join(parallel_runs["root"], saved)
-        with open(os.path.join(folder, "metadata.json")) as f:
-            metadata = json.load(f)
-        assert metadata["iteration"] == 7 and metadata["vocab_size"] == 600
-        assert metadata["padded_vocab_size"] == (768 if saved == "saved_tp2_ep2" else 640)
+        common = checkpoint_format.read_common(checkpoint_format.checkpoint_folder(folder))
+        assert common["iteration"] == 7
+        assert common["args"].padded_vocab_size == (768 if saved == "saved_tp2_ep2" else 640)
         converted = os.path.join(cli["root"], f"ckpt_{model}_fp32")
-        for group in stored_folders(converted):
-            a = stored_tensors(os.path.join(folder, "model", group), str(tmp_path))
-            b = stored_tensors(os.path.join(converted, "model", group), str(tmp_path))
-            assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in b), group
+        assert_same_stored(stored_tensors(folder, str(tmp_path)), stored_tensors(converted, str(tmp_path)), saved)

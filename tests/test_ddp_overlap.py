@@ -11,19 +11,11 @@ import os
 
 import torch
 
-from orpo_megatron import checkpointing, conversion
-from orpo_megatron import checkpoint_format
+from conftest import checkpoint_weights
+from orpo_megatron import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
-
-
-def weights(folder: str) -> dict[str, torch.Tensor]:
-    conversion.init_single_process()
-    found = {f"outer.{k}": v for k, v in checkpoint_format.read_outer(folder).items()}
-    for layer in range(checkpoint_format.read_metadata(folder).model_config().num_layers):
-        found.update({f"layer{layer}.{k}": v for k, v in checkpoint_format.read_layer(folder, layer).items()})
-    return found
 
 
 def test_overlapped_communication_gives_the_same_run(torchrun, tiny_converted, tmp_path):
@@ -44,8 +36,8 @@ def test_overlapped_communication_gives_the_same_run(torchrun, tiny_converted, t
             if name in row:
                 assert abs(overlapped[key][name] - row[name]) <= 1e-6, (key, name, overlapped[key][name], row[name])
     for iteration in (2, 3):
-        expected = weights(checkpointing.iteration_dir(str(tmp_path / "plain"), iteration))
-        got = weights(checkpointing.iteration_dir(str(tmp_path / "overlapped"), iteration))
+        expected = checkpoint_weights(checkpointing.iteration_dir(str(tmp_path / "plain"), iteration))
+        got = checkpoint_weights(checkpointing.iteration_dir(str(tmp_path / "overlapped"), iteration))
         assert expected.keys() == got.keys()
         for name, value in expected.items():
             assert torch.allclose(got[name], value, rtol=0, atol=1e-6), (iteration, name)

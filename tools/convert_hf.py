@@ -1,11 +1,15 @@
-"""Convert Mixtral-family checkpoints between Hugging Face and orpo-megatron's layout-free Megatron format.
+"""Convert Mixtral-family checkpoints between Hugging Face and Megatron-LM's checkpoint format.
 
     python tools/convert_hf.py hf-to-megatron --hf-dir HF --output CKPT [--dtype bf16|fp32] [--overwrite] [--verify]
-    python tools/convert_hf.py megatron-to-hf --load CKPT --output HF [--dtype ...] [--max-shard-size 5GB]
+    python tools/convert_hf.py megatron-to-hf --load CKPT --output HF [--hf-config HF] [--dtype ...] [--max-shard-size 5GB]
+    python tools/convert_hf.py upgrade --load OLD --output CKPT
 
-One process, one layer in memory at a time. The Megatron side loads at any TP/PP/EP/VP layout; `--load` also
-takes a training save folder (its newest complete iteration) or one of its iteration folders. Output is written
-under a temporary name next to --output and renamed when complete.
+One process, one layer in memory at a time. CKPT is a Megatron-LM checkpoint root (`release/` and its tracker
+file) that this project's trainer and Megatron-LM (`--load CKPT`, torch_dist, any TP/PP/EP/VP) both load.
+`--load` takes a checkpoint root (its tracker's folder is used: a training save folder's newest complete
+iteration) or a checkpoint folder, ours or Megatron-LM's (then with --hf-config). `upgrade` rewrites a
+checkpoint of this project's first, per-layer format. Output is written under a temporary name next to --output
+and renamed when complete.
 """
 from __future__ import annotations
 
@@ -25,14 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convert_hf.py", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-megatron,megatron-to-hf}")
 
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{hf-to-megatron,megatron-to-hf,upgrade}")
     to_megatron = commands.add_parser(
         "hf-to-megatron", help="HF folder (safetensors, classic or transformers-v5 fused experts) -> Megatron.",
-        description="Convert an HF folder into a model-weights folder that the trainer loads at any layout.",
+        description="Convert an HF folder into a Megatron-LM checkpoint root (release/ and its tracker file) that "
+                    "this trainer and Megatron-LM load at any layout.",
     )
     to_megatron.add_argument("--hf-dir", required=True, help="HF model folder (config.json + *.safetensors).")
-    to_megatron.add_argument("--output", required=True, help="Model-weights folder to create.")
+    to_megatron.add_argument("--output", required=True, help="Checkpoint root to create.")
     to_megatron.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                              help="dtype of the stored weights. Default: the dtype of the HF tensors (bf16 for "
                                   "Mixtral releases).")
@@ -43,13 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the whole model in host memory.")
 
     to_hf = commands.add_parser(
-        "megatron-to-hf", help="Megatron model weights (converted or trained, any layout) -> HF folder.",
-        description="Export model weights to an HF folder: safetensors shards with model.safetensors.index.json, "
-                    "config.json, tokenizer files and generation_config.json. Experts in the classic "
-                    "block_sparse_moe.experts.E.w1/w2/w3 layout.",
+        "megatron-to-hf", help="Megatron checkpoint (converted, trained, or Megatron-LM's; any layout) -> HF folder.",
+        description="Export a checkpoint's weights to an HF folder: safetensors shards with "
+                    "model.safetensors.index.json, config.json, tokenizer files and generation_config.json. "
+                    "Experts in the classic block_sparse_moe.experts.E.w1/w2/w3 layout.",
     )
     to_hf.add_argument("--load", required=True,
-                       help="Model-weights folder, training iteration folder, or training save folder.")
+                       help="Checkpoint root (converted output or training save folder) or checkpoint folder.")
+    to_hf.add_argument("--hf-config", default=None,
+                       help="For a checkpoint Megatron-LM wrote: the HF folder (or config.json) of its model, "
+                            "checked against the checkpoint's stored arguments; its tokenizer files are copied.")
     to_hf.add_argument("--output", required=True, help="HF folder to create.")
     to_hf.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="dtype of the written weights. Default: the stored dtype.")
@@ -60,23 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--verify", action="store_true",
                        help="Afterwards, compare transformers on the written folder with our model on --load "
                             "(max logit difference). Needs transformers.")
+
+    upgrade = commands.add_parser(
+        "upgrade", help="A checkpoint of this project's first (per-layer) format -> today's format.",
+        description="Rewrite a checkpoint written by orpo-megatron before its checkpoints followed Megatron-LM "
+                    "(a converted folder, or a training save folder: its newest iteration) as a release "
+                    "checkpoint root. Weights, config and tokenizer carry over; the old optimizer state does not.",
+    )
+    upgrade.add_argument("--load", required=True, help="Checkpoint of the first format.")
+    upgrade.add_argument("--output", required=True, help="Checkpoint root to create.")
+    upgrade.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
     return parser
 
 
-def verify(hf_dir: str, ckpt_dir: str, batch: int = 2, seq_length: int = 32, seed: int = 0) -> float:
+def verify(hf_dir: str, load: str, hf_config: str | None = None, batch: int = 2, seq_length: int = 32,
+           seed: int = 0) -> float:
     """Max |logit difference| over the true vocabulary between transformers and our model (TP1, fp32)."""
     import torch
     import transformers  # a test-time reference, imported only here
 
     from orpo_megatron import checkpoint_format, model
-    from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+    from orpo_megatron.model_config import build_transformer_config
 
-    hf = HFModelConfig.from_file(hf_dir)
+    info = checkpoint_format.describe(load, hf_config)
+    hf = info.hf
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference = getattr(transformers, hf.architecture).from_pretrained(
         hf_dir, torch_dtype=torch.float32, attn_implementation="eager").to(device).eval()
     chunks = model.build_model(build_transformer_config(hf), hf, model.vocab_info(hf, 128, 1))
-    checkpoint_format.load_model_weights(ckpt_dir, chunks, hf)
+    checkpoint_format.load_model_weights(info, chunks)
     ours = chunks[0].eval()
     tokens = torch.randint(0, hf.vocab_size, (batch, seq_length), generator=torch.Generator().manual_seed(seed))
     tokens = tokens.to(device)
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
     # Imported after parsing so that --help is instant.
-    from orpo_megatron import checkpointing, conversion
+    from orpo_megatron import conversion
     from orpo_megatron.checkpoint_format import CheckpointFormatError
     from orpo_megatron.hf_mapping import MappingError
     from orpo_megatron.model_config import ModelConfigError
@@ -103,17 +124,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {output}")
             if args.verify:
                 print(f"verify: max |logit difference| over the true vocabulary = {verify(args.hf_dir, output):.3e}")
-        else:
+        elif args.command == "megatron-to-hf":
             output = conversion.megatron_to_hf(
                 args.load, args.output, conversion.DTYPES[args.dtype] if args.dtype else None,
-                conversion.parse_size(args.max_shard_size), args.overwrite,
+                conversion.parse_size(args.max_shard_size), args.overwrite, hf_config=args.hf_config,
             )
             print(f"wrote {output}")
             if args.verify:
-                weights = checkpointing.resolve(args.load).weights_dir
-                print(f"verify: max |logit difference| over the true vocabulary = {verify(output, weights):.3e}")
-    except (conversion.ConversionError, CheckpointFormatError, checkpointing.CheckpointError, MappingError,
-            ModelConfigError) as err:
+                difference = verify(output, args.load, args.hf_config)
+                print(f"verify: max |logit difference| over the true vocabulary = {difference:.3e}")
+        else:
+            print(f"wrote {conversion.upgrade(args.load, args.output, args.overwrite)}")
+    except (conversion.ConversionError, CheckpointFormatError, MappingError, ModelConfigError) as err:
         print(f"convert_hf.py {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

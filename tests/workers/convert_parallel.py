@@ -2,11 +2,13 @@
 
 At the layout given by --tp/--pp/--vp/--ep (world size from torchrun):
 1. builds the tiny model and loads --ckpt with `load_model_weights`; builds a second copy loaded straight from the
-   HF safetensors by `hf_mapping.load_hf_checkpoint` (an independent path) and compares every parameter;
+   HF safetensors by `hf_mapping.load_hf_checkpoint` (no checkpoint file involved) and compares every parameter;
 2. computes per-token log-probabilities of --tokens (vocab-parallel logits gathered over TP, padded columns
    sliced off before the log-softmax; at PP>1 through Megatron's pipeline schedule, forward only);
-3. with --save, writes the model with `save_model_weights` from this layout;
-4. with --other-ckpt (saved at another layout), loads it into a third copy and compares with the HF-loaded one.
+3. with --save, gives each standalone norm an `_extra_state` payload naming its layer, and writes the model as a
+   checkpoint root (iteration 7, Megatron-LM's common.pt) from this layout;
+4. with --other-ckpt (saved at another layout), loads it into a third copy and compares with the HF-loaded one,
+   and each standalone norm's `_extra_state` with the payload its layer was saved with.
 Each rank writes rank<R>.json; the rank holding the last stage's TP/DP rank 0 writes logps.pt.
 """
 import argparse
@@ -21,16 +23,43 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from orpo_megatron import checkpoint_format, hf_mapping, model, parallel
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
+ITERATION = 7
+
 
 def mismatched_params(chunks, reference_chunks) -> tuple[int, list[str]]:
+    """Same layout on both sides: parameters compared entry by entry of their sharded state dicts."""
     checked, bad = 0, []
     for chunk, reference in zip(chunks, reference_chunks):
-        expected = {name: p for _, name, p in hf_mapping.global_param_names(reference)}
-        for _, name, param in hf_mapping.global_param_names(chunk):
+        for (key, entry), (_, expected) in zip(hf_mapping.model_parameters(chunk),
+                                               hf_mapping.model_parameters(reference)):
             checked += 1
-            if not torch.equal(param, expected[name]):
-                bad.append(name)
+            if not torch.equal(entry.data, expected.data):
+                bad.append(f"{key}{tuple(entry.global_offset) if hasattr(entry, 'global_offset') else ''}")
     return checked, bad
+
+
+def standalone_norms(chunks):
+    """(payload naming the norm's layer, norm) for each norm carrying an `_extra_state` (MoE pre-MLP, final)."""
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            if isinstance(module, model.StandaloneRMSNorm):
+                layer = chunk.decoder.layers[int(name.split(".")[2])].layer_number if ".layers." in name else -1
+                yield torch.tensor([float(layer), 7.5]), module
+
+
+def save_weights(root: str, chunks, hf: HFModelConfig, vocab, hf_files_from: str, layout: dict) -> None:
+    """The model as a checkpoint root: Megatron-LM's state dict without optimizer, tracker naming iteration 7."""
+    metadata = checkpoint_format.sharded_metadata()
+    state = checkpoint_format.model_state_dicts(chunks, metadata)
+    state.update(args=checkpoint_format.megatron_args(hf, layout, padded_vocab_size=vocab.padded_size,
+                                                      make_vocab_size_divisible_by=128, iteration=ITERATION),
+                 checkpoint_version=checkpoint_format.CHECKPOINT_VERSION, iteration=ITERATION)
+    folder = checkpoint_format.iteration_dir(root, ITERATION)
+    checkpoint_format.save(folder, state, metadata)
+    if torch.distributed.get_rank() == 0:
+        checkpoint_format.copy_hf_files(hf_files_from, folder)
+        checkpoint_format.write_tracker(root, ITERATION)
+    torch.distributed.barrier()
 
 
 def token_logps(chunks, tokens: torch.Tensor, true_vocab: int) -> torch.Tensor | None:
@@ -91,9 +120,9 @@ def main() -> None:
     rank = torch.distributed.get_rank()
 
     chunks = model.build_model(config, hf, vocab)
-    checkpoint_format.load_model_weights(args.ckpt, chunks, hf)
+    checkpoint_format.load_model_weights(checkpoint_format.describe(args.ckpt), chunks)
     reference = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(reference, args.hf_dir, hf, vocab.padded_size)
+    hf_mapping.load_hf_checkpoint(reference, args.hf_dir, hf)
     checked, bad = mismatched_params(chunks, reference)
     report = {"layout": layout.describe(), "padded_vocab": vocab.padded_size, "params_checked": checked,
               "params_mismatched": bad}
@@ -106,13 +135,19 @@ def main() -> None:
         torch.save(logps, os.path.join(args.out, "logps.pt"))
 
     if args.save:
-        checkpoint_format.save_model_weights(args.save, chunks, hf, hf_files_from=args.ckpt, iteration=7,
-                                             produced_by=f"tests/workers/convert_parallel.py {layout.describe()}")
+        for payload, norm in standalone_norms(chunks):
+            norm.extra_state = payload
+        save_weights(args.save, chunks, hf, vocab, args.hf_dir, dict(layout_kwargs, world_size=layout.world_size))
     if args.other_ckpt:
         other = model.build_model(config, hf, vocab)
-        checkpoint_format.load_model_weights(args.other_ckpt, other, hf)
+        checkpoint_format.load_model_weights(checkpoint_format.describe(args.other_ckpt), other)
         other_checked, other_bad = mismatched_params(other, reference)
-        report.update(other_params_checked=other_checked, other_params_mismatched=other_bad)
+        norms = list(standalone_norms(other))
+        report.update(other_params_checked=other_checked, other_params_mismatched=other_bad,
+                      other_extra_states_checked=len(norms),
+                      other_extra_states_mismatched=[payload.tolist() for payload, norm in norms
+                                                     if not (torch.is_tensor(norm.extra_state)
+                                                             and torch.equal(norm.extra_state, payload))])
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)

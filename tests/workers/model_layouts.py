@@ -74,7 +74,7 @@ def main() -> None:
     config = build_transformer_config(hf, **layout_kwargs, moe_token_dispatcher_type=args.dispatcher)
     vocab = model.vocab_info(hf, 128, args.tp)
     chunks = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf, vocab.padded_size)
+    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads
@@ -113,8 +113,10 @@ def main() -> None:
     )
 
     ref_logits, hf_grads = hf_reference(args.hf_dir, hf, list(range(SAMPLES)))
-    # Padded vocabulary rows get zero gradient: nothing reads them.
-    ref_outer_grads = hf_mapping.hf_outer_to_megatron(hf_grads, hf, vocab.padded_size)
+    # The reference gradients as full Megatron tensors; padded vocabulary rows get zero gradient (nothing reads them).
+    ref_grads = hf_mapping.stack_layers([hf_mapping.hf_layer_to_megatron(hf_grads, layer, hf)
+                                         for layer in range(hf.num_layers)])
+    ref_grads.update(hf_mapping.hf_outer_to_megatron(hf_grads, hf, vocab.padded_size))
 
     report = {"layout": layout.describe(), "logits_max_abs_diff": 0.0, "grad_max_rel_diff": 0.0,
               "grads_checked": 0, "worst_grad": None}
@@ -126,18 +128,11 @@ def main() -> None:
             torch.save({i: l for i, l in zip(my_samples, gathered_logits)},
                        os.path.join(args.out, f"logits_dp{dp_rank}.pt"))
 
-    layers = {}
     for chunk in chunks:
-        for _, name, param in hf_mapping.global_param_names(chunk.module):
-            if name.startswith("decoder.layers."):
-                layer = int(name.split(".")[2])
-                if layer not in layers:
-                    layers[layer] = hf_mapping.hf_layer_to_megatron(hf_grads, layer, hf)
-                ref_full = layers[layer][name]
-            else:
-                ref_full = ref_outer_grads[name]
-            expected = hf_mapping.local_shard(name, ref_full)
-            got = param.main_grad
+        for key, entry in hf_mapping.model_parameters(chunk.module):
+            name = f"{key}{tuple(entry.global_offset) if hasattr(entry, 'global_offset') else ''}"
+            expected = hf_mapping.local_part(entry, ref_grads[key])
+            got = entry.data.main_grad
             scale = expected.abs().max().item() or 1.0
             rel = (got - expected).abs().max().item() / scale
             report["grads_checked"] += 1

@@ -31,13 +31,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    hf = checkpoint_format.read_metadata(args.load).model_config()
+    info = checkpoint_format.describe(args.load)
+    hf = info.hf
     layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
     layout = parallel.initialize(layout_kwargs, hf)
     config = build_transformer_config(hf, **layout_kwargs)
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab)
-    checkpoint_format.load_model_weights(args.load, chunks, hf)
+    checkpoint_format.load_model_weights(info, chunks)
 
     data_config = DataConfig.from_args(args)
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)

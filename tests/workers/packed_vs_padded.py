@@ -122,7 +122,7 @@ def main() -> None:
                                       precision=PrecisionConfig(bf16=args.bf16))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf, vocab.padded_size)
+    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads

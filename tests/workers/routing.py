@@ -19,7 +19,7 @@ def main() -> None:
     config = build_transformer_config(hf)
     vocab = model.vocab_info(hf, 128, 1)
     chunk = model.build_model(config, hf, vocab)[0]
-    hf_mapping.load_hf_checkpoint([chunk], args.hf_dir, hf, vocab.padded_size)
+    hf_mapping.load_hf_checkpoint([chunk], args.hf_dir, hf)
     chunk.eval()
     reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
 
