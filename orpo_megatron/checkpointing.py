@@ -109,14 +109,23 @@ def _optimizers(optimizer) -> list:
 def _torch_adam(inner) -> bool:
     """The path without Apex or TE (CPU, or a GPU without TE): torch's Adam keeps a `step` per parameter."""
     return not distrib_optimizer.HAVE_APEX_OR_TE and isinstance(inner.optimizer, torch.optim.Optimizer) \
-        and not isinstance(inner.optimizer, distrib_optimizer.HybridDeviceOptimizer)
+        and not _offloaded(inner)
+
+
+def _offloaded(inner) -> bool:
+    """Megatron-core's HybridDeviceOptimizer (--optimizer-cpu-offload): torch's AdamW on host and device copies."""
+    return isinstance(inner.optimizer, distrib_optimizer.HybridDeviceOptimizer)
 
 
 def _ensure_adam_state(optimizer) -> None:
     """Megatron-core builds the loading state dict from `state_dict()`, which on the torch-Adam path asserts one
     `step` over all parameters' state; a fresh optimizer has none yet, so give it its (dummy, overwritten) state."""
     for inner in _optimizers(optimizer):
-        if _torch_adam(inner) and not inner.optimizer.state:
+        if inner.optimizer.state:
+            continue
+        if _offloaded(inner):
+            inner.optimizer.dummy_step()  # megatron-core's own way to allocate its state (overwritten by the load)
+        elif _torch_adam(inner):
             inner._init_optimizer_states_with_dummy_values()
 
 
@@ -126,7 +135,7 @@ def _steps_set_aside(inner):
     the checkpoint, which holds no `step` (it is in the param groups): on the torch-Adam path that is a KeyError.
     Hide the steps meanwhile, and give each parameter its own copy back (torch's Adam increments each in place;
     a shared one would advance once per parameter per iteration and break the bias correction)."""
-    states = inner.optimizer.state.values() if _torch_adam(inner) else []
+    states = inner.optimizer.state.values() if _torch_adam(inner) or _offloaded(inner) else []
     steps = [(state, state.pop("step")) for state in states if "step" in state]
     try:
         yield
@@ -169,12 +178,25 @@ def _load_optimizer(optimizer, loaded: dict) -> None:
         inner.load_state_dict(state)
         with _steps_set_aside(inner), torch.no_grad():
             inner.load_parameter_state_from_fully_reshardable(part["param_state"])
-        if isinstance(inner.optimizer, distrib_optimizer.HybridDeviceOptimizer):
+        if _offloaded(inner):
             # Offloaded: its sub-optimizers do not see the state tensors just set, and its load ran a step on
             # random gradients (`dummy_step`) that moved the model params; restore both from the loaded state.
             inner.optimizer._sync_hdo_state_to_sub_optimizers()
             for param, main_param in inner.optimizer.param_to_fp32_param.items():
                 param.data.copy_(main_param)
+
+
+def _without_classes(tree):
+    """The offloaded optimizer keeps its sub-optimizer classes in its param groups; common.pt must load with
+    torch.load's default weights_only, so they are stored by name (the loader takes the param groups from the
+    running optimizer and only the step from the checkpoint)."""
+    if isinstance(tree, dict):
+        return {key: _without_classes(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_without_classes(value) for value in tree]
+    if isinstance(tree, type):
+        return f"{tree.__module__}.{tree.__qualname__}"
+    return tree
 
 
 # ------------------------------------------------------------------------------------------------- RNG
@@ -232,7 +254,7 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
         shutil.rmtree(partial, ignore_errors=True)
     metadata = fmt.sharded_metadata(OPTIMIZER_FORMAT)
     state = fmt.model_state_dicts(model_chunks, metadata)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
+    state["optimizer"] = _without_classes(optimizer.sharded_state_dict(state, metadata=metadata))
     state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_sharded(_gathered_rng_states()),
                  args=megatron_args, checkpoint_version=fmt.CHECKPOINT_VERSION, iteration=iteration,
                  num_floating_point_operations_so_far=0)

@@ -31,7 +31,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from orpo_megatron import hf_mapping, parallel
+# Importing orpo_megatron.model binds megatron-core 0.16.1's missing router GEMM name on machines without
+# Transformer Engine (Megatron-LM itself would need the same there); the stock spec is still Megatron's own.
+from orpo_megatron import hf_mapping, model as _binds_router_gemm, parallel  # noqa: F401
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config, padded_vocab_size
 
 ITERATION = 10
