@@ -213,6 +213,11 @@ def build_transformer_config(
             moe_permute_fusion=kernels.moe_permute_fusion,
             moe_ffn_hidden_size=hf.intermediate_size,
         )
+    # Interleaved schedule: megatron-core's default batched p2p sends an activation and a gradient in one call,
+    # and at PP=2 both go to the one other rank, posted in another order than the receiver posts its receives:
+    # matched by order, the two (same shape) swap silently. Megatron-LM forbids that mode at PP=2 for NCCL too;
+    # its default for VP, overlapped p2p, exchanges each direction in its own call (and group at PP=2).
+    interleaved = virtual_pipeline_model_parallel_size is not None
     fp8_kwargs: dict[str, Any] = {}
     if precision.fp8_format:
         fp8_kwargs = dict(
@@ -241,6 +246,8 @@ def build_transformer_config(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
         expert_model_parallel_size=expert_model_parallel_size,
         sequence_parallel=sequence_parallel,
         bf16=precision.bf16,

@@ -11,8 +11,8 @@ layout-invariance tolerance of test_training_layouts.py. Step 4's loss comes fro
 steps 5 and 6 show the optimizer state: restarting Adam cold at step 4 (measured once) changes step 5's loss by
 7e-3 relative and its grad norm by 14%, far beyond the tolerance.
 
-Scoring: a TP2 x PP2 checkpoint scored with `orpo_megatron.evaluate` at TP2 x PP2 and at TP1 x PP1 gives the same
-metrics.
+Scoring: a TP2 x PP2 checkpoint scored with `orpo_megatron.evaluate` at TP2 x PP2, at PP2 x VP2 (10 micro-batches,
+the interleaved schedule's forward-only steady state) and at TP1 x PP1 gives the same metrics.
 """
 import json
 import os
@@ -121,9 +121,9 @@ def test_resume_at_another_layout_continues_with_the_saved_adam_state(torchrun, 
             assert relative <= LAYOUT_TOLERANCE, (step, key, got[step][key], expected[step][key])
 
 
-def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1(torchrun, trained_tp2_pp2, data_cache, tmp_path):
+def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1_and_pp2_vp2(torchrun, trained_tp2_pp2, data_cache, tmp_path):
     assert checkpointing.latest_iteration(trained_tp2_pp2) == 1
-    pairs = tmp_path / "pairs.jsonl"  # 40 pairs keep the two scoring runs short
+    pairs = tmp_path / "pairs.jsonl"  # 40 pairs keep the scoring runs short
     pairs.write_text("".join(open(DATA).readlines()[:40]))
 
     def score(nproc: int, output: str, *layout: str) -> dict:
@@ -134,15 +134,18 @@ def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1(torchrun, trained_tp2_pp2
 
     at_tp2_pp2 = score(4, str(tmp_path / "tp2pp2.jsonl"), "--tensor-model-parallel-size", "2",
                        "--pipeline-model-parallel-size", "2")
+    at_pp2_vp2 = score(2, str(tmp_path / "pp2vp2.jsonl"), "--pipeline-model-parallel-size", "2",
+                       "--virtual-pipeline-model-parallel-size", "2")
     at_tp1 = score(1, str(tmp_path / "tp1.jsonl"))
-    assert at_tp2_pp2["pairs"] == at_tp1["pairs"] == 40
+    assert at_tp2_pp2["pairs"] == at_pp2_vp2["pairs"] == at_tp1["pairs"] == 40
     metric_names = [k for k, v in at_tp1.items() if isinstance(v, float)]
     assert {"loss", "nll_loss", "rewards/accuracies", "rewards/margins", "log_odds_ratio"} <= set(metric_names)
-    for name in metric_names:
-        assert at_tp2_pp2[name] == pytest.approx(at_tp1[name], rel=1e-5, abs=1e-6), name
-    per_pair_tp2 = [json.loads(line) for line in open(tmp_path / "tp2pp2.jsonl")]
     per_pair_tp1 = [json.loads(line) for line in open(tmp_path / "tp1.jsonl")]
-    for a, b in zip(per_pair_tp2, per_pair_tp1):
-        assert a["index"] == b["index"]
-        assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], abs=1e-5)
-        assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-5)
+    for name, summary in (("tp2pp2", at_tp2_pp2), ("pp2vp2", at_pp2_vp2)):
+        for metric in metric_names:
+            assert summary[metric] == pytest.approx(at_tp1[metric], rel=1e-5, abs=1e-6), (name, metric)
+        per_pair = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+        assert [a["index"] for a in per_pair] == [b["index"] for b in per_pair_tp1]
+        for a, b in zip(per_pair, per_pair_tp1):
+            assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], abs=1e-5), name
+            assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-5), name

@@ -20,6 +20,14 @@ LAYOUTS = {  # name: (processes, flags)
     # Pipelining packs a step into fixed-length rows: other micro-batches, so another load-balancing statistic;
     # compared without it (coefficient 0 on both sides).
     "pp2_4_micro_batches": (2, ["--pipeline-model-parallel-size", "2", "--moe-aux-loss-coeff", "0"]),
+    # The interleaved schedule with more micro-batches than the 2 stages, so it reaches its steady state (where
+    # one exchange carries an activation and a gradient to the same peer at PP=2). Packed: 8 pairs of 82-218
+    # tokens in rows of 256 are 6 rows, 6 micro-batches. Padded: 4 micro-batches of 2 pairs, the same
+    # micro-batches as the single-process run, so the load-balancing loss is compared too.
+    "pp2_vp2_packed": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+                           "--packed-length", "256", "--moe-aux-loss-coeff", "0"]),
+    "pp2_vp2_no_packing": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+                               "--no-packing"]),
     "ep2": (2, ["--expert-model-parallel-size", "2"]),
     "dp2": (2, []),
     "full_recompute": (1, ["--recompute-granularity", "full"]),
