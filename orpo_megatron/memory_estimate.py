@@ -16,8 +16,10 @@ Rough part: activations (see `layer_activation_bytes`), with balanced expert rou
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
+import itertools
 import math
 
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
@@ -177,8 +179,23 @@ class BufferLayout:
     def shard_elements(self, dp: int, dp_rank: int) -> int:
         """Parameter elements (padding excluded) in the distributed optimizer's shard of `dp_rank`."""
         size = self.numel // dp
-        lo, hi = dp_rank * size, (dp_rank + 1) * size
-        return sum(max(0, min(end, hi) - max(start, lo)) for start, end in self.param_ranges)
+        return self._elements_below((dp_rank + 1) * size) - self._elements_below(dp_rank * size)
+
+    @functools.cached_property
+    def _ends_and_counts(self) -> tuple[list[int], list[int]]:
+        """Range ends (ascending: ranges are laid out in order) and the elements of all ranges up to each."""
+        counts = list(itertools.accumulate(end - start for start, end in self.param_ranges))
+        return [end for _, end in self.param_ranges], counts
+
+    def _elements_below(self, position: int) -> int:
+        """Parameter elements at buffer positions < `position`."""
+        ends, counts = self._ends_and_counts
+        index = bisect.bisect_right(ends, position)  # ranges [0, index) end at or before `position`
+        below = counts[index - 1] if index else 0
+        if index < len(ends):
+            start = self.param_ranges[index][0]
+            below += max(0, position - start)
+        return below
 
 
 @dataclasses.dataclass

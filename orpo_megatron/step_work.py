@@ -202,11 +202,14 @@ def micro_batch_work(hf: HFModelConfig, layout: MemoryLayout, grid: RankGrid, ra
         _add(traffic, "reduce-scatter", tp_group, shard)
 
     if hf.is_moe:
-        per_layer = experts if isinstance(experts, Sequence) else [experts] * layers
-        per_layer = [rows or balanced_expert_rows(hf, layout, local) for rows in per_layer]
+        # (rows, number of layers with them): one entry for all layers unless given per layer
+        per_layer = [(rows, 1) for rows in experts] if isinstance(experts, Sequence) else [(experts, layers)]
+        per_layer = [(rows or balanced_expert_rows(hf, layout, local), count) for rows, count in per_layer]
         router_flops = flops.router * local * layers
-        expert_flops = sum(rows.computed for rows in per_layer) * flops.feed_forward / hf.num_experts_per_tok / layout.etp
-        _moe_traffic(hf, layout, grid, rank, per_layer, forward_passes, traffic)
+        expert_flops = (sum(rows.computed * count for rows, count in per_layer)
+                        * flops.feed_forward / hf.num_experts_per_tok / layout.etp)
+        for rows, count in per_layer:
+            _moe_traffic(hf, layout, grid, rank, rows, count, forward_passes, traffic)
     else:
         router_flops = 0
         expert_flops = flops.feed_forward * positions / tp * layers
@@ -226,23 +229,23 @@ def micro_batch_work(hf: HFModelConfig, layout: MemoryLayout, grid: RankGrid, ra
     return MicroBatchWork(layer_flops, expert_flops, output_flops, traffic)
 
 
-def _moe_traffic(hf, layout, grid, rank, per_layer: list[ExpertRows], forward_passes: int, traffic: dict) -> None:
+def _moe_traffic(hf, layout, grid, rank, rows: ExpertRows, layers: int, forward_passes: int, traffic: dict) -> None:
+    """The MoE collectives of `layers` layers routing `rows` each."""
     h, b = hf.hidden_size, (2 if layout.bf16 else 4)
     etp_group, ep_group = grid.group("etp", rank), grid.group("ep", rank)
     counts = (len(grid.group("tp-ep", rank)) - 1) * hf.num_experts * INT64
-    for rows in per_layer:
-        for _ in range(forward_passes):
-            _add(traffic, "all-gather", grid.group("tp-ep", rank), counts)
-            # dispatch: tokens + probs out, combine: the tokens back
-            _add(traffic, "all-to-all send", ep_group, rows.sent * (h * b + FP32) + rows.received * h * b)
-            _add(traffic, "all-to-all recv", ep_group, rows.received * (h * b + FP32) + rows.sent * h * b)
-            _add(traffic, "all-gather", etp_group, rows.gathered * (h * b + FP32))
-            _add(traffic, "reduce-scatter", etp_group, rows.gathered * h * FP32)
-        # backward: the gradients retrace both exchanges (token gradients in b, combine gradient in fp32)
-        _add(traffic, "all-to-all send", ep_group, rows.received * (h * b + FP32) + rows.sent * h * b)
-        _add(traffic, "all-to-all recv", ep_group, rows.sent * (h * b + FP32) + rows.received * h * b)
-        _add(traffic, "reduce-scatter", etp_group, rows.gathered * (h * b + FP32))
-        _add(traffic, "all-gather", etp_group, rows.gathered * h * FP32)
+    # forward (again when recomputed): dispatch sends tokens + probs out, combine brings the tokens back
+    forward = layers * forward_passes
+    _add(traffic, "all-gather", grid.group("tp-ep", rank), forward * counts)
+    _add(traffic, "all-to-all send", ep_group, forward * (rows.sent * (h * b + FP32) + rows.received * h * b))
+    _add(traffic, "all-to-all recv", ep_group, forward * (rows.received * (h * b + FP32) + rows.sent * h * b))
+    _add(traffic, "all-gather", etp_group, forward * rows.gathered * (h * b + FP32))
+    _add(traffic, "reduce-scatter", etp_group, forward * rows.gathered * h * FP32)
+    # backward: the gradients retrace both exchanges (token gradients in b, combine gradient in fp32)
+    _add(traffic, "all-to-all send", ep_group, layers * (rows.received * (h * b + FP32) + rows.sent * h * b))
+    _add(traffic, "all-to-all recv", ep_group, layers * (rows.sent * (h * b + FP32) + rows.received * h * b))
+    _add(traffic, "reduce-scatter", etp_group, layers * rows.gathered * (h * b + FP32))
+    _add(traffic, "all-gather", etp_group, layers * rows.gathered * h * FP32)
 
 
 def chained_optimizers(layout: MemoryLayout) -> int:
