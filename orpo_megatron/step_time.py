@@ -81,8 +81,6 @@ class StepTime:
     def total(self) -> float:
         return sum(dataclasses.astuple(self))
 
-    PARTS = ("compute", "tp", "ep", "pp", "ep_wait", "bubble", "dp", "optimizer_gpu", "host_adam", "pcie")
-
 
 def link_gbps(group: tuple[int, ...], hardware: Hardware) -> float:
     nodes = {rank // hardware.gpus_per_node for rank in group}
@@ -93,7 +91,8 @@ def all_to_all_seconds(group: tuple[int, ...], rank: int, nbytes, hardware: Hard
     """Bytes to the other ranks in equal shares: the shares to other nodes go over the network, the rest NVLink."""
     peers = [r for r in group if r != rank]
     remote = sum(r // hardware.gpus_per_node != rank // hardware.gpus_per_node for r in peers) / len(peers)
-    return np.maximum(nbytes * (1 - remote) / (hardware.nvlink_gbps * GBPS), nbytes * remote / (hardware.network_gbps * GBPS))
+    return np.maximum(nbytes * (1 - remote) / (hardware.nvlink_gbps * GBPS),
+                      nbytes * remote / (hardware.network_gbps * GBPS))
 
 
 def traffic_seconds(traffic: dict, rank: int, hardware: Hardware) -> dict[str, object]:
@@ -194,7 +193,8 @@ def _optimizer_seconds(hf, layout, grid, hardware, settings) -> dict[str, float]
     """GPU Adam at HBM bandwidth; the offloaded part's host memory traffic (all GPUs of a node at once) and PCIe."""
     traffic = optimizer_traffic(settings.optimizer, layout.bf16)
     offload = settings.optimizer.offload_fraction
-    elements = max(step_work.optimizer_shard_elements(hf, layout, grid, grid.rank(pp=stage)) for stage in range(layout.pp))
+    elements = max(step_work.optimizer_shard_elements(hf, layout, grid, grid.rank(pp=stage))
+                   for stage in range(layout.pp))
     node_gpus = min(hardware.gpus_per_node, layout.world_size)
     return {
         "optimizer_gpu": (1 - offload) * elements * traffic.gpu / (hardware.hbm_gbps * GBPS),

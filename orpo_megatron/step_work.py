@@ -189,7 +189,8 @@ def micro_batch_work(hf: HFModelConfig, layout: MemoryLayout, grid: RankGrid, ra
     tp_group = grid.group("tp", rank)
     forward_passes = 2 if recompute else 1  # the layers' forward collectives happen again in backward
 
-    attention_flops = (flops.attention_projections * positions + flops.attention_per_position * attention_positions) / tp
+    attention_flops = (flops.attention_projections * positions
+                       + flops.attention_per_position * attention_positions) / tp
     _add(traffic, "all-gather", tp_group, layers * (3 + forward_passes - 1) * shard)
     _add(traffic, "reduce-scatter", tp_group, layers * (2 + forward_passes - 1) * shard)
     if first:  # the vocabulary-parallel embedding reduce-scatters its output

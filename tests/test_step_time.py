@@ -42,9 +42,10 @@ def test_groups_follow_megatrons_rank_order_and_links_follow_the_nodes():
     # From rank 5 the all-to-all peers are 1 (same node), 9 and 13 (the other node): 2/3 of the bytes cross.
     assert all_to_all_seconds(grid.group("ep", 5), 5, 3e9, hardware) == pytest.approx(2e9 / 50e9)
     # Two pipeline stages of TP4 fit one node; of TP8 they do not.
-    assert link_gbps(RankGrid(MemoryLayout(tensor_model_parallel_size=4, pipeline_model_parallel_size=2)).group("pp", 0),
-                     hardware) == hardware.nvlink_gbps
-    assert RankGrid(MemoryLayout(tensor_model_parallel_size=8, pipeline_model_parallel_size=2)).group("pp", 3) == (3, 11)
+    two_stages = RankGrid(MemoryLayout(tensor_model_parallel_size=4, pipeline_model_parallel_size=2))
+    assert link_gbps(two_stages.group("pp", 0), hardware) == hardware.nvlink_gbps
+    wide_stages = RankGrid(MemoryLayout(tensor_model_parallel_size=8, pipeline_model_parallel_size=2))
+    assert wide_stages.group("pp", 3) == (3, 11)
 
 
 def test_compute_time_is_the_real_sequences_flops_at_the_assumed_rate():

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from orpo_megatron.memory_estimate import MemoryLayout
-from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.step_work import (
-    HOST_ADAM_BYTES, MicroBatchShape, OptimizerMode, RankGrid, micro_batch_work, optimizer_traffic,
+    HOST_ADAM_BYTES, KINDS, MicroBatchShape, OptimizerMode, RankGrid, micro_batch_work, optimizer_traffic,
     routed_expert_rows, stage_layers, step_end_traffic,
 )
 from orpo_megatron.throughput import training_flops
@@ -46,11 +46,13 @@ def predicted_step(hf: HFModelConfig, records: list[dict], rank: int) -> tuple[d
     layout = model_layout(records[0])
     grid = RankGrid(layout)
     mine = next(r for r in records if r["rank"] == rank)
-    copies = {(r["rank"], route["micro_batch"], route["layer"]): route["copies"] for r in records for route in r["routing"]}
+    copies = {(r["rank"], route["micro_batch"], route["layer"]): route["copies"]
+              for r in records for route in r["routing"]}
     first_layer = grid.index("pp", rank) * stage_layers(hf, layout) + 1
     traffic, flops = {}, 0.0
     for micro_batch, (rows, length) in enumerate(mine["calls"]):
-        experts = [routed_expert_rows(hf, grid, rank, {r: copies[r, micro_batch, layer] for r in range(layout.world_size)
+        experts = [routed_expert_rows(hf, grid, rank, {r: copies[r, micro_batch, layer]
+                                                       for r in range(layout.world_size)
                                                        if (r, micro_batch, layer) in copies})
                    for layer in range(first_layer, first_layer + stage_layers(hf, layout))]
         work = micro_batch_work(hf, layout, grid, rank, rows * length, rows * length**2, experts)
@@ -78,7 +80,7 @@ def test_collective_bytes_and_flops_of_a_step_equal_the_real_run(tiny_mixtral, r
 
 def test_layouts_exercise_every_collective_kind_and_uneven_routing(tiny_mixtral, real_steps):
     kinds = {kind for name in TRAFFIC_LAYOUTS for r in real_steps[name] for kind, _, _ in r["traffic"]}
-    assert kinds == {"all-gather", "reduce-scatter", "all-to-all send", "all-to-all recv", "send", "recv"}
+    assert kinds == set(KINDS)
     # The router's choices are uneven: balanced routing would predict other all-to-all volumes, so the exact
     # check above really follows the routing.
     hf = HFModelConfig.from_file(tiny_mixtral)
@@ -100,7 +102,6 @@ def test_flops_equal_the_sum_over_real_sequences_packed_and_unpacked(tiny_mixtra
         grid = RankGrid(layout)
         lengths = [n for row in real["lengths"] for n in row]
         assert len(real["single_sequence_flops"]) == len(lengths) > 1 and len(set(lengths)) > 1
-        from orpo_megatron.model_config import padded_vocab_size
         vocab = padded_vocab_size(hf.vocab_size, 128, 1)
         for n, measured in zip(lengths, real["single_sequence_flops"]):
             alone = MicroBatchShape(length=n, sequences=((n,),))

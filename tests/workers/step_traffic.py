@@ -94,7 +94,8 @@ class CollectiveRecorder:
         elif name in ("reduce_scatter_tensor", "_reduce_scatter_base"):
             self._add("reduce-scatter", arg(3, "group"), nbytes(arg(1, "input")) - nbytes(arg(0, "output")))
         elif name == "reduce_scatter":
-            self._add("reduce-scatter", arg(3, "group"), sum(map(nbytes, arg(1, "input_list"))) - nbytes(arg(0, "output")))
+            inputs = sum(map(nbytes, arg(1, "input_list")))
+            self._add("reduce-scatter", arg(3, "group"), inputs - nbytes(arg(0, "output")))
         elif name == "all_to_all_single":
             output, inp, group = arg(0, "output"), arg(1, "input"), arg(4, "group")
             me = dist.get_rank(group)
@@ -116,7 +117,8 @@ def micro_batches(hf: HFModelConfig, dp_rank: int) -> list[dict]:
         ids = lambda n: torch.randint(3, hf.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
         pair = {"prompt_input_ids": [ids(draw(5, 20))], "chosen_input_ids": [ids(draw(3, 12))],
                 "rejected_input_ids": [ids(draw(3, 12))], "row_index": [index]}
-        batches.append(collate_pairs(pair, pad_id=0, pad_to_multiple_of=parallel_state.get_tensor_model_parallel_world_size()))
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        batches.append(collate_pairs(pair, pad_id=0, pad_to_multiple_of=tp))
     return batches
 
 
@@ -134,7 +136,8 @@ def record_shapes_and_routing(chunks, batches):
                         "copies": routing_map.sum(dim=0).tolist()})
 
     handles = [chunk.module.register_forward_pre_hook(on_forward, with_kwargs=True) for chunk in chunks]
-    handles += [m.register_forward_hook(on_route) for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+    handles += [router.register_forward_hook(on_route) for router in routers]
     lengths = [batch["attention_mask"].sum(dim=1).tolist() for batch in batches]
     return calls, routing, lengths, handles
 
