@@ -1,6 +1,7 @@
 """The step-work model against real CPU training steps: bytes per collective, matmul FLOPs, host optimizer bytes.
 
-The worker (`tests/workers/step_traffic.py`) runs one trainer step per layout at world 2 and records what
+The worker (`tests/workers/step_traffic.py`) runs one trainer step per layout at world 2 (TP2+SP, EP2xDP2 with the
+alltoall dispatcher, PP2, DP2 in fp32, TP2+SP and EP2 with full recomputation) and records what
 torch.distributed was asked to move, the FLOPs torch dispatched, the shapes the model was called with and the
 router's choices. The model gets those shapes (and, for the all-to-all, the recorded routing) and must predict
 every byte and FLOP exactly.
@@ -17,7 +18,7 @@ from orpo_megatron.step_work import (
 )
 from orpo_megatron.throughput import training_flops
 
-TRAFFIC_LAYOUTS = ["tp2", "ep2", "pp2", "dp2"]
+TRAFFIC_LAYOUTS = ["tp2", "ep2", "pp2", "dp2", "tp2_recompute", "ep2_recompute"]
 LAYOUTS = TRAFFIC_LAYOUTS + ["offload"]
 # All-reduces (loss and metric reductions, norm/router weight gradients, grad norm) are left out of the model.
 ALL_REDUCE_SHARE = 0.05
@@ -37,7 +38,8 @@ def model_layout(record: dict) -> MemoryLayout:
     pp = parallel.get("pipeline_model_parallel_size", 1)
     return MemoryLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                         expert_model_parallel_size=parallel.get("expert_model_parallel_size", 1),
-                        data_parallel_size=record["world_size"] // (tp * pp), bf16=record["bf16"])
+                        data_parallel_size=record["world_size"] // (tp * pp), bf16=record["bf16"],
+                        recompute_full=record["recompute"])
 
 
 def predicted_step(hf: HFModelConfig, records: list[dict], rank: int) -> tuple[dict, float]:
@@ -55,8 +57,9 @@ def predicted_step(hf: HFModelConfig, records: list[dict], rank: int) -> tuple[d
                                                        for r in range(layout.world_size)
                                                        if (r, micro_batch, layer) in copies})
                    for layer in range(first_layer, first_layer + stage_layers(hf, layout))]
-        work = micro_batch_work(hf, layout, grid, rank, rows * length, rows * length**2, experts)
-        flops += work.training_flops(recompute=False)
+        work = micro_batch_work(hf, layout, grid, rank, rows * length, rows * length**2, experts,
+                                layout.recompute_full)
+        flops += work.training_flops(layout.recompute_full)
         for key, value in work.traffic.items():
             traffic[key] = traffic.get(key, 0) + value
     for key, value in step_end_traffic(hf, layout, grid, rank).items():

@@ -1,7 +1,8 @@
 """Worker: what one real training step moves and computes on each rank, for the step-work model's test.
 
-For each layout (world 2), builds the model, DDP and the distributed optimizer as the trainer does and runs one
-`train.train_step` on micro-batches of different lengths per DP rank, recording on each rank:
+For each layout (world 2; TP2+SP and EP2 also with full recomputation), builds the model, DDP and the distributed
+optimizer as the trainer does and runs one `train.train_step` on micro-batches of different lengths per DP rank,
+recording on each rank:
 - every collective torch.distributed is asked for inside the step, in the bytes the model counts (see
   `orpo_megatron/step_work.py`: all-gather received, reduce-scatter sent, all-to-all sent/received,
   point-to-point), keyed by the ranks of its group; all-reduces as one total;
@@ -39,6 +40,9 @@ LAYOUTS = {
     "ep2": dict(parallel=dict(expert_model_parallel_size=2), bf16=True),
     "pp2": dict(parallel=dict(pipeline_model_parallel_size=2), bf16=True),
     "dp2": dict(parallel=dict(), bf16=False),
+    "tp2_recompute": dict(parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True), bf16=True,
+                          recompute="full"),
+    "ep2_recompute": dict(parallel=dict(expert_model_parallel_size=2), bf16=True, recompute="full"),
     "offload": dict(parallel=dict(), bf16=True, offload=True),
 }
 MICRO_BATCHES = 2  # per DP rank, one pair each
@@ -211,7 +215,8 @@ def run_layout(hf_dir: str, name: str, recorder: CollectiveRecorder) -> dict:
     hf = HFModelConfig.from_file(hf_dir)
     layout = parallel.initialize(spec["parallel"], hf)
     precision = PrecisionConfig(bf16=spec["bf16"])
-    config = build_transformer_config(hf, **spec["parallel"], precision=precision)
+    config = build_transformer_config(hf, **spec["parallel"], precision=precision,
+                                      recompute_granularity=spec.get("recompute"))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in model.build_model(config, hf, vocab)]
@@ -248,7 +253,8 @@ def run_layout(hf_dir: str, name: str, recorder: CollectiveRecorder) -> dict:
 
     result = {
         "layout": name, "rank": dist.get_rank(), "world_size": dist.get_world_size(), "bf16": spec["bf16"],
-        "parallel": spec["parallel"], "calls": calls, "lengths": lengths, "routing": routing,
+        "parallel": spec["parallel"], "recompute": spec.get("recompute") == "full", "calls": calls,
+        "lengths": lengths, "routing": routing,
         "traffic": [[kind, list(group), value] for (kind, group), value in recorder.records.items()],
         "all_reduce_bytes": recorder.all_reduce_bytes, "flops": counter.get_total_flops(),
     }
