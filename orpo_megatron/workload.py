@@ -119,19 +119,19 @@ def recipe_steps(pairs: PairLengths, global_batch_size: int, dp: int, micro_batc
 def _fixed_length_rows(step_pairs: np.ndarray, chosen_rows, rejected_rows, length: int, dp: int,
                        rows_multiple: int) -> StepShapes:
     """Each step's pairs packed into rows of `length` (the trainer's `pack_rows`), a contiguous share per rank."""
-    per_step = []
+    per_step = []  # per step and row: (real tokens, sum of squared sequence lengths)
     for pairs in step_pairs.reshape(step_pairs.shape[0], -1):
-        rows = pack_rows((chosen_rows[pairs] + rejected_rows[pairs]).tolist(), length, rows_multiple)
-        per_step.append([(int(sum(chosen_rows[pairs[i]] + rejected_rows[pairs[i]] for i in row)),
-                          float(sum(float(chosen_rows[pairs[i]]) ** 2 + float(rejected_rows[pairs[i]]) ** 2
-                                    for i in row))) for row in rows])
+        tokens = chosen_rows[pairs] + rejected_rows[pairs]
+        squared = chosen_rows[pairs].astype(np.float64) ** 2 + rejected_rows[pairs].astype(np.float64) ** 2
+        rows = pack_rows(tokens.tolist(), length, rows_multiple)
+        per_step.append([(int(tokens[row].sum()), float(squared[row].sum())) for row in rows])
     rows_per_rank = max(len(rows) // dp for rows in per_step)
     shape = (len(per_step), dp, rows_per_rank)
     real, squares, valid = np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape, bool)
     for s, rows in enumerate(per_step):
-        share = len(rows) // dp
+        share = len(rows) // dp  # DP rank r takes rows [r * share, (r + 1) * share)
         for i, (tokens, sq) in enumerate(rows):
-            real[s, i // share, i % share], squares[s, i // share, i % share], valid[s, i // share, i % share] = (
-                tokens, sq, True)
+            at = (s, i // share, i % share)
+            real[at], squares[at], valid[at] = tokens, sq, True
     positions = np.where(valid, length, 0)
     return StepShapes(positions, real, positions.astype(np.float64) ** 2, squares, valid)

@@ -131,6 +131,35 @@ def test_assumed_lengths_reproduce_the_reference_real_token_fractions():
         assert fraction(dp, fixed_length_rows=True, packed_length=4096) == pytest.approx(reference, abs=2)
 
 
+@pytest.mark.parametrize("rows", [
+    BatchLayout(packing=False, length_multiple=2), BatchLayout(length_multiple=2),
+    BatchLayout(fixed_length_rows=True, length_multiple=2, rows_per_rank_multiple=2),
+    BatchLayout(fixed_length_rows=True, packed_length=4096),
+], ids=["padded", "packed", "fixed-rows", "fixed-rows-4096"])
+def test_recipe_shapes_are_the_trainers_micro_batches(rows):
+    """The same pairs (as token lists of the assumed lengths) through the trainer's own data layer and the
+    schedule's grouping, at DP2 over two epochs: every micro-batch's positions and real tokens."""
+    import datasets
+
+    from orpo_megatron.data.batching import TrainPairIterator
+    from orpo_megatron.pipeline import schedule_groups
+
+    pairs = capybara_like_pairs(40)
+    table = datasets.Dataset.from_dict({
+        "row_index": list(range(len(pairs))),
+        **{f"{column}_input_ids": [[5] * int(n) for n in getattr(pairs, column)]
+           for column in ("prompt", "chosen", "rejected")}})
+    expected = recipe_steps(pairs, 8, dp=2, micro_batch_size=2, batch=rows, seed=3, epochs=2)
+    for dp_rank in range(2):
+        iterator = TrainPairIterator(table, 8, 2, dp_rank, 2, seed=3, pad_id=0, layout=rows)
+        for step in range(len(expected.positions)):
+            groups = schedule_groups(next(iterator).micro_batches, pipelined=rows.fixed_length_rows)
+            batches = [batch for group in groups for batch in group]
+            valid = expected.valid[step, dp_rank]
+            assert [b.num_positions for b in batches] == expected.positions[step, dp_rank][valid].tolist()
+            assert [b.num_real_tokens for b in batches] == expected.real_tokens[step, dp_rank][valid].tolist()
+
+
 def test_cli_prints_predicted_time_parts_and_the_handbook_comparison(capsys):
     args = ["--hf-config", os.path.join(CONFIGS, "mixtral-8x22b.json"), "--tp", "4", "--ep", "4", "--dp", "4",
             "--recompute-granularity", "full", "--use-precision-aware-optimizer", "--optimizer-cpu-offload",

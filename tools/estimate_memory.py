@@ -208,7 +208,10 @@ def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
                     continue
                 layout = make_layout(args, tp, pp, ep, dp, recompute, mode)
                 memory = busiest_rank(hf, layout)
-                recipe = capacity_plan.predict(hf, layout, args)
+                try:
+                    recipe = capacity_plan.predict(hf, layout, args)
+                except ValueError:  # rows the trainer would refuse at this layout (e.g. --packed-length vs TP)
+                    continue
                 fits.append((recipe.hours, world, nodes, layout, memory, recipe))
     where = f"{args.nodes}" if args.nodes else f"1-{args.max_nodes}"
     if not fits:
