@@ -21,12 +21,11 @@ gloo workarounds do not count.
 """
 import argparse
 import functools
-import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+from layout_runs import measure_layouts
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -286,17 +285,9 @@ def run_layout(hf_dir: str, name: str, recorder: CollectiveRecorder) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
-    args = parser.parse_args()
     cpu_backend.activate()  # first, so its gloo bridges sit below the recorder
     recorder = CollectiveRecorder()
-    results = [run_layout(args.hf_dir, name, recorder) for name in args.layouts]
-    with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f)
-    parallel.destroy()
+    measure_layouts(LAYOUTS, lambda hf_dir, name: run_layout(hf_dir, name, recorder))
 
 
 if __name__ == "__main__":
