@@ -136,13 +136,13 @@ def train(machine: Machine, save: str, *flags: str, load_dtype: str = "bf16") ->
 
 def resume_difference(machine: Machine, name: str, *flags: str) -> float:
     """Largest |loss| difference of steps 3-4 between a straight 4-step run and one resumed from its step 2."""
-    from orpo_megatron import checkpoint_format
+    from orpo_megatron import checkpoint_format, checkpointing
 
     straight, resumed = (os.path.join(machine.work, f"{name}-{kind}") for kind in ("straight", "resumed"))
     common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", "4", "--save-interval", "2", *flags]
     expected = train(machine, straight, *common)
     os.makedirs(resumed)
-    shutil.copytree(checkpoint_format.iteration_dir(straight, 2), checkpoint_format.iteration_dir(resumed, 2))
+    shutil.copytree(checkpointing.iteration_dir(straight, 2), checkpointing.iteration_dir(resumed, 2))
     checkpoint_format.write_tracker(resumed, 2)
     got = train(machine, resumed, *common)
     if {i for i, kind in got if kind == "train"} != {3, 4}:
@@ -290,8 +290,8 @@ def worker_parity(args: argparse.Namespace) -> None:
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
     from orpo_megatron.model_config import FusedKernels, PrecisionConfig, build_transformer_config
 
-    checkpoint = checkpoint_format.describe(args.load)
-    hf = checkpoint.hf
+    info = checkpoint_format.describe(args.load)
+    hf = info.hf
     parallel.initialize({}, hf)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = DataConfig.from_args(add_data_args(argparse.ArgumentParser()).parse_args(["--data-path", DATA, *SHAPES]))
@@ -329,7 +329,7 @@ def worker_parity(args: argparse.Namespace) -> None:
             kernels = dataclasses.replace(FusedKernels.for_backend(use_te), gradient_accumulation_fusion=False)
             config = build_transformer_config(hf, precision=PrecisionConfig(bf16=dtype == "bf16"), kernels=kernels)
             [chunk] = model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te)
-            checkpoint_format.load_model_weights(checkpoint, [chunk])
+            checkpoint_format.load_model_weights(info, [chunk])
             chunk.eval()  # no dropout anyway; grads still flow
             positions = torch.arange(length, device=device).expand_as(ids)
             means, grads = score(chunk(ids, positions, attention_mask=None),

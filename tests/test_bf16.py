@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from orpo_megatron import checkpointing
+from orpo_megatron import checkpoint_format, checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -130,8 +130,7 @@ def test_bf16_resume_continues_exactly(nproc, flags, torchrun, tiny_converted_bf
     train(straight)
     os.makedirs(resumed)
     shutil.copytree(checkpointing.iteration_dir(straight, 2), checkpointing.iteration_dir(resumed, 2))
-    with open(os.path.join(resumed, checkpointing.TRACKER_FILE), "w") as f:
-        f.write("2")
+    checkpoint_format.write_tracker(resumed, 2)
     output = train(resumed)
     assert "resumed from iteration 2" in output.stdout + output.stderr
     expected, got = metrics(straight, "train"), metrics(resumed, "train")
