@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from orpo_megatron.data.arguments import DataConfig, add_data_args
+from orpo_megatron.data.arguments import DataConfig, add_data_args, check_packing_args
 from orpo_megatron.model import BackendUnavailableError, check_backend
 from orpo_megatron.model_config import PrecisionConfig
 
@@ -109,8 +109,7 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.virtual_pipeline_model_parallel_size is not None and args.virtual_pipeline_model_parallel_size < 1:
         parser.error("--virtual-pipeline-model-parallel-size must be >= 1")
-    if args.packed_length is not None and (not args.packing or args.packed_length < 2):
-        parser.error(f"--packed-length {args.packed_length} needs packing (no --no-packing) and at least 2 tokens")
+    check_packing_args(parser, args)
     if args.fp8_format and not args.bf16:
         parser.error("--fp8-format needs --bf16 (FP8 matmuls run inside a bf16 model)")
     try:

@@ -202,15 +202,23 @@ class BufferLayout:
             buckets.append((bucket_start, _pad(start, bucket_alignment), tuple(ranges)))
         return cls(buckets[-1][1] if buckets else 0, tuple(buckets))
 
-    def shard_elements(self, dp: int, dp_rank: int) -> int:
-        """Parameter elements (padding excluded) in the distributed optimizer's shard of `dp_rank`: its 1/DP
-        slice of every bucket."""
-        owned = 0
-        for bucket_start, bucket_end, ranges in self.buckets:
-            size = (bucket_end - bucket_start) // dp
-            lo = bucket_start + dp_rank * size
-            owned += sum(max(0, min(end, lo + size) - max(start, lo)) for start, end in ranges)
-        return owned
+    def shard_elements(self, dp: int) -> tuple[int, ...]:
+        """Parameter elements (padding excluded) in the distributed optimizer's shard of each DP rank: its 1/DP
+        slice of every bucket. Cached: a search asks for every rank of every buffer many times."""
+        if dp not in self._shards:
+            owned = [0] * dp
+            for bucket_start, bucket_end, ranges in self.buckets:
+                size = (bucket_end - bucket_start) // dp
+                for start, end in ranges if size else ():  # each range adds its overlap with the slices it spans
+                    for rank in range((start - bucket_start) // size, (end - 1 - bucket_start) // size + 1):
+                        lo = bucket_start + rank * size
+                        owned[rank] += min(end, lo + size) - max(start, lo)
+            self._shards[dp] = tuple(owned)
+        return self._shards[dp]
+
+    @functools.cached_property
+    def _shards(self) -> dict[int, tuple[int, ...]]:
+        return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,15 +293,25 @@ def _stage_buffers(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tup
     return num_params, buffers
 
 
+def owned_elements(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tuple[list[int], list[int]]:
+    """Parameter elements in the distributed optimizer's shards of a pipeline stage: of its dense buffers per
+    DP rank, and of its expert buffers per expert-DP rank."""
+    dense, expert = [0] * layout.dp, [0] * layout.expert_data_parallel_size
+    for buffer, is_expert in stage_buffers(hf, layout, pp_rank)[1]:
+        owned = expert if is_expert else dense
+        for rank, elements in enumerate(buffer.shard_elements(len(owned)) if buffer.numel else ()):
+            owned[rank] += elements
+    return dense, expert
+
+
 def rank_memory(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int, dp_rank: int = 0,
                 expert_dp_rank: int = 0) -> RankMemory:
     """Memory of the rank at (pipeline stage, DP rank, expert-DP rank); TP/EP ranks of a stage hold the same."""
     layout.validate(hf)
     num_params, buffers = stage_buffers(hf, layout, pp_rank)
     buffer_numel = sum(buffer.numel for buffer, _ in buffers)
-    owned = sum(buffer.shard_elements(layout.expert_data_parallel_size if is_expert else layout.dp,
-                                      expert_dp_rank if is_expert else dp_rank)
-                for buffer, is_expert in buffers if buffer.numel)
+    dense, expert = owned_elements(hf, layout, pp_rank)
+    owned = dense[dp_rank] + expert[expert_dp_rank]
     optimizer = optimizer_bytes_per_element(layout.optimizer, layout.bf16)
     fp8_weight_copies = 2 * num_params if layout.fp8 else 0  # TE's fp8 weight and its transpose
     return RankMemory(
@@ -380,13 +398,14 @@ def stage_activation_bytes(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int
 def busiest_rank(hf: HFModelConfig, layout: MemoryLayout) -> RankMemory:
     """The rank with the most GPU memory over pipeline stages and (expert-)data-parallel shards.
 
-    DP ranks differ only by padding inside their optimizer shards; the dense shard (DP rank) and the expert
-    shard (expert-DP rank) add up independently, so each is maximized on its own.
+    DP ranks differ only by padding inside their optimizer shards, and every mode keeps a fixed number of bytes
+    per shard element: the rank with the largest dense shard (DP rank) and the largest expert shard (expert-DP
+    rank) is the busiest of its stage (and the one with the most host memory).
     """
+    layout.validate(hf)
     candidates = []
     for pp_rank in range(layout.pp):
-        dp_rank = max(range(layout.dp), key=lambda r: rank_memory(hf, layout, pp_rank, r, 0).gpu_bytes)
-        edp_rank = max(range(layout.expert_data_parallel_size),
-                       key=lambda r: rank_memory(hf, layout, pp_rank, dp_rank, r).gpu_bytes)
+        dense, expert = owned_elements(hf, layout, pp_rank)
+        dp_rank, edp_rank = dense.index(max(dense)), expert.index(max(expert))
         candidates.append(rank_memory(hf, layout, pp_rank, dp_rank, edp_rank))
     return max(candidates, key=lambda m: m.gpu_bytes)

@@ -32,22 +32,37 @@ PEAK_TFLOPS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenFlops:
+    """Forward matmul FLOPs per token, split by where they run (the terms of the module docstring)."""
+
+    attention_projections: float  # per layer: QKV and output projections
+    attention_per_position: float  # per layer and attended position: scores and values (x span)
+    router: float  # per layer (MoE only)
+    feed_forward: float  # per layer: top_k experts' (or the dense MLP's) gate, up and down projections
+    output_layer: float  # once per token
+
+
+def token_flops(hf: HFModelConfig, vocab_size: int | None = None) -> TokenFlops:
+    """`vocab_size` defaults to the config's; pass the padded size to count what the output layer computes."""
+    h = hf.hidden_size
+    q = hf.num_attention_heads * hf.head_dim
+    kv = hf.num_key_value_heads * hf.head_dim
+    vocab = hf.vocab_size if vocab_size is None else vocab_size
+    top_k = hf.num_experts_per_tok if hf.is_moe else 1
+    return TokenFlops(attention_projections=2 * h * (q + 2 * kv) + 2 * q * h, attention_per_position=4 * q,
+                      router=2 * h * hf.num_experts if hf.is_moe else 0,
+                      feed_forward=top_k * 6 * h * hf.intermediate_size, output_layer=2 * h * vocab)
+
+
 def forward_flops_per_sequence(hf: HFModelConfig, seq_length: int, vocab_size: int | None = None) -> float:
     """Matmul FLOPs of one forward pass over one sequence of `seq_length` tokens.
 
     `vocab_size` defaults to the config's; pass the padded size to count what the output layer computes.
     """
-    h, s = hf.hidden_size, seq_length
-    q = hf.num_attention_heads * hf.head_dim
-    kv = hf.num_key_value_heads * hf.head_dim
-    vocab = hf.vocab_size if vocab_size is None else vocab_size
-    attention = 2 * h * (q + 2 * kv) + 2 * q * h + 4 * q * s
-    if hf.is_moe:
-        feed_forward = 2 * h * hf.num_experts + hf.num_experts_per_tok * 6 * h * hf.intermediate_size
-    else:
-        feed_forward = 6 * h * hf.intermediate_size
-    per_token = hf.num_layers * (attention + feed_forward) + 2 * h * vocab
-    return float(per_token * s)
+    t, s = token_flops(hf, vocab_size), seq_length
+    per_layer = t.attention_projections + t.attention_per_position * s + t.router + t.feed_forward
+    return float((hf.num_layers * per_layer + t.output_layer) * s)
 
 
 def training_flops(hf: HFModelConfig, num_sequences: int, seq_length: int, vocab_size: int | None = None) -> float:

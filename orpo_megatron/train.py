@@ -63,16 +63,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip-nonfinite-steps", type=int, default=0,
                        help="Skip up to N optimizer steps whose loss or grad norm is NaN/inf before stopping. Default: 0.")
 
-    group = parser.add_argument_group("data-parallel communication (default: on with a GPU, off on CPU)")
-    group.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None,
-                       help="Reduce-scatter each gradient bucket during the backward pass of the last micro-batch "
-                            "instead of after it (buckets of max(40M, 1M x DP) parameters).")
-    group.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=None,
-                       help="All-gather the updated parameters bucket by bucket during the next forward pass "
-                            "instead of right after the optimizer step. Needs --overlap-grad-reduce.")
-    group.add_argument("--ddp-bucket-size", type=int, default=None,
-                       help="Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: "
-                            "Megatron-Core's max(40M, 1M x DP).")
+    add_ddp_args(parser)
 
     group = parser.add_argument_group("evaluation and checkpoints")
     group.add_argument("--eval-interval", type=int, default=100, help="Evaluate every N steps (0: only at the end).")
@@ -89,6 +80,33 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "(H100 SXM: 989); no MFU on CPU or unknown GPUs.")
 
 
+def add_ddp_args(parser: argparse.ArgumentParser, default: bool | None = None) -> None:
+    """The data-parallel communication flags (shared with tools/estimate_memory.py, which passes the trainer's GPU
+    default, on). `default` None: on with a GPU, off on CPU, resolved by `check_ddp_args`."""
+    where = "on with a GPU, off on CPU" if default is None else f"{'on' if default else 'off'}, as the trainer on a GPU"
+    group = parser.add_argument_group(f"data-parallel communication (default: {where})")
+    group.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=default,
+                       help="Reduce-scatter each gradient bucket during the backward pass of the last micro-batch "
+                            "instead of after it (buckets of max(40M, 1M x DP) parameters).")
+    group.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=default,
+                       help="All-gather the updated parameters bucket by bucket during the next forward pass "
+                            "instead of right after the optimizer step. Needs --overlap-grad-reduce.")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: "
+                            "Megatron-Core's max(40M, 1M x DP).")
+
+
+def check_ddp_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve the GPU-dependent defaults and refuse impossible combinations (exit 2 naming the flag)."""
+    for flag in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, torch.cuda.is_available())
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        parser.error("--overlap-param-gather needs --overlap-grad-reduce")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        parser.error(f"--ddp-bucket-size must be >= 1, got {args.ddp_bucket_size}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = arguments.new_parser("python -m orpo_megatron.train", __doc__.split("\n")[0])
     add_training_args(parser)
@@ -98,18 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimizers.validate_optimizer_args(parser, args)
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
-    for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints",
-                 "ddp_bucket_size"):
+    for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.save_interval and not args.save:
         parser.error("--save-interval needs --save")
-    for flag in ("overlap_grad_reduce", "overlap_param_gather"):
-        if getattr(args, flag) is None:
-            setattr(args, flag, torch.cuda.is_available())
-    if args.overlap_param_gather and not args.overlap_grad_reduce:
-        parser.error("--overlap-param-gather needs --overlap-grad-reduce")
+    check_ddp_args(parser, args)
     return args
 
 

@@ -1,14 +1,17 @@
-"""Estimate per-GPU memory of ORPO training at a parallel layout, or search the layouts that fit.
+"""Estimate per-GPU memory and training time of ORPO at a parallel layout, or rank the layouts that fit by time.
 
     python tools/estimate_memory.py --hf-config CONFIG.json --tp 2 --pp 8 --ep 8 --dp 1 \\
         --micro-batch-size 1 --max-length 2048 [--vp N] [--fp8] [--recompute-granularity full] \\
         [--use-precision-aware-optimizer [--optimizer-cpu-offload --optimizer-offload-fraction F]] \\
-        [--exp-avg-dtype bf16 ...] [--gpu-memory-gb 80]
-    python tools/estimate_memory.py --hf-config CONFIG.json --search --gpus-per-node 8 --max-length 2048
+        [--exp-avg-dtype bf16 ...] [--no-overlap-grad-reduce --no-overlap-param-gather] [--no-packing] \\
+        [--gpu-memory-gb 80] [--assumed-mfu 0.45]
+    python tools/estimate_memory.py --hf-config CONFIG.json --search [--nodes N | --max-nodes 8] --max-length 2048
 
-Prints the busiest rank's weights, gradients, optimizer state and activations and whether they fit. The
-arithmetic is `orpo_megatron.memory_estimate` (exact for weights, gradients and optimizer state; activations
-are a rough formula). Sizes are GiB (2**30 bytes).
+Prints the busiest rank's weights, gradients, optimizer state and activations and whether they fit, then the
+predicted step time by part and the recipe's hours (by default the alignment-handbook's Zephyr-141B ORPO run,
+next to its 1.33 h on 32 H100). Memory is `orpo_megatron.memory_estimate` (exact for weights, gradients and
+optimizer state; activations are a rough formula), time `orpo_megatron.step_time` (exact FLOPs and bytes at
+assumed rates, see --help). Sizes are GiB (2**30 bytes).
 """
 from __future__ import annotations
 
@@ -21,11 +24,14 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from orpo_megatron import capacity_plan  # noqa: E402
+from orpo_megatron.data.arguments import add_packing_args, check_packing_args  # noqa: E402
 from orpo_megatron.memory_estimate import (  # noqa: E402
     GB, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank, optimizer_bytes_per_element,
 )
 from orpo_megatron.model_config import HFModelConfig, ModelConfigError  # noqa: E402
 from orpo_megatron.optimizer import OptimizerMode, add_optimizer_mode_args  # noqa: E402
+from orpo_megatron.train import add_ddp_args, check_ddp_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,16 +71,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--search", action="store_true",
                         help="Try TP/PP/EP/DP and recompute on 1..--max-nodes nodes, each with the least optimizer "
                              "offload that fits (the optimizer flags below without offload, then offload with the "
-                             "precision-aware optimizer in steps of 0.05), and print the layouts that fit on the "
-                             "fewest nodes.")
-    parser.add_argument("--max-nodes", type=int, default=16, help="Largest node count --search tries.")
+                             "precision-aware optimizer in steps of 0.05), and rank the layouts that fit by the "
+                             "recipe's predicted time.")
+    parser.add_argument("--max-nodes", type=int, default=8, help="Largest node count --search tries.")
     parser.add_argument("--nodes", type=int, default=None,
-                        help="With --search: list the layouts that fit on exactly this many nodes.")
+                        help="With --search: only layouts on exactly this many nodes.")
+    parser.add_argument("--top", type=int, default=15, help="With --search: layouts listed.")
     add_optimizer_mode_args(parser.add_argument_group("optimizer mode (the trainer's flags)"))
+    add_ddp_args(parser, default=True)
+    add_packing_args(parser)
+    capacity_plan.add_args(parser)
     args = parser.parse_args(argv)
     for flag in ("tp", "pp", "ep", "dp", "micro_batch_size", "max_length", "gpus_per_node"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_ddp_args(parser, args)
+    check_packing_args(parser, args)
+    capacity_plan.check_args(parser, args)
     args.bf16 = not args.fp32
     problems = OptimizerMode.from_args(args).problems(args.bf16)
     if problems:
@@ -101,8 +114,9 @@ def make_layout(args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int, re
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=args.etp, virtual_pipeline_model_parallel_size=vp, data_parallel_size=dp,
         micro_batch_size=args.micro_batch_size, seq_length=args.max_length, bf16=args.bf16, fp8=args.fp8,
-        recompute_full=recompute, flash_attention=not args.no_flash_attention,
-        optimizer=optimizer, num_micro_batches=micro_batches,
+        recompute_full=recompute, flash_attention=not args.no_flash_attention, optimizer=optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce, ddp_bucket_size=args.ddp_bucket_size,
+        num_micro_batches=micro_batches,
     )
 
 
@@ -175,16 +189,16 @@ def least_offload(hf: HFModelConfig, args: argparse.Namespace, tp: int, pp: int,
 
 
 def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
-    """Fewest nodes that fit; on that count, layouts by (offload, recompute, PP, TP, memory)."""
-    powers = [1, 2, 4, 8]
+    """Every layout that fits on --nodes (or 1..--max-nodes) nodes, each with its least offload, by the recipe's
+    predicted hours; then the fastest per node count, and the fastest in full."""
+    fits = []
     for nodes in [args.nodes] if args.nodes else range(1, args.max_nodes + 1):
         world = nodes * args.gpus_per_node
-        fits = []
-        for tp, pp, ep in itertools.product(powers, divisors(hf.num_layers), powers if hf.is_moe else [1]):
+        for tp, pp, ep in itertools.product([1, 2, 4, 8], divisors(hf.num_layers), [1, 2, 4, 8] if hf.is_moe else [1]):
             if world % (tp * pp) or tp > args.gpus_per_node or pp > world:
                 continue
             dp = world // (tp * pp)
-            if args.global_batch_size and args.global_batch_size % (args.micro_batch_size * dp):
+            if capacity_plan.global_batch(args) % (args.micro_batch_size * dp):
                 continue
             for recompute in (False, True):
                 try:
@@ -195,29 +209,37 @@ def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
                     continue
                 layout = make_layout(args, tp, pp, ep, dp, recompute, mode)
                 memory = busiest_rank(hf, layout)
-                fits.append((mode.offload_fraction, recompute, pp, tp, budget_bytes(memory, args), layout, memory,
-                             memory.host_bytes * args.gpus_per_node))
-        if fits:
-            fits.sort(key=lambda f: f[:5])
-            print(f"fewest nodes: {nodes} x {args.gpus_per_node} GPUs; {len(fits)} layouts fit "
-                  f"({args.gpu_memory_gb:g} GiB GPUs, {args.reserve_gb:g} GiB reserve, "
-                  f"{args.host_memory_gb:g} GiB host per node):")
-            print(f"{'TP':>3} {'PP':>3} {'EP':>3} {'DP':>3} {'EDP':>4} {'recompute':>9} {'offload':>7} "
-                  f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'budget':>8} {'host/node':>10}")
-            for offload, recompute, _, _, total, layout, memory, host_node in fits[:20]:
-                optim = memory.main_param_bytes + memory.optimizer_state_bytes
-                print(f"{layout.tp:>3} {layout.pp:>3} {layout.ep:>3} {layout.dp:>3} "
-                      f"{layout.expert_data_parallel_size:>4} {'full' if recompute else 'none':>9} {offload:>7g} "
-                      + " ".join(f"{v / GB:8.1f}" for v in (memory.param_bytes, memory.grad_bytes, optim,
-                                                            memory.activation_bytes, total))
-                      + f" {host_node / GB:10.0f}")
-            best = fits[0]
-            print("\nrecommended (least offload, then no recompute, then fewest pipeline stages, then smallest TP):")
-            report(hf, best[5], best[6], args)
-            return 0
-    print(f"no layout fits on {args.nodes if args.nodes else f'up to {args.max_nodes}'} nodes of {args.gpus_per_node} x {args.gpu_memory_gb:g} GiB",
-          file=sys.stderr)
-    return 1
+                try:
+                    recipe = capacity_plan.predict(hf, layout, args)
+                except ValueError:  # rows the trainer would refuse at this layout (e.g. --packed-length vs TP)
+                    continue
+                fits.append((recipe.hours, world, nodes, layout, memory, recipe))
+    where = f"{args.nodes}" if args.nodes else f"1-{args.max_nodes}"
+    if not fits:
+        print(f"no layout fits on {where} nodes of {args.gpus_per_node} x {args.gpu_memory_gb:g} GiB", file=sys.stderr)
+        return 1
+    fits.sort(key=lambda fit: fit[:2])
+
+    def row(fit) -> str:
+        _, _, nodes, layout, memory, recipe = fit
+        return capacity_plan.table_row(nodes, layout, budget_bytes(memory, args) / GB, recipe, args)
+
+    print(f"{len(fits)} layouts fit on {where} nodes of {args.gpus_per_node} x {args.gpu_memory_gb:g} GiB "
+          f"({args.reserve_gb:g} GiB reserve, {args.host_memory_gb:g} GiB host per node), fastest first; seconds "
+          "per step: compute, comm = TP + EP + PP, wait = EP wait + bubble, DP, optim = GPU Adam + host Adam + "
+          "PCIe; x hb = pairs/s/GPU over the alignment-handbook's:")
+    print(capacity_plan.TABLE_HEADER)
+    for fit in fits[:args.top]:
+        print(row(fit))
+    print("\nfastest on each node count:")
+    print(capacity_plan.TABLE_HEADER)
+    for nodes in sorted({fit[2] for fit in fits}):
+        print(row(next(fit for fit in fits if fit[2] == nodes)))
+    _, _, nodes, layout, memory, recipe = fits[0]
+    print(f"\nfastest: {nodes} node(s)")
+    report(hf, layout, memory, args)
+    capacity_plan.print_prediction(recipe, layout, args, hf)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid layout for {args.hf_config}: {err}", file=sys.stderr)
         return 2
     report(hf, layout, memory, args)
+    try:
+        recipe = capacity_plan.predict(hf, layout, args)
+    except ValueError as err:  # e.g. a global batch the layout's DP size does not divide
+        print(f"predicted time: not available ({err})")
+        return 0
+    capacity_plan.print_prediction(recipe, layout, args, hf)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Command-line flags of the data layer and their validated config.
 
-Owns `add_data_args(parser)` (data and packing flags) and `DataConfig`. Batch sizes and `--seed` are the trainer's
-flags (Megatron names); the objective's flags (e.g. `--no-nll-on-prompt`) are not here.
+Owns `add_data_args(parser)` (data flags, and the packing flags of `add_packing_args`) and `DataConfig`. Batch
+sizes and `--seed` are the trainer's flags (Megatron names); the objective's flags (e.g. `--no-nll-on-prompt`)
+are not here.
 """
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--data-cache-dir", type=str, default=None,
                        help="Where tokenized data is cached (default: $HF_DATASETS_CACHE/orpo_megatron).")
 
+    add_packing_args(parser)
+    return parser
+
+
+def add_packing_args(parser: argparse.ArgumentParser) -> None:
+    """How pairs become micro-batch rows (shared with tools/estimate_memory.py's time prediction)."""
     group = parser.add_argument_group("packing")
     group.add_argument("--no-packing", dest="packing", action="store_false",
                        help="Pad each pair's chosen and rejected sequences into rows of one length instead of packing "
@@ -64,7 +71,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "rank. Always done with pipeline parallelism, which needs one row shape per step. "
                             "Default: without pipelining one row per micro-batch of its own length; with it, the "
                             "longest pair of the training split (prompt + chosen + prompt + rejected).")
-    return parser
+
+
+def check_packing_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.packed_length is not None and (not args.packing or args.packed_length < 2):
+        parser.error(f"--packed-length {args.packed_length} needs packing (no --no-packing) and at least 2 tokens")
 
 
 @dataclasses.dataclass(frozen=True)

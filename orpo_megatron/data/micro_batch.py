@@ -29,7 +29,6 @@ Host values (never moved): max_seqlen (packed), num_pairs, row_index [B] (source
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import torch
@@ -39,7 +38,8 @@ DEVICE_FIELDS = ("input_ids", "position_ids", "labels", "sequence_index", "real_
 
 
 def round_up(value: int, multiple: int) -> int:
-    return math.ceil(value / multiple) * multiple
+    """`value` rounded up to a multiple of `multiple` (ints, or numpy arrays of them)."""
+    return -(-value // multiple) * multiple
 
 
 def pair_target_counts(prompt_length, chosen_length):

@@ -11,10 +11,9 @@ first three layouts also the bytes of every tensor saved for backward by one for
 the model and ORPO log-probs.
 """
 import argparse
-import json
-import os
 
 import torch
+from layout_runs import measure_layouts
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
@@ -151,16 +150,7 @@ def measure(hf_dir: str, layout_name: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
-    args = parser.parse_args()
-    results = [measure(args.hf_dir, name) for name in args.layouts]
-    rank = torch.distributed.get_rank()
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f)
-    parallel.destroy()
+    measure_layouts(LAYOUTS, measure)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""Predicted training time for `tools/estimate_memory.py`: its flags, the recipe's workload, and the printout.
+
+Owns turning command-line assumptions into a `step_time` prediction of the whole recipe (by default the
+alignment-handbook's Zephyr-141B ORPO run: 6932 capybara pairs, 3 epochs, 32 pairs per step) and printing it
+next to the handbook's 1.33 h on 32 H100. The arithmetic is `step_time.py` / `step_work.py`, the pair lengths
+`workload.py`'s assumed distribution.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+from orpo_megatron import workload
+from orpo_megatron.data.batching import BatchLayout
+from orpo_megatron.memory_estimate import MemoryLayout
+from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.pipeline import batch_layout
+from orpo_megatron.step_time import Hardware, RecipeTime, RunSettings, mfu_from_layer_throughput, predict_step_time
+from orpo_megatron.throughput import PEAK_TFLOPS
+
+DEFAULTS = Hardware()
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "predicted time (of the recipe; --search ranks by it)",
+        "Rates are data-sheet peaks of a DGX H100 node unless given; bandwidths in GB/s (gigabytes).")
+    group.add_argument("--assumed-mfu", type=float, default=DEFAULTS.assumed_mfu,
+                       help="Fraction of the peak the matmuls reach. Default: 0.45, Megatron-Core's Mixtral-8x22B "
+                            "on H100 bf16 (about 455 TFLOP/s, Megatron-MoE-ModelZoo; 49.3%% in arXiv 2504.14960).")
+    group.add_argument("--measured-layer-tokens-per-second", type=float, default=None, metavar="TOKENS_PER_S",
+                       help="Calibration: set --assumed-mfu from a measured forward+backward throughput of "
+                            "--measured-layers layers shaped like this model on one GPU (the GPU acceptance "
+                            "command's 8x22B-layer line) at --measured-seq-length.")
+    group.add_argument("--measured-layers", type=int, default=2, help="Layers in that measurement.")
+    group.add_argument("--measured-seq-length", type=int, default=2048, help="Sequence length of that measurement.")
+    group.add_argument("--peak-tflops", type=float, default=None,
+                       help="Dense peak per GPU. Default: H100 SXM, 989 (bf16) or 1979 (--fp8).")
+    group.add_argument("--nvlink-gbps", type=float, default=DEFAULTS.nvlink_gbps,
+                       help="NVLink per GPU and direction (H100 SXM: 900 GB/s both ways).")
+    group.add_argument("--network-gbps", type=float, default=DEFAULTS.network_gbps,
+                       help="Inter-node network per GPU and direction (DGX H100: one 400 Gb/s ConnectX-7 per GPU).")
+    group.add_argument("--pcie-gbps", type=float, default=DEFAULTS.pcie_gbps,
+                       help="Host<->GPU per GPU and direction (PCIe 5.0 x16).")
+    group.add_argument("--host-memory-gbps", type=float, default=DEFAULTS.host_memory_gbps,
+                       help="Host memory bandwidth per node, shared by its GPUs' offloaded optimizer steps "
+                            "(DGX H100: 2 x 8 channels of DDR5-4800).")
+    group.add_argument("--hbm-gbps", type=float, default=DEFAULTS.hbm_gbps, help="GPU memory bandwidth (H100 SXM).")
+    group.add_argument("--train-pairs", type=int, default=workload.RECIPE_PAIRS,
+                       help="Training pairs of the recipe (capybara-7k as the handbook trained on it).")
+    group.add_argument("--epochs", type=int, default=workload.RECIPE_EPOCHS, help="Epochs of the recipe.")
+    group.add_argument("--max-prompt-length", type=int, default=1792, help="Prompt truncation of the recipe.")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse assumptions that cannot be right (exit 2 naming the flag)."""
+    if not 0 < args.assumed_mfu <= 1:
+        parser.error(f"--assumed-mfu must be in (0, 1], got {args.assumed_mfu}")
+    for flag in ("nvlink_gbps", "network_gbps", "pcie_gbps", "host_memory_gbps", "hbm_gbps", "train_pairs", "epochs",
+                 "measured_layers", "measured_seq_length"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    for flag in ("measured_layer_tokens_per_second", "peak_tflops"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if args.train_pairs < (args.global_batch_size or workload.RECIPE_GLOBAL_BATCH):
+        parser.error(f"--train-pairs {args.train_pairs} is less than one global batch")
+
+
+def hardware(hf: HFModelConfig, args: argparse.Namespace) -> Hardware:
+    peak = args.peak_tflops or PEAK_TFLOPS["H100 SXM"]["fp8" if args.fp8 else "bf16"]
+    mfu = args.assumed_mfu
+    if args.measured_layer_tokens_per_second:
+        mfu = mfu_from_layer_throughput(hf, args.measured_layer_tokens_per_second, args.measured_seq_length,
+                                        args.measured_layers, peak)
+    return Hardware(gpus_per_node=args.gpus_per_node, peak_tflops=peak, assumed_mfu=mfu,
+                    nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps, pcie_gbps=args.pcie_gbps,
+                    host_memory_gbps=args.host_memory_gbps, hbm_gbps=args.hbm_gbps)
+
+
+def global_batch(args: argparse.Namespace) -> int:
+    return args.global_batch_size or workload.RECIPE_GLOBAL_BATCH
+
+
+def micro_batch_rows(layout: MemoryLayout, args: argparse.Namespace) -> BatchLayout:
+    """How the trainer would cut the pairs into rows at `layout` with the flags' packing (`--no-packing`,
+    `--packed-length`); ValueError for a packed length the layout cannot use."""
+    return batch_layout(args.packing, args.packed_length, layout.tp, layout.pp,
+                        layout.virtual_pipeline_model_parallel_size, layout.sequence_parallel, layout.fp8)
+
+
+def recipe_pairs(args: argparse.Namespace) -> workload.PairLengths:
+    return _pairs(args.train_pairs, args.max_length, min(args.max_prompt_length, args.max_length))
+
+
+@functools.lru_cache(maxsize=8)
+def _pairs(num_pairs: int, max_length: int, max_prompt_length: int) -> workload.PairLengths:
+    return workload.capybara_like_pairs(num_pairs, max_length=max_length, max_prompt_length=max_prompt_length)
+
+
+@functools.lru_cache(maxsize=64)
+def _steps(pairs: workload.PairLengths, epochs: int, global_batch_size: int, dp: int, micro_batch_size: int,
+           batch: BatchLayout) -> workload.StepShapes:
+    return workload.recipe_steps(pairs, global_batch_size, dp, micro_batch_size, batch, epochs=epochs)
+
+
+def recipe_shapes(layout: MemoryLayout, args: argparse.Namespace) -> workload.StepShapes:
+    return _steps(recipe_pairs(args), args.epochs, global_batch(args), layout.dp, args.micro_batch_size,
+                  micro_batch_rows(layout, args))
+
+
+def predict(hf: HFModelConfig, layout: MemoryLayout, args: argparse.Namespace) -> RecipeTime:
+    """The recipe's predicted time at `layout` (its optimizer mode and gradient-reduction overlap) under the flags'
+    assumptions."""
+    shapes = recipe_shapes(layout, args)
+    settings = RunSettings(overlap_param_gather=args.overlap_param_gather, packed_attention=args.packing)
+    step = predict_step_time(hf, layout, shapes, hardware(hf, args), settings)
+    return RecipeTime(step, steps=shapes.positions.shape[0], pairs_per_step=global_batch(args), gpus=layout.world_size)
+
+
+def handbook(args: argparse.Namespace) -> float:
+    """The alignment-handbook's pairs/s/GPU for this many pairs and epochs (its 1.33 h on 32 H100)."""
+    return RecipeTime.handbook_pairs_per_second_per_gpu(args.train_pairs, args.epochs)
+
+
+def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Namespace, hf: HFModelConfig) -> None:
+    step, rates = recipe.step, hardware(hf, args)
+    shapes = recipe_shapes(layout, args)
+    rows = micro_batch_rows(layout, args)
+    batching = ("padded rows (--no-packing)" if not rows.packing
+                else f"packed rows of {workload.packed_length(recipe_pairs(args), rows)}" if rows.fixed_length_rows
+                else "packed rows")
+    print(f"predicted time: {args.epochs} epochs x {recipe.steps // args.epochs} steps of {recipe.pairs_per_step} "
+          f"pairs ({args.train_pairs} capybara-like pairs, {batching}, {100 * shapes.real_token_fraction:.1f}% real "
+          "tokens)")
+    parts = " + ".join(f"{label} {getattr(step, name):.2f}" for name, label in PART_LABELS.items())
+    print(f"  step         {step.total:8.2f} s = {parts}")
+    ratio = recipe.pairs_per_second_per_gpu / handbook(args)
+    print(f"  throughput   {recipe.pairs_per_second_per_gpu:8.3f} pairs/s/GPU; alignment-handbook (Zephyr-141B ORPO) "
+          f"{handbook(args):.3f} on 32 H100: {ratio:.2f}x")
+    print(f"  recipe       {recipe.hours:8.2f} h on {recipe.gpus} GPUs = {recipe.gpu_hours:.1f} GPU-hours; handbook "
+          f"{workload.HANDBOOK_SECONDS / 3600:.2f} h on 32 = {workload.HANDBOOK_SECONDS / 3600 * 32:.1f} GPU-hours")
+    print(f"  assumptions  {describe(rates, layout, args)}")
+
+
+PART_LABELS = {"compute": "compute", "tp": "TP", "ep": "EP", "pp": "PP", "ep_wait": "EP wait", "bubble": "bubble",
+               "dp": "DP", "optimizer_gpu": "GPU Adam", "host_adam": "host Adam", "pcie": "PCIe"}
+
+
+def describe(rates: Hardware, layout: MemoryLayout, args: argparse.Namespace) -> str:
+    calibrated = " (from the measured layer throughput)" if args.measured_layer_tokens_per_second else ""
+    overlap = [flag for flag, on in (("--overlap-grad-reduce", layout.overlap_grad_reduce),
+                                     ("--overlap-param-gather", args.overlap_param_gather)) if on]
+    return (f"MFU {rates.assumed_mfu:.3f}{calibrated} of {rates.peak_tflops:g} TFLOP/s; GB/s: NVLink "
+            f"{rates.nvlink_gbps:g}, network {rates.network_gbps:g}, PCIe {rates.pcie_gbps:g} per GPU, host memory "
+            f"{rates.host_memory_gbps:g} per {rates.gpus_per_node}-GPU node, HBM {rates.hbm_gbps:g}; "
+            + (", ".join(overlap) or "no DP overlap")
+            + "; balanced routing; pair lengths assumed (orpo_megatron/workload.py)")
+
+
+TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'recomp':>6} {'offload':>7} {'GiB':>5} | "
+                f"{'step s':>6} {'comp':>5} {'comm':>5} {'wait':>5} {'DP':>5} {'optim':>5} | "
+                f"{'pairs/s/GPU':>11} {'hours':>6} {'GPU-h':>6} {'x hb':>5}")
+
+
+def table_row(nodes: int, layout: MemoryLayout, budget_gib: float, recipe: RecipeTime, args: argparse.Namespace
+              ) -> str:
+    s, offload = recipe.step, layout.optimizer.offload_fraction
+    return (f"{nodes:>5} {layout.tp:>2} {layout.pp:>2} {layout.ep:>2} {layout.dp:>2} "
+            f"{'full' if layout.recompute_full else 'none':>6} {offload:>7g} {budget_gib:>5.1f} | "
+            f"{s.total:>6.2f} {s.compute:>5.2f} {s.tp + s.ep + s.pp:>5.2f} {s.ep_wait + s.bubble:>5.2f} "
+            f"{s.dp:>5.2f} {s.optimizer_gpu + s.host_adam + s.pcie:>5.2f} | "
+            f"{recipe.pairs_per_second_per_gpu:>11.3f} {recipe.hours:>6.2f} {recipe.gpu_hours:>6.1f} "
+            f"{recipe.pairs_per_second_per_gpu / handbook(args):>5.2f}")
