@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ORPO on Mixtral-8x22B with SLURM: the alignment-handbook's zephyr-orpo-141b recipe on 2 nodes x 8 H100 (80 GB).
+# ORPO on Mixtral-8x22B with SLURM: the alignment-handbook's zephyr-orpo-141b recipe on 4 nodes x 8 H100 (80 GB).
 #
 #   HF_DIR=/models/Mixtral-8x22B-v0.1 WANDB_PROJECT=orpo sbatch examples/orpo_mixtral_8x22b.sh
 #
@@ -12,29 +12,34 @@
 # step (micro-batch 1), bf16, AdamW (weight decay 0, grad clip 1.0: the HF defaults it relied on), seed 42,
 # the zephyr chat template, argilla/distilabel-capybara-dpo-7k-binarized (read from the local datasets cache:
 # nothing is downloaded at run time; fetch it once with `datasets.load_dataset(NAME)` on a machine with network).
-# The recipe used 4 nodes with FSDP and 8-bit Adam; here full AdamW state lives on the hosts instead:
+# The recipe used 4 nodes (32 H100) with FSDP and 8-bit Adam. The layout here is the fastest the estimator finds
+# on those 4 nodes, ranked by predicted time to train the recipe:
 #
-# Layout (tools/estimate_memory.py --hf-config tools/configs/mixtral-8x22b.json --tp 4 --pp 1 --ep 4 --dp 4
-#         --micro-batch-size 1 --max-length 2048 --global-batch-size 32 --recompute-granularity full
-#         --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0):
-#   layout: TP4 PP1 EP4 ETP4 DP4 (world 16, expert-DP 1); micro-batch 1 pair(s) = 2 x 2048 tokens; bf16; full
-#           recompute; optimizer: offload 1 to the host (precision-aware, fp32 copies)
-#   busiest rank: pipeline stage 0 (first: embedding; last: output layer), 9.791B parameters on it
-#     weights         18.24 GiB   2 B/param in DDP's param buffer (replicated over DP)
-#     gradients       36.48 GiB   4 B/param grad buffer (replicated over DP)
-#     main params      0.00 GiB   0 B/param of the optimizer shard (1/DP=4, experts 1/EDP=1) on the GPU
-#     optim. state     0.00 GiB   0 B/param of the same shard: Adam moments (+ gradient copies)
-#     activations      1.33 GiB   rough: in-flight micro-batches x layers x per-layer formula + logits
-#     reserve          6.00 GiB   CUDA context, NCCL, temporaries, fragmentation
-#     estimate        62.04 GiB
-#     budgeted        62.70 GiB   activations x 1.5; of 80 GiB: fits
-#     host           130.98 GiB per GPU (16 B/param of the shard: fp32 main params, moments, gradient copy),
-#                    1048 GiB per 8-GPU node of 2000 GiB: fits
+#   python tools/estimate_memory.py --hf-config tools/configs/mixtral-8x22b.json --search --max-length 2048 \
+#       --micro-batch-size 1 --global-batch-size 32        (fastest layout per node count, 1-8 nodes of 8 x 80 GB)
+#   nodes TP PP EP DP recomp offload   GiB | step s  comp  comm  wait    DP optim | pairs/s/GPU  hours  GPU-h
+#       2  4  2  2  2   full     0.8  78.3 |   9.12  3.21  0.56  0.43  0.00  4.93 |       0.219   1.64   26.3
+#       4  8  4  1  1   full    0.05  78.4 |   2.72  1.56  0.59  0.38  0.00  0.20 |       0.367   0.49   15.7
+#       7  8  7  1  1   none       0  75.7 |   1.26  0.68  0.23  0.32  0.00  0.03 |       0.452   0.23   12.7
+#       8  8  1  8  8   none       0  73.5 |   1.00  0.54  0.28  0.15  0.01  0.02 |       0.502   0.18   11.5
+#
+# Default (4 nodes): TP8 PP4 EP1 DP1, full recompute, the precision-aware optimizer with 5% of its state on the
+# hosts; `estimate_memory.py ... --tp 8 --pp 4 --ep 1 --dp 1 --recompute-granularity full
+# --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 0.05` (busiest rank, stage 0):
+#     weights          8.21 GiB   gradients 16.42 GiB (fp32)   main params 15.60 GiB   Adam state 31.20 GiB
+#     activations      0.68 GiB (rough)   reserve 6.00 GiB   estimate 78.11 GiB, budgeted 78.45 of 80 GiB: fits
+#     host             3.28 GiB per GPU, 26 GiB per node
+#     step             2.72 s = compute 1.56 + TP 0.58 + bubble 0.38 + GPU Adam 0.04 + host Adam 0.13 + PCIe 0.03
+#     recipe           0.49 h on 32 GPUs = 15.7 GPU-hours (0.367 pairs/s/GPU, 2.70x the handbook's 0.136 pairs/s/GPU,
+#                      which took 1.33 h on 32 H100)
+# Faster with more nodes than the recipe: 8 nodes, TP8 EP8 DP8, no recompute, no offload, 0.18 h and also fewer
+# GPU-hours (11.5): `sbatch -N 8 ...` with TP=8 PP=1 EP=8 RECOMPUTE= OPTIMIZER_OFFLOAD=0. The fewest nodes that fit
+# is 2: TP4 PP2 EP2 DP2 with offload 0.8 (1.64 h; most of each step is host Adam):
+# `sbatch -N 2 ...` with TP=4 PP=2 EP=2 OPTIMIZER_OFFLOAD=0.8.
+# Times are predictions at an assumed 45% MFU and data-sheet bandwidths, on assumed capybara pair lengths packed
+# into rows (README, "Capacity planning"); calibrate with the GPU acceptance command's measured throughput.
 # Offloading needs the precision-aware optimizer, which the script passes with OPTIMIZER_OFFLOAD: without it
-# Megatron-Core keeps the fp32 main params on the GPU (4 B/param of the shard, +32.7 GiB here: ~95 GiB, over 80).
-# One node cannot hold it (`estimate_memory.py --search`: 2 nodes is the fewest). On 2 nodes the estimator's own
-# pick is TP8 EP2 DP2 with offload 0.8 (77.8 of 80 GiB budgeted); this layout keeps ~17 GiB of headroom over a
-# rough activation estimate at the price of running all of Adam on the hosts (12 CPUs per task, given to srun).
+# Megatron-Core keeps every fp32 main param on the GPU.
 #
 # Every default can be changed with an environment variable (sbatch passes the submitting environment on), so
 # the same script runs a tiny model on a small cluster. #SBATCH lines cannot read variables: override them on
@@ -50,10 +55,10 @@
 #                     checkpoint is resumed from its newest complete iteration (this is how a requeue continues)
 #   DATA_PATH         preference data: a file/folder or a Hub name in the local cache (default: capybara 7k)
 #   CHAT_TEMPLATE     zephyr (the recipe's) | mistral | chatml | a jinja file | "" = the tokenizer's own
-#   TP PP EP VP       parallel layout (default 4 1 4 -); VP = virtual pipeline chunks per stage
+#   TP PP EP VP       parallel layout (default 8 4 1 -); VP = virtual pipeline chunks per stage
 #   BF16=1            bf16 training (0: fp32);  FP8=e4m3|hybrid: FP8 matmuls via Transformer Engine (default off)
 #   RECOMPUTE         activation recomputation: full | selective | "" (default full)
-#   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 1.0; 0: all on the GPU); with it the
+#   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 0.05; 0: all on the GPU); with it the
 #                     precision-aware optimizer is on (bf16 only)
 #   EPOCHS / TRAIN_ITERS  training length (default 3 epochs; TRAIN_ITERS wins when set)
 #   GLOBAL_BATCH MICRO_BATCH MAX_LENGTH MAX_PROMPT_LENGTH LR WARMUP LR_DECAY_STYLE BETA SEED
@@ -72,7 +77,7 @@
 # `--open-mode=append` keeps the output of every requeued run in one file.
 #
 #SBATCH --job-name=orpo-mixtral-8x22b
-#SBATCH --nodes=2
+#SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
@@ -104,14 +109,14 @@ CONVERT_DTYPE=${CONVERT_DTYPE:-bf16}
 SAVE_DIR=${SAVE_DIR:-$RUN_DIR/train}
 DATA_PATH=${DATA_PATH:-argilla/distilabel-capybara-dpo-7k-binarized}
 CHAT_TEMPLATE=${CHAT_TEMPLATE-zephyr}
-TP=${TP:-4}
-PP=${PP:-1}
-EP=${EP:-4}
+TP=${TP:-8}
+PP=${PP:-4}
+EP=${EP:-1}
 VP=${VP:-}
 BF16=${BF16:-1}
 FP8=${FP8:-}
 RECOMPUTE=${RECOMPUTE-full}
-OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-1.0}
+OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-0.05}
 EPOCHS=${EPOCHS:-3}
 TRAIN_ITERS=${TRAIN_ITERS:-}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}

@@ -8,26 +8,21 @@
 # the 8x7B defaults (each still overridable from the environment) and execs the 8x22B script, which keeps this
 # batch shell's PID, so the time-limit USR1 reaches its trap.
 #
-# Layout (tools/estimate_memory.py --hf-config tools/configs/mixtral-8x7b.json --tp 8 --pp 1 --ep 1 --dp 1
-#         --micro-batch-size 1 --max-length 2048 --global-batch-size 32 --recompute-granularity full
-#         --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 0.5):
-#   layout: TP8 PP1 EP1 ETP8 DP1 (world 8, expert-DP 1); micro-batch 1 pair(s) = 2 x 2048 tokens; bf16; full
-#           recompute; optimizer: offload 0.5 to the host (precision-aware, fp32 copies)
-#     weights         10.88 GiB   2 B/param in DDP's param buffer (replicated over DP)
-#     gradients       21.75 GiB   4 B/param grad buffer (replicated over DP)
-#     main params     10.88 GiB   2 B/param of the optimizer shard on the GPU (fp32 copies of the half kept there)
-#     optim. state    21.75 GiB   4 B/param of the same shard: Adam moments of that half
-#     activations      0.46 GiB   rough: in-flight micro-batches x layers x per-layer formula + logits
-#     reserve          6.00 GiB   CUDA context, NCCL, temporaries, fragmentation
-#     estimate        71.73 GiB
-#     budgeted        71.96 GiB   activations x 1.5; of 80 GiB: fits
-#     host            43.51 GiB per GPU (8 B/param: the other half's fp32 main params, moments, gradient copy),
-#                     348 GiB per 8-GPU node of 2000 GiB: fits
-# Without the precision-aware optimizer (which OPTIMIZER_OFFLOAD turns on) all fp32 main params would stay on the
-# GPU: +10.9 GiB, 82.6 GiB, over 80. `estimate_memory.py --search` finds 1 node the fewest; its pick there is this
-# layout with offload 0.4 (78.5 of 80 GiB budgeted); 0.5 keeps ~8 GiB of headroom for the rough activation figure.
-# With Transformer Engine, EXTRA_ARGS="--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16"
-# and OPTIMIZER_OFFLOAD=0 also fits (71.7 GiB: bf16 moments and 2 B/param main params, nothing on the host).
+# Layout: the fastest the estimator finds on one node, ranked by predicted time to train the recipe
+# (`tools/estimate_memory.py --hf-config tools/configs/mixtral-8x7b.json --search --nodes 1 --max-length 2048
+# --micro-batch-size 1 --global-batch-size 32`): TP4 PP2 EP1 DP1, full recompute, the precision-aware optimizer
+# with 40% of its state on the host. At exactly that layout (busiest rank: pipeline stage 1, the output layer):
+#     weights         10.88 GiB   gradients 21.75 GiB (fp32)   main params 13.05 GiB   Adam state 26.10 GiB
+#     activations      0.67 GiB (rough)   reserve 6.00 GiB   estimate 78.44 GiB, budgeted 78.77 of 80 GiB: fits
+#     host            34.80 GiB per GPU, 278 GiB per node
+#     step             4.23 s = compute 2.04 + TP 0.38 + bubble 0.14 + GPU Adam 0.04 + host Adam 1.34 + PCIe 0.29
+#     recipe           0.76 h on 8 GPUs = 6.1 GPU-hours (0.946 pairs/s/GPU)
+# Within 0.5% of it on one node: TP4 EP2 full recompute offload 0.45, and TP8 without recompute offload 0.55 (the
+# previous default, TP8 full recompute offload 0.5, predicts 0.86 h). More nodes are faster and, without host Adam,
+# cheaper: 2 nodes TP4 EP4 DP4, no recompute, no offload, 0.19 h (3.0 GPU-hours): `sbatch -N 2 ...` with TP=4 PP=1
+# EP=4 RECOMPUTE= OPTIMIZER_OFFLOAD=0. Predictions assume 45% MFU and data-sheet bandwidths (README, "Capacity
+# planning"). With Transformer Engine, EXTRA_ARGS="--use-precision-aware-optimizer --exp-avg-dtype bf16
+# --exp-avg-sq-dtype bf16" and OPTIMIZER_OFFLOAD=0 also fits one node at TP8 (bf16 moments, nothing on the host).
 #
 #SBATCH --job-name=orpo-mixtral-8x7b
 #SBATCH --nodes=1
@@ -45,9 +40,9 @@ set -euo pipefail
 
 export PYTHON=${PYTHON:-python}
 export RUN_DIR=${RUN_DIR:-$PWD/runs/orpo-mixtral-8x7b}
-export TP=${TP:-8} PP=${PP:-1} EP=${EP:-1}
+export TP=${TP:-4} PP=${PP:-2} EP=${EP:-1}
 export RECOMPUTE=${RECOMPUTE-full}
-export OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-0.5}
+export OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-0.4}
 # sbatch runs a copy of this file from its spool folder; the repository is the installed package's.
 export ORPO_REPO=${ORPO_REPO:-$("$PYTHON" -c 'import orpo_megatron, os; print(os.path.dirname(os.path.dirname(orpo_megatron.__file__)))')}
 exec bash "$ORPO_REPO/examples/orpo_mixtral_8x22b.sh"
