@@ -381,15 +381,14 @@ def checkpoint_entries(chunks: list) -> tuple[set[str], set[str]]:
 
 
 def spec_keys(loaded: dict) -> dict:
-    """Each TE spec's checkpoint entries against the local spec's: counts and what differs."""
-    if len(loaded) == 1:
-        return {"skipped": "transformer-engine not available (only the local spec here)"}
+    """Each spec's checkpoint entries (counts) and, for the TE specs, what differs from the local spec's."""
     entries = {spec: checkpoint_entries(chunks) for spec, chunks in loaded.items()}
-    local_tensors, local_objects = entries.pop("local")
-    return {spec: {"tensors": len(tensors), "objects": len(objects),
-                   "differing": sorted((tensors ^ local_tensors) | (objects ^ local_objects))[:6],
-                   "extra_state_objects": sum(key.split("/")[0].endswith("_extra_state") for key in objects)}
-            for spec, (tensors, objects) in entries.items()}
+    local_tensors, local_objects = entries["local"]
+    report = {spec: {"tensors": len(tensors), "objects": len(objects),
+                     "differing": sorted((tensors ^ local_tensors) | (objects ^ local_objects))[:6],
+                     "extra_state_objects": sum(key.split("/")[0].endswith("_extra_state") for key in objects)}
+              for spec, (tensors, objects) in entries.items()}
+    return report if len(report) > 1 else {"skipped": "transformer-engine not available", **report}
 
 
 @torch.no_grad()

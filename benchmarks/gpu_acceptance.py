@@ -462,16 +462,16 @@ def checkpoints(machine: Machine) -> Iterator[Line]:
 
 def te_keys_equal_local(machine: Machine, keys: dict) -> Line:
     name = "TE spec keys = local spec keys"
-    if "skipped" in keys:
-        return Line(name, f"skipped: {machine.without_transformer_engine() or keys['skipped']}")
     if "error" in keys:
         return Line(name, failure(keys["error"]), keys["where"])
+    counts = "; ".join(f"{spec}: {r['tensors']} tensors, {r['objects']} objects ({r['extra_state_objects']} "
+                       "_extra_state)" for spec, r in keys.items() if spec != "skipped")
+    if "skipped" in keys:
+        return Line(name, f"skipped: {machine.without_transformer_engine() or keys['skipped']}", counts)
     differing = {spec: r["differing"] for spec, r in keys.items() if r["differing"]}
     if differing:
         return Line(name, f"FAIL: {', '.join(differing)} differ", f"differing (first): {differing}")
-    counts = "; ".join(f"{spec}: {r['tensors']} tensors, {r['objects']} objects ({r['extra_state_objects']} "
-                       "_extra_state)" for spec, r in keys.items())
-    return Line(name, "pass", f"the same as the local spec's; {counts}")
+    return Line(name, "pass", f"the same tensors (key, shape, offset) and objects; {counts}")
 
 
 def loads_across_specs(machine: Machine, report: dict) -> Line:

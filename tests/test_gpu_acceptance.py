@@ -58,3 +58,5 @@ def test_dry_run_prints_one_table_with_passes_and_reasoned_skips(tmp_path):
     assert "local -> local ran: weights bitwise equal" in rows["(d) checkpoints",
                                                               "saved on one spec, loaded on another"]
     assert "DEVICE_FIELDS lists every tensor field" in rows["(c) packing", "batches on the device"]
+    assert re.search(r"local: \d+ tensors, \d+ objects \(\d+ _extra_state\)",
+                     rows["(d) checkpoints", "TE spec keys = local spec keys"])
