@@ -3,31 +3,44 @@
     python benchmarks/gpu_acceptance.py              # one or more GPUs, no internet; under 10 minutes
     python benchmarks/gpu_acceptance.py --dry-run    # CPU: the same code at tiny sizes (CI runs this)
 
-Needs this repository's requirements; transformers for the parity lines, transformer-engine for the TE, FP8
-and fused-kernel lines. A line whose piece is missing says "skipped: why", never a fake pass; a failed check
-says FAIL with the error, and the command exits 1. The lines:
-(a) parity: forward and backward of the tiny Mixtral against transformers' Mixtral, fp32 and bf16, on the
-    local spec and (with TE) the TE spec: per-sequence completion log-probs and the gradients of the
-    embedding and output weights;
-(b) trainer: for each optimizer mode, a bf16 run from a converted checkpoint at lr 1e-9 keeps the loaded
-    weights (held-out loss unchanged after a step), and a run saved at step 2 resumes to the same losses;
-    batches reach the GPU (the trainer's forward raises on any host tensor);
-(c) FP8 (TE, compute capability 8.9+): for each recipe, steps, a save and a resume that continues with the
-    saved FP8 scaling state;
-(d) throughput: tokens/s and MFU of two Mixtral-8x22B-shaped layers (real hidden size, heads, experts, FFN;
-    bf16; one pair of 2048-token sequences per micro-batch, 2 micro-batches; forward, backward and the
-    data-parallel communication, not the optimizer's arithmetic), with every fused kernel on, then each one
-    off (on/off ratio), and the DP communication overlaps on/off (with 2+ GPUs; one GPU has none);
-(e) memory: for each optimizer mode, the GPU bytes the optimizer really allocates (CUDA allocator, after its
-    first step) against `memory_estimate`'s figure, on a 4-layer Mixtral-shaped model.
-Adding a line: write a function that yields `Line`s (raise `Skip("why")` for a missing piece) and decorate it
-with `@check(section)`; checks run in the order they are defined.
+It first prints how to run it on a machine without internet (`HOW_TO_RUN`, also in --help). Needs this
+repository's requirements; transformers for the parity lines, transformer-engine for the TE, FP8 and
+fused-kernel lines. A line whose piece is missing says "skipped: why", never a fake pass; a failed check says
+FAIL with the error, and the command exits 1. The lines, most important first, with the time each check is
+estimated to take on an H200 (a check starts only if its estimate fits in what is left of --budget-minutes):
+(a) parity, ~30 s: forward and backward of the tiny Mixtral against transformers' Mixtral, fp32 and bf16, on the
+    local spec and (with TE) the TE spec: per-sequence completion log-probs and the gradients of the embedding
+    and output weights;
+(b) trainer, ~60 s: for each optimizer mode (Adam; offloaded, the examples' partial fraction and the flag's
+    default 1.0; precision-aware), a bf16 run from a converted checkpoint at lr 1e-9 keeps the loaded weights
+    (held-out loss unchanged after a step), and a run saved at step 2 resumes to the same losses (its optimizer
+    state through the reshardable checkpoint);
+(c) packing, ~30 s: the trainer's first step on the tiny Mixtral in bf16 on the machine's spec: every tensor the
+    model and the loss read is on the GPU after the move and a packed forward/backward runs there; packed equals
+    --no-packing on the same pairs (on TE: THD attention, fused THD RoPE); no host sync from orpo_megatron/ in
+    its forward/backward (megatron-core's own are listed); a packed FP8 hybrid pass raises no TE divisibility
+    assertion;
+(d) checkpoints, ~35 s: the TE spec, with grouped-GEMM and with sequential experts, saves the local spec's tensor
+    and `_extra_state` keys; a save on each spec loads on each other one with the same weights and logits; TE's
+    delayed-scaling FP8 state (amax histories, scales) comes back from a save through a load;
+(e) memory, ~30 s: for each optimizer mode, the GPU bytes the optimizer really allocates (CUDA allocator, after
+    its first step) against `memory_estimate`'s figure, on a 4-layer Mixtral-shaped model;
+(f) throughput, ~90 s: tokens/s and MFU of two Mixtral-8x22B-shaped layers (real hidden size, heads, experts,
+    FFN; bf16; one pair of 2048-token sequences per micro-batch, 2 micro-batches; forward, backward and the
+    data-parallel communication, not the optimizer's arithmetic), with every fused kernel on, then each one off
+    (on/off ratio), and the DP communication overlaps on/off (with 2+ GPUs; one GPU has none);
+(g) FP8, ~75 s (TE, compute capability 8.9+): for each recipe, steps, a save and a resume that continues with the
+    saved FP8 scaling state; the evaluator with --fp8-format.
+The work behind (a) and (c)-(f) runs in `acceptance_workers.py`, a process per section; on the tiny model a
+process is mostly start-up, so the workers of (a), (c) and (d) start together at the beginning and independent
+trainer runs start together (never beside (e) or (f), which measure). Adding a line: write a function that yields
+`Line`s (raise `Skip("why")` for a missing piece) and decorate it with `@check(section, seconds)`; checks run in
+the order they are defined, and their processes' output is in WORK/logs/ (kept with --work-dir).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import importlib.util
 import json
 import math
@@ -38,27 +51,67 @@ import sys
 import tempfile
 import time
 import traceback
-from types import SimpleNamespace
 from typing import Callable, Iterator
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCHMARKS)
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
-CONFIG_8X22B = os.path.join(REPO, "tools", "configs", "mixtral-8x22b.json")
-SHAPES = ["--max-length", "64", "--max-prompt-length", "48"]
-OFFLOAD = ["--use-precision-aware-optimizer", "--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5"]
-OPTIMIZER_MODES = {"adam": [], "offload": OFFLOAD, "precision-aware": ["--use-precision-aware-optimizer"]}
+from acceptance_workers import (  # noqa: E402
+    DATA,
+    OFFLOAD,
+    PACKED_GRAD_TOL,
+    PACKED_METRIC_TOL,
+    SHAPES,
+    data_cache,
+    fixture,
+    fp8_unavailable,
+)
+
+WORKERS = os.path.join(BENCHMARKS, "acceptance_workers.py")
+# What a machine without internet needs carried (the versions CI runs); its image has the rest of their needs.
+WHEELS = ["megatron-core==0.16.1", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19"]
+HOW_TO_RUN = f"""\
+How to run this on a lent GPU machine without internet (one NVIDIA GPU; Python 3.12 with torch, transformers and
+sentencepiece installed). megatron-core and datasets travel as wheels; Transformer Engine cannot, so its lines
+say "skipped" there.
+  1. Here, in the repository root (pip reaches PyPI here), once:
+       echo /.whl/ >> .git/info/exclude
+       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \\
+         -d .whl {' '.join(WHEELS)}
+  2. There, from the repository root (device tool: run with carry [".whl"] and timeout_s 600):
+       python3 -m pip install -q --no-index --find-links .whl --no-deps --target /tmp/site \\
+         {' '.join(WHEELS)} && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \\
+         python3 benchmarks/gpu_acceptance.py 2>&1 | tee $OUT/acceptance.log
+     (datasets 5.2.0 needs pyarrow >= 24: if `python3 -m pip show pyarrow` there says older, add its wheel.)
+"""
+OPTIMIZER_MODES = {
+    "adam": [],
+    "offload 0.5": OFFLOAD,
+    "offload 1.0": ["--use-precision-aware-optimizer", "--optimizer-cpu-offload"],  # the fraction's default
+    "precision-aware": ["--use-precision-aware-optimizer"],
+}
+# A bf16 run at lr 1e-9 for one step, evaluated before and after it.
+KEEP_WEIGHTS = ["--bf16", "--lr", "1e-9", "--train-iters", "1", "--eval-fraction", "0.1", "--eval-interval", "1",
+                "--eval-iters", "4"]
 # Tolerances. Per-sequence mean completion log-prob (nats/token): fp32 like the CPU tests; bf16 within 0.02 of
 # transformers' bf16 model and no further from the fp32 truth than twice transformers' own bf16 run. Gradient
 # cosine similarity to transformers'. Losses of a resumed run against the straight run: bit-exact on CPU; GPU
-# kernels may reorder reductions, so 1e-4 there (a lost optimizer or FP8 state moves them far more).
+# kernels may reorder reductions, so 1e-4 there (a lost optimizer or FP8 state moves them far more). A model
+# loaded from another spec's save against the same spec loaded from the converted checkpoint: the weights
+# bitwise, the bf16 logits within 1% of their largest (the same kernels on the same weights; a misplaced
+# tensor moves them by its whole size).
 FP32_LOGP, BF16_LOGP, BF16_VS_FP32_FACTOR = 1e-4, 0.02, 2.0
 FP32_GRAD_COSINE, BF16_GRAD_COSINE = 0.9999, 0.99
 UNCHANGED_LOSS = 1e-5
 RESUME_LOSS = {"cpu": 1e-6, "cuda": 1e-4}
+CROSS_LOAD_LOGITS = 1e-2
+# Workers of checks on the tiny model that neither time anything nor measure memory: they start together with
+# the first check (a machine runs them side by side in well under their sum), their checks collect them.
+EARLY_WORKERS = ("parity", "packing", "checkpoints")
 
 
 # ------------------------------------------------------------------------------------------- the table
@@ -73,12 +126,13 @@ class Skip(Exception):
     """A check whose piece is missing here; the message says which."""
 
 
-CHECKS: list[tuple[str, Callable]] = []
+CHECKS: list[tuple[str, Callable, float]] = []
 
 
-def check(section: str):
+def check(section: str, seconds: float):
+    """Register a check; `seconds`: its estimated time on an H200."""
     def register(fn):
-        CHECKS.append((section, fn))
+        CHECKS.append((section, fn, seconds))
         return fn
     return register
 
@@ -94,8 +148,7 @@ class Machine:
     transformer_engine: str | None
     transformers: bool
     deadline: float
-    converted: dict = dataclasses.field(default_factory=dict)  # dtype -> converted tiny checkpoint
-    results: dict = dataclasses.field(default_factory=dict)  # what later lines reuse
+    running: dict = dataclasses.field(default_factory=dict)  # worker name -> its process, started early
 
     @property
     def device(self) -> str:
@@ -105,53 +158,159 @@ class Machine:
         if not self.cuda:
             raise Skip("no CUDA device")
 
-    def need_transformer_engine(self) -> None:
-        self.need_cuda()
+    def without_transformer_engine(self) -> str | None:
+        """Why the TE spec cannot run here (None: it can)."""
+        if not self.cuda:
+            return "no CUDA device"
         if not self.transformer_engine:
-            raise Skip("transformer-engine not installed (pip install 'orpo-megatron[te]')")
+            return "transformer-engine not installed (pip install 'orpo-megatron[te]')"
+        return None
+
+    def without_fp8(self) -> str | None:
+        """Why FP8 cannot run here (None: it can)."""
+        return self.without_transformer_engine() or fp8_unavailable()
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def run(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: " + " | ".join(tail))
-    return proc
+@dataclasses.dataclass
+class Started:
+    """A command running in the background, its output going to WORK/logs/NAME.log."""
+
+    command: list[str]
+    log: str
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, machine: Machine, name: str, command: list[str]) -> Started:
+        logs = os.path.join(machine.work, "logs")
+        os.makedirs(logs, exist_ok=True)
+        with open(os.path.join(logs, f"{name}.log"), "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        return cls(command, log.name, process)
+
+    def finish(self, deadline: float) -> Exception | None:
+        """Wait for it until `deadline` (then kill it); None, or what went wrong with the end of its output."""
+        try:
+            self.process.wait(timeout=max(1.0, deadline - time.time()))
+            problem = f"exited {self.process.returncode}" if self.process.returncode else None
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            problem = "did not finish in time"
+        if not problem:
+            return None
+        with open(self.log) as f:
+            tail = f.read().strip().splitlines()[-3:]
+        return RuntimeError(f"{' '.join(self.command[:4])} ... {problem}: " + " | ".join(tail))
 
 
-def train(machine: Machine, save: str, *flags: str, load_dtype: str = "bf16") -> dict:
-    """One trainer run (single process, the GPU's defaults); its logged events by (iteration, kind)."""
-    run([sys.executable, "-m", "orpo_megatron.train", "--load", machine.converted[load_dtype], "--save", save,
-         "--data-path", DATA, "--data-cache-dir", os.path.join(machine.work, "data_cache"), *SHAPES,
-         "--global-batch-size", "4", "--log-interval", "1", *flags], timeout=max(60, machine.deadline - time.time()))
+def run_all(machine: Machine, commands: dict[str, list[str]], timeout: float) -> dict[str, Exception | None]:
+    """Run the commands at once; for each, None or what went wrong."""
+    started = {name: Started.start(machine, name, command) for name, command in commands.items()}
+    deadline = time.time() + timeout
+    return {name: process.finish(deadline) for name, process in started.items()}
+
+
+def run_one(machine: Machine, name: str, command: list[str], timeout: float) -> None:
+    error = run_all(machine, {name: command}, timeout)[name]
+    if error:
+        raise error
+
+
+def start_worker(machine: Machine, name: str, *flags: str, launcher: tuple[str, ...] = (sys.executable,)) -> None:
+    """Start one of `acceptance_workers.py`'s workers in the background (its report: WORK/NAME.json)."""
+    command = [*launcher, WORKERS, name, "--out", os.path.join(machine.work, f"{name}.json"), "--work", machine.work,
+               *flags]
+    machine.running[name] = Started.start(machine, name, command)
+
+
+def worker(machine: Machine, name: str, *flags: str, launcher: tuple[str, ...] = (sys.executable,)) -> dict:
+    """The report of one of the workers: started early (`EARLY_WORKERS`), or now, alone."""
+    if name not in machine.running:
+        stop_early_workers(machine)  # only those of checks skipped for time are left: no competition while it runs
+        start_worker(machine, name, *flags, launcher=launcher)
+    error = machine.running.pop(name).finish(time.time() + 600)
+    if error:
+        raise error
+    with open(os.path.join(machine.work, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def stop_early_workers(machine: Machine) -> None:
+    for started in machine.running.values():
+        started.process.kill()
+        started.process.wait()
+    machine.running.clear()
+
+
+def failure(error: Exception | str) -> str:
+    return f"FAIL: {error}"[:300]
+
+
+def train_all(machine: Machine, runs: dict[str, list[str]]) -> dict[str, dict | Exception]:
+    """Trainer runs from the converted bf16 checkpoint (one process each, the GPU's defaults), all at once. Run
+    NAME saves to WORK/NAME; its result is its logged events by (iteration, kind), or what went wrong."""
+    commands = {name: [sys.executable, "-m", "orpo_megatron.train", "--load", fixture(machine.work, "bf16"),
+                       "--save", os.path.join(machine.work, name), "--data-path", DATA,
+                       "--data-cache-dir", data_cache(machine.work), *SHAPES,
+                       "--global-batch-size", "4", "--log-interval", "1", *flags] for name, flags in runs.items()}
+    outcomes = run_all(machine, commands, timeout=max(60, machine.deadline - time.time()))
+    return {name: error or logged_events(os.path.join(machine.work, name)) for name, error in outcomes.items()}
+
+
+def logged_events(save: str) -> dict:
     events = {}
-    for row in map(json.loads, open(os.path.join(save, "metrics.jsonl"))):
-        kind = "eval" if "eval/loss" in row else "train" if "train/loss" in row else None
-        if kind:
-            events[row["iteration"], kind] = row
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            kind = "eval" if "eval/loss" in row else "train" if "train/loss" in row else None
+            if kind:
+                events[row["iteration"], kind] = row
     return events
 
 
-def resume_difference(machine: Machine, name: str, *flags: str) -> float:
-    """Largest |loss| difference of steps 3-4 between a straight 4-step run and one resumed from its step 2."""
+def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dict[str, list[str]] | None = None
+                ) -> tuple[dict[str, float | Exception], dict[str, dict | Exception]]:
+    """For each variant (name -> flags): a straight 4-step bf16 run that saves at step 2, and a run resumed from
+    that save; the largest |loss| difference of steps 3-4 between them, or what went wrong. The straight runs
+    and `alongside`'s runs start together, then the resumed ones. Returns (differences, alongside's events)."""
     from orpo_megatron import checkpoint_format, checkpointing
 
-    straight, resumed = (os.path.join(machine.work, f"{name}-{kind}") for kind in ("straight", "resumed"))
-    common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", "4", "--save-interval", "2", *flags]
-    expected = train(machine, straight, *common)
-    os.makedirs(resumed)
-    shutil.copytree(checkpointing.iteration_dir(straight, 2), checkpointing.iteration_dir(resumed, 2))
-    checkpoint_format.write_tracker(resumed, 2)
-    got = train(machine, resumed, *common)
-    if {i for i, kind in got if kind == "train"} != {3, 4}:
-        raise RuntimeError(f"the resumed run logged steps {sorted(got)}, not 3 and 4")
-    return max(abs(got[i, "train"]["train/loss"] - expected[i, "train"]["train/loss"]) for i in (3, 4))
+    common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", "4", "--save-interval", "2"]
+    first = train_all(machine, {**{f"{name}-straight": [*common, *flags] for name, flags in variants.items()},
+                                **(alongside or {})})
+    resumed = {}
+    for name, flags in variants.items():
+        if isinstance(first[f"{name}-straight"], Exception):
+            continue
+        straight, again = (os.path.join(machine.work, f"{name}-{kind}") for kind in ("straight", "resumed"))
+        os.makedirs(again)
+        shutil.copytree(checkpointing.iteration_dir(straight, 2), checkpointing.iteration_dir(again, 2))
+        checkpoint_format.write_tracker(again, 2)
+        resumed[f"{name}-resumed"] = [*common, *flags]
+    second = train_all(machine, resumed)
+    differences = {}
+    for name in variants:
+        expected, got = first[f"{name}-straight"], second.get(f"{name}-resumed")
+        if isinstance(expected, Exception) or isinstance(got, Exception):
+            differences[name] = expected if isinstance(expected, Exception) else got
+        elif {i for i, kind in got if kind == "train"} != {3, 4}:
+            differences[name] = RuntimeError(f"the resumed run logged steps {sorted(got)}, not 3 and 4")
+        else:
+            differences[name] = max(abs(got[i, "train"]["train/loss"] - expected[i, "train"]["train/loss"])
+                                    for i in (3, 4))
+    return differences, {name: first[name] for name in alongside or {}}
+
+
+def resume_line(name: str, difference: float | Exception, tolerance: float) -> Line:
+    if isinstance(difference, Exception):
+        return Line(name, failure(difference))
+    return Line(name, "pass" if difference <= tolerance else "FAIL: resumed losses differ",
+                f"steps 3-4 loss max |diff| {difference:.2e} (tolerance {tolerance:g})")
 
 
 # ---------------------------------------------------------------------------------------- the checks
-@check("machine")
+@check("machine", seconds=0)
 def machine_line(machine: Machine) -> Iterator[Line]:
     capability = ".".join(map(str, machine.capability)) if machine.capability else "-"
     yield Line("device", f"{machine.gpus} x {machine.device_name}" if machine.cuda else "CPU (no CUDA device)",
@@ -159,19 +318,16 @@ def machine_line(machine: Machine) -> Iterator[Line]:
                f"{machine.transformer_engine or 'not installed'}" + ("; DRY RUN (tiny sizes)" if machine.dry_run else ""))
 
 
-@check("(a) parity")
+@check("(a) parity", seconds=30)
 def parity(machine: Machine) -> Iterator[Line]:
     if not machine.transformers:
         raise Skip("transformers not installed (the reference)")
-    out = os.path.join(machine.work, "parity.json")
-    run([sys.executable, __file__, "--worker", "parity", "--out", out, "--load", machine.converted["fp32"],
-         "--hf-dir", machine.converted["hf"]], timeout=600)
-    report = json.load(open(out))
+    report = worker(machine, "parity")
     for spec in ("local", "te"):
         for dtype in ("fp32", "bf16"):
             name = f"{spec} spec, {dtype}"
-            if spec == "te" and not (machine.cuda and machine.transformer_engine):
-                yield Line(name, "skipped: " + ("no CUDA device" if not machine.cuda else "transformer-engine not installed"))
+            if spec == "te" and machine.without_transformer_engine():
+                yield Line(name, f"skipped: {machine.without_transformer_engine()}")
                 continue
             r = report[f"{spec}/{dtype}"]
             detail = (f"log-prob max |diff| {r['logp_vs_same_dtype']:.2e} (vs transformers {dtype}), "
@@ -186,68 +342,188 @@ def parity(machine: Machine) -> Iterator[Line]:
             yield Line(name, "pass" if ok else "FAIL: outside the stated tolerances", detail)
 
 
-@check("(b) trainer")
+@check("(b) trainer", seconds=60)
 def trainer_modes(machine: Machine) -> Iterator[Line]:
-    for mode, flags in OPTIMIZER_MODES.items():
-        if mode == "precision-aware" and not (machine.cuda and machine.transformer_engine):
-            reason = "no CUDA device" if not machine.cuda else "transformer-engine not installed"
-            yield Line(f"{mode}: bf16 keeps loaded weights", f"skipped: {reason} (TE's FusedAdam)")
-            yield Line(f"{mode}: save + exact resume", f"skipped: {reason}")
+    skipped = {}
+    for mode in OPTIMIZER_MODES:
+        if mode == "precision-aware" and machine.without_transformer_engine():
+            reason = machine.without_transformer_engine()
+            skipped[mode] = f"{reason} (TE's FusedAdam)", reason
+        elif machine.dry_run and mode != "adam":
+            skipped[mode] = ("dry run (tests/test_bf16.py runs the offloaded optimizer, fraction 0.5, on CPU)",) * 2
+    runs = {mode.replace(" ", "-"): flags for mode, flags in OPTIMIZER_MODES.items() if mode not in skipped}
+    differences, kept = resume_runs(machine, {f"resume-{run}": flags for run, flags in runs.items()},
+                                    {f"keep-{run}": [*KEEP_WEIGHTS, *flags] for run, flags in runs.items()})
+    for mode in OPTIMIZER_MODES:
+        keep_name, resume_name = f"{mode}: bf16 keeps loaded weights", f"{mode}: save + exact resume"
+        if mode in skipped:
+            yield Line(keep_name, f"skipped: {skipped[mode][0]}")
+            yield Line(resume_name, f"skipped: {skipped[mode][1]}")
             continue
-        if machine.dry_run and mode != "adam":
-            yield Line(f"{mode}: bf16 keeps loaded weights", "skipped: dry run (tests/test_bf16.py runs it on CPU)")
-            yield Line(f"{mode}: save + exact resume", "skipped: dry run (tests/test_bf16.py runs it on CPU)")
-            continue
-        events = train(machine, os.path.join(machine.work, f"keep-{mode}"), "--bf16", "--lr", "1e-9", "--train-iters",
-                       "1", "--eval-fraction", "0.1", "--eval-interval", "1", "--eval-iters", "4", *flags)
-        before, after = events[0, "eval"]["eval/loss"], events[1, "eval"]["eval/loss"]
-        yield Line(f"{mode}: bf16 keeps loaded weights", "pass" if abs(after - before) <= UNCHANGED_LOSS else
-                   "FAIL: the held-out loss moved at lr 1e-9", f"held-out loss {before:.6f} -> {after:.6f} after a step")
-        machine.results["trainer ran"] = True
-        difference = resume_difference(machine, f"resume-{mode}", *flags)
-        tolerance = RESUME_LOSS[machine.device]
-        yield Line(f"{mode}: save + exact resume", "pass" if difference <= tolerance else "FAIL: resumed losses differ",
-                   f"steps 3-4 loss max |diff| {difference:.2e} (tolerance {tolerance:g})")
+        events = kept[f"keep-{mode.replace(' ', '-')}"]
+        if isinstance(events, Exception):
+            yield Line(keep_name, failure(events))
+        else:
+            before, after = events[0, "eval"]["eval/loss"], events[1, "eval"]["eval/loss"]
+            yield Line(keep_name, "pass" if abs(after - before) <= UNCHANGED_LOSS else
+                       "FAIL: the held-out loss moved at lr 1e-9",
+                       f"held-out loss {before:.6f} -> {after:.6f} after a step")
+        yield resume_line(resume_name, differences[f"resume-{mode.replace(' ', '-')}"], RESUME_LOSS[machine.device])
+
+
+@check("(c) packing", seconds=30)
+def packing(machine: Machine) -> Iterator[Line]:
+    report = worker(machine, "packing")
+    yield batches_on_device(machine, report)
+    yield packed_equals_padded(report)
+    yield no_host_sync_from_us(report["host_syncs"])
+    yield packed_fp8_pass(report["fp8"])
+
+
+def batches_on_device(machine: Machine, report: dict) -> Line:
+    name, placement, compared = "batches on the device", report["placement"], report["packed_vs_padded"]
+    if "error" in placement:
+        return Line(name, failure(placement["error"]), placement["where"])
+    if placement["unlisted"]:
+        return Line(name, f"FAIL: tensor fields DEVICE_FIELDS leaves out: {placement['unlisted']}")
     if not machine.cuda:
-        yield Line("batches on the device", "skipped: no CUDA device (on CPU every tensor is on the host)")
-    elif machine.results.get("trainer ran"):
-        yield Line("batches on the device", "pass", "the trainer's steps ran on cuda; a host tensor in its forward "
-                   "raises a device mismatch")
+        return Line(name, "skipped: no CUDA device (on CPU micro-batches stay on the host)",
+                    f"DEVICE_FIELDS lists every tensor field but row_index: {len(placement['devices'])} moved")
+    on_host = sorted(field for field, devices in placement["devices"].items()
+                     if any(not device.startswith("cuda") for device in devices))
+    if on_host:
+        return Line(name, f"FAIL: still on the host after to_device: {on_host}")
+    if "error" in compared:
+        return Line(name, failure(f"a packed forward/backward: {compared['error']}"), compared["where"])
+    return Line(name, "pass", f"all {len(placement['devices'])} DEVICE_FIELDS on cuda after to_device; a packed "
+                f"forward/backward ran on {compared['device']} ({report['spec']} spec), loss {compared['loss']:.4f}")
 
 
-@check("(c) FP8")
-def fp8(machine: Machine) -> Iterator[Line]:
-    from orpo_megatron.model import FP8_MIN_COMPUTE_CAPABILITY
+def packed_equals_padded(report: dict) -> Line:
+    name, compared, spec = "packed = --no-packing (same pairs)", report["packed_vs_padded"], report["spec"]
+    if "error" in compared:
+        return Line(name, failure(compared["error"]), compared["where"])
+    ok = compared["metric_difference"] <= PACKED_METRIC_TOL and compared["grad_difference"] <= PACKED_GRAD_TOL
+    kernels = " (THD attention, fused THD RoPE)" if spec == "TE" else ""
+    return Line(name, "pass" if ok else "FAIL: packed and padded differ",
+                f"{spec} spec{kernels}, bf16: worst metric {compared['metric']} {compared['metric_difference']:.1e} "
+                f"(tolerance {PACKED_METRIC_TOL:g}), worst gradient {compared['grad']} "
+                f"{compared['grad_difference']:.1e} (of its largest entry; tolerance {PACKED_GRAD_TOL:g}); "
+                f"{len(compared['packed_rows'])} packed rows against {len(compared['padded_rows'])} micro-batches "
+                f"of {compared['padded_rows'][0][0]} padded rows")
 
-    for recipe in ("delayed", "tensorwise"):
-        name = f"{recipe}: steps, save, resume with FP8 state"
-        if not (machine.cuda and machine.transformer_engine):
-            yield Line(name, "skipped: " + ("no CUDA device" if not machine.cuda else "transformer-engine not installed"))
+
+def no_host_sync_from_us(syncs: dict) -> Line:
+    name = "no host sync from orpo_megatron/"
+    if "skipped" in syncs:
+        return Line(name, f"skipped: {syncs['skipped']} (host syncs are CUDA's)")
+    if "error" in syncs:
+        return Line(name, failure(syncs["error"]), syncs["where"])
+    if not syncs.pop("planted_sync_seen"):
+        return Line(name, "FAIL: the detector missed a planted .item() (torch.cuda.set_sync_debug_mode)")
+
+    def listed(places: dict) -> str:
+        shown = ", ".join(f"{place} x{count}" for place, count in list(places.items())[:3])
+        return shown + (", ..." if len(places) > 3 else "")
+
+    others = "; ".join(f"{owner}: {sum(places.values())} ({listed(places)})" for owner, places in syncs.items()
+                       if owner != "orpo_megatron" and places) or "none from megatron-core or transformer-engine either"
+    ours = syncs["orpo_megatron"]
+    if ours:
+        return Line(name, f"FAIL: {sum(ours.values())} from orpo_megatron/", f"orpo_megatron: {listed(ours)}; {others}")
+    return Line(name, "pass", f"in a training step's forward/backward; {others}")
+
+
+def packed_fp8_pass(fp8: dict) -> Line:
+    name = "packed FP8 hybrid pass (rows to 16)"
+    if "rows" not in fp8:
+        return Line(name, failure(fp8["error"]), fp8["where"])
+    rows, multiple = fp8["rows"], fp8["multiple"]
+    padded = sum(length > real for length, real in rows)
+    shapes = (f"rows {', '.join(f'{length} ({real} real)' for length, real in rows)}: {padded} of {len(rows)} "
+              f"padded to a multiple of {multiple}")
+    if any(length % multiple or real > length for length, real in rows):
+        return Line(name, f"FAIL: rows not a multiple of {multiple}", shapes)
+    if "skipped" in fp8:
+        return Line(name, f"skipped: {fp8['skipped']}", f"the trainer's FP8 rows, built here: {shapes}")
+    if "error" in fp8:
+        return Line(name, failure(fp8["error"]), fp8["where"])
+    return Line(name, "pass" if math.isfinite(fp8["loss"]) else "FAIL: loss not finite",
+                f"{shapes}; forward/backward on the TE spec, loss {fp8['loss']:.4f}")
+
+
+@check("(d) checkpoints", seconds=35)
+def checkpoints(machine: Machine) -> Iterator[Line]:
+    report = worker(machine, "checkpoints")
+    yield te_keys_equal_local(machine, report["keys"])
+    yield loads_across_specs(machine, report)
+    yield fp8_state_restored(report["fp8_state"])
+
+
+def te_keys_equal_local(machine: Machine, keys: dict) -> Line:
+    name = "TE spec keys = local spec keys"
+    if "error" in keys:
+        return Line(name, failure(keys["error"]), keys["where"])
+    counts = "; ".join(f"{spec}: {r['tensors']} tensors, {r['objects']} objects ({r['extra_state_objects']} "
+                       "_extra_state)" for spec, r in keys.items() if spec != "skipped")
+    if "skipped" in keys:
+        return Line(name, f"skipped: {machine.without_transformer_engine() or keys['skipped']}", counts)
+    differing = {spec: r["differing"] for spec, r in keys.items() if r["differing"]}
+    if differing:
+        return Line(name, f"FAIL: {', '.join(differing)} differ", f"differing (first): {differing}")
+    return Line(name, "pass", f"the same tensors (key, shape, offset) and objects; {counts}")
+
+
+def loads_across_specs(machine: Machine, report: dict) -> Line:
+    name, cross = "saved on one spec, loaded on another", report["cross_load"]
+    if "error" in cross:
+        return Line(name, failure(cross["error"]), cross["where"])
+    loads = "; ".join(f"{load['saved_on']} -> {load['loaded_on']}: logits {load['logits_difference']:.1e}"
+                      for load in cross["loads"])
+    wrong = [load for load in cross["loads"]
+             if load["weights_differing"] or load["logits_difference"] > CROSS_LOAD_LOGITS]
+    if wrong:
+        return Line(name, f"FAIL: {wrong[0]['saved_on']} -> {wrong[0]['loaded_on']} loads other weights",
+                    f"weights differing: {wrong[0]['weights_differing']}; {loads}")
+    if len(report["specs"]) == 1:
+        return Line(name, f"skipped: {machine.without_transformer_engine()} (one spec)",
+                    f"local -> local ran: weights bitwise equal, {loads}")
+    apart = "; ".join(f"{pair}: {difference:.1e}" for pair, difference in cross["specs_apart"].items())
+    return Line(name, "pass", f"weights bitwise equal, logits (relative to their largest, tolerance "
+                f"{CROSS_LOAD_LOGITS:g}) {loads}; the specs' own logits apart: {apart}")
+
+
+def fp8_state_restored(state: dict) -> Line:
+    name = "FP8 delayed: fp8_meta back after a load"
+    if "skipped" in state:
+        return Line(name, f"skipped: {state['skipped']}")
+    if "error" in state:
+        return Line(name, failure(state["error"]), state["where"])
+    if state["differing"] or state["unexpected"] or not state["nonzero_histories"]:
+        what = "it differs" if state["nonzero_histories"] else "nothing to compare (no non-zero amax history)"
+        return Line(name, f"FAIL: {what}", f"differing: {state['differing']}; unexpected: {state['unexpected']}")
+    return Line(name, "pass", f"amax histories and scales of {state['modules']} TE modules ({state['tensors']} "
+                f"tensors, {state['nonzero_histories']} non-zero histories) bitwise equal after save + load")
+
+
+@check("(e) memory", seconds=30)
+def optimizer_memory(machine: Machine) -> Iterator[Line]:
+    machine.need_cuda()
+    for mode, r in worker(machine, "memory").items():
+        if isinstance(r, str):
+            yield Line(f"{mode}: optimizer GPU bytes", f"skipped: {r}")
             continue
-        if machine.capability < FP8_MIN_COMPUTE_CAPABILITY:
-            yield Line(name, f"skipped: compute capability {machine.capability} < 8.9")
-            continue
-        difference = resume_difference(machine, f"fp8-{recipe}", "--fp8-format", "hybrid", "--fp8-recipe", recipe)
-        tolerance = RESUME_LOSS["cuda"]
-        yield Line(name, "pass" if difference <= tolerance else "FAIL: resumed losses differ",
-                   f"steps 3-4 loss max |diff| {difference:.2e} (tolerance {tolerance:g})")
-    if machine.cuda and machine.transformer_engine and machine.capability >= FP8_MIN_COMPUTE_CAPABILITY:
-        output = os.path.join(machine.work, "fp8-scores.jsonl")
-        run([sys.executable, "-m", "orpo_megatron.evaluate", "--load", os.path.join(machine.work, "fp8-delayed-straight"),
-             "--data-path", DATA, "--data-cache-dir", os.path.join(machine.work, "data_cache"), *SHAPES, "--bf16",
-             "--fp8-format", "hybrid", "--output", output], timeout=300)
-        summary = json.load(open(output + ".summary.json"))
-        yield Line("evaluator with --fp8-format", "pass" if math.isfinite(summary["loss"]) else "FAIL: loss not finite",
-                   f"{summary['pairs']} pairs scored, loss {summary['loss']:.4f}")
+        ok = abs(r["real"] - r["estimate"]) <= r["tolerance"]
+        yield Line(f"{mode}: optimizer GPU bytes", "pass" if ok else "FAIL: the estimate is off",
+                   f"allocated {r['real'] / 2**20:,.1f} MiB, estimated {r['estimate'] / 2**20:,.1f} MiB "
+                   f"(tolerance {r['tolerance'] / 2**20:,.1f} MiB)")
 
 
-@check("(d) throughput")
+@check("(f) throughput", seconds=90)
 def throughput_lines(machine: Machine) -> Iterator[Line]:
-    out = os.path.join(machine.work, "throughput.json")
     nproc = 2 if machine.dry_run else machine.gpus  # the dry run exercises the DP > 1 lines with 2 CPU processes
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
-         "--worker", "throughput", "--out", out] + (["--dry-run"] if machine.dry_run else []), timeout=600)
-    report = json.load(open(out))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}")
+    report = worker(machine, "throughput", *(["--dry-run"] if machine.dry_run else []), launcher=torchrun)
     base = report["all on"]
     shape = report["shape"]
     mfu = f", MFU {base['mfu']:.1%}" if base["mfu"] is not None else ", MFU: no peak known for this device"
@@ -264,230 +540,46 @@ def throughput_lines(machine: Machine) -> Iterator[Line]:
                    f"on {base['tokens_per_second']:,.0f} tok/s, off {off['tokens_per_second']:,.0f} tok/s")
 
 
-@check("(e) memory")
-def optimizer_memory(machine: Machine) -> Iterator[Line]:
-    machine.need_cuda()
-    out = os.path.join(machine.work, "memory.json")
-    run([sys.executable, __file__, "--worker", "memory", "--out", out], timeout=600)
-    for mode, r in json.load(open(out)).items():
-        if isinstance(r, str):
-            yield Line(f"{mode}: optimizer GPU bytes", f"skipped: {r}")
-            continue
-        ok = abs(r["real"] - r["estimate"]) <= r["tolerance"]
-        yield Line(f"{mode}: optimizer GPU bytes", "pass" if ok else "FAIL: the estimate is off",
-                   f"allocated {r['real'] / 2**20:,.1f} MiB, estimated {r['estimate'] / 2**20:,.1f} MiB "
-                   f"(tolerance {r['tolerance'] / 2**20:,.1f} MiB)")
-
-
-# ------------------------------------------------------------------------------------------- workers
-def worker_parity(args: argparse.Namespace) -> None:
-    """Our model (each spec and dtype here) and transformers' Mixtral on the same sequences: per-sequence mean
-    completion log-probs and the gradients of the embedding and output weights of the summed log-prob loss."""
-    from transformers import AutoModelForCausalLM
-
-    from orpo_megatron import checkpoint_format, model, parallel
-    from orpo_megatron.data.arguments import DataConfig, add_data_args
-    from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-    from orpo_megatron.model_config import FusedKernels, PrecisionConfig, build_transformer_config
-
-    info = checkpoint_format.describe(args.load)
-    hf = info.hf
-    parallel.initialize({}, hf)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = DataConfig.from_args(add_data_args(argparse.ArgumentParser()).parse_args(["--data-path", DATA, *SHAPES]))
-    pairs, _ = tokenized_split(data, make_pair_tokenizer(data, args.hf_dir), data.split)
-    sequences = [(p["prompt_input_ids"], c) for p in pairs.select(range(4))
-                 for c in (p["chosen_input_ids"], p["rejected_input_ids"])]
-    length = max(len(prompt) + len(completion) for prompt, completion in sequences)
-    ids = torch.zeros(len(sequences), length, dtype=torch.long)
-    completion = torch.zeros(len(sequences), length, dtype=torch.bool)  # target positions scored
-    for row, (prompt, tokens) in enumerate(sequences):
-        ids[row, :len(prompt) + len(tokens)] = torch.tensor(prompt + tokens)
-        completion[row, len(prompt) - 1:len(prompt) + len(tokens) - 1] = True
-    ids, completion = ids.to(device), completion.to(device)
-
-    def score(logits, embedding, output):
-        """Per-sequence mean completion log-prob; gradients of the summed log-prob w.r.t. the two weights."""
-        log_probs = logits[..., :hf.vocab_size].float().log_softmax(-1)[:, :-1]
-        token = log_probs.gather(-1, ids[:, 1:, None])[..., 0] * completion[:, :-1]
-        token.sum().backward()
-        means = token.sum(-1) / completion[:, :-1].sum(-1)
-        grads = [w.main_grad if getattr(w, "main_grad", None) is not None else w.grad for w in (embedding, output)]
-        return means.detach().double().cpu(), [g[:hf.vocab_size].detach().double().cpu().flatten() for g in grads]
-
-    reference = {}
-    for dtype in ("fp32", "bf16"):
-        ref = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
-        ref = ref.to(device).eval()
-        reference[dtype] = score(ref(ids).logits, ref.model.embed_tokens.weight, ref.lm_head.weight)
-        del ref
-    report = {}
-    use_te_options = [False] + ([True] if model.transformer_engine_available() else [])
-    for use_te in use_te_options:
-        for dtype in ("fp32", "bf16"):
-            # No DDP here, so no fp32 main_grad buffer for TE's fused gradient accumulation.
-            kernels = dataclasses.replace(FusedKernels.for_backend(use_te), gradient_accumulation_fusion=False)
-            config = build_transformer_config(hf, precision=PrecisionConfig(bf16=dtype == "bf16"), kernels=kernels)
-            [chunk] = model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te)
-            checkpoint_format.load_model_weights(info, [chunk])
-            chunk.eval()  # no dropout anyway; grads still flow
-            positions = torch.arange(length, device=device).expand_as(ids)
-            means, grads = score(chunk(ids, positions, attention_mask=None),
-                                 chunk.embedding.word_embeddings.weight, chunk.output_layer.weight)
-            cosine = [torch.nn.functional.cosine_similarity(g, r, dim=0).item() for g, r in zip(grads, reference[dtype][1])]
-            report[f"{'te' if use_te else 'local'}/{dtype}"] = {
-                "logp_vs_same_dtype": (means - reference[dtype][0]).abs().max().item(),
-                "logp_vs_fp32": (means - reference["fp32"][0]).abs().max().item(),
-                "reference_bf16_vs_fp32": (reference["bf16"][0] - reference["fp32"][0]).abs().max().item(),
-                "cos_embedding": cosine[0], "cos_output": cosine[1]}
-            del chunk
-    with open(args.out, "w") as f:
-        json.dump(report, f)
-    parallel.destroy()
-
-
-def worker_throughput(args: argparse.Namespace) -> None:
-    """Tokens/s of two Mixtral-8x22B-shaped layers per kernel configuration (rank 0 writes the report)."""
-    import torch.distributed as dist
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from orpo_megatron import model, parallel, throughput, train
-    from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
-
-    hf = dataclasses.replace(HFModelConfig.from_file(CONFIG_8X22B), num_layers=2)
-    seq, micro_batches, steps = 2048, 2, 5
-    if args.dry_run:  # the same code on CPU in seconds
-        hf = dataclasses.replace(hf, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                 intermediate_size=256, vocab_size=1024)
-        seq, steps = 128, 2
-    layout = parallel.initialize({}, hf)
-    dp = layout.data_parallel_size
-    use_te = model.transformer_engine_available()
-    vocab = model.vocab_info(hf, 128, 1)
-    peak = throughput.default_peak_tflops()
-    all_on = FusedKernels.for_backend(use_te)
-    configs = {"all on": (all_on, dp > 1)}
-    toggles = ["moe_grouped_gemm", "moe_permute_fusion", "apply_rope_fusion", "bias_dropout_fusion",
-               "gradient_accumulation_fusion", "masked_softmax_fusion", "overlap_grad_reduce", "overlap_param_gather"]
-    skipped = {}
-    for name in toggles:
-        if name.startswith("overlap"):
-            if dp == 1:
-                skipped[name] = "DP=1 (one GPU): no data-parallel communication to overlap; run with 2+ GPUs"
-            else:
-                configs[f"{name} off"] = (all_on, False) if name == "overlap_grad_reduce" else (all_on, "grad only")
-        elif not use_te:
-            skipped[name] = "needs Transformer Engine and a GPU (the local spec runs unfused)"
-        elif name == "masked_softmax_fusion":
-            skipped[name] = "no effect on the TE spec (TE's attention has its own softmax)"
-        elif not getattr(all_on, name):
-            skipped[name] = "not available here (gradient accumulation fusion needs Apex's fused_weight_gradient_mlp_cuda)"
-        else:
-            configs[f"{name} off"] = (dataclasses.replace(all_on, **{name: False}), dp > 1)
-
-    generator = torch.Generator().manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ids = torch.randint(0, hf.vocab_size, (2, seq), generator=generator).to(device)
-    positions = torch.arange(seq, device=device).expand_as(ids)
-
-    def forward_step(data_iterator, chunk):
-        tokens = next(data_iterator)
-        per_token = chunk(tokens, positions, attention_mask=None, labels=tokens)
-        return per_token, lambda output: (output.float().mean(), {})
-
-    report = {"shape": f"hidden {hf.hidden_size}, {hf.num_attention_heads}/{hf.num_key_value_heads} heads, "
-                       f"{hf.num_experts} experts top-{hf.num_experts_per_tok}, FFN {hf.intermediate_size}, "
-                       f"{seq} tokens x 2 x {micro_batches} micro-batches" + (" (dry run: scaled down)" if args.dry_run else ""),
-              "spec": "TE" if use_te else "local", "dp": dp, "toggles": toggles,
-              **{f"{name} off": why for name, why in skipped.items()}}
-    for name, (kernels, overlap) in configs.items():
-        config = build_transformer_config(hf, precision=PrecisionConfig(bf16=True), kernels=kernels)
-        ddp = SimpleNamespace(overlap_grad_reduce=bool(overlap), overlap_param_gather=overlap is True,
-                              ddp_bucket_size=None, main_grads_dtype="fp32")
-        chunks = train.wrap_data_parallel(config, ddp, model.build_model(config, hf, vocab, use_te))
-        times = []
-        for step in range(steps + 2):
-            started = time.perf_counter()
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([ids] * micro_batches),
-                                        model=chunks, num_microbatches=micro_batches, seq_length=seq,
-                                        micro_batch_size=2, forward_only=False)
-            if not ddp.overlap_param_gather:  # what the optimizer step ends with; overlapped: the next forward
-                for chunk in chunks:
-                    chunk.start_param_sync()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step >= 2:  # two warm-up steps
-                times.append(time.perf_counter() - started)
-        seconds = sum(times) / len(times)
-        tokens = 2 * seq * micro_batches * dp
-        flops = throughput.training_flops(hf, 2 * micro_batches * dp, seq, vocab.padded_size)
-        figures = throughput.throughput(tokens, flops, seconds, dist.get_world_size(), peak)
-        report[name] = {"tokens_per_second": figures.tokens_per_second, "mfu": figures.mfu, "seconds": seconds}
-        del chunks, config
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(report, f)
-    parallel.destroy()
-
-
-def worker_memory(args: argparse.Namespace) -> None:
-    """GPU bytes each optimizer mode allocates (its construction and first step) vs the estimator's figure."""
-    from orpo_megatron import model, optimizer as optimizers, parallel, train
-    from orpo_megatron.memory_estimate import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
-    from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
-
-    hf = dataclasses.replace(HFModelConfig.from_file(CONFIG_8X22B), num_layers=4, hidden_size=1024,
-                             num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=2048)
-    parallel.initialize({}, hf)
-    use_te = model.transformer_engine_available()
-    modes = {"adam": [], "offload 0.5": OFFLOAD,
-             "precision-aware, bf16 moments": ["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
-                                               "--exp-avg-sq-dtype", "bf16"]}
-    parser = argparse.ArgumentParser()
-    optimizers.add_optimizer_args(parser)
-    report = {}
-    for name, flags in modes.items():
-        if name.startswith("precision-aware") and not use_te:
-            report[name] = "transformer-engine not installed (TE's FusedAdam)"
-            continue
-        opt_args = parser.parse_args(flags)
-        opt_args.lr, opt_args.min_lr = 1e-4, 0.0
-        config = build_transformer_config(hf, precision=PrecisionConfig(bf16=True),
-                                          kernels=FusedKernels.for_backend(use_te))
-        ddp = SimpleNamespace(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=None,
-                              main_grads_dtype=opt_args.main_grads_dtype)
-        chunks = train.wrap_data_parallel(config, ddp, model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te))
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        optimizer = optimizers.build_optimizer(opt_args, chunks, True, torch.bfloat16)
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.step()
-        torch.cuda.synchronize()
-        real = torch.cuda.memory_allocated() - before
-        mode = optimizers.OptimizerMode.from_args(opt_args)
-        estimate = rank_memory(hf, MemoryLayout(optimizer=mode), 0)
-        # Offload moves whole parameter shards: allow the largest one; otherwise 1% (allocator rounding, scales).
-        largest = max(p.numel for p in chunk_parameters(hf, MemoryLayout(), 0))
-        per_element = optimizer_bytes_per_element(mode, True)
-        slack = (largest * (per_element.gpu_main_params + per_element.gpu_state) / (1 - mode.offload_fraction)
-                 if 0 < mode.offload_fraction < 1 else 0)
-        expected = estimate.main_param_bytes + estimate.optimizer_state_bytes
-        report[name] = {"real": real, "estimate": expected, "tolerance": max(slack, 0.01 * expected)}
-        del optimizer, chunks, config
-        gc.collect()
-        torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(report, f)
-    parallel.destroy()
+@check("(g) FP8", seconds=75)
+def fp8(machine: Machine) -> Iterator[Line]:
+    recipes = ("delayed", "tensorwise")
+    evaluator = "evaluator with --fp8-format"
+    if machine.without_fp8():
+        for recipe in recipes:
+            yield Line(f"{recipe}: steps, save, resume with FP8 state", f"skipped: {machine.without_fp8()}")
+        yield Line(evaluator, f"skipped: {machine.without_fp8()}")
+        return
+    differences, _ = resume_runs(machine, {f"fp8-{recipe}": ["--fp8-format", "hybrid", "--fp8-recipe", recipe]
+                                           for recipe in recipes})
+    for recipe in recipes:
+        yield resume_line(f"{recipe}: steps, save, resume with FP8 state", differences[f"fp8-{recipe}"],
+                          RESUME_LOSS["cuda"])
+    if isinstance(differences["fp8-delayed"], Exception):
+        yield Line(evaluator, "skipped: the delayed-scaling run it scores failed")
+        return
+    output = os.path.join(machine.work, "fp8-scores.jsonl")
+    run_one(machine, "fp8-evaluate", [
+        sys.executable, "-m", "orpo_megatron.evaluate", "--load", os.path.join(machine.work, "fp8-delayed-straight"),
+        "--data-path", DATA, "--data-cache-dir", data_cache(machine.work), *SHAPES, "--bf16",
+        "--fp8-format", "hybrid", "--output", output], timeout=300)
+    with open(output + ".summary.json") as f:
+        summary = json.load(f)
+    yield Line(evaluator, "pass" if math.isfinite(summary["loss"]) else "FAIL: loss not finite",
+               f"{summary['pairs']} pairs scored, loss {summary['loss']:.4f}")
 
 
 # --------------------------------------------------------------------------------------------- main
+def missing_packages() -> list[str]:
+    """What this command needs and a fresh GPU machine lacks (it then prints HOW_TO_RUN and stops)."""
+    def present(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            return False
+    return [package for package, module in (("megatron-core", "megatron.core"), ("datasets", "datasets"))
+            if not present(module)]
+
+
 def describe_machine(dry_run: bool, work: str, budget_minutes: float) -> Machine:
     cuda = torch.cuda.is_available()
     te = None
@@ -503,16 +595,19 @@ def describe_machine(dry_run: bool, work: str, budget_minutes: float) -> Machine
 
 
 def prepare_fixtures(machine: Machine) -> None:
-    """The tiny Mixtral (HF folder) and its conversions to our format in fp32 and bf16."""
-    from orpo_megatron import fixtures
+    """The tiny Mixtral (HF folder), its conversions to our format in fp32 and bf16 (`tools/convert_hf.py
+    hf-to-megatron`'s function) and the tokenized pairs, in this process: each process the command starts spends
+    seconds importing, and the runs that read the data cache need not race to write it."""
+    from orpo_megatron import conversion, fixtures
+    from orpo_megatron.data.arguments import DataConfig, add_data_args
+    from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 
-    hf_dir = fixtures.write_tiny_model(os.path.join(machine.work, "tiny-hf"), seed=1234)
-    machine.converted["hf"] = hf_dir
-    for dtype in ("fp32", "bf16"):
-        out = os.path.join(machine.work, f"tiny-{dtype}")
-        run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron", "--hf-dir", hf_dir,
-             "--output", out, "--dtype", dtype], timeout=300)
-        machine.converted[dtype] = out
+    hf_dir = fixtures.write_tiny_model(fixture(machine.work, "hf"), seed=1234)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        conversion.hf_to_megatron(hf_dir, fixture(machine.work, name), dtype, progress=False)
+    data = DataConfig.from_args(add_data_args(argparse.ArgumentParser()).parse_args(
+        ["--data-path", DATA, "--data-cache-dir", data_cache(machine.work), *SHAPES]))
+    tokenized_split(data, make_pair_tokenizer(data, hf_dir), data.split)
 
 
 def print_table(lines: list[tuple[str, Line]]) -> None:
@@ -524,26 +619,31 @@ def print_table(lines: list[tuple[str, Line]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=HOW_TO_RUN,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="run on CPU at tiny sizes (what CI exercises)")
-    parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
-    parser.add_argument("--budget-minutes", type=float, default=9.5,
-                        help="checks not started within this many minutes are skipped (the command's budget is 10)")
-    parser.add_argument("--worker", choices=["parity", "throughput", "memory"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--load", help=argparse.SUPPRESS)
-    parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", default=None, help="scratch folder, logs in its logs/ (default: a temporary "
+                                                          "one, removed)")
+    parser.add_argument("--budget-minutes", type=float, default=9.0,
+                        help="start a check only if its estimated time fits in what is left of this many minutes "
+                             "(default 9: the command's budget is 10, pip and start-up take the rest)")
     args = parser.parse_args(argv)
-    if args.worker:
-        {"parity": worker_parity, "throughput": worker_throughput, "memory": worker_memory}[args.worker](args)
-        return 0
+    print(HOW_TO_RUN, flush=True)
+    if missing_packages():
+        print(f"error: {', '.join(missing_packages())} not installed: install them as above", file=sys.stderr)
+        return 2
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --dry-run to exercise the checks on CPU")
 
+    if args.work_dir and os.path.isdir(args.work_dir) and os.listdir(args.work_dir):
+        parser.error(f"--work-dir {args.work_dir} is not empty: give a new or empty folder (the runs save there)")
     work = args.work_dir or tempfile.mkdtemp(prefix="gpu-acceptance-")
     os.makedirs(work, exist_ok=True)
     machine = describe_machine(args.dry_run, work, args.budget_minutes)
     prepare_fixtures(machine)
+    for name in EARLY_WORKERS:
+        if name != "parity" or machine.transformers:
+            start_worker(machine, name)
     lines: list[tuple[str, Line]] = []
     started = time.time()
 
@@ -551,11 +651,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append((section, line))
         print(f"[{time.time() - started:4.0f} s] {section} | {line.check} | {line.result} | {line.detail}", flush=True)
 
-    for section, fn in CHECKS:
+    for section, fn, seconds in CHECKS:
         name = fn.__name__.replace("_", " ")
+        check_started = time.time()
         try:
-            if time.time() > machine.deadline:
-                raise Skip(f"time budget of {args.budget_minutes:g} minutes spent")
+            left = machine.deadline - check_started
+            if seconds > left:
+                raise Skip(f"time budget: ~{seconds:.0f} s needed, {max(left, 0):.0f} s left of "
+                           f"{args.budget_minutes:g} minutes")
             for line in fn(machine):
                 add(section, line)
         except Skip as why:
@@ -563,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # one broken check must not hide the others
             add(section, Line(name, f"FAIL: {type(err).__name__}: {err}"[:300],
                               traceback.format_exc().strip().splitlines()[-1][:200]))
+        if seconds:
+            print(f"[{time.time() - started:4.0f} s] {section} took {time.time() - check_started:.0f} s "
+                  f"(estimated {seconds:.0f} s on an H200)", flush=True)
+    stop_early_workers(machine)
     print_table(lines)
     print(f"\n{len(lines)} lines in {time.time() - started:.0f} s on {machine.device_name}")
     if not args.work_dir:
