@@ -154,13 +154,15 @@ def _coalescing_unless_one_process(coalescing_manager):
 
 
 def _shard_collective_unless_one_process(collective):
-    """A reduce-scatter or all-gather `(output, input, ...)`; over one process the output is the input (in place
-    when they share memory, as in Megatron's buffers)."""
+    """A reduce-scatter or all-gather `(output, input, ...)` of torch.distributed, looked up by name when called
+    (so wrappers installed there later see it); over one process the output is the input (in place when they
+    share memory, as in Megatron's buffers)."""
 
     @functools.wraps(collective)
     def shortcut(output, input, *args, group=None, async_op=False, **kwargs):
         if not _one_process(group):
-            return collective(output, input, *args, group=group, async_op=async_op, **kwargs)
+            return getattr(dist, collective.__name__)(output, input, *args, group=group, async_op=async_op,
+                                                      **kwargs)
         if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
             output.copy_(input.view_as(output))
         return _CompletedWork() if async_op else None
