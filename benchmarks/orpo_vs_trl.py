@@ -18,8 +18,10 @@ Both sides train the same model on the same pairs, in the same order, in one pro
   bf16 (TRL: bf16 autocast over fp32 weights; ours: --bf16, bf16 weights with fp32 main params and gradients).
 
 What each side computes per step differs by padding, and the output says how much: TRL pads the four sequences of a
-step (2 chosen, 2 rejected) to the longest; ours packs them into one row without padding (the default). Both
-print real tokens and computed positions per step.
+step (2 chosen, 2 rejected) to the longest; ours packs them into one row without padding (the default). Each
+side's real tokens and computed positions per step are printed. `--with-padded` adds a third side, ours with
+`--no-packing`, which computes TRL's positions (four rows padded to the longest): ours against TRL without the
+gain of packing.
 
 Timing: each side runs in its own process (`multiprocessing` spawn: our CPU backend's torch-function mode is not
 active on TRL's side) and waits at block boundaries; the driver lets one side run one block of steps while the other
@@ -28,7 +30,7 @@ steps' whole loop iterations (data, forward, backward, optimizer, logging). The 
 allocator warm-up) are not timed; they are used to check that both sides computed the same first step.
 
     python benchmarks/orpo_vs_trl.py                         # fp32 then bf16, 6 rounds of 16 steps (~15 min, 1 core)
-    python benchmarks/orpo_vs_trl.py --precisions fp32 --rounds 4
+    python benchmarks/orpo_vs_trl.py --precisions fp32 --with-padded
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ MODEL_SEED = 7
 DATA_SEED = 1234
 LOG_INTERVAL = 10
 MAX_LENGTH = 1024
-SIDES = ("ours", "trl")
+# Side name -> our trainer's extra flags (None: TRL). "ours-padded" computes TRL's padded positions.
+SIDE_FLAGS = {"ours": [], "trl": None, "ours-padded": ["--no-packing"]}
 # Step-1 metrics both sides log under TRL's names, compared before anything is timed.
 CHECKED_METRICS = ("nll_loss", "logps/chosen", "logps/rejected", "log_odds_chosen", "log_odds_ratio")
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
@@ -145,10 +148,10 @@ def _worker_start(log_path: str, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_ours(conn, inputs: dict, workdir: str, precision: str, num_steps: int, warmup: int, block: int,
+def run_ours(conn, name: str, inputs: dict, workdir: str, precision: str, num_steps: int, warmup: int, block: int,
              threads: int) -> None:
     """Our trainer's own entry point, with `train_step` wrapped to keep the block clock."""
-    _worker_start(os.path.join(workdir, f"ours_{precision}.log"), threads)
+    _worker_start(os.path.join(workdir, f"{name}_{precision}.log"), threads)
     from orpo_megatron import train
 
     clock = BlockClock(conn, warmup, block)
@@ -168,14 +171,14 @@ def run_ours(conn, inputs: dict, workdir: str, precision: str, num_steps: int, w
         os.path.join(workdir, "ours_cache"), "--eval-fraction", "0", "--max-length", str(MAX_LENGTH),
         "--micro-batch-size", str(PAIRS_PER_STEP), "--global-batch-size", str(PAIRS_PER_STEP),
         "--train-iters", str(num_steps), "--lr", "1e-6", "--log-interval", str(LOG_INTERVAL),
-        "--seed", str(DATA_SEED), *(["--bf16"] if precision == "bf16" else [])])
+        "--seed", str(DATA_SEED), *(["--bf16"] if precision == "bf16" else []), *SIDE_FLAGS[name]])
     raise RuntimeError(f"our trainer finished its {num_steps} steps before the driver stopped it")
 
 
-def run_trl(conn, inputs: dict, workdir: str, precision: str, num_steps: int, warmup: int, block: int,
+def run_trl(conn, name: str, inputs: dict, workdir: str, precision: str, num_steps: int, warmup: int, block: int,
             threads: int) -> None:
     """TRL's ORPOTrainer with a callback keeping the block clock."""
-    _worker_start(os.path.join(workdir, f"trl_{precision}.log"), threads)
+    _worker_start(os.path.join(workdir, f"{name}_{precision}.log"), threads)
     trainer = trl_trainer(inputs, os.path.join(workdir, f"trl_{precision}"), precision, num_steps)
     steps = trl_step_sizes(trainer.train_dataset)
     clock = BlockClock(conn, warmup, block)
@@ -261,8 +264,8 @@ class Side:
 def start_side(name: str, inputs: dict, workdir: str, precision: str, args, num_steps: int) -> Side:
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    target = run_ours if name == "ours" else run_trl
-    process = context.Process(target=target, args=(child, inputs, workdir, precision, num_steps,
+    target = run_trl if SIDE_FLAGS[name] is None else run_ours
+    process = context.Process(target=target, args=(child, name, inputs, workdir, precision, num_steps,
                                                    args.warmup_steps, args.block_steps, args.threads))
     process.start()
     child.close()  # the worker's end: closed here, so a worker that dies is seen as end of file
@@ -270,30 +273,36 @@ def start_side(name: str, inputs: dict, workdir: str, precision: str, args, num_
 
 
 def check_first_step(first: dict[str, dict], precision: str) -> None:
-    """Both sides' first step on the same pairs and weights: the same values (within the precision's tolerance)."""
+    """Every side's first step on the same pairs and weights: TRL's values (within the precision's tolerance)."""
     tolerance = TOLERANCE[precision]
-    parts = []
-    for name in CHECKED_METRICS:
-        ours, trl = first["ours"][name], first["trl"][name]
-        parts.append(f"{name} {ours:.5f}/{trl:.5f}")
-        if abs(ours - trl) > tolerance * max(1.0, abs(trl)):
-            raise RuntimeError(f"step 1 {name}: ours {ours} vs TRL {trl} (tolerance {tolerance}): the two sides do "
-                               "not train the same model on the same pairs")
-    print(f"  step 1, ours/TRL: {', '.join(parts)}", flush=True)
+    for side in first:
+        if side == "trl":
+            continue
+        parts = []
+        for name in CHECKED_METRICS:
+            ours, trl = first[side][name], first["trl"][name]
+            parts.append(f"{name} {ours:.5f}/{trl:.5f}")
+            if abs(ours - trl) > tolerance * max(1.0, abs(trl)):
+                raise RuntimeError(f"step 1 {name}: {side} {ours} vs TRL {trl} (tolerance {tolerance}): the sides "
+                                   "do not train the same model on the same pairs")
+        print(f"  step 1, {side}/TRL: {', '.join(parts)}", flush=True)
 
 
-def run_precision(precision: str, inputs: dict, workdir: str, args) -> dict[str, Side]:
+def run_precision(precision: str, names: list[str], inputs: dict, workdir: str, args) -> dict[str, Side]:
     num_steps = args.warmup_steps + args.rounds * args.block_steps + 1
-    sides = {name: start_side(name, inputs, workdir, precision, args, num_steps) for name in SIDES}
+    sides = {name: start_side(name, inputs, workdir, precision, args, num_steps) for name in names}
     try:
-        # Both set up at once; each then waits after its (untimed) warm-up steps.
+        # All set up at once; each then waits after its (untimed) warm-up steps.
         check_first_step({name: side.receive()[1] for name, side in sides.items()}, precision)
         for round_index in range(args.rounds):
-            for name in SIDES if round_index % 2 == 0 else SIDES[::-1]:
+            shift = round_index % len(names)  # each side leads in turn
+            for name in names[shift:] + names[:shift]:
                 sides[name].run_block(args.block_steps)
-            ours, trl = sides["ours"].seconds[-1], sides["trl"].seconds[-1]
-            print(f"  round {round_index + 1}/{args.rounds}: ours {ours:.3f} s/step, TRL {trl:.3f} s/step, "
-                  f"ours/TRL pairs/s {trl / ours:.2f}x", flush=True)
+            trl = sides["trl"].seconds[-1]
+            parts = [f"TRL {trl:.3f} s/step"] + [f"{name} {side.seconds[-1]:.3f} s/step "
+                                                 f"({trl / side.seconds[-1]:.2f}x TRL's pairs/s)"
+                                                 for name, side in sides.items() if name != "trl"]
+            print(f"  round {round_index + 1}/{args.rounds}: {', '.join(parts)}", flush=True)
         for side in sides.values():
             side.conn.send("stop")
             side.process.join(timeout=60)
@@ -309,18 +318,21 @@ def report(precision: str, sides: dict[str, Side], args) -> None:
     steps = args.rounds * args.block_steps
     print(f"\n{precision}: {args.rounds} rounds of {args.block_steps} steps, {PAIRS_PER_STEP} pairs per step "
           "(per-block figures: median [min-max])")
-    print(f"  {'side':5s} {'wall s/step':>21s} {'pairs/s':>8s} {'CPU s/step':>21s} {'real tokens/step':>17s} "
+    print(f"  {'side':11s} {'wall s/step':>21s} {'pairs/s':>8s} {'CPU s/step':>21s} {'real tokens/step':>17s} "
           f"{'positions/step':>15s}")
     for name, side in sides.items():
         pairs_per_second = PAIRS_PER_STEP / statistics.median(side.seconds)
-        print(f"  {name:5s} {_spread(side.seconds, '.3f'):>21s} {pairs_per_second:8.2f} "
+        print(f"  {name:11s} {_spread(side.seconds, '.3f'):>21s} {pairs_per_second:8.2f} "
               f"{_spread(side.cpu_seconds, '.3f'):>21s} {side.real_tokens / steps:17.1f} "
               f"{side.positions / steps:15.1f}")
-    for what, attribute in (("wall", "seconds"), ("CPU", "cpu_seconds")):
-        ours, trl = getattr(sides["ours"], attribute), getattr(sides["trl"], attribute)
-        ratios = [t / o for o, t in zip(ours, trl)]
-        print(f"  ours/TRL pairs/s by {what} time: {_spread(ratios, '.2f')}x over rounds, "
-              f"{sum(trl) / sum(ours):.2f}x over all timed steps")
+    for name in sides:
+        if name == "trl":
+            continue
+        for what, attribute in (("wall", "seconds"), ("CPU", "cpu_seconds")):
+            ours, trl = getattr(sides[name], attribute), getattr(sides["trl"], attribute)
+            ratios = [t / o for o, t in zip(ours, trl)]
+            print(f"  {name}/TRL pairs/s by {what} time: {_spread(ratios, '.2f')}x over rounds, "
+                  f"{sum(trl) / sum(ours):.2f}x over all timed steps")
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -335,6 +347,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps at the start (default: 3)")
     parser.add_argument("--pairs", type=int, default=256, help="pairs from examples/data/plain.jsonl (default: 256)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (default: 1)")
+    parser.add_argument("--with-padded", action="store_true",
+                        help="also time ours with --no-packing (side 'ours-padded'): TRL's padded positions")
     parser.add_argument("--workdir", default=None, help="keep the model, data and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
     precisions = args.precisions.split(",")
@@ -358,7 +372,8 @@ def main(argv=None) -> None:
               "step on both sides", flush=True)
         for precision in precisions:
             print(f"\n{precision}: setting up both sides", flush=True)
-            report(precision, run_precision(precision, inputs, workdir, args), args)
+            names = ["ours", "trl"] + (["ours-padded"] if args.with_padded else [])
+            report(precision, run_precision(precision, names, inputs, workdir, args), args)
 
 
 def _version(package: str) -> str:
