@@ -29,7 +29,7 @@ waits, alternating the order every round, so both see the same machine load. A b
 steps' whole loop iterations (data, forward, backward, optimizer, logging). The first steps of each side (start-up,
 allocator warm-up) are not timed; they are used to check that both sides computed the same first step.
 
-    python benchmarks/orpo_vs_trl.py                         # fp32 then bf16, 6 rounds of 16 steps (~15 min, 1 core)
+    python benchmarks/orpo_vs_trl.py                         # fp32 then bf16, 6 rounds of 16 steps (~4 min)
     python benchmarks/orpo_vs_trl.py --precisions fp32 --with-padded
 """
 from __future__ import annotations
