@@ -38,10 +38,6 @@ sys.path.insert(0, REPO)
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator  # noqa: E402
 from orpo_megatron.pipeline import batch_layout, schedule_groups  # noqa: E402
 
-BENCH_MODEL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 4,
-               "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "num_local_experts": 8,
-               "num_experts_per_tok": 2, "max_position_embeddings": 4096}
-
 
 def capybara_like_lengths(num_pairs: int, scale: int = 1, seed: int = 0) -> np.ndarray:
     """[num_pairs, 3] prompt, chosen, rejected tokens (see the module docstring), lengths divided by `scale`."""
@@ -116,7 +112,8 @@ def measure(steps: int) -> None:
     from orpo_megatron import fixtures
 
     with tempfile.TemporaryDirectory(prefix="packing_bench_") as tmp:
-        hf_dir = fixtures.write_tiny_model(os.path.join(tmp, "hf"), seed=7, config_overrides=BENCH_MODEL)
+        hf_dir = fixtures.write_tiny_model(os.path.join(tmp, "hf"), seed=7,
+                                            config_overrides=fixtures.BENCH_MIXTRAL_OVERRIDES)
         checkpoint = os.path.join(tmp, "ckpt")
         subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron", "--hf-dir",
                         hf_dir, "--output", checkpoint], check=True, capture_output=True, cwd=REPO)

@@ -27,12 +27,26 @@ What it bridges, and why:
   fp32 copies report `is_cuda`, copies made with `.cpu()` do not, and `pin_memory()` is a no-op: an offloaded
   CPU run makes the same split, host copies and two sub-optimizers as on a GPU.
 
+What it removes because it only costs time on CPU (results stay bitwise the same; measured on the model of
+`benchmarks/orpo_vs_trl.py` at world size 1):
+- Megatron's DDP reduce-scatters the gradient buffer and all-gathers the parameters over the data-parallel group
+  also when that group is one process, and gloo then still copies the whole buffer (about a tenth of a step).
+  Over one process both are identities: they are skipped.
+- Megatron's gradient clipping without TE or Apex multiplies each gradient out of place and copies the product
+  back; clipping scales a tensor by itself, so it is scaled in place (the same products, one pass, no copy).
+- glibc returns large freed blocks to the OS (those above an mmap threshold that adapts up to 32 MiB, and heap
+  tops above a trim threshold), so every step page-faults its large temporaries (logits, gradients, Adam's
+  intermediates) in again: a fifth of a step. Blocks up to 32 MiB (glibc's highest threshold) come from the heap
+  and freed memory is kept for reuse (peak memory is unchanged; it is not given back before exit).
+
 Not here because they are not CPU-specific: the optimizer-state load fix (`checkpointing.py`), the router's TE
 GEMM name (`model.py`) and the optimizer config's TE version check (`optimizer.py`).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import logging
 import weakref
@@ -109,6 +123,79 @@ class _NoOpStream:
         return False
 
 
+class _CompletedWork:
+    """The handle of an asynchronous collective that needed no communication."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _one_process(group) -> bool:
+    return dist.get_world_size(group) == 1
+
+
+def _coalescing_unless_one_process(coalescing_manager):
+    """torch's `_coalescing_manager`, or over one process a context that issues nothing (its collectives are
+    the shortcuts below)."""
+
+    @contextlib.contextmanager
+    @functools.wraps(coalescing_manager)
+    def manager(group=None, device=None, async_ops=False):
+        if not _one_process(group):
+            with coalescing_manager(group, device, async_ops) as handle:
+                yield handle
+            return
+        yield _CompletedWork()
+
+    return manager
+
+
+def _shard_collective_unless_one_process(collective):
+    """A reduce-scatter or all-gather `(output, input, ...)` of torch.distributed, looked up by name when called
+    (so wrappers installed there later see it); over one process the output is the input (in place when they
+    share memory, as in Megatron's buffers)."""
+
+    @functools.wraps(collective)
+    def shortcut(output, input, *args, group=None, async_op=False, **kwargs):
+        if not _one_process(group):
+            return getattr(dist, collective.__name__)(output, input, *args, group=group, async_op=async_op,
+                                                      **kwargs)
+        if output.data_ptr() != input.data_ptr() or output.numel() != input.numel():
+            output.copy_(input.view_as(output))
+        return _CompletedWork() if async_op else None
+
+    return shortcut
+
+
+def _scale_in_place_when_aliased(multi_tensor_scale):
+    """Megatron-Core's `local_multi_tensor_scale(chunk, flag, [sources, targets], scale)`: `target = source *
+    scale`; a target that is its source is multiplied in place."""
+
+    @functools.wraps(multi_tensor_scale)
+    def scale_tensors(chunk_size, noop_flag, tensor_lists, scale):
+        for source, target in zip(*tensor_lists):
+            if source is target:
+                target.mul_(scale)
+            else:
+                target.copy_(source * scale)
+
+    return scale_tensors
+
+
+def _reuse_freed_host_memory() -> None:
+    """glibc's allocator: large blocks from the heap, freed memory kept (see the module docstring)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)  # the top of glibc's own adaptive range; more gained nothing
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 class _TrackerWarningFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
@@ -180,6 +267,21 @@ def _patch_megatron() -> None:
 
     dist.all_gather = all_gather_uneven_rows
 
+    # Data-parallel gradient and parameter collectives over one process (see the module docstring). The module
+    # bound these names when it was imported, so they are replaced there.
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    buffers._coalescing_manager = _coalescing_unless_one_process(buffers._coalescing_manager)
+    buffers.dist_reduce_scatter_func = _shard_collective_unless_one_process(buffers.dist_reduce_scatter_func)
+    buffers.dist_all_gather_func = _shard_collective_unless_one_process(buffers.dist_all_gather_func)
+
+    # Gradient clipping without TE or Apex (see the module docstring).
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _scale_in_place_when_aliased(megatron_utils.local_multi_tensor_scale)
+
     # The offloading optimizer's device/host split (see the module docstring).
     from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
 
@@ -210,6 +312,7 @@ def activate() -> bool:
         _ACTIVE_MODE = _CudaToCpuMode()
         _patch_torch_cuda()
         _patch_megatron()
+        _reuse_freed_host_memory()
         _ACTIVE_MODE.__enter__()
     return True
 

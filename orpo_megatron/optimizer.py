@@ -158,7 +158,26 @@ def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_d
         main_params_dtype=DTYPES[mode.main_params_dtype], main_grads_dtype=DTYPES[mode.main_grads_dtype],
         exp_avg_dtype=DTYPES[mode.exp_avg_dtype], exp_avg_sq_dtype=DTYPES[mode.exp_avg_sq_dtype],
     )
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    _fuse_torch_adam_on_host(optimizer)
+    return optimizer
+
+
+def _fuse_torch_adam_on_host(optimizer) -> None:
+    """Without TE or Apex (CPU runs) Megatron-Core steps torch's Adam(W) with its defaults, which off CUDA is a
+    Python loop over the parameters, one kernel per operation and tensor: eight passes over the optimizer state
+    per step, a fifth of a training step of the benchmark model at world size 1. Its fused kernel makes one pass,
+    as Megatron-Core's offloading optimizer already uses it for its host part. The update is the same AdamW in
+    fp32, rounded differently (one kernel instead of eight), so weights differ in the last bits from the second
+    step on. Only optimizers whose parameters are all on the host: GPU runs (TE's FusedAdam, or torch's own
+    choice on CUDA) are unchanged. Resuming keeps this run's param groups (`checkpointing._load_optimizer`)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(inner.optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        groups = inner.optimizer.param_groups
+        if all(param.device.type == "cpu" for group in groups for param in group["params"]):
+            for group in groups:
+                group["fused"] = True
 
 
 def grad_reduce_in_fp32(args: argparse.Namespace) -> bool:
