@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -219,7 +220,7 @@ def worker_packing(args: argparse.Namespace) -> None:
     report = {"spec": "TE" if use_te else "local",
               "placement": attempt(batch_placement, packed.micro_batches, accelerator()),
               "packed_vs_padded": attempt(packed_vs_padded, chunks, packed, padded, orpo_config)}
-    report["host_syncs"] = (attempt(host_syncs, lambda: training_pass(chunks, packed, orpo_config))
+    report["host_syncs"] = (attempt(host_syncs, functools.partial(training_pass, chunks, packed, orpo_config))
                             if torch.cuda.is_available() else {"skipped": "no CUDA device"})
     del chunks
     report["fp8"] = attempt(fp8_packed_pass, args, info, orpo_config)
