@@ -5,7 +5,16 @@ import os
 
 import torch.distributed as dist
 
-from orpo_megatron import parallel
+from orpo_megatron import optimizer as optimizers, parallel
+
+
+def optimizer_flags(flags: list[str], lr: float = 1e-4) -> argparse.Namespace:
+    """The trainer's optimizer flags parsed from `flags`, with its learning-rate schedule's flags set."""
+    parser = argparse.ArgumentParser()
+    optimizers.add_optimizer_args(parser)
+    args = parser.parse_args(flags)
+    args.lr, args.min_lr = lr, 0.0
+    return args
 
 
 def measure_layouts(layouts: dict, measure) -> None:

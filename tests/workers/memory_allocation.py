@@ -10,10 +10,8 @@ device ones and its CPU sub-optimizers' the host ones (the CPU backend lets it s
 first three layouts also the bytes of every tensor saved for backward by one forward of a micro-batch through
 the model and ORPO log-probs.
 """
-import argparse
-
 import torch
-from layout_runs import measure_layouts
+from layout_runs import measure_layouts, optimizer_flags
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
@@ -42,14 +40,6 @@ PAIRS, SEQ = 2, 32
 
 def storage_ptr(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
-
-
-def optimizer_flags(flags: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    optimizers.add_optimizer_args(parser)
-    args = parser.parse_args(flags)
-    args.lr, args.min_lr = 1e-4, 0.0  # the trainer's schedule flags
-    return args
 
 
 def tensor_bytes(tensors) -> int:

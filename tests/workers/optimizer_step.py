@@ -10,7 +10,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from layout_runs import measure_layouts
+from layout_runs import measure_layouts, optimizer_flags
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
@@ -19,7 +19,7 @@ from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_tra
 
 LAYOUTS = {"fp32": False, "bf16": True}  # name -> bf16 (the data-parallel size is the world size)
 LR, CLIP, STEPS, PAIRS, SEQ = 1e-2, 1.0, 2, 2, 16
-GRAD_SCALE = 100.0  # makes the gradient norm far above CLIP, so clipping is exercised
+GRAD_SCALE = 100.0  # makes the gradient norm well above CLIP, so clipping is exercised
 EPS = 1e-4  # near the clipped gradients' size: Adam's update then depends on their scale, so on clipping
 
 
@@ -45,10 +45,7 @@ class AdamReference:
 
 def measure(hf_dir: str, name: str) -> dict:
     bf16 = LAYOUTS[name]
-    parser = argparse.ArgumentParser()
-    optimizers.add_optimizer_args(parser)
-    args = parser.parse_args(["--clip-grad", str(CLIP), "--adam-eps", str(EPS)])
-    args.lr, args.min_lr = LR, 0.0  # the trainer's schedule flags
+    args = optimizer_flags(["--clip-grad", str(CLIP), "--adam-eps", str(EPS)], lr=LR)
     hf = HFModelConfig.from_file(hf_dir)
     parallel.initialize({}, hf)
     config = build_transformer_config(hf, precision=PrecisionConfig(bf16=bf16))
