@@ -7,9 +7,10 @@ completion to 2048 - prompt (`--max-length 2048 --max-prompt-length 1792`); seed
 drew (about 644 / 380 / 342 tokens, 2,009 per pair).
 
 Part 1, arithmetic at full scale (no model): one epoch of 7,563 such pairs through the data layer and the
-pipeline's shape rules (`TrainPairIterator`, `schedule_groups`), every DP rank, for the micro-batch structure of
-`examples/orpo_mixtral_8x22b.sh` (TP4 with sequence parallelism, EP4, DP4, micro-batch 1 pair, 32 pairs per step)
-and for pipelined variants: real tokens / positions computed.
+pipeline's shape rules (`TrainPairIterator`, `schedule_groups`), every DP rank, micro-batch 1 pair, 32 pairs per
+step, sequence parallelism on: real tokens / positions computed, for the micro-batch structures of
+`examples/orpo_mixtral_8x22b.sh`: its default (4 nodes, TP8 PP4 DP1), its 8-node alternative (TP8 EP8 DP8), the
+layout it had when packing was built (TP4 EP4 DP4), and pipelined variants.
 
 Part 2, measured on CPU: the trainer (`python -m orpo_megatron.train`) at EP2 (2 processes, DP2) on a tiny
 Mixtral-shaped model (vocabulary 32000, hidden 256, FFN 896, 4 layers, 8 experts top-2, 8/2 heads), the same mix
@@ -91,19 +92,21 @@ def arithmetic() -> None:
           f"rejected {lengths[:, 2].mean():.0f} tokens; real tokens per pair {pair_tokens.mean():.0f}; longer "
           f"sequence p50/p90/p99 {'/'.join(f'{v:.0f}' for v in np.percentile(longer, [50, 90, 99]))}")
     pairs = datasets.Dataset.from_dict(token_columns(lengths))
-    print("\nPart 1: 8x22B micro-batch structure (TP4 + SP, EP4, micro-batch 1, 32 pairs per step), one epoch")
+    print("\nPart 1: 8x22B micro-batch structures (micro-batch 1, 32 pairs per step, SP on), one epoch")
     print(f"  {'layout':58s} {'real-token fraction':>20s} {'micro-batches/rank':>19s}")
-    cases = [
-        ("DP4 PP1 --no-packing (rows padded to the rank's step)", False, None, 4, 1, None),
-        ("DP4 PP1 packed: one row per micro-batch (default)", True, None, 4, 1, None),
-        ("DP4 PP1 packed, FP8 (rows x 64)", True, None, 4, 1, "fp8"),
-        ("DP2 PP2 --no-packing", False, None, 2, 2, None),
-        ("DP2 PP2 packed: rows of the longest pair (default)", True, None, 2, 2, None),
-        ("DP2 PP2 packed: --packed-length 4096", True, 4096, 2, 2, None),
-        ("DP4 PP2 packed: rows of the longest pair (default)", True, None, 4, 2, None),
+    cases = [  # name, packing, --packed-length, TP, DP, PP, FP8
+        ("TP4 DP4 PP1 --no-packing (rows padded to the rank's step)", False, None, 4, 4, 1, False),
+        ("TP4 DP4 PP1 packed: one row per micro-batch (default)", True, None, 4, 4, 1, False),
+        ("TP4 DP4 PP1 packed, FP8", True, None, 4, 4, 1, True),
+        ("TP4 DP2 PP2 --no-packing", False, None, 4, 2, 2, False),
+        ("TP4 DP2 PP2 packed: rows of the longest pair (default)", True, None, 4, 2, 2, False),
+        ("TP4 DP2 PP2 packed: --packed-length 4096", True, 4096, 4, 2, 2, False),
+        ("TP8 DP8 PP1 packed (8 nodes, the script's alternative)", True, None, 8, 8, 1, False),
+        ("TP8 DP1 PP4 --no-packing", False, None, 8, 1, 4, False),
+        ("TP8 DP1 PP4 packed (4 nodes, the script's default)", True, None, 8, 1, 4, False),
     ]
-    for name, packing, packed_length, dp, pp, fp8 in cases:
-        layout = batch_layout(packing, packed_length, 4, pp, None, True, fp8 == "fp8")
+    for name, packing, packed_length, tp, dp, pp, fp8 in cases:
+        layout = batch_layout(packing, packed_length, tp, pp, None, True, fp8)
         fraction, per_rank = epoch_fraction(pairs, layout, dp, pp)
         print(f"  {name:58s} {fraction:20.1%} {per_rank:19.2f}")
 
