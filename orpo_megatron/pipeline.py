@@ -69,11 +69,13 @@ class ScheduleResult:
     """What one pass over a step's micro-batches produced.
 
     `sums` are this rank's (summed over its micro-batches, still on the device) and only set on the last
-    pipeline stage; `pairs` are this rank's micro-batches' per-pair values (last stage only, when asked for).
+    pipeline stage; `pairs` are this rank's micro-batches' per-pair values (last stage only, when asked for);
+    `positions` are the positions this rank computed, padding that `schedule_groups` added included.
     """
 
     sums: ORPOMetricSums | None
     pairs: list[PairValues]
+    positions: int
 
     def metrics(self, beta: float) -> dict[str, float] | None:
         """TRL-named metrics of the whole batch: sums over the data-parallel ranks, read back once."""
@@ -168,7 +170,9 @@ def run_micro_batches(
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     device = accelerator()
     outputs = []
+    positions = 0
     for group in schedule_groups(micro_batches, pipelined):
+        positions += sum(batch.num_positions for batch in group)
         # Once per micro-batch, read by every model chunk. CPU tests check the move (every tensor field) and the
         # loss on the meta device; the model's forward cannot run there (Megatron's collectives and buffers need
         # real memory), so the GPU acceptance command checks that a packed step runs with the batch on the GPU.
@@ -185,9 +189,9 @@ def run_micro_batches(
             forward_only=forward_only,
         )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return ScheduleResult(None, [])
+        return ScheduleResult(None, [], positions)
     return ScheduleResult(ORPOMetricSums.total(output["sums"] for output in outputs),
-                          [output["pairs"] for output in outputs] if collect_pairs else [])
+                          [output["pairs"] for output in outputs] if collect_pairs else [], positions)
 
 
 def moe_load_balancing_loss(num_micro_batches: int) -> float | None:

@@ -44,8 +44,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1,
                        help="Pairs per micro-batch (each pair is a chosen and a rejected sequence; packed into one row "
-                            "unless --no-packing). With pipeline parallelism or --packed-length the micro-batches are "
-                            "fixed-length packed rows instead. Default: 1.")
+                            "unless --no-packing). With packing and pipeline parallelism or --packed-length the "
+                            "micro-batches are fixed-length packed rows instead. Default: 1.")
     group.add_argument("--global-batch-size", type=int, default=None,
                        help="Pairs per optimizer step over all data-parallel ranks; gradient accumulation is "
                             "derived from it. Default: micro-batch size x data-parallel size.")
@@ -61,7 +61,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-decay-iters", type=int, default=None,
                        help="Steps over which the LR decays to --min-lr. Default: the training length.")
     group.add_argument("--skip-nonfinite-steps", type=int, default=0,
-                       help="Skip up to N optimizer steps whose loss or grad norm is NaN/inf before stopping. Default: 0.")
+                       help="Skip up to N optimizer steps with a NaN/inf grad norm (checked every step) or loss and "
+                            "metrics (checked on log steps, so no step waits for them) before stopping. Default: 0.")
 
     add_ddp_args(parser)
 
@@ -116,10 +117,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimizers.validate_optimizer_args(parser, args)
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
-    for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints"):
+    for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints",
+                 "eval_iters"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.eval_iters is not None and args.virtual_pipeline_model_parallel_size is not None and (
+            args.eval_iters % args.pipeline_model_parallel_size):
+        parser.error(f"--eval-iters {args.eval_iters} must be a multiple of --pipeline-model-parallel-size "
+                     f"{args.pipeline_model_parallel_size}: the interleaved schedule runs micro-batches in groups "
+                     "of it")
     if args.save_interval and not args.save:
         parser.error("--save-interval needs --save")
     check_ddp_args(parser, args)
@@ -322,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
             load_balancing = moe_load_balancing_loss(len(step.micro_batches))
             if load_balancing is not None:
                 metrics["moe_load_balancing_loss"] = load_balancing
-            metrics.update(step_throughput(flops, step.micro_batches, seconds))
+            metrics.update(step_throughput(flops, step.micro_batches, result.positions, seconds))
         if nonfinite:
             skipped += 1
             if skipped > args.skip_nonfinite_steps:
@@ -348,10 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     parallel.destroy()
 
 
-def step_throughput(flops: throughput.FlopsCounter, micro_batches, seconds: float) -> dict[str, float]:
-    """Throughput of a step from its real tokens, computed positions and real-sequence FLOPs, summed over the
-    data-parallel ranks (a collective of the DP group)."""
-    local = [sum(b.num_real_tokens for b in micro_batches), sum(b.num_positions for b in micro_batches),
+def step_throughput(flops: throughput.FlopsCounter, micro_batches, positions: int, seconds: float
+                    ) -> dict[str, float]:
+    """Throughput of a step from its real tokens, the positions the schedule computed (`ScheduleResult`) and
+    real-sequence FLOPs, summed over the data-parallel ranks (a collective of the DP group)."""
+    local = [sum(b.num_real_tokens for b in micro_batches), positions,
              sum(flops.sequences_flops(b.sequence_lengths) for b in micro_batches)]
     totals = torch.tensor(local, dtype=torch.float64, device=accelerator())
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())

@@ -14,6 +14,11 @@ import os
 
 import pytest
 
+from orpo_megatron import checkpointing
+from orpo_megatron.train import parse_args as trainer_args
+from orpo_megatron.data.pipeline import build_preference_data
+from orpo_megatron.pipeline import batch_layout
+
 LAYOUTS = {  # name: (processes, flags)
     "packed": (1, []),
     "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
@@ -36,12 +41,15 @@ FIRST_STEP_TOL = 1e-5  # fp32, relative
 FIVE_STEP_TOL = 1e-4  # fp32, relative
 
 
-def train(torchrun, converted, save, nproc, flags):
-    args = ["--load", converted, "--data-path", "examples/data/capybara_style.jsonl", "--eval-fraction", "0",
+def trainer_flags(converted: str) -> list[str]:
+    return ["--load", converted, "--data-path", "examples/data/capybara_style.jsonl", "--eval-fraction", "0",
             "--max-length", "256", "--max-prompt-length", "192", "--micro-batch-size", "2",
             "--global-batch-size", "8", "--train-iters", "5", "--lr", "1e-3", "--lr-warmup-iters", "0",
-            "--lr-decay-style", "constant", "--log-interval", "1", "--save", save, *flags]
-    torchrun("-m orpo_megatron.train", nproc, *args)
+            "--lr-decay-style", "constant", "--log-interval", "1"]
+
+
+def train(torchrun, converted, save, nproc, flags):
+    torchrun("-m orpo_megatron.train", nproc, *trainer_flags(converted), "--save", save, *flags)
     rows = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
     return [row for row in rows if "train/loss" in row]
 
@@ -69,6 +77,21 @@ def mixed(a, b):
 def test_single_process_trains(single_process):
     assert [row["iteration"] for row in single_process] == [1, 2, 3, 4, 5]
     assert single_process[-1]["train/loss"] < single_process[0]["train/loss"]
+
+
+def test_real_token_fraction_counts_the_padding_the_schedule_adds(single_process, tiny_converted):
+    """With --no-packing the step's micro-batches run as one shape (`pipeline.schedule_groups`): every row is
+    padded to the step's longest, more than each micro-batch's own padding."""
+    args = trainer_args(trainer_flags(tiny_converted) + ["--no-packing"])
+    layout = batch_layout(False, None, 1, 1, None, False, False)
+    pairs, _, _ = build_preference_data(args, checkpointing.resolve(tiny_converted).hf_files, 0, 1, 2, 8, layout,
+                                        args.seed)
+    micro_batches = next(pairs).micro_batches
+    real = sum(batch.num_real_tokens for batch in micro_batches)
+    rows = sum(batch.input_ids.shape[0] for batch in micro_batches)
+    longest = max(batch.input_ids.shape[1] for batch in micro_batches)
+    assert sum(batch.num_positions for batch in micro_batches) < rows * longest  # the micro-batches differ
+    assert single_process[0]["train/real_token_fraction"] == pytest.approx(real / (rows * longest), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
