@@ -280,6 +280,28 @@ def test_eval_pairs_give_the_interleaved_schedule_a_multiple_of_pp_micro_batches
         EvalPairs(_pairs(3), 1, 0, 1, PAD, BatchLayout(rows_per_rank_multiple=4))
 
 
+@pytest.mark.parametrize("dp_size, micro_batch_size, multiple, sizes", [
+    (1, 4, 2, [3, 3, 3, 3]),  # 12 of 13 pairs (micro-batches of 4 would evaluate 8, of 1 also 12)
+    (1, 2, 3, [2] * 6),
+    (2, 4, 2, [3, 3]),  # 6 pairs per rank
+    (1, 4, 4, [3] * 4),  # 12: 4 x 3 beats 12 x 1 (as many pairs, larger micro-batches)
+])
+def test_padded_eval_pairs_give_the_interleaved_schedule_micro_batches_of_one_shape(dp_size, micro_batch_size,
+                                                                                    multiple, sizes):
+    """Padded micro-batches of fewer pairs have fewer rows, another shape: the interleaved schedule gets a
+    multiple of PP micro-batches of one size (at most --micro-batch-size, evaluating as many pairs as possible),
+    and the pairs left over are reported."""
+    layout = BatchLayout(packing=False, rows_per_rank_multiple=multiple)
+    shards = [EvalPairs(_pairs(13), micro_batch_size, rank, dp_size, PAD, layout) for rank in range(dp_size)]
+    for shard in shards:
+        micro_batches = list(shard)
+        assert [mb.input_ids.shape[0] for mb in micro_batches] == [2 * size for size in sizes]
+        assert shard.num_pairs == sum(sizes)
+        assert shard.dropped_pairs == 13 - dp_size * sum(sizes)
+    with pytest.raises(ValueError, match="3 evaluation pairs per data-parallel rank cannot fill 4 micro-batches"):
+        EvalPairs(_pairs(3), micro_batch_size, 0, 1, PAD, BatchLayout(packing=False, rows_per_rank_multiple=4))
+
+
 def test_batching_errors_name_the_flags():
     pairs = _pairs(10)
     with pytest.raises(ValueError, match="--global-batch-size 6 must be a multiple of --micro-batch-size 2 x"):

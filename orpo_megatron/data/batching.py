@@ -18,9 +18,10 @@ How a global batch becomes micro-batches (`BatchLayout`):
 
 Evaluation: the held-out pairs in source order, cut to a multiple of dp_size (the remainder, at most dp_size - 1
 pairs, is reported as `dropped_pairs`, never silently), each rank a contiguous equal share in micro-batches of
-`micro_batch_size`, the last one smaller (with the interleaved schedule, a multiple of PP micro-batches of
-near-equal sizes instead). Every rank has the same number of micro-batches, so collectives inside
-the forward (expert parallelism spans DP ranks) stay matched.
+`micro_batch_size`, the last one smaller (with the interleaved schedule, a multiple of PP micro-batches: of
+near-equal sizes when packed; of one size with `--no-packing`, whose micro-batches must share one shape, the
+pairs left over reported in `dropped_pairs` too). Every rank has the same number of
+micro-batches, so collectives inside the forward (expert parallelism spans DP ranks) stay matched.
 """
 from __future__ import annotations
 
@@ -212,7 +213,21 @@ class EvalPairs:
         self.layout = dataclasses.replace(layout, fixed_length_rows=False, packed_length=None)
         count = math.ceil(per_rank / micro_batch_size)
         multiple = layout.rows_per_rank_multiple
-        if count % multiple:
+        if multiple > 1 and not layout.packing:
+            # The interleaved schedule runs a multiple of PP micro-batches of one shape per call, and padded
+            # micro-batches of fewer pairs have fewer rows: equal micro-batches of up to micro_batch_size pairs,
+            # as many pairs as that allows (then the largest micro-batches), the remaining pairs reported.
+            evaluated, size = max((per_rank // size // multiple * multiple * size, size)
+                                  for size in range(1, micro_batch_size + 1))
+            if evaluated == 0:
+                raise ValueError(f"{per_rank} evaluation pairs per data-parallel rank cannot fill {multiple} "
+                                 "micro-batches (the interleaved pipeline schedule with --no-packing needs a "
+                                 "multiple of that many of one shape); evaluate more pairs")
+            count = evaluated // size
+            sizes = [size] * count
+            self.num_pairs = evaluated
+            self.dropped_pairs += (per_rank - self.num_pairs) * dp_size
+        elif count % multiple:
             # The interleaved schedule needs a multiple of PP micro-batches: the same pairs, split more evenly.
             count = math.ceil(count / multiple) * multiple
             if count > per_rank:

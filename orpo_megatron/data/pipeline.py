@@ -27,14 +27,14 @@ class PreferenceDataStats:
     eval: PreprocessStats | None
     train_pairs: int
     eval_pairs: int
-    eval_pairs_dropped: int  # remainder of the eval set over the DP size (at most dp_size - 1)
+    eval_pairs_dropped: int  # what does not split evenly over DP ranks (and padded interleaved micro-batches)
 
     def summary(self) -> str:
         lines = [self.train.summary()]
         if self.eval is not None:
             lines.append(self.eval.summary())
         lines.append(f"training pairs {self.train_pairs}, evaluation pairs {self.eval_pairs}"
-                     + (f" ({self.eval_pairs_dropped} left out to split evenly over DP ranks)"
+                     + (f" ({self.eval_pairs_dropped} left out to split evenly over DP ranks and micro-batches)"
                         if self.eval_pairs_dropped else ""))
         return "\n".join(lines)
 
