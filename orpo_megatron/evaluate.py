@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("evaluation")
     group.add_argument("--output", required=True, help="Per-pair scores (JSONL); the summary goes next to it.")
     group.add_argument("--micro-batch-size", type=int, default=4, help="Pairs per forward pass. Default: 4.")
-    return arguments.parse_and_validate(parser, argv)
+    args = arguments.parse_and_validate(parser, argv)
+    if args.packed_length is not None:
+        parser.error("--packed-length packs training steps; evaluation packs each micro-batch into its own row")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

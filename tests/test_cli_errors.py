@@ -74,6 +74,9 @@ def test_missing_checkpoint_is_named(tmp_path):
     (["--bf16", "--use-precision-aware-optimizer"], "needs a CUDA GPU with transformer-engine installed"),
     (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
     (["--overlap-param-gather", "--no-overlap-grad-reduce"], "--overlap-param-gather needs --overlap-grad-reduce"),
+    (["--eval-iters", "0"], "--eval-iters must be >= 1, got 0"),
+    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2", "--eval-iters", "3"],
+     "--eval-iters 3 must be a multiple of --pipeline-model-parallel-size 2"),
 ])
 def test_optimizer_and_communication_modes_that_cannot_work_are_named(flags, message, capsys):
     from orpo_megatron import train
@@ -163,3 +166,12 @@ def test_unusable_checkpoints_are_named_before_any_work(tiny_converted, tiny_mix
     assert proc.returncode != 0
     assert expected in proc.stderr and load in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluator_refuses_the_training_only_packed_length(capsys):
+    from orpo_megatron import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--load", "x", "--data-path", "y", "--output", "o", "--packed-length", "512"])
+    assert exit_info.value.code == 2
+    assert "--packed-length packs training steps" in capsys.readouterr().err

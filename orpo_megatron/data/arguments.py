@@ -68,7 +68,8 @@ def add_packing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--packed-length", type=int, default=None,
                        help="Pack each step's pairs whole into rows of this many tokens, one micro-batch per row "
                             "(--micro-batch-size is then unused), the same number of rows on every data-parallel "
-                            "rank. Always done with pipeline parallelism, which needs one row shape per step. "
+                            "rank. Always done with pipeline parallelism (which needs one row shape per step) unless "
+                            "--no-packing, which pads each step's micro-batches to one shape instead. "
                             "Default: without pipelining one row per micro-batch of its own length; with it, the "
                             "longest pair of the training split (prompt + chosen + prompt + rejected).")
 
