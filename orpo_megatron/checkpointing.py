@@ -80,10 +80,6 @@ class ResolvedCheckpoint:
     def hf_files(self) -> str:
         return self.info.hf_files
 
-    @property
-    def iteration(self) -> int:
-        return self.train_state["iteration"] if self.train_state else 0
-
 
 def resolve(path: str, hf_config: str | None = None) -> ResolvedCheckpoint:
     """A checkpoint root (its tracker's folder), or a checkpoint folder: ours (converted or trained) or

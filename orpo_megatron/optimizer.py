@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 
 import torch
 
@@ -128,16 +127,14 @@ def validate_optimizer_args(parser: argparse.ArgumentParser, args: argparse.Name
     problems = mode.problems(args.bf16)
     if args.optimizer_cpu_offload and args.optimizer_offload_fraction == 0:
         problems.append("--optimizer-offload-fraction 0 offloads nothing; drop --optimizer-cpu-offload instead")
-    if not problems and mode.needs_transformer_engine() and not transformer_engine_fused_adam_available():
+    from orpo_megatron.model import transformer_engine_available  # the model's imports, only when validating
+
+    if not problems and mode.needs_transformer_engine() and not transformer_engine_available():
         problems.append("--use-precision-aware-optimizer without --optimizer-cpu-offload is Transformer Engine's "
                         "FusedAdam and needs a CUDA GPU with transformer-engine installed (pip install "
                         "'orpo-megatron[te]'); or add --optimizer-cpu-offload")
     if problems:
         parser.error("; ".join(problems))
-
-
-def transformer_engine_fused_adam_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
 def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_dtype: torch.dtype):
