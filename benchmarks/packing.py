@@ -1,14 +1,12 @@
 """Packing: real-token fraction and real tokens/s, packed vs `--no-packing`, on a capybara-like length mix.
 
-Length mix (ASSUMED, not measured; see ../shared/reference/packing-facts.md): lognormal prompt (median 500,
-sigma 0.8), chosen completion (median 330, sigma 0.6) and rejected completion (median 280, sigma 0.7, its normal
-draw correlated 0.5 with the chosen one's), rounded, at least 1 token, the prompt cut to 1792 tokens and each
-completion to 2048 - prompt (`--max-length 2048 --max-prompt-length 1792`); seed 0. The script prints the means it
-drew (about 644 / 380 / 342 tokens, 2,009 per pair).
+Length mix (ASSUMED, not measured): the capybara-like pairs of `orpo_megatron/workload.py`, the same ones the
+step-time prediction (`tools/estimate_memory.py`) runs on; prompt cut to 1792 tokens and each completion to 2048 -
+prompt (`--max-length 2048 --max-prompt-length 1792`); seed 0. The script prints the means it drew.
 
-Part 1, arithmetic at full scale (no model): one epoch of 7,563 such pairs through the data layer and the
-pipeline's shape rules (`TrainPairIterator`, `schedule_groups`), every DP rank, micro-batch 1 pair, 32 pairs per
-step, sequence parallelism on: real tokens / positions computed, for the micro-batch structures of
+Part 1, arithmetic at full scale (no model): one epoch of the recipe's 6,932 such pairs through the data layer
+and the pipeline's shape rules (`TrainPairIterator`, `schedule_groups`), every DP rank, micro-batch 1 pair, 32 pairs
+per step, sequence parallelism on: real tokens / positions computed, for the micro-batch structures of
 `examples/orpo_mixtral_8x22b.sh`: its default (4 nodes, TP8 PP4 DP1), its 8-node alternative (TP8 EP8 DP8), the
 layout it had when packing was built (TP4 EP4 DP4), and pipelined variants.
 
@@ -36,21 +34,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from orpo_megatron import workload  # noqa: E402
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator  # noqa: E402
 from orpo_megatron.pipeline import batch_layout, schedule_groups  # noqa: E402
 
 
-def capybara_like_lengths(num_pairs: int, scale: int = 1, seed: int = 0) -> np.ndarray:
-    """[num_pairs, 3] prompt, chosen, rejected tokens (see the module docstring), lengths divided by `scale`."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((num_pairs, 3))
-    drawn = np.exp(np.stack([np.log(500) + 0.8 * z[:, 0], np.log(330) + 0.6 * z[:, 1],
-                             np.log(280) + 0.7 * (0.5 * z[:, 1] + np.sqrt(0.75) * z[:, 2])], axis=1))
-    lengths = np.maximum(1, np.round(drawn / scale)).astype(np.int64)
-    max_length, max_prompt = 2048 // scale, 1792 // scale
-    lengths[:, 0] = np.minimum(lengths[:, 0], max_prompt)
-    lengths[:, 1:] = np.minimum(lengths[:, 1:], max_length - lengths[:, :1])
-    return lengths
+def capybara_like_lengths(num_pairs: int, scale: int = 1) -> np.ndarray:
+    """[num_pairs, 3] prompt, chosen, rejected tokens of `workload.capybara_like_pairs`, lengths divided by
+    `scale` (limits 2048 and 1792 too)."""
+    pairs = workload.capybara_like_pairs(num_pairs, max_length=2048 // scale, max_prompt_length=1792 // scale,
+                                         scale=scale)
+    return np.stack([pairs.prompt, pairs.chosen, pairs.rejected], axis=1)
 
 
 def token_columns(lengths: np.ndarray, vocab: int = 600, seed: int = 1) -> dict[str, list]:
@@ -85,10 +79,10 @@ def epoch_fraction(pairs, layout: BatchLayout, dp: int, pp: int, micro_batch_siz
 def arithmetic() -> None:
     import datasets
 
-    lengths = capybara_like_lengths(7563)
+    lengths = capybara_like_lengths(workload.RECIPE_PAIRS)
     pair_tokens = 2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]
     longer = lengths[:, 0] + lengths[:, 1:].max(axis=1)
-    print(f"length mix: 7563 pairs, mean prompt {lengths[:, 0].mean():.0f}, chosen {lengths[:, 1].mean():.0f}, "
+    print(f"length mix: {len(lengths)} pairs, mean prompt {lengths[:, 0].mean():.0f}, chosen {lengths[:, 1].mean():.0f}, "
           f"rejected {lengths[:, 2].mean():.0f} tokens; real tokens per pair {pair_tokens.mean():.0f}; longer "
           f"sequence p50/p90/p99 {'/'.join(f'{v:.0f}' for v in np.percentile(longer, [50, 90, 99]))}")
     pairs = datasets.Dataset.from_dict(token_columns(lengths))

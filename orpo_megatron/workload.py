@@ -45,14 +45,15 @@ class PairLengths:
 
 
 def capybara_like_pairs(num_pairs: int = RECIPE_PAIRS, seed: int = 0, max_length: int = 2048,
-                        max_prompt_length: int = 1792) -> PairLengths:
-    """Token lengths of `num_pairs` pairs drawn from the assumed distribution (module docstring)."""
+                        max_prompt_length: int = 1792, scale: int = 1) -> PairLengths:
+    """Token lengths of `num_pairs` pairs drawn from the assumed distribution (module docstring); with `scale`,
+    every drawn length divided by it (for small CPU models; the length limits are not scaled)."""
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((num_pairs, 3))
     correlated = 0.3 * z[:, 1] + math.sqrt(1 - 0.3**2) * z[:, 2]
 
     def lognormal(median: float, sigma: float, normal: np.ndarray) -> np.ndarray:
-        return np.maximum(1, np.round(np.exp(math.log(median) + sigma * normal))).astype(np.int64)
+        return np.maximum(1, np.round(np.exp(math.log(median / scale) + sigma * normal))).astype(np.int64)
 
     prompt = np.minimum(lognormal(500, 0.8, z[:, 0]), max_prompt_length)
     room = max_length - prompt
