@@ -49,6 +49,17 @@ def run(torchrun, hf_dir, out_dir, nproc, flags) -> list[dict]:
     return reports
 
 
+def assert_rope_restarts(layers: list[dict], bf16: bool) -> None:
+    """The first layer sees the same embeddings both ways, so its RoPE'd query and key must be equal: positions
+    that did not restart at each sequence would rotate them by other angles, an O(|value|) difference. Deeper
+    layers inherit the rounding of matmuls of other shapes, which in bf16 is a few ulps of |value| (2**-8 relative
+    each; up to 3 ulps seen), far below that."""
+    first, *deeper = layers
+    assert first["difference"] <= 1e-5, layers
+    for layer in deeper:
+        assert layer["difference"] <= (2 ** -6 * layer["scale"] if bf16 else 1e-5), layers
+
+
 def assert_metrics_equal(ours: dict, reference: dict, tol: float = TOL) -> None:
     for name in METRICS:
         assert abs(ours[name] - reference[name]) <= tol * max(abs(reference[name]), 1.0), (name, ours, reference)
@@ -79,7 +90,7 @@ def test_packed_step_equals_padded_step(name, reports_of):
             assert len({tuple(shape) for shape in report["rows"]}) == 1
             assert len(report["rows"]) > 2, report["rows"]
         else:
-            assert report["rope"] <= 1e-5, report
+            assert_rope_restarts(report["rope"], bf16="--bf16" in flags)
         perturbation = report["perturbation"]
         assert perturbation["others_change"] <= 1e-6, report
     last_stage = [r for r in reports if r["metrics"]["packed"] is not None]

@@ -5,8 +5,8 @@ global batch is built twice by `TrainPairIterator`: padded (`--no-packing`) and 
 (one row per micro-batch without pipelining, fixed-length rows with it). Each rank writes `rank<r>.json` with:
 - grads: the largest |packed - padded| / max |padded| over its gradient shards after one training pass each;
 - metrics / load_balancing: the finalized ORPO metrics and the router's load-balancing loss of both (last stage);
-- rope (no pipelining): the largest difference between the query and key each layer's core attention receives
-  (after RoPE) in the packed row and in the padded rows, sequence by sequence;
+- rope (no pipelining): per layer, the largest difference between the query and key its core attention receives
+  (after RoPE) in the packed row and in the padded rows, sequence by sequence, and the largest |value| there;
 - perturbation: with one pair's chosen completion replaced on DP rank 0 (the first segment of its packed row),
   the largest change of every other sequence's log-prob and of the perturbed one.
 `--moe-aux-loss-coeff` sets the router's coefficient for the gradient passes; `--fixed-rows-length` (world 1)
@@ -59,17 +59,22 @@ def attention_inputs(chunks, micro_batch, orpo_config) -> list[tuple[torch.Tenso
     return seen
 
 
-def rope_difference(chunks, packed, padded, orpo_config) -> float:
-    """Each sequence's query and key in the packed row ([t, heads, dim]) against its padded row ([s, 2B, ...])."""
-    worst = 0.0
+def rope_difference(chunks, packed, padded, orpo_config) -> list[dict]:
+    """Per layer: each sequence's query and key in the packed row ([t, heads, dim]) against its padded row
+    ([s, 2B, ...]), the largest difference and the largest magnitude."""
+    layers = []
     bounds = packed.cu_seqlens.tolist()
     for (packed_q, packed_k), (padded_q, padded_k) in zip(attention_inputs(chunks, packed, orpo_config),
                                                           attention_inputs(chunks, padded, orpo_config)):
+        worst, scale = 0.0, 0.0
         for sequence, length in enumerate(packed.sequence_lengths):
             start = bounds[sequence]
             for ours, theirs in ((packed_q, padded_q), (packed_k, padded_k)):
-                worst = max(worst, (ours[start:start + length] - theirs[:length, sequence]).abs().max().item())
-    return worst
+                theirs = theirs[:length, sequence]
+                worst = max(worst, (ours[start:start + length] - theirs).abs().max().item())
+                scale = max(scale, theirs.abs().max().item())
+        layers.append({"difference": worst, "scale": scale})
+    return layers
 
 
 def perturbed(step, iterator, layout: BatchLayout, pad_id: int):
