@@ -1,7 +1,7 @@
 """Tokenize a preference dataset once (`datasets.map`, multiprocess, cached) and apply the bad-row policy.
 
 Owns the tokenized table (one row per source row: ids, lengths, truncation flags, `bad_reason`), its cache key
-(source fingerprint + tokenizer files + chat template + truncation settings + this package's tokenization code),
+(source fingerprint + tokenizer files + chat template and its kwargs + truncation settings + this package's tokenization code),
 the bad-row policy (`skip` and count by reason, or `error` naming the first bad row; stop above
 `max_bad_row_fraction` either way) and the statistics the trainer logs. Row-level rules live in `preference.py`.
 
@@ -96,8 +96,9 @@ def cache_key(dataset: datasets.Dataset, pair_tokenizer: PairTokenizer) -> str:
     parts = {
         "source": dataset._fingerprint,
         "tokenizer": [_file_digest(os.path.join(pair_tokenizer.tokenizer_dir, name))
-                      for name in ("tokenizer.model", "tokenizer_config.json")],
+                      for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")],
         "chat_template": pair_tokenizer.chat_template,
+        "chat_template_kwargs": pair_tokenizer.chat_template_kwargs,
         "truncation": dataclasses.asdict(pair_tokenizer.truncation),
         "code": [_file_digest(path) for path in code],
     }
