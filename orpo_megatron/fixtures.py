@@ -106,8 +106,9 @@ def write_hf_checkpoint(out_dir: str, config: dict, tensors: dict[str, torch.Ten
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
-def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE) -> None:
-    """Train a byte-fallback BPE sentencepiece model (Mixtral's special ids: unk 0, BOS 1, EOS 2)."""
+def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE, add_dummy_prefix: bool = True) -> None:
+    """Train a byte-fallback BPE sentencepiece model (Mixtral's special ids: unk 0, BOS 1, EOS 2); without
+    `add_dummy_prefix` the model, like Gemma's, puts no `▁` before the text."""
     import sentencepiece as spm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -116,7 +117,7 @@ def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE) -> Non
         input=TOKENIZER_CORPUS, model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
         # Identity normalization as in Mixtral's tokenizer, so every tokenizer reading these files agrees.
-        normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2,
     )
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
