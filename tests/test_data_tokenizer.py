@@ -168,7 +168,7 @@ def test_llama_style_tokenizer_json_with_stripping_added_tokens(tiny_mixtral, tm
     assert ours.encode("a <|end|>\n b") == ours.encode("a <|end|>b")  # the premise: rstrip took "\n "
     # Same ids as our sentencepiece reading of the same model (no stripping token in these texts).
     sentencepiece = SentencePieceTokenizer(str(source))
-    assert all(ours.encode(text) == sentencepiece.encode(text) for text in _texts())
+    assert all(ours.encode(text) == sentencepiece.encode(text) for text in _texts() if "<|user|>" not in text)
     assert ours.add_bos_token and reference("Hello")["input_ids"] == [ours.bos_id] + ours.encode("Hello")
 
 
