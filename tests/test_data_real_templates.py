@@ -5,10 +5,15 @@ Each template gets a tokenizer folder of each kind (the tiny sentencepiece model
 tokenizer.json) with the model's own BOS/EOS and control tokens as special tokens (Phi-3's with `rstrip`, as it
 ships them, in the tokenizer.json kind: the sentencepiece kind refuses stripping tokens).
 """
+import argparse
 import json
+import math
 import os
 import shutil
+import subprocess
+import sys
 
+import datasets
 import pytest
 from tokenizers import AddedToken, Tokenizer
 from transformers import AutoTokenizer, LlamaTokenizer
@@ -184,3 +189,74 @@ def test_real_template_pairs_equal_transformers_and_trl(name, kind, tiny_mixtral
             assert encode(trl["prompt"] + trl[key]) == full_ids[key]
     assert kept >= 8
     assert reported == REPORTED.get(name, ['can only concatenate str (not "list") to str'])
+
+
+# -- chat_template_kwargs: the flag, the row column, through the cached tokenization and a training run -----------
+
+def _qwen3_prompt_ids(reference, history: list[dict], **kwargs) -> list[int]:
+    text = reference.apply_chat_template(history, chat_template=_template("qwen3"), tokenize=False,
+                                         add_generation_prompt=True, **kwargs)
+    return reference(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_kwargs_flag_and_row_column(byte_level_base, tmp_path):
+    """`--chat-template-kwargs` reaches the template; a row's own chat_template_kwargs wins key by key; rows read
+    through datasets (which fills absent keys with null) keep the flag's value."""
+    from orpo_megatron.data.arguments import DataConfig, add_data_args
+    from orpo_megatron.data.pipeline import make_pair_tokenizer
+    from orpo_megatron.data.preprocess import tokenize_dataset
+    from orpo_megatron.data.sources import load_split
+
+    reference = AutoTokenizer.from_pretrained(byte_level_base)
+    template = os.path.join(TEMPLATE_DIR, "qwen3.jinja")
+    rows = _rows()[:3]
+    for row in rows:
+        row.pop("chat_template_kwargs", None)
+    rows[1]["chat_template_kwargs"] = {"enable_thinking": True}
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    parser = add_data_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--data-path", str(data), "--tokenizer", byte_level_base, "--chat-template", template,
+                              "--chat-template-kwargs", '{"enable_thinking": false}',
+                              "--data-cache-dir", str(tmp_path / "cache")])
+    config = DataConfig.from_args(args)
+    pair_tokenizer = make_pair_tokenizer(config, None)
+    assert pair_tokenizer.chat_template_kwargs == {"enable_thinking": False}
+    table = tokenize_dataset(load_split(config.data_path, config.split), pair_tokenizer, config.cache_dir, 1, "rows")
+    for row, prompt_ids in zip(rows, table["prompt_input_ids"]):
+        thinking = row.get("chat_template_kwargs", {}).get("enable_thinking", False)
+        history = row["chosen"][:-1]
+        assert prompt_ids == _qwen3_prompt_ids(reference, history, enable_thinking=thinking)
+        # The premise: the flag changes the prompt (Qwen3 then closes an empty think block in it).
+        assert prompt_ids != _qwen3_prompt_ids(reference, history, enable_thinking=not thinking)
+    for value, message in (("{enable_thinking: false}", "--chat-template-kwargs is not JSON"),
+                           ('["enable_thinking"]', "--chat-template-kwargs must be a JSON object")):
+        with pytest.raises(ValueError, match=message):
+            DataConfig.from_args(parser.parse_args(["--data-path", str(data), "--chat-template-kwargs", value]))
+    with pytest.raises(BadRow, match="wrong_type: chat_template_kwargs must be an object"):
+        pair_tokenizer({**rows[0], "chat_template_kwargs": "enable_thinking=False"})
+
+
+def test_tiny_qwen3_style_byte_level_tokenizer_trains_end_to_end(byte_level_base, tiny_converted, tmp_path):
+    """The tiny Mixtral (vocabulary 600) trained on CPU with the byte-level tokenizer.json and Qwen3's template:
+    every capybara row becomes a pair (the flag in its prompts), and the steps run with finite losses."""
+    data_cache, save = tmp_path / "cache", tmp_path / "run"
+    command = [sys.executable, "-m", "orpo_megatron.train", "--load", tiny_converted, "--save", str(save),
+               "--tokenizer", byte_level_base, "--chat-template", os.path.join(TEMPLATE_DIR, "qwen3.jinja"),
+               "--chat-template-kwargs", '{"enable_thinking": false}',
+               "--data-path", os.path.join(EXAMPLES, "capybara_style.jsonl"), "--data-cache-dir", str(data_cache),
+               "--max-length", "96", "--max-prompt-length", "64", "--micro-batch-size", "2",
+               "--global-batch-size", "4", "--train-iters", "3", "--lr", "1e-3", "--log-interval", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(TESTS))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "300 pairs from 300 rows; bad rows skipped: none" in proc.stdout + proc.stderr
+    metrics = [json.loads(line) for line in open(save / "metrics.jsonl")]
+    losses = [row["train/loss"] for row in metrics if "train/loss" in row]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    reference = AutoTokenizer.from_pretrained(byte_level_base)
+    with open(os.path.join(EXAMPLES, "capybara_style.jsonl"), encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    cached = datasets.Dataset.from_file(next(str(path) for path in data_cache.glob("preference-*.arrow")))
+    assert cached[0]["prompt_input_ids"] == _qwen3_prompt_ids(reference, first["chosen"][:-1], enable_thinking=False)
