@@ -164,8 +164,9 @@ def write_tiny_byte_level_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_S
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train([TOKENIZER_CORPUS], trainer)
     tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in QWEN_PLAIN_ADDED_TOKENS])
-    if tokenizer.get_vocab_size(with_added_tokens=True) != vocab_size:
-        raise ValueError(f"the corpus gives {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, not {vocab_size}")
+    trained_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if trained_size != vocab_size:
+        raise ValueError(f"the tokenizer corpus gives {trained_size} tokens, not {vocab_size}")
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     added = {str(tokenizer.token_to_id(token)): {"content": token, "lstrip": False, "normalized": False,
                                                  "rstrip": False, "single_word": False,

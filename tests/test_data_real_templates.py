@@ -204,7 +204,7 @@ def test_chat_template_kwargs_flag_and_row_column(byte_level_base, tmp_path):
     through datasets (which fills absent keys with null) keep the flag's value."""
     from orpo_megatron.data.arguments import DataConfig, add_data_args
     from orpo_megatron.data.pipeline import make_pair_tokenizer
-    from orpo_megatron.data.preprocess import tokenize_dataset
+    from orpo_megatron.data.preprocess import cache_key, tokenize_dataset
     from orpo_megatron.data.sources import load_split
 
     reference = AutoTokenizer.from_pretrained(byte_level_base)
@@ -229,6 +229,18 @@ def test_chat_template_kwargs_flag_and_row_column(byte_level_base, tmp_path):
         assert prompt_ids == _qwen3_prompt_ids(reference, history, enable_thinking=thinking)
         # The premise: the flag changes the prompt (Qwen3 then closes an empty think block in it).
         assert prompt_ids != _qwen3_prompt_ids(reference, history, enable_thinking=not thinking)
+    # The cache is keyed by the kwargs and by tokenizer.json: changing either tokenizes again.
+    source = load_split(config.data_path, config.split)
+    without_flag = PairTokenizer(byte_level_base, pair_tokenizer.chat_template, config.truncation)
+    assert cache_key(source, without_flag) != cache_key(source, pair_tokenizer)
+    other_tokenizer = tmp_path / "other_tokenizer"
+    shutil.copytree(byte_level_base, other_tokenizer)
+    tokenizer = Tokenizer.from_file(str(other_tokenizer / "tokenizer.json"))
+    tokenizer.add_tokens(["<tool_call>"])
+    tokenizer.save(str(other_tokenizer / "tokenizer.json"))
+    changed = PairTokenizer(str(other_tokenizer), pair_tokenizer.chat_template, config.truncation,
+                            pair_tokenizer.chat_template_kwargs)
+    assert cache_key(source, changed) != cache_key(source, pair_tokenizer)
     for value, message in (("{enable_thinking: false}", "--chat-template-kwargs is not JSON"),
                            ('["enable_thinking"]', "--chat-template-kwargs must be a JSON object")):
         with pytest.raises(ValueError, match=message):

@@ -1,7 +1,7 @@
 """Tokenize a preference dataset once (`datasets.map`, multiprocess, cached) and apply the bad-row policy.
 
 Owns the tokenized table (one row per source row: ids, lengths, truncation flags, `bad_reason`), its cache key
-(source fingerprint + tokenizer files + chat template and its kwargs + truncation settings + this package's tokenization code),
+(source fingerprint + tokenizer files + chat template + truncation settings + this package's tokenization code),
 the bad-row policy (`skip` and count by reason, or `error` naming the first bad row; stop above
 `max_bad_row_fraction` either way) and the statistics the trainer logs. Row-level rules live in `preference.py`.
 
