@@ -65,7 +65,8 @@ def _rows() -> list[dict]:
     reasoning = "<think>\nSmall primes: 2, 3.\n</think>\n\n"
     extra = [
         ([system, {"role": "user", "content": "Hi"}], "Hello  there,\n friend!", "Go away."),
-        ([blocks, {"role": "user", "content": [{"type": "text", "text": "Capital of Peru?"}]}], "Lima.", "Quito."),
+        ([blocks, {"role": "user", "content": [{"type": "text", "text": "Capital of Peru?"}]}],
+         [{"type": "text", "text": "Lima."}], "Quito."),
         (history, "2 is prime.", "4 is prime."),
         (history, reasoning + "3.", reasoning + "9."),
     ]
