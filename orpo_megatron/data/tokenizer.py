@@ -93,7 +93,7 @@ class _TokenizerFolder:
         return {key: value for key, value in zip(NAMED_TOKENS, (self.bos_token, self.eos_token, self.unk_token,
                                                                   self.pad_token)) if value is not None}
 
-    def _named_ids(self, token_id) -> None:
+    def _resolve_named_ids(self, token_id) -> None:
         """bos_id (None without a BOS token), eos_id, pad_id (EOS when there is no pad token)."""
         self.bos_id = token_id(self.bos_token, "bos_token") if self.bos_token is not None else None
         self.eos_id = token_id(self.eos_token, "eos_token")
@@ -126,7 +126,7 @@ class SentencePieceTokenizer(_TokenizerFolder):
         self.add_prefix_space = add_dummy_prefix if add_prefix_space is None else bool(add_prefix_space)
         self.add_bos_token = bool(self.config.get("add_bos_token", True)) and self.bos_token is not None
         self.special_tokens = self._read_special_tokens()
-        self._named_ids(self._special_id)
+        self._resolve_named_ids(self._special_id)
         self.vocab_size = max([self._sp.get_piece_size() - 1, *self.special_tokens.values()]) + 1
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
@@ -217,7 +217,7 @@ class TokenizerJsonTokenizer(_TokenizerFolder):
         self._tokenizer = tokenizers.Tokenizer.from_file(path)
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
-        self._named_ids(self._token_id)
+        self._resolve_named_ids(self._token_id)
         add_bos_token = self.config.get("add_bos_token")
         if add_bos_token is None:  # transformers then keeps the file's post-processor: does it prepend BOS?
             with_special = self._tokenizer.encode("a", add_special_tokens=True).ids
