@@ -15,6 +15,8 @@ setup(
         "torch>=2.6.0",
         "megatron-core==0.16.1",
         "sentencepiece>=0.2",
+        # tokenizer.json folders (byte-level BPE of Llama-3, Qwen, ...): the library transformers itself runs.
+        "tokenizers>=0.21",
         "datasets>=3.0",
         "wandb>=0.19",
         "safetensors>=0.4",

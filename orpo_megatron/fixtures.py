@@ -1,9 +1,10 @@
-"""Tiny, self-made Hugging Face fixtures: a Mixtral-layout checkpoint and a sentencepiece tokenizer.
+"""Tiny, self-made Hugging Face fixtures: a Mixtral-layout checkpoint, a sentencepiece tokenizer and a Qwen3-style
+byte-level BPE `tokenizer.json`.
 
 They let the demo and the tests run on a CPU with no downloads. The checkpoint is random (seeded) and has the
-exact file layout of a real one (config.json + safetensors); the tokenizer is trained on a corpus shipped in
-`orpo_megatron/assets/` and carries a Zephyr chat template in `tokenizer_config.json`, like the
-alignment-handbook's Zephyr-141B recipe.
+exact file layout of a real one (config.json + safetensors); the tokenizers are trained on a corpus shipped in
+`orpo_megatron/assets/`. The sentencepiece one carries a Zephyr chat template in `tokenizer_config.json`, like the
+alignment-handbook's Zephyr-141B recipe; the byte-level one has Qwen3's pipeline and special tokens.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from orpo_megatron.data.chat_template import CHATML
 from orpo_megatron.data.chat_template import ZEPHYR as ZEPHYR_CHAT_TEMPLATE
 from orpo_megatron.hf_mapping import hf_layer_names, hf_outer_names
 from orpo_megatron.model_config import HFModelConfig
@@ -104,8 +106,9 @@ def write_hf_checkpoint(out_dir: str, config: dict, tensors: dict[str, torch.Ten
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
-def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE) -> None:
-    """Train a byte-fallback BPE sentencepiece model (Mixtral's special ids: unk 0, BOS 1, EOS 2)."""
+def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE, add_dummy_prefix: bool = True) -> None:
+    """Train a byte-fallback BPE sentencepiece model (Mixtral's special ids: unk 0, BOS 1, EOS 2); without
+    `add_dummy_prefix` the model, like Gemma's, puts no `▁` before the text."""
     import sentencepiece as spm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -114,7 +117,7 @@ def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE) -> Non
         input=TOKENIZER_CORPUS, model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
         # Identity normalization as in Mixtral's tokenizer, so every tokenizer reading these files agrees.
-        normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        normalization_rule_name="identity", add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2,
     )
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
@@ -134,6 +137,55 @@ def write_tiny_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE) -> Non
         json.dump(tokenizer_config, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
+
+
+# Qwen2/Qwen3's pre-tokenizer split (transformers' Qwen2Tokenizer and the models' tokenizer.json).
+QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                          r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_PLAIN_ADDED_TOKENS = ("<think>", "</think>")  # added but not special in Qwen3: decoded, never skipped
+
+
+def write_tiny_byte_level_tokenizer(out_dir: str, vocab_size: int = TINY_VOCAB_SIZE,
+                                    chat_template: str = CHATML) -> None:
+    """Train a byte-level BPE `tokenizer.json` with Qwen3's pipeline (NFC, its regex split, byte-level bytes), special
+    tokens and tokenizer_config.json (no BOS: `"bos_token": null`; EOS `<|im_end|>`), `vocab_size` ids in all."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_PLAIN_ADDED_TOKENS), show_progress=False,
+                                  special_tokens=list(QWEN_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([TOKENIZER_CORPUS], trainer)
+    tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in QWEN_PLAIN_ADDED_TOKENS])
+    trained_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if trained_size != vocab_size:
+        raise ValueError(f"the tokenizer corpus gives {trained_size} tokens, not {vocab_size}")
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    added = {str(tokenizer.token_to_id(token)): {"content": token, "lstrip": False, "normalized": False,
+                                                 "rstrip": False, "single_word": False,
+                                                 "special": token in QWEN_SPECIAL_TOKENS}
+             for token in QWEN_SPECIAL_TOKENS + QWEN_PLAIN_ADDED_TOKENS}
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_prefix_space": False,
+        "errors": "replace",
+        "model_max_length": 1024,
+        "chat_template": chat_template,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
 
 
 def write_tiny_model(out_dir: str, seed: int = 1234, dense: bool = False, dtype: torch.dtype = torch.float32,

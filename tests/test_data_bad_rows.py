@@ -101,10 +101,21 @@ def test_wrong_python_types_are_bad_rows(tiny_mixtral):
     for row in ({"prompt": ["not", "messages"], "chosen": "a", "rejected": "b"},
                 {"prompt": "Q", "chosen": 3, "rejected": "b"},
                 {"prompt": "Q", "chosen": [{"role": "assistant", "content": 5}], "rejected": [_assistant("b")]},
+                {"prompt": "Q", "chosen": [_assistant(["not", "blocks"])], "rejected": [_assistant("b")]},
+                {"prompt": "Q", "chosen": [_assistant("a")], "rejected": [_assistant("b")],
+                 "chat_template_kwargs": ["enable_thinking"]},
                 {"prompt_input_ids": [1, 2.5], "chosen_input_ids": [300], "rejected_input_ids": [301]}):
         with pytest.raises(BadRow) as bad:
             pair_tokenizer(row)
         assert bad.value.reason == "wrong_type", row
+
+
+def test_content_blocks_without_text_are_an_empty_completion(tiny_mixtral):
+    pair_tokenizer = PairTokenizer(tiny_mixtral, "{{ messages | tojson }}", TruncationConfig())
+    row = {"prompt": "Q", "chosen": [_assistant([{"type": "image"}, {"type": "text", "text": " "}])],
+           "rejected": [_assistant([{"type": "text", "text": "b"}])]}
+    with pytest.raises(BadRow, match="empty_completion: chosen assistant turn is empty"):
+        pair_tokenizer(row)
 
 
 def test_dataset_without_preference_columns_is_a_clear_error(tmp_path, tiny_mixtral):

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from orpo_megatron.data.sources import load_split
 
     if args.tokenizer is None:
-        print("inspect_data.py: --tokenizer is required (a folder with tokenizer.model)", file=sys.stderr)
+        print("inspect_data.py: --tokenizer is required (a folder with tokenizer.json or tokenizer.model)", file=sys.stderr)
         return 2
     try:
         config = DataConfig.from_args(args)

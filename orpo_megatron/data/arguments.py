@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 
 import datasets
@@ -32,11 +33,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Fraction of the training pairs held out for evaluation, chosen by --seed, when there is "
                             "no --eval-split (default: 0, no evaluation).")
     group.add_argument("--tokenizer", type=str, default=None,
-                       help="Folder with tokenizer.model and tokenizer_config.json (default: the tokenizer stored "
+                       help="Folder with tokenizer.json (any kind the tokenizers library reads: byte-level BPE of "
+                            "Llama-3/Qwen, ...) or a sentencepiece tokenizer.model, and tokenizer_config.json "
+                            "(default: the tokenizer stored "
                             "with the loaded checkpoint).")
     group.add_argument("--chat-template", type=str, default=None,
                        help=f"Chat template for message-list rows: one of {sorted(BUILTIN_TEMPLATES)} or a jinja "
                             "file (default: the template in tokenizer_config.json).")
+    group.add_argument("--chat-template-kwargs", type=str, default=None,
+                       help="JSON object of extra chat template variables for every row, e.g. "
+                            "'{\"enable_thinking\": false}' for Qwen3; a row's own chat_template_kwargs column "
+                            "(TRL's) wins over it key by key (default: none).")
     group.add_argument("--max-length", type=int, default=1024,
                        help="Longest prompt + completion in tokens; longer completions are cut (default: 1024).")
     group.add_argument("--max-prompt-length", type=int, default=512,
@@ -87,6 +94,7 @@ class DataConfig:
     eval_fraction: float = 0.0
     tokenizer: str | None = None
     chat_template: str | None = None
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     truncation: TruncationConfig = TruncationConfig()
     on_bad_row: str = "skip"
     max_bad_row_fraction: float = 0.05
@@ -104,14 +112,21 @@ class DataConfig:
             raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}")
         if not 0.0 <= self.max_bad_row_fraction <= 1.0:
             raise ValueError(f"--max-bad-row-fraction must be in [0, 1], got {self.max_bad_row_fraction}")
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
         if self.num_workers < 1:
             raise ValueError(f"--data-num-workers must be at least 1, got {self.num_workers}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataConfig:
         cache_dir = args.data_cache_dir or os.path.join(str(datasets.config.HF_DATASETS_CACHE), "orpo_megatron")
+        try:
+            template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--chat-template-kwargs is not JSON ({error}): {args.chat_template_kwargs!r}") from None
         return cls(data_path=args.data_path, split=args.split, eval_split=args.eval_split,
                    eval_fraction=args.eval_fraction, tokenizer=args.tokenizer, chat_template=args.chat_template,
+                   chat_template_kwargs=template_kwargs,
                    truncation=TruncationConfig(args.max_length, args.max_prompt_length, args.truncation_mode),
                    on_bad_row=args.on_bad_row, max_bad_row_fraction=args.max_bad_row_fraction,
                    num_workers=args.data_num_workers, cache_dir=cache_dir)

@@ -1,8 +1,10 @@
 """Chat templates: rendering a message list to text exactly as transformers' `apply_chat_template` does.
 
 Owns the jinja2 environment (sandboxed, `trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`, a
-non-escaping `tojson`, `strftime_now`), the variables a template sees (the tokenizer's special tokens, `messages`,
-`add_generation_prompt`) and the built-in templates for `--chat-template NAME` when `tokenizer_config.json` has
+non-escaping `tojson`, `strftime_now`, the `{% generation %}` tag of training templates, whose body is rendered),
+the variables a template sees (the tokenizer's special tokens, `messages` with their reasoning fields aliased,
+`tools`/`documents` (none), `add_generation_prompt`, extra `chat_template_kwargs` such as Qwen3's
+`enable_thinking`) and the built-in templates for `--chat-template NAME` when `tokenizer_config.json` has
 none. It does not tokenize and does not know which part of a conversation is the completion (`preference.py`).
 """
 from __future__ import annotations
@@ -83,23 +85,47 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (SmolLM3, Phi-4-reasoning, TRL's `*_training.jinja`): marks the
+    assistant's output for transformers' assistant-token mask; rendering it is rendering its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
 @lru_cache(maxsize=8)
 def compile_template(template: str) -> jinja2.Template:
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[jinja2.ext.loopcontrols, GenerationTag])
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
     return environment.from_string(template)
 
 
+# Older names of a message's reasoning, filled in from each other as transformers does (Qwen3 reads
+# `reasoning_content`, gpt-oss `thinking`).
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
 def render(template: str, messages: list[dict], special_tokens: dict[str, str],
-           add_generation_prompt: bool = False) -> str:
+           add_generation_prompt: bool = False, **template_kwargs) -> str:
     """Render `messages` like `tokenizer.apply_chat_template(messages, tokenize=False, ...)`.
 
-    `special_tokens` maps `bos_token`, `eos_token`, ... to their strings; keys of a message whose value is None
-    are dropped first, as transformers does.
+    `special_tokens` maps `bos_token`, `eos_token`, ... to their strings; `template_kwargs` (transformers'
+    `**kwargs`, TRL's `chat_template_kwargs`) are further variables and win over special tokens of the same name.
+    Keys of a message whose value is None are dropped first, as transformers does.
     """
-    messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
-    return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             **special_tokens)
+    conversation = []
+    for message in messages:
+        message = {key: value for key, value in message.items() if value is not None}
+        reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        conversation.append(message)
+    variables = {**special_tokens, **template_kwargs}
+    return compile_template(template).render(messages=conversation, tools=None, documents=None,
+                                             add_generation_prompt=add_generation_prompt, **variables)

@@ -17,7 +17,7 @@ from orpo_megatron.data.chat_template import resolve_chat_template
 from orpo_megatron.data.preference import PairTokenizer
 from orpo_megatron.data.preprocess import PreprocessStats, apply_bad_row_policy, tokenize_dataset
 from orpo_megatron.data.sources import load_split
-from orpo_megatron.data.tokenizer import SentencePieceTokenizer
+from orpo_megatron.data.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -54,11 +54,12 @@ class PreferenceDataStats:
 def make_pair_tokenizer(config: DataConfig, tokenizer_dir_fallback: str | None) -> PairTokenizer:
     tokenizer_dir = config.tokenizer or tokenizer_dir_fallback
     if tokenizer_dir is None:
-        raise ValueError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.model), or load a checkpoint "
+        raise ValueError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json or tokenizer.model), or "
+                         "load a checkpoint "
                          "that stores one")
-    tokenizer = SentencePieceTokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     template = resolve_chat_template(config.chat_template, tokenizer.chat_template, tokenizer_dir)
-    return PairTokenizer(tokenizer_dir, template, config.truncation)
+    return PairTokenizer(tokenizer_dir, template, config.truncation, config.chat_template_kwargs)
 
 
 def tokenized_split(config: DataConfig, pair_tokenizer: PairTokenizer, split: str

@@ -9,8 +9,20 @@ Input forms (all give identical ids for the same pairs):
   completion; the prompt is `chosen[:-1]`, which must equal `rejected[:-1]` (the `prompt` string column is then
   ignored, as in the alignment-handbook). When the conversations hold only the assistant turn, the `prompt` string
   becomes one user message; a `prompt` that is itself a message list is TRL's explicit-prompt form.
-  Rendering: prompt text = template(prompt messages, add_generation_prompt=True); completion text = the rest of
-  template(prompt messages + completion turn), which must start with the prompt text.
+  A message's content is a string or a list of content blocks (`[{"type": "text", "text": ...}]`, which Gemma-3's
+  template needs for system messages), handed to the template as they are.
+  Template variables: the tokenizer's special tokens, then `--chat-template-kwargs` (a JSON object), then the row's
+  own `chat_template_kwargs` column (TRL's; e.g. Qwen3's `{"enable_thinking": false}`), later ones winning; null
+  values are dropped (datasets fills the keys other rows have with null).
+  Rendering: full text = template(prompt messages + completion turn); prompt text = template(prompt messages,
+  add_generation_prompt=True). Usually the prompt text starts the full text and the completion is the rest.
+  Reasoning templates whose generation prompt opens a think block (QwQ-32B `<|im_start|>assistant\n<think>\n`,
+  DeepSeek-R1-Distill `<｜Assistant｜><think>\n`) render past turns without it, so the prompt text is not a prefix of
+  any full conversation. There the boundary is the longest common prefix of the two texts (TRL's rule): the sequence
+  is exactly the rendered conversation, and the generation prompt's remainder (`<think>\n`) is counted on the
+  completion side: it is not in the rendered conversation, so it is neither masked nor trained on. The prompt turns
+  must still render identically (template(prompt messages) starts the full text), else the row is a
+  `template_error`.
 - plain strings: `prompt`, `chosen`, `rejected` texts used verbatim (already templated, if at all).
 - pre-tokenized: `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (completions without the prompt).
 
@@ -36,15 +48,17 @@ from __future__ import annotations
 import dataclasses
 
 from orpo_megatron.data.chat_template import render
-from orpo_megatron.data.tokenizer import SentencePieceTokenizer
+from orpo_megatron.data.tokenizer import SentencePieceTokenizer, TokenizerJsonTokenizer, load_tokenizer
 
 PRETOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+CHAT_TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
 # Every reason a row can be rejected for, with what it means (printed by tools/inspect_data.py).
 BAD_ROW_REASONS = {
     "missing_field": "a needed value (prompt/chosen/rejected or a message's role/content) is missing or null",
-    "wrong_type": "a value has the wrong type (not text, not a list of messages, not token ids in the vocabulary)",
+    "wrong_type": "a value has the wrong type (not text, not a list of messages, not token ids in the vocabulary, "
+                  "chat_template_kwargs not an object)",
     "no_assistant_completion": "the last message of chosen/rejected is not an assistant turn",
     "prompt_mismatch": "chosen and rejected conversations differ before their last turn",
     "template_error": "the chat template raised, or did not render the conversation as prompt + completion",
@@ -96,27 +110,30 @@ def required_columns(column_names: list[str]) -> tuple[str, ...]:
     if all(name in column_names for name in PRETOKENIZED_COLUMNS):
         return PRETOKENIZED_COLUMNS
     if "chosen" in column_names and "rejected" in column_names:
-        return ("prompt", "chosen", "rejected") if "prompt" in column_names else ("chosen", "rejected")
+        columns = ("prompt", "chosen", "rejected") if "prompt" in column_names else ("chosen", "rejected")
+        return columns + ((CHAT_TEMPLATE_KWARGS_COLUMN,) if CHAT_TEMPLATE_KWARGS_COLUMN in column_names else ())
     raise ValueError("expected columns prompt/chosen/rejected (text or message lists) or "
                      f"{'/'.join(PRETOKENIZED_COLUMNS)} (token ids), found {column_names}")
 
 
 class PairTokenizer:
-    """Tokenizes rows of any form; picklable (the sentencepiece model is reloaded per process)."""
+    """Tokenizes rows of any form; picklable (the tokenizer is reloaded per process)."""
 
-    def __init__(self, tokenizer_dir: str, chat_template: str | None, truncation: TruncationConfig):
+    def __init__(self, tokenizer_dir: str, chat_template: str | None, truncation: TruncationConfig,
+                 chat_template_kwargs: dict | None = None):
         self.tokenizer_dir = tokenizer_dir
         self.chat_template = chat_template
         self.truncation = truncation
-        self._tokenizer: SentencePieceTokenizer | None = None
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self._tokenizer: SentencePieceTokenizer | TokenizerJsonTokenizer | None = None
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
 
     @property
-    def tokenizer(self) -> SentencePieceTokenizer:
+    def tokenizer(self) -> SentencePieceTokenizer | TokenizerJsonTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = SentencePieceTokenizer(self.tokenizer_dir)
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
         return self._tokenizer
 
     def __call__(self, row: dict) -> TokenizedPair:
@@ -157,7 +174,17 @@ class PairTokenizer:
                     raise BadRow("empty_completion", f"{name} is empty")
             return prompt, chosen, rejected
         return self._render_conversation(prompt, self._messages(chosen, "chosen"),
-                                         self._messages(rejected, "rejected"))
+                                         self._messages(rejected, "rejected"), self._template_kwargs(row))
+
+    def _template_kwargs(self, row: dict) -> dict:
+        row_kwargs = row.get(CHAT_TEMPLATE_KWARGS_COLUMN)
+        if row_kwargs is None:
+            row_kwargs = {}
+        if not isinstance(row_kwargs, dict):
+            raise BadRow("wrong_type", f"{CHAT_TEMPLATE_KWARGS_COLUMN} must be an object (template variable -> "
+                                       f"value), got {type(row_kwargs).__name__}")
+        merged = {**self.chat_template_kwargs, **row_kwargs}
+        return {key: value for key, value in merged.items() if value is not None}
 
     @staticmethod
     def _messages(value, name: str) -> list[dict]:
@@ -171,12 +198,25 @@ class PairTokenizer:
             for key in ("role", "content"):
                 if message.get(key) is None:
                     raise BadRow("missing_field", f"{name}[{index}] has no {key}")
-                if not isinstance(message[key], str):
-                    raise BadRow("wrong_type", f"{name}[{index}].{key} must be a string")
+            if not isinstance(message["role"], str):
+                raise BadRow("wrong_type", f"{name}[{index}].role must be a string")
+            content = message["content"]
+            if not isinstance(content, str) and not (
+                    isinstance(content, (list, tuple)) and all(isinstance(block, dict) for block in content)):
+                raise BadRow("wrong_type", f"{name}[{index}].content must be a string or a list of content blocks "
+                                           '([{"type": "text", "text": ...}])')
             messages.append(dict(message))
         return messages
 
-    def _render_conversation(self, prompt, chosen: list[dict], rejected: list[dict]) -> tuple[str, str, str]:
+    @staticmethod
+    def _content_text(content) -> str:
+        """The text of a message's content: the string, or its text blocks joined."""
+        if isinstance(content, str):
+            return content
+        return "".join(block["text"] for block in content if isinstance(block.get("text"), str))
+
+    def _render_conversation(self, prompt, chosen: list[dict], rejected: list[dict], template_kwargs: dict
+                             ) -> tuple[str, str, str]:
         if isinstance(prompt, (list, tuple)):  # explicit prompt: chosen/rejected hold the completion turn(s)
             prompt_messages = self._messages(prompt, "prompt")
             chosen_turns, rejected_turns = chosen, rejected
@@ -195,28 +235,27 @@ class PairTokenizer:
         for name, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
             if turns[-1]["role"] != "assistant":
                 raise BadRow("no_assistant_completion", f"{name} ends with a {turns[-1]['role']!r} turn")
-            if not turns[-1]["content"].strip():
+            if not self._content_text(turns[-1]["content"]).strip():
                 raise BadRow("empty_completion", f"{name} assistant turn is empty")
         if self.chat_template is None:
             raise ValueError(f"the rows are message lists but the tokenizer in {self.tokenizer_dir} has no chat "
                              "template: pass --chat-template zephyr|mistral|chatml or a jinja file")
-        prompt_text = self._render(prompt_messages, add_generation_prompt=True)
-        completions = []
-        for name, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
-            full_text = self._render(prompt_messages + turns, add_generation_prompt=False)
-            if not full_text.startswith(prompt_text):
-                raise BadRow("template_error", f"the rendered {name} conversation does not start with the rendered "
-                                               "prompt (add_generation_prompt=True)")
-            completions.append(full_text[len(prompt_text):])
-        return prompt_text, completions[0], completions[1]
+        prompt_text = self._render(prompt_messages, True, template_kwargs)
+        full_texts = [self._render(prompt_messages + turns, False, template_kwargs)
+                      for turns in (chosen_turns, rejected_turns)]
+        if not all(full.startswith(prompt_text) for full in full_texts):  # a reasoning template: see the docstring
+            turns_text = self._render(prompt_messages, False, template_kwargs)
+            for name, full in zip(("chosen", "rejected"), full_texts):
+                if not full.startswith(turns_text):
+                    raise BadRow("template_error", f"the rendered {name} conversation does not start with the "
+                                                   "rendered prompt turns")
+            prompt_text = prompt_text[:min(_common_prefix(prompt_text, full) for full in full_texts)]
+        return prompt_text, full_texts[0][len(prompt_text):], full_texts[1][len(prompt_text):]
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        tok = self.tokenizer
-        special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.unk_token}
-        if tok.pad_token:
-            special["pad_token"] = tok.pad_token
+    def _render(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict) -> str:
         try:
-            return render(self.chat_template, messages, special, add_generation_prompt)
+            return render(self.chat_template, messages, self.tokenizer.named_special_tokens, add_generation_prompt,
+                          **template_kwargs)
         except Exception as error:  # a template's raise_exception or a jinja error; the row is bad, not the run
             raise BadRow("template_error", f"{type(error).__name__}: {error}") from error
 
@@ -274,7 +313,7 @@ class PairTokenizer:
         return prompt[len(prompt) - keep:]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: list[int] | str, b: list[int] | str) -> int:
     length = 0
     for x, y in zip(a, b):
         if x != y:

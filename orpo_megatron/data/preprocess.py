@@ -96,8 +96,9 @@ def cache_key(dataset: datasets.Dataset, pair_tokenizer: PairTokenizer) -> str:
     parts = {
         "source": dataset._fingerprint,
         "tokenizer": [_file_digest(os.path.join(pair_tokenizer.tokenizer_dir, name))
-                      for name in ("tokenizer.model", "tokenizer_config.json")],
+                      for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")],
         "chat_template": pair_tokenizer.chat_template,
+        "chat_template_kwargs": pair_tokenizer.chat_template_kwargs,
         "truncation": dataclasses.asdict(pair_tokenizer.truncation),
         "code": [_file_digest(path) for path in code],
     }
