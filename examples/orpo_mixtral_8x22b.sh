@@ -143,8 +143,13 @@ EXPORT_DIR=${EXPORT_DIR:-$RUN_DIR/hf}
 # Slurm 22.05 it does not inherit --cpus-per-task), binds each task to its own cores, and OpenMP uses them all.
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
-# One hardware queue per GPU: Megatron-Core then overlaps tensor-parallel communication with compute.
+# One hardware queue per GPU: Megatron-Core then overlaps tensor-parallel communication with compute (Megatron-LM
+# and the trainer refuse TP > 1 without it before Blackwell).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# The rendezvous host: the first of this job's nodes, by SLURM's own expansion of the node list (names such as
+# node[01-04]-ib or rack[1-2]-gpu[01-08] included), not one exported from the submitting shell. srun passes it
+# on to every task.
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 
 REQUEUE=0
 TRAIN_PID=
@@ -158,7 +163,7 @@ trap 'on_signal TERM' TERM
 
 WORLD=${SLURM_NTASKS:?SLURM_NTASKS is not set}
 echo "$(date '+%F %T') job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
-     "$WORLD tasks, TP=$TP PP=$PP${VP:+ VP=$VP} EP=$EP DP=$(( WORLD / (TP * PP) ))"
+     "$WORLD tasks, TP=$TP PP=$PP${VP:+ VP=$VP} EP=$EP DP=$(( WORLD / (TP * PP) )), rendezvous on $MASTER_ADDR"
 
 # 1. Convert once. The converter writes into a staging folder and renames it when complete, so an existing
 #    CHECKPOINT is always a whole one.
