@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     checkpoint = checkpointing.resolve(args.load, args.hf_config)
     hf = checkpoint.hf
+    # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
     data_config = DataConfig.from_args(args)
     if parallel.launch_env().rank == 0:
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split])

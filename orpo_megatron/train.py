@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
     hf = checkpoint.hf
+    # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
     if parallel.launch_env().rank == 0:
         data_config = DataConfig.from_args(args)
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split, data_config.eval_split])
