@@ -7,14 +7,16 @@ It first prints how to run it on a machine without internet (`HOW_TO_RUN`, also 
 repository's requirements; transformers for the parity lines, transformer-engine for the TE, FP8 and
 fused-kernel lines. A line whose piece is missing says "skipped: why", never a fake pass; a failed check says
 FAIL with the error, and the command exits 1. The lines, most important first, with the time each check is
-estimated to take on an H200 (a check starts only if its estimate fits in what is left of --budget-minutes):
+estimated to take on an H200 (a check starts only if its estimate fits in what is left of --budget-minutes, and
+every wait ends at that deadline: a check that overruns says FAIL "did not finish in time", the later ones say
+"skipped: time budget", and the table is printed within the budget):
 (a) parity, ~30 s: forward and backward of the tiny Mixtral against transformers' Mixtral, fp32 and bf16, on the
     local spec and (with TE) the TE spec: per-sequence completion log-probs and the gradients of the embedding
     and output weights;
-(b) trainer, ~60 s: for each optimizer mode (Adam; offloaded, the examples' partial fraction and the flag's
+(b) trainer, ~90 s: for each optimizer mode (Adam; offloaded, the examples' partial fraction and the flag's
     default 1.0; precision-aware), a bf16 run from a converted checkpoint at lr 1e-9 keeps the loaded weights
-    (held-out loss unchanged after a step), and a run saved at step 2 resumes to the same losses (its optimizer
-    state through the reshardable checkpoint);
+    (held-out loss unchanged after a step), and a run saved at step 2 resumes to the same losses at steps 3-6
+    (its optimizer state through the reshardable checkpoint; a lost step count shows from step 5 on);
 (c) packing, ~30 s: the trainer's first step on the tiny Mixtral in bf16 on the machine's spec: every tensor the
     model and the loss read is on the GPU after the move and a packed forward/backward runs there; packed equals
     --no-packing on the same pairs (on TE: THD attention, fused THD RoPE); no host sync from orpo_megatron/ in
@@ -29,7 +31,7 @@ estimated to take on an H200 (a check starts only if its estimate fits in what i
     FFN; bf16; one pair of 2048-token sequences per micro-batch, 2 micro-batches; forward, backward and the
     data-parallel communication, not the optimizer's arithmetic), with every fused kernel on, then each one off
     (on/off ratio), and the DP communication overlaps on/off (with 2+ GPUs; one GPU has none);
-(g) FP8, ~75 s (TE, compute capability 8.9+): for each recipe, steps, a save and a resume that continues with the
+(g) FP8, ~135 s (TE, compute capability 8.9+): for each recipe, steps, a save and a resume that continues with the
     saved FP8 scaling state; the evaluator with --fp8-format.
 The work behind (a) and (c)-(f) runs in `acceptance_workers.py`, a process per section; on the tiny model a
 process is mostly start-up, so the workers of (a), (c) and (d) start together at the beginning and independent
@@ -108,6 +110,9 @@ FP32_LOGP, BF16_LOGP, BF16_VS_FP32_FACTOR = 1e-4, 0.02, 2.0
 FP32_GRAD_COSINE, BF16_GRAD_COSINE = 0.9999, 0.99
 UNCHANGED_LOSS = 1e-5
 RESUME_LOSS = {"cpu": 1e-6, "cuda": 1e-4}
+# A run resumed from its step-2 save is compared on 4 steps: an optimizer state loaded wrong in a way that keeps the
+# first steps right (a step count stuck at its loaded value: bias correction) shows from step 5 on.
+RESUMED_STEPS = range(3, 7)
 CROSS_LOAD_LOGITS = 1e-2
 # Workers of checks on the tiny model that neither time anything nor measure memory: they start together with
 # the first check (a machine runs them side by side in well under their sum), their checks collect them.
@@ -127,6 +132,13 @@ class Skip(Exception):
 
 
 CHECKS: list[tuple[str, Callable, float]] = []
+# What a check's budget is made of, in seconds on an H200 (16 cores). A process on the tiny model starts in about
+# 20 s (Python, torch and megatron-core imports, CUDA and NCCL, the model, the data), then does its section's work;
+# trainer runs started together (a wave, up to 8 on 16 cores) end together: start, load, 6 steps, 3 saves and
+# evaluations. A check starts only if its budget fits in what is left before the deadline, and every wait in it
+# ends at the deadline, so the table is always printed.
+TINY_PROCESS_SECONDS = 30
+TRAINER_WAVE_SECONDS = 45
 
 
 def check(section: str, seconds: float):
@@ -192,7 +204,7 @@ class Started:
     def finish(self, deadline: float) -> Exception | None:
         """Wait for it until `deadline` (then kill it); None, or what went wrong with the end of its output."""
         try:
-            self.process.wait(timeout=max(1.0, deadline - time.time()))
+            self.process.wait(timeout=max(0.0, deadline - time.time()))
             problem = f"exited {self.process.returncode}" if self.process.returncode else None
         except subprocess.TimeoutExpired:
             self.process.kill()
@@ -205,15 +217,14 @@ class Started:
         return RuntimeError(f"{' '.join(self.command[:4])} ... {problem}: " + " | ".join(tail))
 
 
-def run_all(machine: Machine, commands: dict[str, list[str]], timeout: float) -> dict[str, Exception | None]:
-    """Run the commands at once; for each, None or what went wrong."""
+def run_all(machine: Machine, commands: dict[str, list[str]]) -> dict[str, Exception | None]:
+    """Run the commands at once, until the command's deadline at most; for each, None or what went wrong."""
     started = {name: Started.start(machine, name, command) for name, command in commands.items()}
-    deadline = time.time() + timeout
-    return {name: process.finish(deadline) for name, process in started.items()}
+    return {name: process.finish(machine.deadline) for name, process in started.items()}
 
 
-def run_one(machine: Machine, name: str, command: list[str], timeout: float) -> None:
-    error = run_all(machine, {name: command}, timeout)[name]
+def run_one(machine: Machine, name: str, command: list[str]) -> None:
+    error = run_all(machine, {name: command})[name]
     if error:
         raise error
 
@@ -230,7 +241,7 @@ def worker(machine: Machine, name: str, *flags: str, launcher: tuple[str, ...] =
     if name not in machine.running:
         stop_early_workers(machine)  # only those of checks skipped for time are left: no competition while it runs
         start_worker(machine, name, *flags, launcher=launcher)
-    error = machine.running.pop(name).finish(time.time() + 600)
+    error = machine.running.pop(name).finish(machine.deadline)
     if error:
         raise error
     with open(os.path.join(machine.work, f"{name}.json")) as f:
@@ -248,6 +259,16 @@ def failure(error: Exception | str) -> str:
     return f"FAIL: {error}"[:300]
 
 
+def unfinished(name: str, part: dict, skip_reason: str | None = None, detail: str = "") -> Line | None:
+    """The line of a worker's part that raised ("error", FAIL with where) or could not run here ("skipped": why,
+    or `skip_reason`); None when it ran and its figures are to be judged."""
+    if "error" in part:
+        return Line(name, failure(part["error"]), part["where"])
+    if "skipped" in part:
+        return Line(name, f"skipped: {skip_reason or part['skipped']}", detail)
+    return None
+
+
 def train_all(machine: Machine, runs: dict[str, list[str]]) -> dict[str, dict | Exception]:
     """Trainer runs from the converted bf16 checkpoint (one process each, the GPU's defaults), all at once. Run
     NAME saves to WORK/NAME; its result is its logged events by (iteration, kind), or what went wrong."""
@@ -255,7 +276,7 @@ def train_all(machine: Machine, runs: dict[str, list[str]]) -> dict[str, dict | 
                        "--save", os.path.join(machine.work, name), "--data-path", DATA,
                        "--data-cache-dir", data_cache(machine.work), *SHAPES,
                        "--global-batch-size", "4", "--log-interval", "1", *flags] for name, flags in runs.items()}
-    outcomes = run_all(machine, commands, timeout=max(60, machine.deadline - time.time()))
+    outcomes = run_all(machine, commands)
     return {name: error or logged_events(os.path.join(machine.work, name)) for name, error in outcomes.items()}
 
 
@@ -271,12 +292,13 @@ def logged_events(save: str) -> dict:
 
 def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dict[str, list[str]] | None = None
                 ) -> tuple[dict[str, float | Exception], dict[str, dict | Exception]]:
-    """For each variant (name -> flags): a straight 4-step bf16 run that saves at step 2, and a run resumed from
-    that save; the largest |loss| difference of steps 3-4 between them, or what went wrong. The straight runs
+    """For each variant (name -> flags): a straight bf16 run that saves at step 2, and a run resumed from that
+    save; the largest |loss| difference of `RESUMED_STEPS` between them, or what went wrong. The straight runs
     and `alongside`'s runs start together, then the resumed ones. Returns (differences, alongside's events)."""
     from orpo_megatron import checkpoint_format, checkpointing
 
-    common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", "4", "--save-interval", "2"]
+    common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", str(RESUMED_STEPS[-1]),
+              "--save-interval", "2"]
     first = train_all(machine, {**{f"{name}-straight": [*common, *flags] for name, flags in variants.items()},
                                 **(alongside or {})})
     resumed = {}
@@ -294,11 +316,11 @@ def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dic
         expected, got = first[f"{name}-straight"], second.get(f"{name}-resumed")
         if isinstance(expected, Exception) or isinstance(got, Exception):
             differences[name] = expected if isinstance(expected, Exception) else got
-        elif {i for i, kind in got if kind == "train"} != {3, 4}:
-            differences[name] = RuntimeError(f"the resumed run logged steps {sorted(got)}, not 3 and 4")
+        elif {i for i, kind in got if kind == "train"} != set(RESUMED_STEPS):
+            differences[name] = RuntimeError(f"the resumed run logged steps {sorted(got)}, not {list(RESUMED_STEPS)}")
         else:
             differences[name] = max(abs(got[i, "train"]["train/loss"] - expected[i, "train"]["train/loss"])
-                                    for i in (3, 4))
+                                    for i in RESUMED_STEPS)
     return differences, {name: first[name] for name in alongside or {}}
 
 
@@ -306,7 +328,8 @@ def resume_line(name: str, difference: float | Exception, tolerance: float) -> L
     if isinstance(difference, Exception):
         return Line(name, failure(difference))
     return Line(name, "pass" if difference <= tolerance else "FAIL: resumed losses differ",
-                f"steps 3-4 loss max |diff| {difference:.2e} (tolerance {tolerance:g})")
+                f"steps {RESUMED_STEPS[0]}-{RESUMED_STEPS[-1]} loss max |diff| {difference:.2e} "
+                f"(tolerance {tolerance:g})")
 
 
 # ---------------------------------------------------------------------------------------- the checks
@@ -318,7 +341,7 @@ def machine_line(machine: Machine) -> Iterator[Line]:
                f"{machine.transformer_engine or 'not installed'}" + ("; DRY RUN (tiny sizes)" if machine.dry_run else ""))
 
 
-@check("(a) parity", seconds=30)
+@check("(a) parity", seconds=TINY_PROCESS_SECONDS)
 def parity(machine: Machine) -> Iterator[Line]:
     if not machine.transformers:
         raise Skip("transformers not installed (the reference)")
@@ -342,7 +365,7 @@ def parity(machine: Machine) -> Iterator[Line]:
             yield Line(name, "pass" if ok else "FAIL: outside the stated tolerances", detail)
 
 
-@check("(b) trainer", seconds=60)
+@check("(b) trainer", seconds=2 * TRAINER_WAVE_SECONDS)  # straight and keep-weights runs, then the resumed ones
 def trainer_modes(machine: Machine) -> Iterator[Line]:
     skipped = {}
     for mode in OPTIMIZER_MODES:
@@ -371,19 +394,19 @@ def trainer_modes(machine: Machine) -> Iterator[Line]:
         yield resume_line(resume_name, differences[f"resume-{mode.replace(' ', '-')}"], RESUME_LOSS[machine.device])
 
 
-@check("(c) packing", seconds=30)
+@check("(c) packing", seconds=TINY_PROCESS_SECONDS)
 def packing(machine: Machine) -> Iterator[Line]:
     report = worker(machine, "packing")
     yield batches_on_device(machine, report)
-    yield packed_equals_padded(report)
+    yield packed_equals_padded(machine, report)
     yield no_host_sync_from_us(report["host_syncs"])
     yield packed_fp8_pass(report["fp8"])
 
 
 def batches_on_device(machine: Machine, report: dict) -> Line:
     name, placement, compared = "batches on the device", report["placement"], report["packed_vs_padded"]
-    if "error" in placement:
-        return Line(name, failure(placement["error"]), placement["where"])
+    if line := unfinished(name, placement):
+        return line
     if placement["unlisted"]:
         return Line(name, f"FAIL: tensor fields DEVICE_FIELDS leaves out: {placement['unlisted']}")
     if not machine.cuda:
@@ -393,34 +416,38 @@ def batches_on_device(machine: Machine, report: dict) -> Line:
                      if any(not device.startswith("cuda") for device in devices))
     if on_host:
         return Line(name, f"FAIL: still on the host after to_device: {on_host}")
-    if "error" in compared:
-        return Line(name, failure(f"a packed forward/backward: {compared['error']}"), compared["where"])
+    if line := unfinished(name, compared):
+        return line
     return Line(name, "pass", f"all {len(placement['devices'])} DEVICE_FIELDS on cuda after to_device; a packed "
                 f"forward/backward ran on {compared['device']} ({report['spec']} spec), loss {compared['loss']:.4f}")
 
 
-def packed_equals_padded(report: dict) -> Line:
+def packed_equals_padded(machine: Machine, report: dict) -> Line:
     name, compared, spec = "packed = --no-packing (same pairs)", report["packed_vs_padded"], report["spec"]
-    if "error" in compared:
-        return Line(name, failure(compared["error"]), compared["where"])
-    ok = compared["metric_difference"] <= PACKED_METRIC_TOL and compared["grad_difference"] <= PACKED_GRAD_TOL
+    if line := unfinished(name, compared):
+        return line
+    metric_tol, grad_tol = PACKED_METRIC_TOL[machine.device], PACKED_GRAD_TOL[machine.device]
+    ok = compared["metric_difference"] <= metric_tol and compared["grad_difference"] <= grad_tol
     kernels = " (THD attention, fused THD RoPE)" if spec == "TE" else ""
     return Line(name, "pass" if ok else "FAIL: packed and padded differ",
                 f"{spec} spec{kernels}, bf16: worst metric {compared['metric']} {compared['metric_difference']:.1e} "
-                f"(tolerance {PACKED_METRIC_TOL:g}), worst gradient {compared['grad']} "
-                f"{compared['grad_difference']:.1e} (of its largest entry; tolerance {PACKED_GRAD_TOL:g}); "
+                f"(tolerance {metric_tol:g}), worst gradient {compared['grad']} "
+                f"{compared['grad_difference']:.1e} (of its largest entry; tolerance {grad_tol:g}); "
                 f"{len(compared['packed_rows'])} packed rows against {len(compared['padded_rows'])} micro-batches "
                 f"of {compared['padded_rows'][0][0]} padded rows")
 
 
 def no_host_sync_from_us(syncs: dict) -> Line:
     name = "no host sync from orpo_megatron/"
-    if "skipped" in syncs:
-        return Line(name, f"skipped: {syncs['skipped']} (host syncs are CUDA's)")
-    if "error" in syncs:
-        return Line(name, failure(syncs["error"]), syncs["where"])
+    if line := unfinished(name, syncs, syncs.get("skipped", "") + " (host syncs are CUDA's)"):
+        return line
     if not syncs.pop("planted_sync_seen"):
         return Line(name, "FAIL: the detector missed a planted .item() (torch.cuda.set_sync_debug_mode)")
+    if not syncs.pop("planted_backward_sync_seen"):
+        return Line(name, "FAIL: the backward detector missed an .item() planted in orpo_megatron's backward")
+    in_backward = syncs.pop("backward_sync")
+    if in_backward:
+        return Line(name, "FAIL: a sync in orpo_megatron's autograd backward", in_backward)
 
     def listed(places: dict) -> str:
         shown = ", ".join(f"{place} x{count}" for place, count in list(places.items())[:3])
@@ -431,28 +458,27 @@ def no_host_sync_from_us(syncs: dict) -> Line:
     ours = syncs["orpo_megatron"]
     if ours:
         return Line(name, f"FAIL: {sum(ours.values())} from orpo_megatron/", f"orpo_megatron: {listed(ours)}; {others}")
-    return Line(name, "pass", f"in a training step's forward/backward; {others}")
+    return Line(name, "pass", f"in a training step's forward/backward, orpo_megatron's autograd backward under "
+                f"sync debug mode 'error' (a planted sync there raised); {others}")
 
 
 def packed_fp8_pass(fp8: dict) -> Line:
     name = "packed FP8 hybrid pass (rows to 16)"
     if "rows" not in fp8:
-        return Line(name, failure(fp8["error"]), fp8["where"])
+        return unfinished(name, fp8)
     rows, multiple = fp8["rows"], fp8["multiple"]
     padded = sum(length > real for length, real in rows)
     shapes = (f"rows {', '.join(f'{length} ({real} real)' for length, real in rows)}: {padded} of {len(rows)} "
               f"padded to a multiple of {multiple}")
     if any(length % multiple or real > length for length, real in rows):
         return Line(name, f"FAIL: rows not a multiple of {multiple}", shapes)
-    if "skipped" in fp8:
-        return Line(name, f"skipped: {fp8['skipped']}", f"the trainer's FP8 rows, built here: {shapes}")
-    if "error" in fp8:
-        return Line(name, failure(fp8["error"]), fp8["where"])
+    if line := unfinished(name, fp8, detail=f"the trainer's FP8 rows, built here: {shapes}"):
+        return line
     return Line(name, "pass" if math.isfinite(fp8["loss"]) else "FAIL: loss not finite",
                 f"{shapes}; forward/backward on the TE spec, loss {fp8['loss']:.4f}")
 
 
-@check("(d) checkpoints", seconds=35)
+@check("(d) checkpoints", seconds=TINY_PROCESS_SECONDS + 5)  # + a save and loads per spec
 def checkpoints(machine: Machine) -> Iterator[Line]:
     report = worker(machine, "checkpoints")
     yield te_keys_equal_local(machine, report["keys"])
@@ -462,12 +488,10 @@ def checkpoints(machine: Machine) -> Iterator[Line]:
 
 def te_keys_equal_local(machine: Machine, keys: dict) -> Line:
     name = "TE spec keys = local spec keys"
-    if "error" in keys:
-        return Line(name, failure(keys["error"]), keys["where"])
     counts = "; ".join(f"{spec}: {r['tensors']} tensors, {r['objects']} objects ({r['extra_state_objects']} "
-                       "_extra_state)" for spec, r in keys.items() if spec != "skipped")
-    if "skipped" in keys:
-        return Line(name, f"skipped: {machine.without_transformer_engine() or keys['skipped']}", counts)
+                       "_extra_state)" for spec, r in keys.items() if isinstance(r, dict))
+    if line := unfinished(name, keys, machine.without_transformer_engine(), counts):
+        return line
     differing = {spec: r["differing"] for spec, r in keys.items() if r["differing"]}
     if differing:
         return Line(name, f"FAIL: {', '.join(differing)} differ", f"differing (first): {differing}")
@@ -476,8 +500,8 @@ def te_keys_equal_local(machine: Machine, keys: dict) -> Line:
 
 def loads_across_specs(machine: Machine, report: dict) -> Line:
     name, cross = "saved on one spec, loaded on another", report["cross_load"]
-    if "error" in cross:
-        return Line(name, failure(cross["error"]), cross["where"])
+    if line := unfinished(name, cross):
+        return line
     loads = "; ".join(f"{load['saved_on']} -> {load['loaded_on']}: logits {load['logits_difference']:.1e}"
                       for load in cross["loads"])
     wrong = [load for load in cross["loads"]
@@ -495,10 +519,8 @@ def loads_across_specs(machine: Machine, report: dict) -> Line:
 
 def fp8_state_restored(state: dict) -> Line:
     name = "FP8 delayed: fp8_meta back after a load"
-    if "skipped" in state:
-        return Line(name, f"skipped: {state['skipped']}")
-    if "error" in state:
-        return Line(name, failure(state["error"]), state["where"])
+    if line := unfinished(name, state):
+        return line
     if state["differing"] or state["unexpected"] or not state["nonzero_histories"]:
         what = "it differs" if state["nonzero_histories"] else "nothing to compare (no non-zero amax history)"
         return Line(name, f"FAIL: {what}", f"differing: {state['differing']}; unexpected: {state['unexpected']}")
@@ -506,7 +528,7 @@ def fp8_state_restored(state: dict) -> Line:
                 f"tensors, {state['nonzero_histories']} non-zero histories) bitwise equal after save + load")
 
 
-@check("(e) memory", seconds=30)
+@check("(e) memory", seconds=TINY_PROCESS_SECONDS)
 def optimizer_memory(machine: Machine) -> Iterator[Line]:
     machine.need_cuda()
     for mode, r in worker(machine, "memory").items():
@@ -540,7 +562,7 @@ def throughput_lines(machine: Machine) -> Iterator[Line]:
                    f"on {base['tokens_per_second']:,.0f} tok/s, off {off['tokens_per_second']:,.0f} tok/s")
 
 
-@check("(g) FP8", seconds=75)
+@check("(g) FP8", seconds=3 * TRAINER_WAVE_SECONDS)  # straight runs, resumed runs, the evaluator
 def fp8(machine: Machine) -> Iterator[Line]:
     recipes = ("delayed", "tensorwise")
     evaluator = "evaluator with --fp8-format"
@@ -561,7 +583,7 @@ def fp8(machine: Machine) -> Iterator[Line]:
     run_one(machine, "fp8-evaluate", [
         sys.executable, "-m", "orpo_megatron.evaluate", "--load", os.path.join(machine.work, "fp8-delayed-straight"),
         "--data-path", DATA, "--data-cache-dir", data_cache(machine.work), *SHAPES, "--bf16",
-        "--fp8-format", "hybrid", "--output", output], timeout=300)
+        "--fp8-format", "hybrid", "--output", output])
     with open(output + ".summary.json") as f:
         summary = json.load(f)
     yield Line(evaluator, "pass" if math.isfinite(summary["loss"]) else "FAIL: loss not finite",

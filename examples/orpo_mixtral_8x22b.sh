@@ -17,25 +17,28 @@
 #
 #   python tools/estimate_memory.py --hf-config tools/configs/mixtral-8x22b.json --search --max-length 2048 \
 #       --micro-batch-size 1 --global-batch-size 32        (fastest layout per node count, 1-8 nodes of 8 x 80 GB)
-#   nodes TP PP EP DP recomp offload   GiB | step s  comp  comm  wait    DP optim | pairs/s/GPU  hours  GPU-h
-#       2  4  2  2  2   full     0.8  78.3 |   9.12  3.21  0.56  0.43  0.00  4.93 |       0.219   1.64   26.3
-#       4  8  4  1  1   full    0.05  78.4 |   2.72  1.56  0.59  0.38  0.00  0.20 |       0.367   0.49   15.7
-#       7  8  7  1  1   none       0  75.7 |   1.26  0.68  0.23  0.32  0.00  0.03 |       0.452   0.23   12.7
-#       8  8  1  8  8   none       0  73.5 |   1.00  0.54  0.28  0.15  0.01  0.02 |       0.502   0.18   11.5
+#   nodes TP PP EP DP recomp offload   GiB | step s  comp  comm  wait    DP optim | pairs/s/GPU  hours  GPU-h  x hb
+#       2  4  2  2  2   full    0.85  75.4 |   9.43  3.21  0.56  0.43  0.00  5.23 |       0.212   1.70   27.2  1.56
+#       4  8  4  1  1   full    0.15  75.0 |   3.03  1.56  0.59  0.38  0.00  0.50 |       0.330   0.54   17.4  2.43
+#       7  8  7  1  1   none    0.05  75.7 |   1.35  0.68  0.23  0.32  0.00  0.11 |       0.423   0.24   13.6  3.11
+#       8  8  1  8  8   none       0  75.2 |   1.00  0.54  0.28  0.15  0.01  0.02 |       0.502   0.18   11.5  3.69
 #
-# Default (4 nodes): TP8 PP4 EP1 DP1, full recompute, the precision-aware optimizer with 5% of its state on the
+# A layout fits when its budget leaves at least 4 GiB of the 80 free (allocator fragmentation, cuDNN/cuBLAS
+# workspaces), after a 6 GiB reserve (CUDA context, temporaries) and NCCL's buffers (294 MiB per process group).
+# Default (4 nodes): TP8 PP4 EP1 DP1, full recompute, the precision-aware optimizer with 15% of its state on the
 # hosts; `estimate_memory.py ... --tp 8 --pp 4 --ep 1 --dp 1 --recompute-granularity full
-# --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 0.05` (busiest rank, stage 0):
-#     weights          8.21 GiB   gradients 16.42 GiB (fp32)   main params 15.60 GiB   Adam state 31.20 GiB
-#     activations      0.68 GiB (rough)   reserve 6.00 GiB   estimate 78.11 GiB, budgeted 78.45 of 80 GiB: fits
-#     host             3.28 GiB per GPU, 26 GiB per node
-#     step             2.72 s = compute 1.56 + TP 0.58 + bubble 0.38 + GPU Adam 0.04 + host Adam 0.13 + PCIe 0.03
-#     recipe           0.49 h on 32 GPUs = 15.7 GPU-hours (0.367 pairs/s/GPU, 2.70x the handbook's 0.136 pairs/s/GPU,
+# --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 0.15` (busiest rank, stage 0):
+#     weights          8.21 GiB   gradients 16.42 GiB (fp32)   main params 13.96 GiB   Adam state 27.92 GiB
+#     activations      0.68 GiB (rough)   NCCL 1.44 GiB (5 groups)   reserve 6.00 GiB   estimate 74.62 GiB,
+#                      budgeted 74.96 of 80 GiB: 5.04 GiB free, fits
+#     host             9.85 GiB per GPU, 79 GiB per node
+#     step             3.03 s = compute 1.56 + TP 0.58 + bubble 0.38 + GPU Adam 0.04 + host Adam 0.38 + PCIe 0.08
+#     recipe           0.54 h on 32 GPUs = 17.4 GPU-hours (0.330 pairs/s/GPU, 2.43x the handbook's 0.136 pairs/s/GPU,
 #                      which took 1.33 h on 32 H100)
 # Faster with more nodes than the recipe: 8 nodes, TP8 EP8 DP8, no recompute, no offload, 0.18 h and also fewer
 # GPU-hours (11.5): `sbatch -N 8 ...` with TP=8 PP=1 EP=8 RECOMPUTE= OPTIMIZER_OFFLOAD=0. The fewest nodes that fit
-# is 2: TP4 PP2 EP2 DP2 with offload 0.8 (1.64 h; most of each step is host Adam):
-# `sbatch -N 2 ...` with TP=4 PP=2 EP=2 OPTIMIZER_OFFLOAD=0.8.
+# is 2: TP4 PP2 EP2 DP2 with offload 0.85 (1.70 h; most of each step is host Adam):
+# `sbatch -N 2 ...` with TP=4 PP=2 EP=2 OPTIMIZER_OFFLOAD=0.85.
 # Times are predictions at an assumed 45% MFU and data-sheet bandwidths, on assumed capybara pair lengths packed
 # into rows (README, "Capacity planning"); calibrate with the GPU acceptance command's measured throughput.
 # Offloading needs the precision-aware optimizer, which the script passes with OPTIMIZER_OFFLOAD: without it
@@ -58,7 +61,7 @@
 #   TP PP EP VP       parallel layout (default 8 4 1 -); VP = virtual pipeline chunks per stage
 #   BF16=1            bf16 training (0: fp32);  FP8=e4m3|hybrid: FP8 matmuls via Transformer Engine (default off)
 #   RECOMPUTE         activation recomputation: full | selective | "" (default full)
-#   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 0.05; 0: all on the GPU); with it the
+#   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 0.15; 0: all on the GPU); with it the
 #                     precision-aware optimizer is on (bf16 only)
 #   EPOCHS / TRAIN_ITERS  training length (default 3 epochs; TRAIN_ITERS wins when set)
 #   GLOBAL_BATCH MICRO_BATCH MAX_LENGTH MAX_PROMPT_LENGTH LR WARMUP LR_DECAY_STYLE BETA SEED
@@ -116,7 +119,7 @@ VP=${VP:-}
 BF16=${BF16:-1}
 FP8=${FP8:-}
 RECOMPUTE=${RECOMPUTE-full}
-OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-0.05}
+OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-0.15}
 EPOCHS=${EPOCHS:-3}
 TRAIN_ITERS=${TRAIN_ITERS:-}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}
@@ -143,8 +146,13 @@ EXPORT_DIR=${EXPORT_DIR:-$RUN_DIR/hf}
 # Slurm 22.05 it does not inherit --cpus-per-task), binds each task to its own cores, and OpenMP uses them all.
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
-# One hardware queue per GPU: Megatron-Core then overlaps tensor-parallel communication with compute.
+# One hardware queue per GPU: Megatron-Core then overlaps tensor-parallel communication with compute (Megatron-LM
+# and the trainer refuse TP > 1 without it before Blackwell).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# The rendezvous host: the first of this job's nodes, by SLURM's own expansion of the node list (names such as
+# node[01-04]-ib or rack[1-2]-gpu[01-08] included), not one exported from the submitting shell. srun passes it
+# on to every task.
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 
 REQUEUE=0
 TRAIN_PID=
@@ -158,7 +166,7 @@ trap 'on_signal TERM' TERM
 
 WORLD=${SLURM_NTASKS:?SLURM_NTASKS is not set}
 echo "$(date '+%F %T') job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
-     "$WORLD tasks, TP=$TP PP=$PP${VP:+ VP=$VP} EP=$EP DP=$(( WORLD / (TP * PP) ))"
+     "$WORLD tasks, TP=$TP PP=$PP${VP:+ VP=$VP} EP=$EP DP=$(( WORLD / (TP * PP) )), rendezvous on $MASTER_ADDR"
 
 # 1. Convert once. The converter writes into a staging folder and renames it when complete, so an existing
 #    CHECKPOINT is always a whole one.

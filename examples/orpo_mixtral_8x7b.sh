@@ -8,22 +8,23 @@
 # the 8x7B defaults (each still overridable from the environment) and execs the 8x22B script, which keeps this
 # batch shell's PID, so the time-limit USR1 reaches its trap.
 #
-# Layout: the fastest the estimator finds on one node, ranked by predicted time to train the recipe
-# (`tools/estimate_memory.py --hf-config tools/configs/mixtral-8x7b.json --search --nodes 1 --max-length 2048
-# --micro-batch-size 1 --global-batch-size 32`): TP4 PP2 EP1 DP1, full recompute, the precision-aware optimizer
-# with 40% of its state on the host. At exactly that layout (busiest rank: pipeline stage 1, the output layer):
-#     weights         10.88 GiB   gradients 21.75 GiB (fp32)   main params 13.05 GiB   Adam state 26.10 GiB
-#     activations      0.67 GiB (rough)   reserve 6.00 GiB   estimate 78.44 GiB, budgeted 78.77 of 80 GiB: fits
-#     host            34.80 GiB per GPU, 278 GiB per node
-#     step             4.23 s = compute 2.04 + TP 0.38 + bubble 0.14 + GPU Adam 0.04 + host Adam 1.34 + PCIe 0.29
-#     recipe           0.76 h on 8 GPUs = 6.1 GPU-hours (0.946 pairs/s/GPU)
-# Within 0.5% of it on one node: TP4 EP2 full recompute offload 0.45, and TP8 without recompute offload 0.55 (the
-# previous default, TP8 full recompute offload 0.5, predicts 0.86 h). More nodes are faster and, without host Adam,
-# cheaper: 2 nodes TP4 EP4 DP4, no recompute, no offload, 0.19 h (3.0 GPU-hours): `sbatch -N 2 ...` with TP=4 PP=1
-# EP=4 RECOMPUTE= OPTIMIZER_OFFLOAD=0. Predictions assume 45% MFU and data-sheet bandwidths (README, "Capacity
+# Layout: the fastest the estimator finds on one node, ranked by predicted time to train the recipe, among those
+# leaving at least 4 GiB of each GPU free (`tools/estimate_memory.py --hf-config tools/configs/mixtral-8x7b.json
+# --search --nodes 1 --max-length 2048 --micro-batch-size 1 --global-batch-size 32`): TP4 PP1 EP2 DP2, full
+# recompute, the precision-aware optimizer with 50% of its state on the host. At exactly that layout (busiest
+# rank: the only pipeline stage):
+#     weights         11.25 GiB   gradients 22.50 GiB (fp32)   main params 10.88 GiB   Adam state 21.75 GiB
+#     activations      0.80 GiB (rough)   NCCL 1.72 GiB (6 groups)   reserve 6.00 GiB   estimate 74.90 GiB,
+#                     budgeted 75.30 of 80 GiB: 4.70 GiB free, fits
+#     host            43.50 GiB per GPU, 348 GiB per node
+#     step             4.44 s = compute 1.88 + TP 0.35 + EP 0.14 + GPU Adam 0.03 + host Adam 1.67 + PCIe 0.36
+#     recipe           0.80 h on 8 GPUs = 6.4 GPU-hours (0.901 pairs/s/GPU)
+# Within 1.5% of it on one node: TP2 EP4 DP4 full recompute offload 0.55. More nodes are faster and, without host
+# Adam, cheaper: 2 nodes TP4 EP4 DP4, no recompute, no offload, 0.19 h (3.0 GPU-hours): `sbatch -N 2 ...` with TP=4
+# PP=1 EP=4 RECOMPUTE= OPTIMIZER_OFFLOAD=0. Predictions assume 45% MFU and data-sheet bandwidths (README, "Capacity
 # planning"). With Transformer Engine, EXTRA_ARGS="--use-precision-aware-optimizer --exp-avg-dtype bf16
-# --exp-avg-sq-dtype bf16" with TP=8 PP=1 OPTIMIZER_OFFLOAD=0 also fits one node (bf16 moments, nothing on the
-# host).
+# --exp-avg-sq-dtype bf16" with TP=8 PP=1 EP=1 OPTIMIZER_OFFLOAD=0 (full recompute) also fits one node (bf16
+# moments, nothing on the host; 6.9 GiB free, 0.49 h).
 #
 #SBATCH --job-name=orpo-mixtral-8x7b
 #SBATCH --nodes=1
@@ -41,9 +42,9 @@ set -euo pipefail
 
 export PYTHON=${PYTHON:-python}
 export RUN_DIR=${RUN_DIR:-$PWD/runs/orpo-mixtral-8x7b}
-export TP=${TP:-4} PP=${PP:-2} EP=${EP:-1}
+export TP=${TP:-4} PP=${PP:-1} EP=${EP:-2}
 export RECOMPUTE=${RECOMPUTE-full}
-export OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-0.4}
+export OPTIMIZER_OFFLOAD=${OPTIMIZER_OFFLOAD:-0.5}
 # sbatch runs a copy of this file from its spool folder; the repository is the installed package's.
 export ORPO_REPO=${ORPO_REPO:-$("$PYTHON" -c 'import orpo_megatron, os; print(os.path.dirname(os.path.dirname(orpo_megatron.__file__)))')}
 exec bash "$ORPO_REPO/examples/orpo_mixtral_8x22b.sh"

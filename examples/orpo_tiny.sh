@@ -15,6 +15,8 @@ TP=${TP:-1}
 PP=${PP:-1}
 EP=${EP:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Megatron-LM's requirement for TP > 1 on a GPU (the trainer refuses to start without it there); unused on CPU.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
 python tools/make_tiny_fixtures.py --output "$OUT/hf" --overwrite
 python tools/convert_hf.py hf-to-megatron --hf-dir "$OUT/hf" --output "$OUT/converted" --dtype fp32 --overwrite

@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs
-from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
+from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenize_into_cache, tokenized_split
 from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import batch_layout, run_micro_batches
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     checkpoint = checkpointing.resolve(args.load, args.hf_config)
     hf = checkpoint.hf
+    # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
+    data_config = DataConfig.from_args(args)
+    if parallel.launch_env().rank == 0:
+        tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split])
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
                                  args.distributed_timeout_minutes)
     use_te = model.transformer_engine_available()
@@ -51,11 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for chunk in chunks:
         chunk.eval()
 
-    data_config = DataConfig.from_args(args)
     pair_tokenizer = make_pair_tokenizer(data_config, checkpoint.hf_files)
-    if dist.get_rank() == 0:  # tokenize once into the cache; the other ranks then read it
-        tokenized_split(data_config, pair_tokenizer, data_config.split)
-    dist.barrier()
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
     batches = batch_layout(args.packing, None, layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
                            layout.virtual_pipeline_model_parallel_size, config.sequence_parallel,

@@ -15,7 +15,8 @@ buffer, sharded over the expert-data-parallel group of size TP*DP / (ETP*EP); ev
 With offload, Megatron moves whole parameter shards to the host until the fraction is reached; the estimate
 takes the fraction exactly (it differs from the real split by less than one parameter shard).
 
-Rough part: activations (see `layer_activation_bytes`), with balanced expert routing.
+Rough parts: activations (see `layer_activation_bytes`), with balanced expert routing; NCCL's buffers (see
+`NCCL_COMMUNICATOR_BYTES`), per process group this rank communicates in.
 """
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ GB = 1024**3
 # DDP alignment rules of megatron/core/distributed/param_and_grad_buffer.py (distributed optimizer on).
 PARAM_START_ALIGNMENT = 64
 BUCKET_ALIGNMENT = 128
+
+
+# NCCL's device buffers per communicator, outside PyTorch's allocator (NCCL 2.x `src/init.cc` defaults): each
+# channel's connection to a peer receives into a SIMPLE buffer (NCCL_BUFFSIZE, 4 MiB), an LL128 one
+# (120 x 640 x 8 steps x 8 B = 4.69 MiB) and an LL one (8 x 512 x 8 x 16 B = 0.5 MiB). Assumed: 32 channels (the
+# most NCCL opens on NVLink/NVSwitch H100s) with one ring connection each, 294 MiB per communicator of 2+ ranks;
+# tree, NVLS and point-to-point connections add more, lazily. NCCL_BUFFSIZE / NCCL_MAX_NCHANNELS shrink it.
+NCCL_CONNECTION_BYTES = (1 << 22) + 120 * 640 * 8 * 8 + 8 * 512 * 8 * 16
+NCCL_CHANNELS = 32
+NCCL_COMMUNICATOR_BYTES = NCCL_CHANNELS * NCCL_CONNECTION_BYTES
 
 
 class MemoryLayoutError(ValueError):
@@ -265,12 +276,31 @@ class RankMemory:
     main_param_bytes: int
     optimizer_state_bytes: int
     activation_bytes: int
+    nccl_bytes: int
     host_bytes: int
 
     @property
     def gpu_bytes(self) -> int:
         return (self.param_bytes + self.grad_bytes + self.main_param_bytes + self.optimizer_state_bytes
-                + self.activation_bytes)
+                + self.activation_bytes + self.nccl_bytes)
+
+
+def communicating_groups(layout: MemoryLayout, moe: bool) -> dict[str, int]:
+    """Size of each process group a rank runs collectives in (each its own NCCL communicator, created at its first
+    collective): the world (the trainer's stop and skip agreement), Megatron-Core 0.16.1's tensor, pipeline,
+    data and model (TP x PP: the grad norm) groups, and with experts the expert, expert-data and expert-model
+    (ETP x EP x PP: the experts' grad norm) groups."""
+    groups = {"world": layout.world_size, "tensor": layout.tp, "pipeline": layout.pp, "data": layout.dp,
+              "model": layout.tp * layout.pp}
+    if moe:
+        groups.update({"expert": layout.ep, "expert-data": layout.expert_data_parallel_size,
+                       "expert-model": layout.etp * layout.ep * layout.pp})
+    return groups
+
+
+def nccl_buffer_bytes(layout: MemoryLayout, moe: bool) -> int:
+    """NCCL's buffers on one GPU: a communicator's worth for every group of 2+ ranks (one rank sends nothing)."""
+    return NCCL_COMMUNICATOR_BYTES * sum(size > 1 for size in communicating_groups(layout, moe).values())
 
 
 def stage_buffers(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tuple[int, list]:
@@ -321,6 +351,7 @@ def rank_memory(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int, dp_rank: 
         main_param_bytes=round(optimizer.gpu_main_params * owned),
         optimizer_state_bytes=round(optimizer.gpu_state * owned),
         activation_bytes=stage_activation_bytes(hf, layout, pp_rank),
+        nccl_bytes=nccl_buffer_bytes(layout, hf.is_moe),
         host_bytes=round(optimizer.host * owned),
     )
 

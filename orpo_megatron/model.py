@@ -40,8 +40,17 @@ class BackendUnavailableError(RuntimeError):
     """The machine cannot run what the flags ask for (FP8, or the installed Transformer Engine), with the fix."""
 
 
+def transformer_engine_importable() -> bool:
+    """megatron-core's own verdict (`HAVE_TE` of its GPT layer specs, a real import of TE and of its TE layers),
+    read when asked: a TE that is installed but does not import (built against another torch) must not choose
+    the TE spec over megatron-core's missing TE classes."""
+    import megatron.core.models.gpt.gpt_layer_specs as layer_specs
+
+    return layer_specs.HAVE_TE
+
+
 def transformer_engine_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    return torch.cuda.is_available() and transformer_engine_importable()
 
 
 def _installed_transformer_engine() -> str | None:

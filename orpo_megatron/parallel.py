@@ -24,6 +24,10 @@ class LayoutError(ValueError):
     """A parallel layout that cannot work, with the numbers that make it so."""
 
 
+class LaunchError(ValueError):
+    """A launch environment the run must not start in, with the variable to set."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelLayout:
     """How the model and data are split over `world_size` processes (Megatron-LM's flag names)."""
@@ -95,14 +99,13 @@ class ParallelLayout:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as 'gpu[003-005,010],login1' (-> 'gpu003')."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """First host of a SLURM node list, as `scontrol show hostnames` gives it: 'gpu[003-005,010],login1' ->
+    'gpu003', 'node[01-04]-ib' -> 'node01-ib', 'rack[1-2]-gpu[01-08]' -> 'rack1-gpu01'."""
+    # The first entry ends at the first comma outside brackets; each bracket of it contributes its first value.
+    first = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist.strip())
+    if not first:
         raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a SLURM node list")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^,\-\]]+)[^\]]*\]", r"\1", first.group(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,20 +150,46 @@ def launch_env(environ: dict | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """This process's GPU among those it sees: its local rank, modulo the visible count, since per-task binding
+    (`srun --gpus-per-task=1`, `--gpu-bind`) shows each task only its own device, as index 0."""
+    return local_rank % visible_devices
+
+
+def connections_problem(tensor_model_parallel_size: int, compute_capability_major: int | None,
+                        environ: dict | None = None) -> str | None:
+    """Why this process must not start, where Megatron-LM refuses it (`megatron/training/arguments.py`, core_v0.16.1,
+    ~927-953): TP > 1 on a GPU before Blackwell (compute capability < 10) needs CUDA_DEVICE_MAX_CONNECTIONS=1, so
+    tensor-parallel communication is queued before the compute that depends on it (one hardware queue)."""
+    env = os.environ if environ is None else environ
+    value = env.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if (compute_capability_major is None or compute_capability_major >= 10 or tensor_model_parallel_size < 2
+            or value == "1"):
+        return None
+    return (f"CUDA_DEVICE_MAX_CONNECTIONS={value or '(unset)'}: with --tensor-model-parallel-size "
+            f"{tensor_model_parallel_size} on a GPU of compute capability {compute_capability_major}.x set "
+            "CUDA_DEVICE_MAX_CONNECTIONS=1 in the launching environment (as Megatron-LM requires)")
+
+
 def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234,
                timeout_minutes: int = 30) -> ParallelLayout:
     """Start torch.distributed and Megatron's parallel state; return the validated layout.
 
-    The layout is validated before any process group exists, so a wrong layout fails fast on every rank with
-    the same message. Every process group (the world's and each of Megatron's) gets `timeout_minutes`.
+    The layout and the launch environment are checked before any process group exists, so a wrong one fails
+    fast on every rank with the same message. Every process group (the world's and each of Megatron's) gets
+    `timeout_minutes`.
     """
     launch = launch_env()
     layout = ParallelLayout(world_size=launch.world_size, **layout_kwargs)
     layout.validate(model)
     on_cpu = cpu_backend.activate()
+    if not on_cpu:
+        problem = connections_problem(layout.tensor_model_parallel_size, torch.cuda.get_device_capability()[0])
+        if problem:
+            raise LaunchError(problem)
     if not dist.is_initialized():
         if not on_cpu:
-            torch.cuda.set_device(launch.local_rank)
+            torch.cuda.set_device(cuda_device_index(launch.local_rank, torch.cuda.device_count()))
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
@@ -181,21 +210,15 @@ def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234,
     return layout
 
 
-def launch_summary(layout: ParallelLayout, environ: dict | None = None) -> str:
+def launch_summary() -> str:
     """One start-up line on how this process was launched for speed: threads, CPU cores, CUDA connections.
 
     A task given too few cores (srun without -c: since Slurm 22.05 it does not inherit --cpus-per-task) shows
     here as "1 CPU core"; the offloaded optimizer steps on those cores.
     """
-    env = os.environ if environ is None else environ
-    connections = env.get("CUDA_DEVICE_MAX_CONNECTIONS")
-    line = (f"launch: OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}, "
-            f"{len(os.sched_getaffinity(0))} CPU core(s) for this task, CUDA_DEVICE_MAX_CONNECTIONS={connections or 'unset'}")
-    if torch.cuda.is_available() and layout.tensor_model_parallel_size > 1 and connections != "1":
-        # Megatron-Core orders TP communication before dependent compute only with one hardware queue.
-        line += ("; WARNING: with TP > 1 set CUDA_DEVICE_MAX_CONNECTIONS=1 (the SLURM scripts do) so tensor-"
-                 "parallel communication overlaps compute")
-    return line
+    return (f"launch: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+            f"{len(os.sched_getaffinity(0))} CPU core(s) for this task, "
+            f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS') or 'unset'}")
 
 
 def is_logging_rank() -> bool:

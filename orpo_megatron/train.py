@@ -22,7 +22,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
 from orpo_megatron import throughput, tracking
-from orpo_megatron.data.pipeline import build_preference_data
+from orpo_megatron.data.arguments import DataConfig
+from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache
 from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.pipeline import (
@@ -228,13 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
     hf = checkpoint.hf
+    # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
+    if parallel.launch_env().rank == 0:
+        data_config = DataConfig.from_args(args)
+        tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split, data_config.eval_split])
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
                                  args.distributed_timeout_minutes)
     logging_rank = parallel.is_logging_rank()
     log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
         f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.folder}")
-    log(parallel.launch_summary(layout))
+    log(parallel.launch_summary())
 
     # Model and optimizer.
     precision = arguments.precision_config(args)
@@ -255,13 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     batches = batch_layout(args.packing, args.packed_length, layout.tensor_model_parallel_size,
                            layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size,
                            config.sequence_parallel, bool(args.fp8_format))
-    tokenizer_fallback = checkpoint.hf_files
-    if dist.get_rank() == 0:  # tokenize once into the cache; the other ranks then read it
-        build_preference_data(args, tokenizer_fallback, 0, dp_size, args.micro_batch_size, global_batch_size,
-                              batches, args.seed)
-    dist.barrier()
     train_iter, evaluation, data_stats = build_preference_data(
-        args, tokenizer_fallback, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
+        args, checkpoint.hf_files, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
         global_batch_size, batches, args.seed)
     log(data_stats.summary())
     train_iters = train_length(args, train_iter.steps_per_epoch)

@@ -2,11 +2,21 @@
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
+from megatron.core.parallel_state import RankGenerator
 
-from orpo_megatron.memory_estimate import MemoryLayout, busiest_rank, chunk_parameters, rank_memory
+from orpo_megatron.memory_estimate import (
+    NCCL_COMMUNICATOR_BYTES,
+    MemoryLayout,
+    busiest_rank,
+    chunk_parameters,
+    communicating_groups,
+    nccl_buffer_bytes,
+    rank_memory,
+)
 from orpo_megatron.model_config import HFModelConfig
 from orpo_megatron.optimizer import OptimizerMode
 
@@ -135,15 +145,38 @@ def test_full_recompute_keeps_far_fewer_activations():
     assert recomputed < stored / 5
 
 
-def test_cli_reports_breakdown_and_fit_verdict(tiny_mixtral, capsys):
+def test_cli_reports_breakdown_and_fit_verdict_leaving_min_free(tiny_mixtral, capsys):
     args = ["--hf-config", os.path.join(tiny_mixtral, "config.json"), "--tp", "2", "--dp", "2",
             "--micro-batch-size", "1", "--max-length", "64", "--reserve-gb", "0"]
-    assert estimate_memory.main(args + ["--gpu-memory-gb", "1"]) == 0
+    assert estimate_memory.main(args + ["--gpu-memory-gb", "100"]) == 0
     out = capsys.readouterr().out
-    for part in ("weights", "gradients", "main params", "optim. state", "activations", "of 1 GiB: fits"):
+    for part in ("weights", "gradients", "main params", "optim. state", "activations", "NCCL", "of 100 GiB",
+                 "(at least 4 needed): fits"):
         assert part in out, part
-    assert estimate_memory.main(args + ["--gpu-memory-gb", "0.001"]) == 0
-    assert "does NOT fit" in capsys.readouterr().out
+    budgeted = float(re.search(r"budgeted +([\d.]+) GiB", out).group(1))
+    # Fits only when the budget leaves --min-free-gb free: 0.3 GiB over the budget is too little for 0.5 free.
+    for capacity, min_free, verdict in ((budgeted + 0.3, 0.5, "does NOT fit"), (budgeted + 0.7, 0.5, "fits"),
+                                        (budgeted + 3, None, "does NOT fit")):
+        extra = ["--gpu-memory-gb", f"{capacity:.2f}"] + (["--min-free-gb", str(min_free)] if min_free else [])
+        assert estimate_memory.main(args + extra) == 0
+        assert re.search(rf"needed\): {verdict}$", capsys.readouterr().out, re.M), (capacity, min_free, verdict)
+
+
+@pytest.mark.parametrize("tp, pp, ep, dp", [(2, 2, 2, 2), (8, 4, 1, 1), (4, 1, 8, 16), (1, 1, 1, 1)])
+def test_nccl_groups_have_megatron_cores_sizes(tp, pp, ep, dp):
+    """The process groups the estimate counts NCCL buffers for, sized as Megatron-Core's rank generators make
+    them (megatron/core/parallel_state.py, order tp-cp-ep-dp-pp)."""
+    layout = MemoryLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                          expert_model_parallel_size=ep, data_parallel_size=dp)
+    dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    experts = RankGenerator(tp=tp, ep=ep, dp=tp * dp // (tp * ep), pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    size = lambda generator, group: len(generator.get_ranks(group)[0])  # noqa: E731
+    expected = {"world": tp * pp * dp, "tensor": size(dense, "tp"), "pipeline": size(dense, "pp"),
+                "data": size(dense, "dp"), "model": size(dense, "tp-pp"), "expert": size(experts, "ep"),
+                "expert-data": size(experts, "dp"), "expert-model": size(experts, "tp-ep-pp")}
+    assert communicating_groups(layout, moe=True) == expected
+    assert nccl_buffer_bytes(layout, moe=True) == NCCL_COMMUNICATOR_BYTES * sum(v > 1 for v in expected.values())
+    assert set(communicating_groups(layout, moe=False)) == {"world", "tensor", "pipeline", "data", "model"}
 
 
 @pytest.mark.parametrize("extra, message", [

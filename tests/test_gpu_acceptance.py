@@ -60,3 +60,36 @@ def test_dry_run_prints_one_table_with_passes_and_reasoned_skips(tmp_path):
     assert "DEVICE_FIELDS lists every tensor field" in rows["(c) packing", "batches on the device"]
     assert re.search(r"local: \d+ tensors, \d+ objects \(\d+ _extra_state\)",
                      rows["(d) checkpoints", "TE spec keys = local spec keys"])
+
+
+def test_backward_sync_detector_wraps_our_autograd_backward_and_names_the_line(monkeypatch):
+    """The host-sync line's second detector on CPU: orpo_megatron's autograd backward runs under sync debug mode
+    'error' inside a real backward pass, and an error raised there comes back with the frames that locate it.
+    CUDA's sync detection itself is stood in for (no CUDA here): entering 'error' mode raises as a sync would."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import acceptance_workers
+    import torch
+
+    from orpo_megatron import objective
+
+    modes, syncing = [], []
+
+    def set_sync_debug_mode(mode):
+        modes.append(mode)
+        if mode == "error" and syncing:
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_sync_debug_mode)
+    original = objective._VocabParallelTokenLogProbs.backward
+
+    def step():
+        logits = torch.randn(2, 5, 11, requires_grad=True)
+        objective.vocab_parallel_logps(logits, torch.randint(0, 11, (2, 5)), 11).sum().backward()
+
+    assert objective._VocabParallelTokenLogProbs in acceptance_workers.orpo_autograd_functions()
+    assert acceptance_workers.first_backward_sync(step, plant=False) is None
+    assert modes == ["error", "default"]  # the mode was on while our backward ran, and set back
+    syncing.append(True)
+    frames = acceptance_workers.first_backward_sync(step, plant=False)
+    assert frames and frames[-2].name == "backward_raising_on_sync"
+    assert objective._VocabParallelTokenLogProbs.backward is original

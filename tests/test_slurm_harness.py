@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from orpo_megatron.parallel import launch_env
+from orpo_megatron.parallel import cuda_device_index, launch_env
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("SLURM_CONF"), reason="no SLURM cluster (start one with: bash .ci/slurm/start.sh)"
@@ -22,17 +22,12 @@ TASK_REPORT = ("import json, os; json.dump(dict(os.environ), "
                "open('task' + os.environ['SLURM_PROCID'] + '.json', 'w'))")
 
 
-def test_sbatch_runs_four_gpu_tasks_and_launch_env_reads_ranks_and_master(tmp_path):
+def run_task_report_job(tmp_path, resources: str, before_srun: str = "") -> tuple[str, list[dict]]:
+    """Run a job of `resources` (#SBATCH options) whose tasks dump their environment: (job output, task envs)."""
     output = tmp_path / "job.out"
     script = tmp_path / "job.sbatch"
-    script.write_text(
-        "#!/bin/bash\n"
-        "#SBATCH --nodes=1 --ntasks-per-node=4 --gpus-per-node=4 --time=00:05:00\n"
-        f"#SBATCH --output={output}\n"
-        # SLURM's own expansion of the node list: the reference for the master host.
-        'echo "FIRST_HOST $(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"\n'
-        f"srun --chdir={tmp_path} {sys.executable} -c \"{TASK_REPORT}\"\n"
-    )
+    script.write_text(f"#!/bin/bash\n#SBATCH {resources} --time=00:05:00\n#SBATCH --output={output}\n{before_srun}"
+                      f"srun --chdir={tmp_path} {sys.executable} -c \"{TASK_REPORT}\"\n")
     # sbatch exports the submitting environment; a torchrun rendezvous there would mask SLURM's.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -40,10 +35,16 @@ def test_sbatch_runs_four_gpu_tasks_and_launch_env_reads_ranks_and_master(tmp_pa
                           timeout=180, env=env, cwd=str(tmp_path))
     log = output.read_text() if output.exists() else "(no job output)"
     assert proc.returncode == 0, f"sbatch --wait exited {proc.returncode}: {proc.stderr}\n{log}"
+    return log, [json.loads(path.read_text()) for path in sorted(tmp_path.glob("task*.json"))]
 
+
+def test_sbatch_runs_four_gpu_tasks_and_launch_env_reads_ranks_and_master(tmp_path):
+    # SLURM's own expansion of the node list: the reference for the master host.
+    log, task_envs = run_task_report_job(
+        tmp_path, "--nodes=1 --ntasks-per-node=4 --gpus-per-node=4",
+        'echo "FIRST_HOST $(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"\n')
     lines = log.splitlines()
     first_host = [line.split()[1] for line in lines if line.startswith("FIRST_HOST ")]
-    task_envs = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("task*.json"))]
     tasks = sorted(
         ({"procid": int(env["SLURM_PROCID"]), "gpus_on_node": env.get("SLURM_GPUS_ON_NODE"),
           "cuda_visible": env.get("CUDA_VISIBLE_DEVICES"), **dataclasses.asdict(launch_env(env))}
@@ -61,3 +62,16 @@ def test_sbatch_runs_four_gpu_tasks_and_launch_env_reads_ranks_and_master(tmp_pa
     # The fake GPUs are allocated as real gres: 4 per node, visible to every task.
     assert {t["gpus_on_node"] for t in tasks} == {"4"}, log
     assert {t["cuda_visible"] for t in tasks} == {"0,1,2,3"}, log
+
+
+def test_per_task_gpu_binding_gives_each_task_a_device_it_can_see(tmp_path):
+    """`--gpus-per-task=1`: each task sees one GPU; the device index must be within what it sees (local rank 1
+    as an ordinal would be invalid there)."""
+    log, tasks = run_task_report_job(tmp_path, "--nodes=1 --ntasks=2 --gpus-per-task=1")
+    assert len(tasks) == 2, log
+    for task in tasks:
+        visible = task["CUDA_VISIBLE_DEVICES"].split(",")
+        local_rank = launch_env(task).local_rank
+        assert len(visible) == 1, task["CUDA_VISIBLE_DEVICES"]
+        assert cuda_device_index(local_rank, len(visible)) == 0
+    assert max(launch_env(task).local_rank for task in tasks) >= 1  # so the local rank alone would be out of range

@@ -4,7 +4,7 @@ Skipped unless SLURM_CONF is set (CI runs `bash .ci/slurm/start.sh` and sources 
 1. One node, 8 tasks at TP2 x PP2 x EP2 (DP2): the job converts the tiny HF checkpoint, trains 3 steps, saves,
    exports to HF and exits 0; the recipe's defaults (beta, lr schedule, template, seed) reach the trainer; srun
    gets the job's CPUs per task (-c, which srun no longer inherits) and binds tasks to cores, and the trainer
-   runs with CUDA_DEVICE_MAX_CONNECTIONS=1.
+   runs with CUDA_DEVICE_MAX_CONNECTIONS=1 and the rendezvous on the first host `scontrol show hostnames` gives.
 2. The time-limit path, through the 8x7B wrapper: USR1 to the batch shell (what `--signal=B:USR1@900` sends)
    makes the trainer save and exit, the script requeue the job, and the requeued run resume and finish.
 """
@@ -56,7 +56,11 @@ def test_sbatch_job_converts_trains_at_tp2_pp2_ep2_saves_and_exports(tiny_mixtra
     log = output.read_text() if output.exists() else "(no job output)"
     assert job.returncode == 0, f"sbatch --wait exited {job.returncode}: {stderr}\n{log[-5000:]}"
 
-    assert "8 tasks, TP=2 PP=2 EP=2 DP=2" in log
+    # The rendezvous host is the first of SLURM's own expansion of the job's node list.
+    nodelist = next(line for line in log.splitlines() if "8 tasks, TP=2 PP=2 EP=2 DP=2" in line).split(" on ")[1]
+    first_host = subprocess.run(["scontrol", "show", "hostnames", nodelist.split(":")[0]], capture_output=True,
+                                text=True, check=True).stdout.split()[0]
+    assert f"8 tasks, TP=2 PP=2 EP=2 DP=2, rendezvous on {first_host}" in log
     srun_line = next(line for line in log.splitlines() if " srun " in line and "orpo_megatron.train" in line)
     assert " srun --kill-on-bad-exit=1 --cpus-per-task=2 --cpu-bind=cores " in srun_line, srun_line
     assert "launch: OMP_NUM_THREADS=1," in log and "CUDA_DEVICE_MAX_CONNECTIONS=1" in log  # what the tasks saw

@@ -27,7 +27,8 @@ sys.path.insert(0, REPO)
 from orpo_megatron import capacity_plan  # noqa: E402
 from orpo_megatron.data.arguments import add_packing_args, check_packing_args  # noqa: E402
 from orpo_megatron.memory_estimate import (  # noqa: E402
-    GB, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank, optimizer_bytes_per_element,
+    GB, NCCL_COMMUNICATOR_BYTES, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank, communicating_groups,
+    optimizer_bytes_per_element,
 )
 from orpo_megatron.model_config import HFModelConfig, ModelConfigError  # noqa: E402
 from orpo_megatron.optimizer import OptimizerMode, add_optimizer_mode_args  # noqa: E402
@@ -60,8 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Count S x S attention scores (the CPU/local spec); GPU runs use flash/TE attention.")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory in GiB.")
     parser.add_argument("--reserve-gb", type=float, default=6.0,
-                        help="Kept free for the CUDA context, NCCL buffers, temporaries and allocator "
-                             "fragmentation (GiB).")
+                        help="Counted for the CUDA context and kernels and the temporaries the breakdown does not "
+                             "list (GiB; NCCL's buffers are counted per process group).")
+    parser.add_argument("--min-free-gb", type=float, default=4.0,
+                        help="GiB the budget must leave free on the GPU, for allocator fragmentation and cuDNN/"
+                             "cuBLAS workspaces: a layout fits when its budget is at most --gpu-memory-gb minus "
+                             "this. Default: 4.")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory is per node).")
     parser.add_argument("--host-memory-gb", type=float, default=2000.0,
                         help="Host memory per node in GiB, for offloaded optimizer state (DGX H100: 2 TB).")
@@ -125,6 +130,11 @@ def budget_bytes(memory: RankMemory, args: argparse.Namespace) -> float:
     return memory.gpu_bytes + (args.activation_safety - 1) * memory.activation_bytes + args.reserve_gb * GB
 
 
+def fits_gpu(memory: RankMemory, args: argparse.Namespace) -> bool:
+    """The budget leaves --min-free-gb of the GPU free."""
+    return budget_bytes(memory, args) <= (args.gpu_memory_gb - args.min_free_gb) * GB
+
+
 def gib(value: float) -> str:
     return f"{value / GB:8.2f} GiB"
 
@@ -153,13 +163,17 @@ def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: ar
           "Adam moments (+ gradient copies)")
     print(f"  activations  {gib(memory.activation_bytes)}   rough: in-flight micro-batches x layers x per-layer "
           "formula (memory_estimate.layer_activation_bytes) + logits")
+    groups = [name for name, size in communicating_groups(layout, hf.is_moe).items() if size > 1]
+    print(f"  NCCL         {gib(memory.nccl_bytes)}   {NCCL_COMMUNICATOR_BYTES / 2**20:.0f} MiB per communicator "
+          f"x {len(groups)} groups of 2+ ranks ({', '.join(groups) or 'none'})")
     reserve = args.reserve_gb * GB
-    print(f"  reserve      {gib(reserve)}   CUDA context, NCCL, temporaries, fragmentation")
+    print(f"  reserve      {gib(reserve)}   CUDA context, kernels, temporaries")
     print(f"  estimate     {gib(memory.gpu_bytes + reserve)}")
     total = budget_bytes(memory, args)
-    fits_gpu = total <= args.gpu_memory_gb * GB
-    print(f"  budgeted     {gib(total)}   activations x {args.activation_safety:g}; of {args.gpu_memory_gb:g} GiB: "
-          f"{'fits' if fits_gpu else 'does NOT fit'}")
+    fits = fits_gpu(memory, args)
+    print(f"  budgeted     {gib(total)}   activations x {args.activation_safety:g}; of {args.gpu_memory_gb:g} GiB, "
+          f"{(args.gpu_memory_gb * GB - total) / GB:.2f} free (at least {args.min_free_gb:g} needed): "
+          f"{'fits' if fits else 'does NOT fit'}")
     fits_host = True
     if memory.host_bytes:
         per_node = memory.host_bytes * args.gpus_per_node
@@ -167,7 +181,7 @@ def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: ar
         print(f"  host         {gib(memory.host_bytes)} per GPU ({per_element.host:g} B/param of the shard: fp32 main "
               f"params, moments, gradient copy), {per_node / GB:.0f} GiB per {args.gpus_per_node}-GPU node of "
               f"{args.host_memory_gb:g} GiB: {'fits' if fits_host else 'does NOT fit'}")
-    return fits_gpu and fits_host
+    return fits and fits_host
 
 
 def divisors(n: int) -> list[int]:
@@ -183,7 +197,7 @@ def least_offload(hf: HFModelConfig, args: argparse.Namespace, tp: int, pp: int,
         memory = busiest_rank(hf, make_layout(args, tp, pp, ep, dp, recompute, mode))
         if memory.host_bytes * args.gpus_per_node > args.host_memory_gb * GB:
             return None  # more offload only needs more host memory
-        if budget_bytes(memory, args) <= args.gpu_memory_gb * GB:
+        if fits_gpu(memory, args):
             return mode
     return None
 
@@ -225,7 +239,8 @@ def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
         return capacity_plan.table_row(nodes, layout, budget_bytes(memory, args) / GB, recipe, args)
 
     print(f"{len(fits)} layouts fit on {where} nodes of {args.gpus_per_node} x {args.gpu_memory_gb:g} GiB "
-          f"({args.reserve_gb:g} GiB reserve, {args.host_memory_gb:g} GiB host per node), fastest first; seconds "
+          f"({args.reserve_gb:g} GiB reserve and NCCL's buffers counted, {args.min_free_gb:g} GiB left free, "
+          f"{args.host_memory_gb:g} GiB host per node), fastest first; seconds "
           "per step: compute, comm = TP + EP + PP, wait = EP wait + bubble, DP, optim = GPU Adam + host Adam + "
           "PCIe; x hb = pairs/s/GPU over the alignment-handbook's:")
     print(capacity_plan.TABLE_HEADER)

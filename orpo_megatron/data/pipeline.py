@@ -71,6 +71,16 @@ def tokenized_split(config: DataConfig, pair_tokenizer: PairTokenizer, split: st
     return apply_bad_row_policy(tokenized, source, config.on_bad_row, config.max_bad_row_fraction)
 
 
+def tokenize_into_cache(config: DataConfig, tokenizer_dir_fallback: str | None, splits: list[str | None]) -> None:
+    """Tokenize `splits` (None entries skipped) into `config.cache_dir`, for the launch's first rank to call
+    before torch.distributed and CUDA start: `datasets.map(num_proc=N)` forks, and a fork of a process running
+    NCCL and CUDA threads can deadlock. The other ranks wait for it in the rendezvous, then read the cache."""
+    pair_tokenizer = make_pair_tokenizer(config, tokenizer_dir_fallback)
+    for split in splits:
+        if split is not None:
+            tokenized_split(config, pair_tokenizer, split)
+
+
 def hold_out(pairs: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, eval): round(fraction * n) pairs (at least one) drawn by `seed`, both kept in source order."""
     count = max(1, round(fraction * pairs.num_rows))
