@@ -108,7 +108,7 @@ def add_optimizer_mode_args(group) -> None:
     group.add_argument("--use-precision-aware-optimizer", action="store_true",
                        help="Let the optimizer own the main params (needs --bf16): on the GPU it is Transformer "
                             "Engine's FusedAdam, with main params and moments in the dtypes below (fp32 main params "
-                            "are kept as bf16 params + 16-bit remainders: 2 B/param); with --optimizer-cpu-offload "
+                            "are whole fp32 copies: 4 B/param); with --optimizer-cpu-offload "
                             "it is the host/GPU hybrid optimizer on fp32 copies.")
     group.add_argument("--main-params-dtype", choices=["fp32", "fp16"], default="fp32",
                        help="Precision-aware optimizer: dtype of the main (master) params it updates. Default: fp32.")
@@ -137,14 +137,14 @@ def validate_optimizer_args(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error("; ".join(problems))
 
 
-def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_dtype: torch.dtype):
-    """Megatron-Core's distributed optimizer (chained per parameter kind) in the mode the flags give."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def optimizer_config(args: argparse.Namespace, bf16: bool, params_dtype: torch.dtype):
+    """Megatron-Core's OptimizerConfig for the flags' mode (the distributed optimizer, always)."""
+    from megatron.core.optimizer import OptimizerConfig
 
     _allow_precision_aware_config_without_transformer_engine()
     mode = OptimizerMode.from_args(args)
     on_gpu = torch.cuda.is_available()
-    config = OptimizerConfig(
+    return OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=bf16, params_dtype=params_dtype, use_distributed_optimizer=True,
@@ -152,10 +152,20 @@ def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_d
         # Pinned host memory needs a CUDA device.
         pin_cpu_grads=on_gpu, pin_cpu_params=on_gpu,
         use_precision_aware_optimizer=mode.precision_aware,
+        # TE's FusedAdam then keeps whole fp32 main params: with its 16-bit remainders (megatron-core's default)
+        # the fully_reshardable checkpoint holds int16 remainders under "param", and loading an fp32 "param"
+        # back asserts in FusedAdam.set_scaled_state (TE 2.9-2.11), so no run could resume.
+        store_param_remainders=False,
         main_params_dtype=DTYPES[mode.main_params_dtype], main_grads_dtype=DTYPES[mode.main_grads_dtype],
         exp_avg_dtype=DTYPES[mode.exp_avg_dtype], exp_avg_sq_dtype=DTYPES[mode.exp_avg_sq_dtype],
     )
-    optimizer = get_megatron_optimizer(config, model_chunks)
+
+
+def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_dtype: torch.dtype):
+    """Megatron-Core's distributed optimizer (chained per parameter kind) in the mode the flags give."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    optimizer = get_megatron_optimizer(optimizer_config(args, bf16, params_dtype), model_chunks)
     _fuse_torch_adam_on_host(optimizer)
     return optimizer
 
@@ -185,7 +195,7 @@ def grad_reduce_in_fp32(args: argparse.Namespace) -> bool:
 def _allow_precision_aware_config_without_transformer_engine() -> None:
     """OptimizerConfig's check of the TE version (for TE's param remainders) fails with a TypeError when TE is
     not installed (megatron-core 0.16.1), although the offloaded precision-aware optimizer does not use TE.
-    Without TE, answer that check "older than required", which only turns off TE's remainders."""
+    Without TE, answer that check "older than required", which only turns off TE's remainders (off anyway)."""
     from megatron.core import utils
     from megatron.core.optimizer import optimizer_config
 

@@ -308,8 +308,9 @@ def optimizer_traffic(mode: OptimizerMode, bf16: bool = True) -> OptimizerTraffi
 
     - Plain (distributed optimizer): fp32 main params, grads and moments, read and written (28 B), then in bf16
       the main params copied to the bf16 model params (4 + 2).
-    - Precision-aware without offload (TE FusedAdam with master weights): bf16 param + 16-bit remainder (or
-      fp16 master) 4 B read and written, the grad read, both moments read and written in their dtypes.
+    - Precision-aware without offload (TE FusedAdam with master weights, no param remainders): the master param
+      read and written in its dtype (fp32: 4 + 4) and the bf16 param written (2), the grad read, both moments
+      read and written in their dtypes.
     - Offload (precision-aware, bf16; HybridDeviceOptimizer, torch's fused AdamW on the host, no D2H/H2D overlap
       as configured): per host element, the fp32 gradient is copied into a pinned host buffer (4 B over PCIe and
       into host memory), AdamW runs on fp32 host copies (28 B), and the fp32 host param goes back to the GPU (4 B
@@ -325,6 +326,6 @@ def optimizer_traffic(mode: OptimizerMode, bf16: bool = True) -> OptimizerTraffi
         return OptimizerTraffic(gpu=grad_copy + HOST_ADAM_BYTES + main_to_model, host_adam=HOST_ADAM_BYTES,
                                 host_copies=4 + 4 + 8, pcie_to_host=4, pcie_to_device=4)
     if mode.precision_aware:
-        return OptimizerTraffic(gpu=2 * 4 + size[mode.main_grads_dtype]
+        return OptimizerTraffic(gpu=2 * size[mode.main_params_dtype] + 2 + size[mode.main_grads_dtype]
                                 + 2 * (size[mode.exp_avg_dtype] + size[mode.exp_avg_sq_dtype]))
     return OptimizerTraffic(gpu=HOST_ADAM_BYTES + main_to_model)
