@@ -167,7 +167,69 @@ def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_d
 
     optimizer = get_megatron_optimizer(optimizer_config(args, bf16, params_dtype), model_chunks)
     _fuse_torch_adam_on_host(optimizer)
+    for hybrid in hybrid_optimizers(optimizer):
+        pin_host_copies(hybrid)
     return optimizer
+
+
+def hybrid_optimizers(optimizer) -> list:
+    """The HybridDeviceOptimizer inside each chained distributed optimizer (--optimizer-cpu-offload)."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    return [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(inner.optimizer, HybridDeviceOptimizer)]
+
+
+def pin_host_copies(hybrid, pin=None) -> None:
+    """Pin the host part's parameters, which the offloading optimizer copies to the GPU after each step.
+
+    megatron-core 0.16.1 pins each host copy and then takes its fp32 copy with `.float()`, a new, pageable tensor
+    (`HybridDeviceOptimizer._get_sub_optimizer_param_groups`), so every host-to-device copy is synchronous,
+    staged by the driver. Each is replaced in place (`.data`): the optimizer's maps keep their keys. Runs after
+    every (re)build of the sub-optimizers: construction and each load of a state dict. `pin` (default
+    `Tensor.pin_memory`, which needs CUDA) returns the pinned copy of a tensor; without CUDA nothing is pinned."""
+    if pin is None:
+        if not torch.cuda.is_available():
+            return
+        pin = torch.Tensor.pin_memory
+    for sub in hybrid.cpu_optimizers:
+        for group in sub.param_groups:
+            for param in group["params"]:
+                if not param.is_pinned():
+                    param.data = pin(param.data)
+
+
+def settle_loaded_hybrid_optimizer(hybrid) -> None:
+    """Make a HybridDeviceOptimizer whose state megatron-core 0.16.1 just loaded continue as an uninterrupted one.
+
+    - Step count: the load leaves the saved step in the hybrid's own param groups, which it copies into every
+      sub-optimizer's groups before every step (`_sync_hdo_param_groups_to_sub_optimizers`). The device part with
+      Transformer Engine is TE's FusedAdam, which keeps its step in its group and adds one per step: reset to the
+      loaded step every time, its bias correction would stay that of the first step after the resume. Its group
+      already has the loaded step (the load synced it) and torch's Adam keeps a step per parameter, so the step
+      leaves the hybrid's groups and torch's sub-optimizers' groups, where an uninterrupted run has none.
+    - State device: megatron-core puts a sub-optimizer's state on the host when it is of the host part's class
+      (`_move_new_state_to_right_device`); without TE or Apex the device part is that class too (torch's AdamW),
+      and its fused step would then meet host state. Every tensor goes where its parameter is, as torch keeps it.
+    - Host copies: the load rebuilt them, unpinned (`pin_host_copies`).
+    """
+    for group in hybrid.param_groups:
+        group.pop("step", None)
+    for sub in hybrid.sub_optimizers:
+        if isinstance(sub, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in sub.param_groups:
+                group.pop("step", None)
+        place_state_beside_params(sub)
+    pin_host_copies(hybrid)
+
+
+def place_state_beside_params(sub_optimizer) -> None:
+    """Move each state tensor of a torch optimizer to its parameter's device (in place in the state dicts, which
+    the hybrid optimizer shares with its sub-optimizers)."""
+    for param, state in sub_optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device != param.device:
+                state[key] = value.to(param.device)
 
 
 def _fuse_torch_adam_on_host(optimizer) -> None:
