@@ -269,14 +269,19 @@ def logged_events(save: str) -> dict:
     return events
 
 
+RESUMED_STEPS = (3, 4, 5, 6)  # after a save at step 2
+
+
 def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dict[str, list[str]] | None = None
                 ) -> tuple[dict[str, float | Exception], dict[str, dict | Exception]]:
-    """For each variant (name -> flags): a straight 4-step bf16 run that saves at step 2, and a run resumed from
-    that save; the largest |loss| difference of steps 3-4 between them, or what went wrong. The straight runs
+    """For each variant (name -> flags): a straight 6-step bf16 run that saves at step 2, and a run resumed from
+    that save; the largest |loss| difference of steps 3-6 between them (a step count that stops advancing after
+    the resume shows only from step 5 on, in Adam's bias correction), or what went wrong. The straight runs
     and `alongside`'s runs start together, then the resumed ones. Returns (differences, alongside's events)."""
     from orpo_megatron import checkpoint_format, checkpointing
 
-    common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", "4", "--save-interval", "2"]
+    common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", str(RESUMED_STEPS[-1]),
+              "--save-interval", "2"]
     first = train_all(machine, {**{f"{name}-straight": [*common, *flags] for name, flags in variants.items()},
                                 **(alongside or {})})
     resumed = {}
@@ -294,11 +299,11 @@ def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dic
         expected, got = first[f"{name}-straight"], second.get(f"{name}-resumed")
         if isinstance(expected, Exception) or isinstance(got, Exception):
             differences[name] = expected if isinstance(expected, Exception) else got
-        elif {i for i, kind in got if kind == "train"} != {3, 4}:
-            differences[name] = RuntimeError(f"the resumed run logged steps {sorted(got)}, not 3 and 4")
+        elif {i for i, kind in got if kind == "train"} != set(RESUMED_STEPS):
+            differences[name] = RuntimeError(f"the resumed run logged steps {sorted(got)}, not {RESUMED_STEPS}")
         else:
             differences[name] = max(abs(got[i, "train"]["train/loss"] - expected[i, "train"]["train/loss"])
-                                    for i in (3, 4))
+                                    for i in RESUMED_STEPS)
     return differences, {name: first[name] for name in alongside or {}}
 
 
@@ -306,7 +311,7 @@ def resume_line(name: str, difference: float | Exception, tolerance: float) -> L
     if isinstance(difference, Exception):
         return Line(name, failure(difference))
     return Line(name, "pass" if difference <= tolerance else "FAIL: resumed losses differ",
-                f"steps 3-4 loss max |diff| {difference:.2e} (tolerance {tolerance:g})")
+                f"steps 3-{RESUMED_STEPS[-1]} loss max |diff| {difference:.2e} (tolerance {tolerance:g})")
 
 
 # ---------------------------------------------------------------------------------------- the checks

@@ -10,6 +10,9 @@ A mode is where the optimizer keeps its state and in which dtypes (`OptimizerMod
 Offload without the precision-aware optimizer is refused, as Megatron-LM refuses it: Megatron-Core then keeps
 every fp32 main param on the GPU (only the moments move) and `reload_model_params()` does not refresh the
 offloaded copies, so loaded weights would be lost. What each mode costs in bytes is `memory_estimate.py`'s.
+Around Megatron-Core's offloading optimizer, `pin_host_copies` (after it is built or loaded) and
+`settle_loaded_hybrid_optimizer` (after a load) fix its host copies' pinning, its step count and where its state
+lives.
 """
 from __future__ import annotations
 
