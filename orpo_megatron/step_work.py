@@ -314,8 +314,9 @@ def optimizer_traffic(mode: OptimizerMode, bf16: bool = True) -> OptimizerTraffi
     - Offload (precision-aware, bf16; HybridDeviceOptimizer, torch's fused AdamW on the host, no D2H/H2D overlap
       as configured): per host element, the fp32 gradient is copied into a pinned host buffer (4 B over PCIe and
       into host memory), AdamW runs on fp32 host copies (28 B), and the fp32 host param goes back to the GPU (4 B
-      over PCIe, converted to bf16 on the GPU). Those host params are `.float()` copies of the pinned bf16 clones,
-      so pageable: the driver stages them through a pinned buffer (4 B read + 4 B written more). The GPU part
+      over PCIe, converted to bf16 on the GPU). Megatron-Core makes those host params pageable (`.float()` copies
+      of pinned clones), so the driver stages them through a pinned buffer (4 B read + 4 B written more); the
+      trainer pins them (`optimizer.pin_host_copies`), which these 8 B still count, an upper bound. The GPU part
       steps fp32 copies of the bf16 shard (bf16 main grads converted to an fp32 copy first) and copies the
       result to the bf16 model param.
     """
