@@ -210,7 +210,8 @@ def settle_loaded_hybrid_optimizer(hybrid) -> None:
       Transformer Engine is TE's FusedAdam, which keeps its step in its group and adds one per step: reset to the
       loaded step every time, its bias correction would stay that of the first step after the resume. Its group
       already has the loaded step (the load synced it) and torch's Adam keeps a step per parameter, so the step
-      leaves the hybrid's groups and torch's sub-optimizers' groups, where an uninterrupted run has none.
+      leaves the hybrid's groups, torch's sub-optimizers' groups and the per-parameter state of the others (the
+      load gives every parameter one), where an uninterrupted run has none.
     - State device: megatron-core puts a sub-optimizer's state on the host when it is of the host part's class
       (`_move_new_state_to_right_device`); without TE or Apex the device part is that class too (torch's AdamW),
       and its fused step would then meet host state. Every tensor goes where its parameter is, as torch keeps it.
@@ -219,9 +220,13 @@ def settle_loaded_hybrid_optimizer(hybrid) -> None:
     for group in hybrid.param_groups:
         group.pop("step", None)
     for sub in hybrid.sub_optimizers:
-        if isinstance(sub, (torch.optim.Adam, torch.optim.AdamW)):
-            for group in sub.param_groups:
+        per_parameter_step = isinstance(sub, (torch.optim.Adam, torch.optim.AdamW))
+        for group in sub.param_groups:
+            if per_parameter_step:
                 group.pop("step", None)
+            else:
+                for param in group["params"]:
+                    sub.state[param].pop("step", None)
         place_state_beside_params(sub)
     pin_host_copies(hybrid)
 

@@ -139,7 +139,7 @@ def hybrid_view(optimizer) -> list[dict]:
             subs.append({
                 "device_part": sub is hybrid.gpu_optimizer,
                 "groups": [{k: v for k, v in group.items() if k != "params"} for group in sub.param_groups],
-                "steps": [float(sub.state[p]["step"]) for p in params],
+                "steps": [float(sub.state[p]["step"]) for p in params if "step" in sub.state[p]],
                 "state_beside_params": all(value.device == p.device for p in params
                                            for value in sub.state[p].values() if torch.is_tensor(value)),
                 "master_params": [p.detach().clone() for p in params],
@@ -162,7 +162,49 @@ def assert_same_view(got: list[dict], expected: list[dict], where: str) -> None:
                 assert torch.equal(mine, theirs), where
 
 
-def test_offloaded_optimizer_resumes_as_an_uninterrupted_one(tiny_converted_bf16, tmp_path):
+class GroupStepAdamW(torch.optim.Optimizer):
+    """The device part as Transformer Engine's FusedAdam keeps it (TE 2.9-2.11 `fused_adam.py`, `step()`): one step
+    count per param group, set to 1 or incremented at the start of each step and used for the bias correction; the
+    moments created as zeros in a parameter's empty state; AdamW's update of fp32 params (no master weights, as
+    megatron-core's hybrid optimizer builds it: it steps fp32 copies). Its arithmetic is torch's, not TE's kernel:
+    the comparison is between two runs of this same class."""
+
+    def __init__(self, params):
+        super().__init__(params, dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, bias_correction=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = group["step"] + 1 if "step" in group else 1
+            beta1, beta2 = group["betas"]
+            correction1, correction2 = 1 - beta1 ** group["step"], 1 - beta2 ** group["step"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if len(state) == 0:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
+                state["exp_avg"].mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / correction2).sqrt_().add_(group["eps"])
+                update = state["exp_avg"] / correction1 / denom + group["weight_decay"] * param
+                param.sub_(group["lr"] * update)
+
+
+@pytest.fixture(params=["torch_adamw", "te_like_group_step"])
+def device_part(request, monkeypatch):
+    """The offloading optimizer's device part: torch's AdamW (no TE or Apex: this machine), or the TE-like one,
+    which megatron-core builds when TE imports (its `Adam`), with its checkpoint code on TE's branches."""
+    if request.param == "te_like_group_step":
+        from megatron.core import optimizer as megatron_optimizer
+        from megatron.core.optimizer import distrib_optimizer
+
+        monkeypatch.setattr(megatron_optimizer, "Adam", GroupStepAdamW)
+        monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    return request.param
+
+
+def test_offloaded_optimizer_resumes_as_an_uninterrupted_one(device_part, tiny_converted_bf16, tmp_path):
     conversion.init_single_process()
     info = fmt.describe(tiny_converted_bf16)
     straight = Run(info, MODES["offload_half"])
@@ -176,6 +218,7 @@ def test_offloaded_optimizer_resumes_as_an_uninterrupted_one(tiny_converted_bf16
         expected[iteration] = (hybrid_view(straight.optimizer), straight.weights())
     (hybrid,) = optimizers.hybrid_optimizers(straight.optimizer)
     assert hybrid.gpu_optimizer is not None and hybrid.cpu_optimizers, "no device part and host part to compare"
+    assert isinstance(hybrid.gpu_optimizer, GroupStepAdamW) == (device_part == "te_like_group_step")
 
     resumed = Run(info, MODES["offload_half"])
     state = checkpointing.load(checkpointing.resolve(str(tmp_path)), resumed.chunks, resumed.optimizer,
