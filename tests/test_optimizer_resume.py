@@ -8,7 +8,10 @@ resumed offloading optimizer continuing as an uninterrupted one (one process, bf
 - `--optimizer-cpu-offload` with a fraction of 0.5 (a host part and a device part, as the CPU backend splits it):
   resumed at step 2, what each sub-optimizer reads at its next step (its param groups as the hybrid optimizer
   syncs them, per-parameter steps, where its state lives) and the weights after each of 4 more steps equal the
-  uninterrupted run's.
+  uninterrupted run's; with torch's AdamW as the device part (no TE here) and with a device part that keeps its
+  step in its param group as TE's FusedAdam does (without the fix its weights differ from step 4 on).
+- Host copies are re-pinned in place; state is placed on its parameter's device (pinning and a CUDA device part
+  themselves only exist on a GPU: `benchmarks/gpu_acceptance.py` resumes the offloaded optimizer there).
 """
 import argparse
 
