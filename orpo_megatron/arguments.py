@@ -90,7 +90,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precision")
-    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+    # No default here (SUPPRESS): `validate_common_args` resolves it for this machine (`resolve_bf16`).
+    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help="bf16 parameters and activations with fp32 main parameters and gradients; --no-bf16: "
                             "fp32 throughout. Default: on with a GPU (how the model is trained), off on CPU.")
     group.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
@@ -114,7 +115,7 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--virtual-pipeline-model-parallel-size must be >= 1")
     check_packing_args(parser, args)
     try:
-        args.bf16 = resolve_bf16(args.bf16, args.packing, torch.cuda.is_available(),
+        args.bf16 = resolve_bf16(getattr(args, "bf16", None), args.packing, torch.cuda.is_available(),
                                  transformer_engine_available())
     except ValueError as err:
         parser.error(str(err))
