@@ -637,7 +637,8 @@ def worker_throughput(args: argparse.Namespace) -> None:
 
 
 def worker_memory(args: argparse.Namespace) -> None:
-    """GPU bytes each optimizer mode allocates (its construction and first step) vs the estimator's figure."""
+    """GPU bytes each optimizer mode allocates (its construction and first step) vs the estimator's figure; with
+    offload, how many of its host params (copied to the GPU after each step) are pinned."""
     from orpo_megatron import model, optimizer as optimizers, parallel, train
     from orpo_megatron.memory_estimate import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
     from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
@@ -679,7 +680,10 @@ def worker_memory(args: argparse.Namespace) -> None:
         slack = (largest * (per_element.gpu_main_params + per_element.gpu_state) / (1 - mode.offload_fraction)
                  if 0 < mode.offload_fraction < 1 else 0)
         expected = estimate.main_param_bytes + estimate.optimizer_state_bytes
-        report[name] = {"real": real, "estimate": expected, "tolerance": max(slack, 0.01 * expected)}
+        pinned = [param.is_pinned() for hybrid in optimizers.hybrid_optimizers(optimizer)
+                  for sub in hybrid.cpu_optimizers for group in sub.param_groups for param in group["params"]]
+        report[name] = {"real": real, "estimate": expected, "tolerance": max(slack, 0.01 * expected),
+                        "host_params": len(pinned), "host_params_pinned": sum(pinned)}
         del optimizer, chunks, config
         gc.collect()
         torch.cuda.empty_cache()

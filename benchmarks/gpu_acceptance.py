@@ -26,7 +26,8 @@ every wait ends at that deadline: a check that overruns says FAIL "did not finis
     and `_extra_state` keys; a save on each spec loads on each other one with the same weights and logits; TE's
     delayed-scaling FP8 state (amax histories, scales) comes back from a save through a load;
 (e) memory, ~30 s: for each optimizer mode, the GPU bytes the optimizer really allocates (CUDA allocator, after
-    its first step) against `memory_estimate`'s figure, on a 4-layer Mixtral-shaped model;
+    its first step) against `memory_estimate`'s figure, on a 4-layer Mixtral-shaped model; with offload, its
+    host params are pinned;
 (f) throughput, ~90 s: tokens/s and MFU of two Mixtral-8x22B-shaped layers (real hidden size, heads, experts,
     FFN; bf16; one pair of 2048-token sequences per micro-batch, 2 micro-batches; forward, backward and the
     data-parallel communication, not the optimizer's arithmetic), with every fused kernel on, then each one off
@@ -539,6 +540,9 @@ def optimizer_memory(machine: Machine) -> Iterator[Line]:
         yield Line(f"{mode}: optimizer GPU bytes", "pass" if ok else "FAIL: the estimate is off",
                    f"allocated {r['real'] / 2**20:,.1f} MiB, estimated {r['estimate'] / 2**20:,.1f} MiB "
                    f"(tolerance {r['tolerance'] / 2**20:,.1f} MiB)")
+        if r.get("host_params"):  # megatron-core leaves them pageable; `optimizer.pin_host_copies` pins them
+            yield Line(f"{mode}: host params pinned", "pass" if r["host_params_pinned"] == r["host_params"]
+                       else "FAIL: pageable host params", f"{r['host_params_pinned']} of {r['host_params']} pinned")
 
 
 @check("(f) throughput", seconds=90)

@@ -171,7 +171,7 @@ def run_ours(conn, name: str, inputs: dict, workdir: str, precision: str, num_st
         os.path.join(workdir, "ours_cache"), "--eval-fraction", "0", "--max-length", str(MAX_LENGTH),
         "--micro-batch-size", str(PAIRS_PER_STEP), "--global-batch-size", str(PAIRS_PER_STEP),
         "--train-iters", str(num_steps), "--lr", "1e-6", "--log-interval", str(LOG_INTERVAL),
-        "--seed", str(DATA_SEED), *(["--bf16"] if precision == "bf16" else []), *SIDE_FLAGS[name]])
+        "--seed", str(DATA_SEED), "--bf16" if precision == "bf16" else "--no-bf16", *SIDE_FLAGS[name]])
     raise RuntimeError(f"our trainer finished its {num_steps} steps before the driver stopped it")
 
 

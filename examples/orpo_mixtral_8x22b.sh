@@ -59,7 +59,8 @@
 #   DATA_PATH         preference data: a file/folder or a Hub name in the local cache (default: capybara 7k)
 #   CHAT_TEMPLATE     zephyr (the recipe's) | mistral | chatml | a jinja file | "" = the tokenizer's own
 #   TP PP EP VP       parallel layout (default 8 4 1 -); VP = virtual pipeline chunks per stage
-#   BF16=1            bf16 training (0: fp32);  FP8=e4m3|hybrid: FP8 matmuls via Transformer Engine (default off)
+#   BF16=1            bf16 training (0: fp32, which with Transformer Engine needs EXTRA_ARGS=--no-packing: TE
+#                     attends packed rows only in bf16);  FP8=e4m3|hybrid: FP8 matmuls via TE (default off)
 #   RECOMPUTE         activation recomputation: full | selective | "" (default full)
 #   OPTIMIZER_OFFLOAD fraction of the optimizer state on the host (default 0.15; 0: all on the GPU); with it the
 #                     precision-aware optimizer is on (bf16 only)
@@ -197,7 +198,7 @@ ARGS=(
 [ -n "$SAVE_INTERVAL" ] && ARGS+=(--save-interval "$SAVE_INTERVAL")
 [ -n "$KEEP_LAST" ] && ARGS+=(--keep-last-checkpoints "$KEEP_LAST")
 [ -n "$VP" ] && ARGS+=(--virtual-pipeline-model-parallel-size "$VP")
-[ "$BF16" = 1 ] && ARGS+=(--bf16)
+if [ "$BF16" = 1 ]; then ARGS+=(--bf16); else ARGS+=(--no-bf16); fi
 [ -n "$FP8" ] && ARGS+=(--fp8-format "$FP8")
 [ -n "$RECOMPUTE" ] && ARGS+=(--recompute-granularity "$RECOMPUTE")
 # Offloading needs the precision-aware optimizer (otherwise the fp32 main params stay on the GPU).

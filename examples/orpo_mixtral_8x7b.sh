@@ -23,8 +23,8 @@
 # Adam, cheaper: 2 nodes TP4 EP4 DP4, no recompute, no offload, 0.19 h (3.0 GPU-hours): `sbatch -N 2 ...` with TP=4
 # PP=1 EP=4 RECOMPUTE= OPTIMIZER_OFFLOAD=0. Predictions assume 45% MFU and data-sheet bandwidths (README, "Capacity
 # planning"). With Transformer Engine, EXTRA_ARGS="--use-precision-aware-optimizer --exp-avg-dtype bf16
-# --exp-avg-sq-dtype bf16" with TP=8 PP=1 EP=1 OPTIMIZER_OFFLOAD=0 (full recompute) also fits one node (bf16
-# moments, nothing on the host; 6.9 GiB free, 0.49 h).
+# --exp-avg-sq-dtype bf16 --main-grads-dtype bf16" with TP=8 PP=1 OPTIMIZER_OFFLOAD=0 also fits one node (fp32
+# main params, bf16 moments and gradients, nothing on the host; 6.9 GiB free, 0.49 h).
 #
 #SBATCH --job-name=orpo-mixtral-8x7b
 #SBATCH --nodes=1

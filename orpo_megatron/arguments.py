@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from orpo_megatron.data.arguments import DataConfig, add_data_args, check_packing_args
-from orpo_megatron.model import BackendUnavailableError, check_backend
+from orpo_megatron.model import BackendUnavailableError, check_backend, transformer_engine_available
 from orpo_megatron.model_config import PrecisionConfig
 
 
@@ -88,8 +90,10 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precision")
-    group.add_argument("--bf16", action="store_true",
-                       help="bf16 parameters and activations with fp32 main parameters and gradients.")
+    # No default here (SUPPRESS): `validate_common_args` resolves it for this machine (`resolve_bf16`).
+    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                       help="bf16 parameters and activations with fp32 main parameters and gradients; --no-bf16: "
+                            "fp32 throughout. Default: on with a GPU (how the model is trained), off on CPU.")
     group.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
                        help="FP8 matmuls through Transformer Engine (needs TE and a Hopper+ GPU): 'e4m3' everywhere "
                             "or 'hybrid' (e4m3 forward, e5m2 gradients). Default: off.")
@@ -110,12 +114,31 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.virtual_pipeline_model_parallel_size is not None and args.virtual_pipeline_model_parallel_size < 1:
         parser.error("--virtual-pipeline-model-parallel-size must be >= 1")
     check_packing_args(parser, args)
+    try:
+        args.bf16 = resolve_bf16(getattr(args, "bf16", None), args.packing, torch.cuda.is_available(),
+                                 transformer_engine_available())
+    except ValueError as err:
+        parser.error(str(err))
     if args.fp8_format and not args.bf16:
         parser.error("--fp8-format needs --bf16 (FP8 matmuls run inside a bf16 model)")
     try:
         check_backend(args.fp8_format)
     except BackendUnavailableError as err:
         parser.error(str(err))
+
+
+def resolve_bf16(bf16: bool | None, packing: bool, cuda: bool, transformer_engine: bool) -> bool:
+    """The run's precision: --bf16 / --no-bf16 as given, else bf16 with a GPU and fp32 on CPU (exact numbers for
+    the CPU tests and demo). fp32 packed rows on the Transformer Engine spec (a GPU with TE) are refused: TE's
+    flash and fused attention take only fp16/bf16 and its unfused attention no packed (THD) rows, so the first
+    forward would find no attention backend. Pure, so tests can ask about any machine."""
+    if bf16 is None:
+        return cuda
+    if not bf16 and packing and cuda and transformer_engine:
+        raise ValueError("--no-bf16 (fp32) with packed rows (the default) has no attention kernel on the Transformer "
+                         "Engine spec (TE attends packed rows only in bf16/fp16): drop --no-bf16, or add "
+                         "--no-packing to attend padded rows in fp32")
+    return bf16
 
 
 def precision_config(args: argparse.Namespace) -> PrecisionConfig:

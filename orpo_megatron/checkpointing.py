@@ -37,7 +37,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 
-from orpo_megatron import checkpoint_format as fmt
+from orpo_megatron import checkpoint_format as fmt, optimizer as optimizers
 
 TRAIN_STATE_FILE = "train_state.json"
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
@@ -178,6 +178,7 @@ def _load_optimizer(optimizer, loaded: dict) -> None:
             # Offloaded: its sub-optimizers do not see the state tensors just set, and its load ran a step on
             # random gradients (`dummy_step`) that moved the model params; restore both from the loaded state.
             inner.optimizer._sync_hdo_state_to_sub_optimizers()
+            optimizers.settle_loaded_hybrid_optimizer(inner.optimizer)
             for param, main_param in inner.optimizer.param_to_fp32_param.items():
                 param.data.copy_(main_param)
 

@@ -245,8 +245,8 @@ def optimizer_bytes_per_element(mode: OptimizerMode, bf16: bool) -> OptimizerByt
     """Where each optimizer mode keeps what, per shard element, as Megatron-Core 0.16.1 allocates it.
 
     plain                GPU: fp32 main copy of a bf16 param (4; fp32 params are stepped in place: 0), fp32 moments (8)
-    precision-aware      GPU (TE FusedAdam): main param 2 (fp32 kept as the bf16 param + an int16 remainder, or
-                         fp16), exp_avg and exp_avg_sq in their dtypes (fp8: 1)
+    precision-aware      GPU (TE FusedAdam): main param in its dtype (fp32 4: whole copies, param remainders off
+                         (`optimizer.optimizer_config`); fp16 2), exp_avg and exp_avg_sq in their dtypes (fp8: 1)
     offload f            (precision-aware, HybridDeviceOptimizer; both parts step fp32 copies of the bf16 params)
                          GPU: (1 - f) x (fp32 copy 4 + moments 8, + an fp32 gradient copy 4 with bf16 main grads)
                          host: f x (fp32 copy 4 + fp32 gradient copy 4 + moments 8)
@@ -258,7 +258,8 @@ def optimizer_bytes_per_element(mode: OptimizerMode, bf16: bool) -> OptimizerByt
         grad_copy = 4 if mode.main_grads_dtype != "fp32" else 0
         return OptimizerBytes(gpu_main_params=(1 - f) * 4, gpu_state=(1 - f) * (8 + grad_copy), host=f * 16)
     if mode.precision_aware:
-        return OptimizerBytes(gpu_main_params=2, gpu_state=size[mode.exp_avg_dtype] + size[mode.exp_avg_sq_dtype],
+        return OptimizerBytes(gpu_main_params=size[mode.main_params_dtype],
+                              gpu_state=size[mode.exp_avg_dtype] + size[mode.exp_avg_sq_dtype],
                               host=0)
     return OptimizerBytes(gpu_main_params=4 if bf16 else 0, gpu_state=8, host=0)
 

@@ -211,6 +211,11 @@ def build_transformer_config(
             moe_token_dispatcher_type=moe_token_dispatcher_type,
             moe_grouped_gemm=kernels.moe_grouped_gemm,
             moe_permute_fusion=kernels.moe_permute_fusion,
+            # FP8 grouped GEMMs take each expert's rows in multiples of 16: the alltoall dispatcher can pad the
+            # routing map once per layer, otherwise TEGroupedMLP pads and unpads its inputs and probs on every
+            # pass (megatron-core refuses it with the allgather dispatcher).
+            moe_router_padding_for_quantization=bool(precision.fp8_format) and kernels.moe_grouped_gemm
+            and moe_token_dispatcher_type == "alltoall",
             moe_ffn_hidden_size=hf.intermediate_size,
         )
     # Interleaved schedule: megatron-core's default batched p2p sends an activation and a gradient in one call,

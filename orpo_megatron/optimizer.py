@@ -10,6 +10,9 @@ A mode is where the optimizer keeps its state and in which dtypes (`OptimizerMod
 Offload without the precision-aware optimizer is refused, as Megatron-LM refuses it: Megatron-Core then keeps
 every fp32 main param on the GPU (only the moments move) and `reload_model_params()` does not refresh the
 offloaded copies, so loaded weights would be lost. What each mode costs in bytes is `memory_estimate.py`'s.
+Around Megatron-Core's offloading optimizer, `pin_host_copies` (after it is built or loaded) and
+`settle_loaded_hybrid_optimizer` (after a load) fix its host copies' pinning, its step count and where its state
+lives.
 """
 from __future__ import annotations
 
@@ -108,7 +111,7 @@ def add_optimizer_mode_args(group) -> None:
     group.add_argument("--use-precision-aware-optimizer", action="store_true",
                        help="Let the optimizer own the main params (needs --bf16): on the GPU it is Transformer "
                             "Engine's FusedAdam, with main params and moments in the dtypes below (fp32 main params "
-                            "are kept as bf16 params + 16-bit remainders: 2 B/param); with --optimizer-cpu-offload "
+                            "are whole fp32 copies: 4 B/param); with --optimizer-cpu-offload "
                             "it is the host/GPU hybrid optimizer on fp32 copies.")
     group.add_argument("--main-params-dtype", choices=["fp32", "fp16"], default="fp32",
                        help="Precision-aware optimizer: dtype of the main (master) params it updates. Default: fp32.")
@@ -137,14 +140,14 @@ def validate_optimizer_args(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error("; ".join(problems))
 
 
-def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_dtype: torch.dtype):
-    """Megatron-Core's distributed optimizer (chained per parameter kind) in the mode the flags give."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def optimizer_config(args: argparse.Namespace, bf16: bool, params_dtype: torch.dtype):
+    """Megatron-Core's OptimizerConfig for the flags' mode (the distributed optimizer, always)."""
+    from megatron.core.optimizer import OptimizerConfig
 
     _allow_precision_aware_config_without_transformer_engine()
     mode = OptimizerMode.from_args(args)
     on_gpu = torch.cuda.is_available()
-    config = OptimizerConfig(
+    return OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=bf16, params_dtype=params_dtype, use_distributed_optimizer=True,
@@ -152,12 +155,89 @@ def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_d
         # Pinned host memory needs a CUDA device.
         pin_cpu_grads=on_gpu, pin_cpu_params=on_gpu,
         use_precision_aware_optimizer=mode.precision_aware,
+        # TE's FusedAdam then keeps whole fp32 main params: with its 16-bit remainders (megatron-core's default)
+        # the fully_reshardable checkpoint holds int16 remainders under "param", and loading an fp32 "param"
+        # back asserts in FusedAdam.set_scaled_state (TE 2.9-2.11), so no run could resume.
+        store_param_remainders=False,
         main_params_dtype=DTYPES[mode.main_params_dtype], main_grads_dtype=DTYPES[mode.main_grads_dtype],
         exp_avg_dtype=DTYPES[mode.exp_avg_dtype], exp_avg_sq_dtype=DTYPES[mode.exp_avg_sq_dtype],
     )
-    optimizer = get_megatron_optimizer(config, model_chunks)
+
+
+def build_optimizer(args: argparse.Namespace, model_chunks, bf16: bool, params_dtype: torch.dtype):
+    """Megatron-Core's distributed optimizer (chained per parameter kind) in the mode the flags give."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    optimizer = get_megatron_optimizer(optimizer_config(args, bf16, params_dtype), model_chunks)
     _fuse_torch_adam_on_host(optimizer)
+    for hybrid in hybrid_optimizers(optimizer):
+        pin_host_copies(hybrid)
     return optimizer
+
+
+def hybrid_optimizers(optimizer) -> list:
+    """The HybridDeviceOptimizer inside each chained distributed optimizer (--optimizer-cpu-offload)."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    return [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(inner.optimizer, HybridDeviceOptimizer)]
+
+
+def pin_host_copies(hybrid, pin=None) -> None:
+    """Pin the host part's parameters, which the offloading optimizer copies to the GPU after each step.
+
+    megatron-core 0.16.1 pins each host copy and then takes its fp32 copy with `.float()`, a new, pageable tensor
+    (`HybridDeviceOptimizer._get_sub_optimizer_param_groups`), so every host-to-device copy is synchronous,
+    staged by the driver. Each is replaced in place (`.data`): the optimizer's maps keep their keys. Runs after
+    every (re)build of the sub-optimizers: construction and each load of a state dict. `pin` (default
+    `Tensor.pin_memory`, which needs CUDA) returns the pinned copy of a tensor; without CUDA nothing is pinned."""
+    if pin is None:
+        if not torch.cuda.is_available():
+            return
+        pin = torch.Tensor.pin_memory
+    for sub in hybrid.cpu_optimizers:
+        for group in sub.param_groups:
+            for param in group["params"]:
+                if not param.is_pinned():
+                    param.data = pin(param.data)
+
+
+def settle_loaded_hybrid_optimizer(hybrid) -> None:
+    """Make a HybridDeviceOptimizer whose state megatron-core 0.16.1 just loaded continue as an uninterrupted one.
+
+    - Step count: the load leaves the saved step in the hybrid's own param groups, which it copies into every
+      sub-optimizer's groups before every step (`_sync_hdo_param_groups_to_sub_optimizers`). The device part with
+      Transformer Engine is TE's FusedAdam, which keeps its step in its group and adds one per step: reset to the
+      loaded step every time, its bias correction would stay that of the first step after the resume. Its group
+      already has the loaded step (the load synced it) and torch's Adam keeps a step per parameter, so the step
+      leaves the hybrid's groups, torch's sub-optimizers' groups and the per-parameter state of the others (the
+      load gives every parameter one), where an uninterrupted run has none.
+    - State device: megatron-core puts a sub-optimizer's state on the host when it is of the host part's class
+      (`_move_new_state_to_right_device`); without TE or Apex the device part is that class too (torch's AdamW),
+      and its fused step would then meet host state. Every tensor goes where its parameter is, as torch keeps it.
+    - Host copies: the load rebuilt them, unpinned (`pin_host_copies`).
+    """
+    for group in hybrid.param_groups:
+        group.pop("step", None)
+    for sub in hybrid.sub_optimizers:
+        per_parameter_step = isinstance(sub, (torch.optim.Adam, torch.optim.AdamW))
+        for group in sub.param_groups:
+            if per_parameter_step:
+                group.pop("step", None)
+            else:
+                for param in group["params"]:
+                    sub.state[param].pop("step", None)
+        place_state_beside_params(sub)
+    pin_host_copies(hybrid)
+
+
+def place_state_beside_params(sub_optimizer) -> None:
+    """Move each state tensor of a torch optimizer to its parameter's device (in place in the state dicts, which
+    the hybrid optimizer shares with its sub-optimizers)."""
+    for param, state in sub_optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device != param.device:
+                state[key] = value.to(param.device)
 
 
 def _fuse_torch_adam_on_host(optimizer) -> None:
@@ -185,7 +265,7 @@ def grad_reduce_in_fp32(args: argparse.Namespace) -> bool:
 def _allow_precision_aware_config_without_transformer_engine() -> None:
     """OptimizerConfig's check of the TE version (for TE's param remainders) fails with a TypeError when TE is
     not installed (megatron-core 0.16.1), although the offloaded precision-aware optimizer does not use TE.
-    Without TE, answer that check "older than required", which only turns off TE's remainders."""
+    Without TE, answer that check "older than required", which only turns off TE's remainders (off anyway)."""
     from megatron.core import utils
     from megatron.core.optimizer import optimizer_config
 

@@ -308,13 +308,15 @@ def optimizer_traffic(mode: OptimizerMode, bf16: bool = True) -> OptimizerTraffi
 
     - Plain (distributed optimizer): fp32 main params, grads and moments, read and written (28 B), then in bf16
       the main params copied to the bf16 model params (4 + 2).
-    - Precision-aware without offload (TE FusedAdam with master weights): bf16 param + 16-bit remainder (or
-      fp16 master) 4 B read and written, the grad read, both moments read and written in their dtypes.
+    - Precision-aware without offload (TE FusedAdam with master weights, no param remainders): the master param
+      read and written in its dtype (fp32: 4 + 4) and the bf16 param written (2), the grad read, both moments
+      read and written in their dtypes.
     - Offload (precision-aware, bf16; HybridDeviceOptimizer, torch's fused AdamW on the host, no D2H/H2D overlap
       as configured): per host element, the fp32 gradient is copied into a pinned host buffer (4 B over PCIe and
       into host memory), AdamW runs on fp32 host copies (28 B), and the fp32 host param goes back to the GPU (4 B
-      over PCIe, converted to bf16 on the GPU). Those host params are `.float()` copies of the pinned bf16 clones,
-      so pageable: the driver stages them through a pinned buffer (4 B read + 4 B written more). The GPU part
+      over PCIe, converted to bf16 on the GPU). Megatron-Core makes those host params pageable (`.float()` copies
+      of pinned clones), so the driver stages them through a pinned buffer (4 B read + 4 B written more); the
+      trainer pins them (`optimizer.pin_host_copies`), which these 8 B still count, an upper bound. The GPU part
       steps fp32 copies of the bf16 shard (bf16 main grads converted to an fp32 copy first) and copies the
       result to the bf16 model param.
     """
@@ -325,6 +327,6 @@ def optimizer_traffic(mode: OptimizerMode, bf16: bool = True) -> OptimizerTraffi
         return OptimizerTraffic(gpu=grad_copy + HOST_ADAM_BYTES + main_to_model, host_adam=HOST_ADAM_BYTES,
                                 host_copies=4 + 4 + 8, pcie_to_host=4, pcie_to_device=4)
     if mode.precision_aware:
-        return OptimizerTraffic(gpu=2 * 4 + size[mode.main_grads_dtype]
+        return OptimizerTraffic(gpu=2 * size[mode.main_params_dtype] + 2 + size[mode.main_grads_dtype]
                                 + 2 * (size[mode.exp_avg_dtype] + size[mode.exp_avg_sq_dtype]))
     return OptimizerTraffic(gpu=HOST_ADAM_BYTES + main_to_model)

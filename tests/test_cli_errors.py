@@ -5,6 +5,7 @@ import ast
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,37 @@ def test_optimizer_and_communication_modes_that_cannot_work_are_named(flags, mes
         train.parse_args(["--load", "x", "--data-path", "y", *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bf16, packing, cuda, te, expected", [
+    (None, True, True, True, True),  # a GPU with TE: bf16, how the model is trained
+    (None, True, True, False, True),  # a GPU on Megatron's local spec
+    (None, True, False, False, False),  # CPU: fp32, the CPU tests' and demo's exact numbers
+    (True, True, False, False, True),
+    (False, True, True, True, "--no-bf16 (fp32) with packed rows (the default) has no attention kernel"),
+    (False, False, True, True, False),  # padded rows: TE's unfused attention takes fp32
+    (False, True, True, False, False),  # the local spec's attention masks packed rows in any dtype
+])
+def test_precision_defaults_to_bf16_on_a_gpu_and_refuses_fp32_packed_rows_on_te(bf16, packing, cuda, te, expected):
+    from orpo_megatron.arguments import resolve_bf16
+
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=re.escape(expected)) as error:
+            resolve_bf16(bf16, packing, cuda, te)
+        assert "--no-packing" in str(error.value)
+    else:
+        assert resolve_bf16(bf16, packing, cuda, te) is expected
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+@pytest.mark.parametrize("flags, bf16", [([], False), (["--bf16"], True), (["--bf16", "--no-bf16"], False)])
+def test_bf16_flag_resolves_for_this_cpu_machine(module, flags, bf16):
+    import importlib
+
+    extra = ["--output", "o.jsonl"] if module == "evaluate" else []
+    args = importlib.import_module(f"orpo_megatron.{module}").parse_args(["--load", "x", "--data-path", "y",
+                                                                          *extra, *flags])
+    assert args.bf16 is bf16
 
 
 H100, A100 = (9, 0), (8, 0)
