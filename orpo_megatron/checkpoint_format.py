@@ -50,6 +50,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from orpo_megatron import hf_mapping
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -71,7 +72,7 @@ LEGACY_FORMAT = "orpo-megatron-model-weights"  # metadata.json "format" of this 
 DEFAULT_CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint that is missing, incomplete, of another format, or does not fit the model, named."""
 
 

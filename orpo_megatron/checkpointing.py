@@ -38,13 +38,14 @@ from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 
 from orpo_megatron import checkpoint_format as fmt
+from orpo_megatron.errors import UserError
 
 TRAIN_STATE_FILE = "train_state.json"
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
                     "distrib_optim_fully_reshardable_mem_efficient": False}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used, naming the path and what was expected."""
 
 

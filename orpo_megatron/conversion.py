@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from orpo_megatron import checkpoint_format as fmt
 from orpo_megatron import cpu_backend, legacy_format
+from orpo_megatron.errors import UserError
 from orpo_megatron.hf_mapping import (
     EMBEDDING,
     HFCheckpointReader,
@@ -39,7 +40,7 @@ from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A conversion that cannot start: bad arguments or an unusable input or output path, named."""
 
 

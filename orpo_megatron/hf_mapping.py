@@ -18,6 +18,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from safetensors import safe_open
 
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 
 LAYERS = "decoder.layers."
@@ -29,7 +30,7 @@ OUTPUT_LAYER = "output_layer.weight"
 LOCAL_SPEC_KEYS = {LAYERS + "pre_mlp_layernorm.weight": LAYERS + "mlp.linear_fc1.layer_norm_weight"}
 
 
-class MappingError(ValueError):
+class MappingError(UserError, ValueError):
     """Tensors missing, unexpected or of the wrong shape, named."""
 
 

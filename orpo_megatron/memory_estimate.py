@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import DTYPES, OptimizerMode
 
@@ -32,7 +33,7 @@ PARAM_START_ALIGNMENT = 64
 BUCKET_ALIGNMENT = 128
 
 
-class MemoryLayoutError(ValueError):
+class MemoryLayoutError(UserError, ValueError):
     """A layout the estimator cannot place on the model, with the numbers named."""
 
 

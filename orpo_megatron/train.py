@@ -23,7 +23,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.pipeline import build_preference_data
-from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
+from orpo_megatron.errors import UserError
+from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.pipeline import (
     ScheduleResult,
@@ -380,7 +381,7 @@ def cli(argv: list[str] | None = None) -> None:
     """Entry point: bad input and stopped runs end with one clear line and a non-zero exit, not a traceback."""
     try:
         main(argv)
-    except (parallel.LayoutError, ModelConfigError, checkpointing.CheckpointError, TrainingError, ValueError) as err:
+    except (UserError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 
