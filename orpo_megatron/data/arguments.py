@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
-import datasets
 
 from orpo_megatron.data.chat_template import BUILTIN_TEMPLATES
 from orpo_megatron.data.preference import TRUNCATION_MODES, TruncationConfig
+from orpo_megatron.data.sources import default_cache_dir
 
 BAD_ROW_POLICIES = ("skip", "error")
 
@@ -91,7 +90,7 @@ class DataConfig:
     on_bad_row: str = "skip"
     max_bad_row_fraction: float = 0.05
     num_workers: int = 1
-    cache_dir: str = os.path.join(str(datasets.config.HF_DATASETS_CACHE), "orpo_megatron")
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
 
     def __post_init__(self):
         if not self.data_path:
@@ -109,7 +108,7 @@ class DataConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataConfig:
-        cache_dir = args.data_cache_dir or os.path.join(str(datasets.config.HF_DATASETS_CACHE), "orpo_megatron")
+        cache_dir = args.data_cache_dir or default_cache_dir()
         return cls(data_path=args.data_path, split=args.split, eval_split=args.eval_split,
                    eval_fraction=args.eval_fraction, tokenizer=args.tokenizer, chat_template=args.chat_template,
                    truncation=TruncationConfig(args.max_length, args.max_prompt_length, args.truncation_mode),
