@@ -75,6 +75,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Training checkpoint directory. A run whose --save already holds a checkpoint resumes "
                             "from its newest complete iteration (so a requeued job continues).")
     group.add_argument("--save-interval", type=int, default=None, help="Save every N steps. Default: only at the end.")
+    group.add_argument("--allow-data-change", action="store_true",
+                       help="Resume even when the training pairs differ from those the checkpoint was trained on "
+                            "(same count, other content: edited data or tokenization flags), logging the change. "
+                            "Default: refuse.")
     group.add_argument("--keep-last-checkpoints", type=int, default=None,
                        help="Keep only the newest N iteration folders. Default: keep all.")
     group.add_argument("--peak-tflops", type=float, default=None,
@@ -268,11 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     train_iters = train_length(args, train_iter.steps_per_epoch)
     scheduler = build_scheduler(args, optimizer, train_iters)
 
-    # Weights, and the training state when resuming.
+    # The data position when resuming (checked before any state is read), then the weights and training state.
+    if checkpoint.train_state:
+        data_warning = train_iter.load_state_dict(checkpoint.train_state["data"], args.allow_data_change)
+        if data_warning:
+            log(data_warning)
     state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log)
     iteration = state["iteration"] if state else 0
     if state:
-        train_iter.load_state_dict(state["data"])
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
     orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
     tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters,
