@@ -158,8 +158,8 @@ def hf_to_megatron(hf_dir: str, output: str, dtype: torch.dtype | None = None, o
     if dtype is None:
         dtype = reader.read(["model.norm.weight"])["model.norm.weight"].dtype
     tensors = reader.lazy()
-    init_single_process()
     with staged_output(output, overwrite, (hf_dir,), MEGATRON_OUTPUT) as staging:
+        init_single_process()
         folder = _write_release(
             staging, hf, dtype, make_vocab_size_divisible_by, "hf-to-megatron", progress,
             layer_tensor=lambda key, layer: hf_layer_to_megatron(tensors, layer, hf, keys=[key])[key],
@@ -268,10 +268,10 @@ def megatron_to_hf(
     if info.content_metadata.get("singleton_local_shards"):
         raise fmt.CheckpointFormatError(f"{info.folder}: saved with singleton_local_shards=True (one key per layer "
                                         "and expert); export reads the stacked form Megatron-LM writes by default")
-    init_single_process()
-    stored = fmt.stored_tensors(info.folder)
-    dtype = dtype or stored[EMBEDDING].dtype
     with staged_output(output, overwrite, (load, info.folder, info.hf_files), HF_OUTPUT) as staging:
+        init_single_process()
+        stored = fmt.stored_tensors(info.folder)
+        dtype = dtype or stored[EMBEDDING].dtype
         writer = SafetensorsShardWriter(staging, max_shard_bytes)
         writer.add(_cast(megatron_outer_to_hf(fmt.read_outer(info.folder, hf, stored), hf), dtype))
         for layer in tqdm(range(hf.num_layers), desc="megatron-to-hf", unit="layer", disable=not progress):
@@ -298,8 +298,8 @@ def upgrade(load: str, output: str, overwrite: bool = False, progress: bool = Tr
     """
     source = legacy_format.weights_folder(load)
     hf = legacy_format.model_config(source)
-    init_single_process()
     with staged_output(output, overwrite, (load, source), MEGATRON_OUTPUT) as staging:
+        init_single_process()
         folder = _write_release(
             staging, hf, legacy_format.stored_dtype(source), make_vocab_size_divisible_by, "upgrade", progress,
             layer_tensor=lambda key, layer: legacy_format.layer_tensor(source, hf, key, layer),

@@ -120,7 +120,7 @@ class HFModelConfig:
                 config = json.load(f)
         except FileNotFoundError:
             raise ModelConfigError(f"{path}: no such file; expected a Hugging Face config.json") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ModelConfigError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(config, source=path)
 
