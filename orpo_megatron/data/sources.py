@@ -76,19 +76,23 @@ def _line_problem(line: bytes) -> str | None:
     return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, expected one JSON object per line"
 
 
-def _readable_copy(path: str, target: str) -> int:
-    """Write `path` to `target` with each unreadable line replaced by a row naming its problem; returns how many
-    lines were replaced."""
+def _readable_copy(path: str, target: str) -> bool:
+    """Write `path` to `target` with each unreadable line replaced by a row naming its problem, if it has any
+    (returns whether it had). Written under a name of this process's, so ranks that do this at once do not mix."""
     replaced = 0
-    with open(path, "rb") as source, open(target + ".tmp", "wb") as out:
+    partial = f"{target}.{os.getpid()}.partial"
+    with open(path, "rb") as source, open(partial, "wb") as out:
         for number, line in enumerate(source, start=1):
             problem = _line_problem(line) if line.strip() else None
             if problem is not None:
                 line = (json.dumps({UNREADABLE_COLUMN: f"line {number} of {path} is {problem}"}) + "\n").encode()
                 replaced += 1
             out.write(line if line.endswith(b"\n") else line + b"\n")
-    os.replace(target + ".tmp", target)
-    return replaced
+    if replaced:
+        os.replace(partial, target)
+    else:
+        os.remove(partial)
+    return bool(replaced)
 
 
 def _data_files_in(folder: str) -> list[str]:
@@ -133,6 +137,9 @@ def _load_file(path: str, split: str, cache_dir: str) -> SourceSplit:
         raise DataError(f"--data-path {path} is empty; expected preference rows (one JSON object per line with "
                         "prompt/chosen/rejected)")
     source_cache = os.path.join(cache_dir, "sources", digest)
+    if extension == ".json" and not utf8:
+        raise DataError(f"--data-path {path} is not UTF-8 text; expected JSON (as a .jsonl file, its unreadable lines "
+                        "would be bad rows)")
     if extension == ".jsonl":
         try:
             if utf8:
@@ -141,8 +148,8 @@ def _load_file(path: str, split: str, cache_dir: str) -> SourceSplit:
         except DataError:
             pass  # find the lines that cannot be read
         os.makedirs(source_cache, exist_ok=True)
-        readable = os.path.join(source_cache, "readable.jsonl")
-        if _readable_copy(path, readable):
+        readable = os.path.join(source_cache, "readable.jsonl")  # of this content: written once
+        if os.path.isfile(readable) or _readable_copy(path, readable):
             return SourceSplit(_build(path, source_cache, "json", data_files={"train": readable}, split="train"),
                                digest)
     return SourceSplit(_build(path, source_cache, builder, data_files={"train": path}, split="train"), digest)
