@@ -18,6 +18,7 @@ from orpo_megatron import arguments, checkpoint_format, checkpointing, model, pa
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
+from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    check_present(args.data_path)  # before minutes of model building
     checkpoint = checkpointing.resolve(args.load, args.hf_config)
     hf = checkpoint.hf
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,

@@ -23,6 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.pipeline import build_preference_data
+from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     # Installed first: SLURM's time-limit warning may arrive while a large model is still loading; the loop then
     # stops (and saves) after its first step instead of the default action killing the process.
     stop = StopSignal()
+    check_present(args.data_path)  # before minutes of model building
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
     hf = checkpoint.hf

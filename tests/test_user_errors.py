@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -58,6 +59,16 @@ def _data_layer(argv: list[str]) -> int:
     return 0
 
 
+def _train_in_process(argv: list[str]) -> int:
+    """train.cli, giving pytest back the SIGTERM / SIGUSR1 handlers the trainer installs."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _exit_code(train.cli, argv)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def _subprocess_train(argv: list[str]) -> int:
     proc = subprocess.run([sys.executable, "-m", "orpo_megatron.train", *argv], capture_output=True, text=True,
                           timeout=600, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
@@ -73,7 +84,7 @@ COMMANDS = {
     "plot_metrics": lambda argv: _exit_code(_tool("plot_metrics").main, argv),
     "estimate_memory": lambda argv: _exit_code(_tool("estimate_memory").main, argv),
     "evaluate": lambda argv: _exit_code(evaluate.cli, argv),
-    "train": lambda argv: _exit_code(train.cli, argv),
+    "train": _train_in_process,
     "train (process)": _subprocess_train,
 }
 
@@ -104,13 +115,13 @@ def _checkpoint(fixtures, root: str, damaged: str | None = None) -> str:
 
 def empty_jsonl(root, fixtures):
     data = _write(os.path.join(root, "rows.jsonl"), "\n  \n")
-    return "inspect_data", ["--data-path", data, "--tokenizer", fixtures["hf"]], 1, [
-        f"error: --data-path {data} is empty; expected preference rows"]
+    return "evaluate", ["--load", fixtures["converted"], "--data-path", data, "--output",
+                        os.path.join(root, "scores.jsonl")], 1, [f"error: --data-path {data} is empty; expected"]
 
 
 def missing_data_path(root, fixtures):
     data = os.path.join(root, "missing.jsonl")
-    return "inspect_data", ["--data-path", data, "--tokenizer", fixtures["hf"]], 1, [
+    return "train", ["--load", fixtures["converted"], "--data-path", data], 1, [
         f"error: --data-path {data}: no such file or folder"]
 
 

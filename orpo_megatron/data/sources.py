@@ -133,9 +133,6 @@ def _load_file(path: str, split: str, cache_dir: str) -> SourceSplit:
         raise DataError(f"--data-path {path}: expected a .json, .jsonl or .parquet file")
     _require_train(split, path)
     digest, utf8 = _content_digest(path)
-    if os.path.getsize(path) == 0 or (builder == "json" and utf8 and not _has_text(path)):
-        raise DataError(f"--data-path {path} is empty; expected preference rows (one JSON object per line with "
-                        "prompt/chosen/rejected)")
     source_cache = os.path.join(cache_dir, "sources", digest)
     if extension == ".json" and not utf8:
         raise DataError(f"--data-path {path} is not UTF-8 text; expected JSON (as a .jsonl file, its unreadable lines "
@@ -161,6 +158,21 @@ def _has_text(path: str) -> bool:
             if chunk.strip():
                 return True
     return False
+
+
+def _names_local(data_path: str) -> bool:
+    return os.path.exists(data_path) or os.path.splitext(data_path)[1] in FILE_BUILDERS \
+        or data_path.startswith((".", "/", "~"))
+
+
+def check_present(data_path: str) -> None:
+    """The checks of `load_split` that cost nothing (a local path that is missing, a file that is empty), for a
+    command to make before it builds a model."""
+    if _names_local(data_path) and not os.path.exists(data_path):
+        raise DataError(f"--data-path {data_path}: no such file or folder")
+    if os.path.isfile(data_path) and not _has_text(data_path):
+        raise DataError(f"--data-path {data_path} is empty; expected preference rows (one JSON object per line with "
+                        "prompt/chosen/rejected)")
 
 
 def _load_folder(folder: str, split: str, cache_dir: str) -> SourceSplit:
@@ -202,10 +214,9 @@ def load_split(data_path: str, split: str, cache_dir: str | None = None) -> Sour
     """The raw rows of one split of `data_path` and their content digest; `cache_dir` (default
     `default_cache_dir()`) holds what `datasets` builds from local files, per content."""
     cache_dir = cache_dir or default_cache_dir()
+    check_present(data_path)
     if os.path.isfile(data_path):
         return _load_file(data_path, split, cache_dir)
     if os.path.isdir(data_path):
         return _load_folder(data_path, split, cache_dir)
-    if os.path.splitext(data_path)[1] in FILE_BUILDERS or data_path.startswith((".", "/", "~")):
-        raise DataError(f"--data-path {data_path}: no such file or folder")
     return _load_cached_hub(data_path, split)
