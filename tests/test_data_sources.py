@@ -91,6 +91,17 @@ def test_tokenization_is_cached_by_content_and_settings(tmp_path, tiny_mixtral):
     assert len({frozenset(first), frozenset(shorter), frozenset(other_template), frozenset(grown)}) == 4
 
 
+def test_splits_of_one_folder_are_tokenized_apart(tmp_path, tiny_mixtral):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    lines = open(CAPYBARA, encoding="utf-8").readlines()
+    (folder / "train.jsonl").write_text("".join(lines[:12]))
+    (folder / "test.jsonl").write_text("".join(lines[12:17]))
+    config = DataConfig(data_path=str(folder), cache_dir=str(tmp_path / "cache"))
+    pair_tokenizer = make_pair_tokenizer(config, tiny_mixtral)
+    assert [tokenized_split(config, pair_tokenizer, split)[1].rows for split in ("train", "test")] == [12, 5]
+
+
 def _parse(*flags):
     return add_data_args(argparse.ArgumentParser()).parse_args(list(flags))
 

@@ -40,7 +40,7 @@ def default_cache_dir() -> str:
 @dataclasses.dataclass(frozen=True)
 class SourceSplit:
     rows: datasets.Dataset
-    digest: str  # changes whenever the content of the source changes
+    digest: str  # changes whenever the content of the split changes
 
 
 def _local_files(data_path: str) -> list[str]:
@@ -176,7 +176,8 @@ def check_present(data_path: str) -> None:
 
 
 def _load_folder(folder: str, split: str, cache_dir: str) -> SourceSplit:
-    digest, _ = _content_digest(folder)
+    content, _ = _content_digest(folder)
+    digest = f"{content}/{split}"  # one folder, several splits
     if any(os.path.isfile(os.path.join(folder, marker))
            for marker in ("dataset_dict.json", "state.json", "dataset_info.json")):
         return SourceSplit(_select_split(datasets.load_from_disk(folder), split, folder), digest)
@@ -186,7 +187,7 @@ def _load_folder(folder: str, split: str, cache_dir: str) -> SourceSplit:
     builders = {FILE_BUILDERS[os.path.splitext(path)[1]] for path in files}
     if len(builders) > 1:
         raise DataError(f"--data-path {folder} mixes file types {sorted(builders)}; keep one format per folder")
-    loaded = _build(folder, os.path.join(cache_dir, "sources", digest), folder)
+    loaded = _build(folder, os.path.join(cache_dir, "sources", content), folder)
     return SourceSplit(_select_split(loaded, split, folder), digest)
 
 
