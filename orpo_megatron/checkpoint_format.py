@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 
@@ -40,6 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -50,6 +52,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from orpo_megatron import hf_mapping
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -71,7 +74,7 @@ LEGACY_FORMAT = "orpo-megatron-model-weights"  # metadata.json "format" of this 
 DEFAULT_CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint that is missing, incomplete, of another format, or does not fit the model, named."""
 
 
@@ -162,7 +165,27 @@ def checkpoint_folder(path: str) -> str:
             f"{folder} {state}; expected a Megatron-LM torch_dist checkpoint folder (metadata.json, common.pt), or "
             f"a folder with {TRACKER_FILE} (the output of `tools/convert_hf.py hf-to-megatron` or a training "
             "--save folder)")
+    check_complete(folder)
     return folder
+
+
+def check_complete(folder: str) -> None:
+    """Every file the folder's `.metadata` indexes is there and holds the bytes indexed: a checkpoint cut short
+    (a full disk, a killed copy) is named before any work, not met as an unpickling error inside a load."""
+    try:
+        stored = dcp.FileSystemReader(folder).read_metadata()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError) as err:
+        raise CheckpointFormatError(f"{os.path.join(folder, '.metadata')} cannot be read ({type(err).__name__}: "
+                                    f"{err}): the checkpoint is truncated or damaged") from None
+    needed: dict[str, int] = {}
+    for item in stored.storage_data.values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(folder, name)
+        have = os.path.getsize(path) if os.path.isfile(path) else None
+        if have is None or have < size:
+            state = "is missing" if have is None else f"is truncated: {have} bytes"
+            raise CheckpointFormatError(f"{path} {state}; the checkpoint's .metadata indexes {size} bytes in it")
 
 
 def _is_torch_dist(folder: str) -> bool:
@@ -174,7 +197,11 @@ def _is_torch_dist(folder: str) -> bool:
 
 def read_common(folder: str) -> dict:
     """common.pt: Megatron-LM's arguments, iteration, versions and the other non-sharded state."""
-    return dist_checkpointing.load_common_state_dict(folder)
+    try:
+        return dist_checkpointing.load_common_state_dict(folder)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, CheckpointingException) as err:
+        raise CheckpointFormatError(f"{os.path.join(folder, 'common.pt')} cannot be read ({type(err).__name__}: "
+                                    f"{str(err).split('. ')[0]}): the checkpoint is truncated or damaged") from None
 
 
 def describe(path: str, hf_config: str | None = None) -> CheckpointInfo:

@@ -38,13 +38,14 @@ from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 
 from orpo_megatron import checkpoint_format as fmt, optimizer as optimizers
+from orpo_megatron.errors import UserError
 
 TRAIN_STATE_FILE = "train_state.json"
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
                     "distrib_optim_fully_reshardable_mem_efficient": False}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used, naming the path and what was expected."""
 
 
@@ -87,13 +88,33 @@ def resolve(path: str, hf_config: str | None = None) -> ResolvedCheckpoint:
     try:
         info = fmt.describe(path, hf_config)
     except fmt.CheckpointFormatError as err:
-        raise CheckpointError(str(err)) from None
+        raise CheckpointError(str(err) + _older_complete(path)) from None
     state_file = os.path.join(info.folder, TRAIN_STATE_FILE)
     train_state = None
     if os.path.isfile(state_file):
         with open(state_file, encoding="utf-8") as f:
             train_state = json.load(f)
     return ResolvedCheckpoint(info, train_state)
+
+
+def _older_complete(root: str) -> str:
+    """Where a save folder whose tracked iteration is damaged still has a complete one, as advice to append."""
+    try:
+        tracked = fmt.read_tracker(root)
+    except fmt.CheckpointFormatError:
+        tracked = None
+    if not isinstance(tracked, int):
+        return ""
+    older = sorted((int(name[5:]) for name in os.listdir(root)
+                    if name.startswith("iter_") and name[5:].isdigit() and int(name[5:]) < tracked), reverse=True)
+    for iteration in older:
+        try:
+            fmt.checkpoint_folder(iteration_dir(root, iteration))
+        except fmt.CheckpointFormatError:
+            continue
+        return (f". The newest complete older checkpoint is {iteration_dir(root, iteration)}: to resume from it, "
+                f"write {iteration} into {os.path.join(root, fmt.TRACKER_FILE)}")
+    return f". {root} holds no complete older iteration"
 
 
 # ------------------------------------------------------------------------------------------- optimizer

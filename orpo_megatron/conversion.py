@@ -8,6 +8,7 @@ line `tools/convert_hf.py`.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from orpo_megatron import checkpoint_format as fmt
 from orpo_megatron import cpu_backend, legacy_format
+from orpo_megatron.errors import UserError
 from orpo_megatron.hf_mapping import (
     EMBEDDING,
     HFCheckpointReader,
@@ -37,9 +39,12 @@ from orpo_megatron.hf_mapping import (
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What each direction writes into its output folder: all that --overwrite may replace.
+MEGATRON_OUTPUT = (fmt.TRACKER_FILE, fmt.RELEASE)
+HF_OUTPUT = ("model-*-of-*.safetensors", "model.safetensors.index.json", *fmt.HF_FILE_NAMES)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A conversion that cannot start: bad arguments or an unusable input or output path, named."""
 
 
@@ -70,17 +75,40 @@ def parse_size(text: str) -> int:
     return int(number * powers[unit])
 
 
+def _contains(folder: str, path: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_replaceable(output: str, ours: tuple[str, ...]) -> None:
+    """--overwrite replaces a previous output of the same command, never a folder holding anything else."""
+    if not os.path.isdir(output) or os.path.islink(output):
+        raise ConversionError(f"--output {output} exists and is not a folder; --overwrite replaces only a folder "
+                              "this command wrote")
+    foreign = sorted(name for name in os.listdir(output) if not any(fnmatch.fnmatch(name, p) for p in ours))
+    if foreign:
+        raise ConversionError(f"--output {output} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                              f"which this command does not write; --overwrite replaces only its own output "
+                              f"({', '.join(ours)}): choose another folder or remove them")
+
+
 @contextlib.contextmanager
-def staged_output(output: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> Iterator[str]:
+def staged_output(output: str, overwrite: bool, inputs: tuple[str, ...], ours: tuple[str, ...]) -> Iterator[str]:
     """Yield a fresh folder next to `output`; rename it to `output` only when the body finishes.
 
-    On any error the staging folder is removed, so nothing at `output` ever looks like a finished result.
+    `output` may not hold or lie inside an input, and --overwrite replaces only a folder whose entries all match
+    `ours` (what this command writes). On any error the staging folder is removed, so nothing at `output` ever
+    looks like a finished result.
     """
-    output = os.path.abspath(output.rstrip("/") or "/")
-    if any(os.path.abspath(path) == output for path in inputs):
-        raise ConversionError(f"--output {output} is also the input; choose another output folder")
-    if os.path.lexists(output) and not overwrite:
-        raise ConversionError(f"output {output} already exists; pass --overwrite to replace it")
+    output = os.path.realpath(output.rstrip("/") or "/")
+    for path in inputs:
+        source = os.path.realpath(path)
+        if _contains(output, source) or _contains(source, output):
+            raise ConversionError(f"--output {output} overlaps the input {source} (one holds the other); choose an "
+                                  "output folder outside the input")
+    if os.path.lexists(output):
+        if not overwrite:
+            raise ConversionError(f"output {output} already exists; pass --overwrite to replace it")
+        _check_replaceable(output, ours)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
@@ -130,8 +158,8 @@ def hf_to_megatron(hf_dir: str, output: str, dtype: torch.dtype | None = None, o
     if dtype is None:
         dtype = reader.read(["model.norm.weight"])["model.norm.weight"].dtype
     tensors = reader.lazy()
-    init_single_process()
-    with staged_output(output, overwrite, inputs=(hf_dir,)) as staging:
+    with staged_output(output, overwrite, (hf_dir,), MEGATRON_OUTPUT) as staging:
+        init_single_process()
         folder = _write_release(
             staging, hf, dtype, make_vocab_size_divisible_by, "hf-to-megatron", progress,
             layer_tensor=lambda key, layer: hf_layer_to_megatron(tensors, layer, hf, keys=[key])[key],
@@ -240,10 +268,10 @@ def megatron_to_hf(
     if info.content_metadata.get("singleton_local_shards"):
         raise fmt.CheckpointFormatError(f"{info.folder}: saved with singleton_local_shards=True (one key per layer "
                                         "and expert); export reads the stacked form Megatron-LM writes by default")
-    init_single_process()
-    stored = fmt.stored_tensors(info.folder)
-    dtype = dtype or stored[EMBEDDING].dtype
-    with staged_output(output, overwrite, inputs=(load, info.folder)) as staging:
+    with staged_output(output, overwrite, (load, info.folder, info.hf_files), HF_OUTPUT) as staging:
+        init_single_process()
+        stored = fmt.stored_tensors(info.folder)
+        dtype = dtype or stored[EMBEDDING].dtype
         writer = SafetensorsShardWriter(staging, max_shard_bytes)
         writer.add(_cast(megatron_outer_to_hf(fmt.read_outer(info.folder, hf, stored), hf), dtype))
         for layer in tqdm(range(hf.num_layers), desc="megatron-to-hf", unit="layer", disable=not progress):
@@ -270,8 +298,8 @@ def upgrade(load: str, output: str, overwrite: bool = False, progress: bool = Tr
     """
     source = legacy_format.weights_folder(load)
     hf = legacy_format.model_config(source)
-    init_single_process()
-    with staged_output(output, overwrite, inputs=(load, source)) as staging:
+    with staged_output(output, overwrite, (load, source), MEGATRON_OUTPUT) as staging:
+        init_single_process()
         folder = _write_release(
             staging, hf, legacy_format.stored_dtype(source), make_vocab_size_divisible_by, "upgrade", progress,
             layer_tensor=lambda key, layer: legacy_format.layer_tensor(source, hf, key, layer),

@@ -18,7 +18,9 @@ from orpo_megatron import arguments, checkpoint_format, checkpointing, model, pa
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenize_into_cache, tokenized_split
-from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
+from orpo_megatron.data.sources import check_present
+from orpo_megatron.errors import UserError
+from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.pipeline import batch_layout, run_micro_batches
 
@@ -36,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    check_present(args.data_path)  # before minutes of model building
     checkpoint = checkpointing.resolve(args.load, args.hf_config)
     hf = checkpoint.hf
     # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def cli(argv: list[str] | None = None) -> None:
     try:
         main(argv)
-    except (parallel.LayoutError, ModelConfigError, checkpointing.CheckpointError, ValueError) as err:
+    except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

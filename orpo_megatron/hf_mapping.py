@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 
 LAYERS = "decoder.layers."
@@ -29,7 +30,7 @@ OUTPUT_LAYER = "output_layer.weight"
 LOCAL_SPEC_KEYS = {LAYERS + "pre_mlp_layernorm.weight": LAYERS + "mlp.linear_fc1.layer_norm_weight"}
 
 
-class MappingError(ValueError):
+class MappingError(UserError, ValueError):
     """Tensors missing, unexpected or of the wrong shape, named."""
 
 
@@ -279,6 +280,16 @@ def megatron_outer_to_hf(tensors: Mapping[str, torch.Tensor], hf: HFModelConfig)
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
+def _open_safetensors(path: str):
+    """`safe_open`, with a missing, truncated or damaged file named (safetensors checks the header against the
+    file size when opening)."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise MappingError(f"{path}: cannot be read as safetensors ({err}); the file is missing, truncated or "
+                           "damaged: copy or download it again") from None
+
+
 class HFCheckpointReader:
     """Lazy reader of a Hugging Face safetensors folder (sharded with an index, or a single file)."""
 
@@ -292,7 +303,7 @@ class HFCheckpointReader:
             single = os.path.join(hf_dir, "model.safetensors")
             if not os.path.exists(single):
                 raise MappingError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-            with safe_open(single, framework="pt") as f:
+            with _open_safetensors(single) as f:
                 self.weight_map = {name: "model.safetensors" for name in f.keys()}
 
     def names(self) -> set[str]:
@@ -311,7 +322,7 @@ class HFCheckpointReader:
             by_file.setdefault(self.weight_map[name], []).append(name)
         out = {}
         for filename, file_names in by_file.items():
-            with safe_open(os.path.join(self.hf_dir, filename), framework="pt") as f:
+            with _open_safetensors(os.path.join(self.hf_dir, filename)) as f:
                 for name in file_names:
                     out[name] = f.get_tensor(name)
         return out
@@ -350,7 +361,7 @@ class HFCheckpointReader:
                 by_file.setdefault(self.weight_map[name], []).append(name)
         problems = []
         for filename, names in sorted(by_file.items()):
-            with safe_open(os.path.join(self.hf_dir, filename), framework="pt") as f:
+            with _open_safetensors(os.path.join(self.hf_dir, filename)) as f:
                 for name in names:
                     tensor_slice = f.get_slice(name)
                     shape, dtype = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import DTYPES, OptimizerMode
 
@@ -43,7 +44,7 @@ NCCL_CHANNELS = 32
 NCCL_COMMUNICATOR_BYTES = NCCL_CHANNELS * NCCL_CONNECTION_BYTES
 
 
-class MemoryLayoutError(ValueError):
+class MemoryLayoutError(UserError, ValueError):
     """A layout the estimator cannot place on the model, with the numbers named."""
 
 

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from orpo_megatron.errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A config.json this project cannot run, with the file and field named."""
 
 
@@ -118,7 +120,7 @@ class HFModelConfig:
                 config = json.load(f)
         except FileNotFoundError:
             raise ModelConfigError(f"{path}: no such file; expected a Hugging Face config.json") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ModelConfigError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(config, source=path)
 

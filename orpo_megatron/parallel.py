@@ -17,10 +17,11 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from orpo_megatron import cpu_backend
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A parallel layout that cannot work, with the numbers that make it so."""
 
 

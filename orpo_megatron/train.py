@@ -24,7 +24,9 @@ from orpo_megatron import arguments, checkpoint_format, checkpointing, model, op
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache
-from orpo_megatron.model_config import FusedKernels, ModelConfigError, build_transformer_config
+from orpo_megatron.data.sources import check_present
+from orpo_megatron.errors import UserError
+from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.pipeline import (
     ScheduleResult,
@@ -75,6 +77,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Training checkpoint directory. A run whose --save already holds a checkpoint resumes "
                             "from its newest complete iteration (so a requeued job continues).")
     group.add_argument("--save-interval", type=int, default=None, help="Save every N steps. Default: only at the end.")
+    group.add_argument("--allow-data-change", action="store_true",
+                       help="Resume even when the training pairs differ from those the checkpoint was trained on "
+                            "(same count, other content: edited data or tokenization flags), logging the change. "
+                            "Default: refuse.")
     group.add_argument("--keep-last-checkpoints", type=int, default=None,
                        help="Keep only the newest N iteration folders. Default: keep all.")
     group.add_argument("--peak-tflops", type=float, default=None,
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     # Installed first: SLURM's time-limit warning may arrive while a large model is still loading; the loop then
     # stops (and saves) after its first step instead of the default action killing the process.
     stop = StopSignal()
+    check_present(args.data_path)  # before minutes of model building
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
     hf = checkpoint.hf
@@ -267,11 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     train_iters = train_length(args, train_iter.steps_per_epoch)
     scheduler = build_scheduler(args, optimizer, train_iters)
 
-    # Weights, and the training state when resuming.
+    # The data position when resuming (checked before any state is read), then the weights and training state.
+    if checkpoint.train_state:
+        data_warning = train_iter.load_state_dict(checkpoint.train_state["data"], args.allow_data_change)
+        if data_warning:
+            log(data_warning)
     state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log)
     iteration = state["iteration"] if state else 0
     if state:
-        train_iter.load_state_dict(state["data"])
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
     orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
     tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters,
@@ -380,7 +390,7 @@ def cli(argv: list[str] | None = None) -> None:
     """Entry point: bad input and stopped runs end with one clear line and a non-zero exit, not a traceback."""
     try:
         main(argv)
-    except (parallel.LayoutError, ModelConfigError, checkpointing.CheckpointError, TrainingError, ValueError) as err:
+    except (UserError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -253,25 +253,26 @@ def test_shape_check_names_every_wrong_tensor_and_non_float_dtypes(tmp_path):
 
 def test_staged_output_appears_only_when_complete(tmp_path):
     target = str(tmp_path / "out")
+    ours = ("done", "new")
     with pytest.raises(RuntimeError):
-        with conversion.staged_output(target, overwrite=False) as staging:
+        with conversion.staged_output(target, False, (), ours) as staging:
             open(os.path.join(staging, "part"), "w").close()
             raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []  # neither the output nor the staging folder
 
-    with conversion.staged_output(target, overwrite=False) as staging:
+    with conversion.staged_output(target, False, (), ours) as staging:
         assert os.path.dirname(staging) == str(tmp_path) and not os.path.exists(target)
         open(os.path.join(staging, "done"), "w").close()
     assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["done"]
 
     with pytest.raises(conversion.ConversionError, match="already exists; pass --overwrite"):
-        with conversion.staged_output(target, overwrite=False):
+        with conversion.staged_output(target, False, (), ours):
             pass
-    with conversion.staged_output(target, overwrite=True) as staging:
+    with conversion.staged_output(target, True, (), ours) as staging:
         open(os.path.join(staging, "new"), "w").close()
     assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["new"]
-    with pytest.raises(conversion.ConversionError, match="is also the input"):
-        with conversion.staged_output(target, overwrite=True, inputs=(target,)):
+    with pytest.raises(conversion.ConversionError, match="overlaps the input"):
+        with conversion.staged_output(target, True, (target,), ours):
             pass
 
 

@@ -226,10 +226,12 @@ def cli(sources, tmp_path_factory) -> dict:
                          "--dtype", "fp32"]
     for case in ("missing", "extra", "shape", "arch"):
         commands[case] = ["hf-to-megatron", "--hf-dir", sources[case], "--output", os.path.join(root, f"bad_{case}")]
-    for name in ("existing", "replaced"):
-        os.makedirs(os.path.join(root, name))
-        with open(os.path.join(root, name, "keep.txt"), "w") as f:
-            f.write("user data")
+    os.makedirs(os.path.join(root, "existing"))
+    with open(os.path.join(root, "existing", "keep.txt"), "w") as f:
+        f.write("user data")
+    os.makedirs(os.path.join(root, "replaced", "release"))  # a previous output of the command
+    with open(os.path.join(root, "replaced", "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("release")
     commands["existing"] = ["hf-to-megatron", "--hf-dir", sources["small"], "--output", os.path.join(root, "existing")]
     commands["replaced"] = ["hf-to-megatron", "--hf-dir", sources["small"], "--output", os.path.join(root, "replaced"),
                             "--overwrite"]
@@ -406,6 +408,7 @@ def test_existing_output_is_refused_without_overwrite(cli):
     replaced = os.path.join(cli["root"], "replaced")
     succeeded(cli["replaced"])
     assert sorted(os.listdir(replaced)) == ["latest_checkpointed_iteration.txt", "release"]
+    assert os.path.isfile(os.path.join(replaced, "release", "common.pt"))  # the previous output was replaced
     assert not [n for n in os.listdir(cli["root"]) if n.startswith((".existing", ".replaced"))]
 
 

@@ -70,6 +70,23 @@ def test_resumed_run_sees_exactly_the_pairs_of_a_straight_run(dp_size):
                 _assert_equal_micro_batches(expected_mb, got_mb)
 
 
+def test_resume_on_other_pairs_of_the_same_count_is_refused_unless_allowed():
+    pairs = _pairs(37)
+    saved = _iterators(pairs, 1)[0]
+    next(saved)
+    state = json.loads(json.dumps(saved.state_dict()))
+    same = _iterators(_pairs(37), 1)[0]  # the same pairs, rebuilt
+    assert same.load_state_dict(state) is None and same.consumed_pairs == 8
+    edited = pairs.to_dict()
+    edited["chosen_input_ids"][20] = edited["chosen_input_ids"][20][:-1] + [7, 2]  # one token more in one pair
+    other = _iterators(datasets.Dataset.from_dict(edited), 1)[0]
+    with pytest.raises(ValueError, match="cannot resume: the 37 training pairs differ .*--allow-data-change"):
+        other.load_state_dict(state)
+    assert other.consumed_pairs == 0
+    warning = other.load_state_dict(state, allow_data_change=True)
+    assert "differ" in warning and "--allow-data-change" in warning and other.consumed_pairs == 8
+
+
 def test_dp_ranks_split_each_global_batch_without_overlap_and_match_dp1():
     pairs = _pairs(37)
     single, double = _take(_iterators(pairs, 1), 9), _take(_iterators(pairs, 2), 9)

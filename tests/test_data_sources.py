@@ -39,13 +39,13 @@ def test_every_local_source_form_gives_the_same_rows(tmp_path, reference_rows):
     saved_dict.save_to_disk(str(tmp_path / "saved_dict"))
     for path in (CAPYBARA, tmp_path / "rows.parquet", tmp_path / "rows.json", folder, tmp_path / "saved",
                  tmp_path / "saved_dict"):
-        assert load_split(str(path), "train").to_list() == reference_rows, path
-    assert load_split(str(folder), "test").to_list() == reference_rows[:7]
+        assert load_split(str(path), "train").rows.to_list() == reference_rows, path
+    assert load_split(str(folder), "test").rows.to_list() == reference_rows[:7]
     with pytest.raises(ValueError, match=r"has splits \['test', 'train'\], not 'validation'"):
         load_split(str(folder), "validation")
     with pytest.raises(ValueError, match="single dataset, which is split 'train', not 'test'.*--eval-fraction"):
         load_split(CAPYBARA, "test")
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         load_split(str(tmp_path / "missing.jsonl"), "train")
 
 
@@ -60,7 +60,7 @@ def test_hub_name_is_read_from_the_local_cache_only(tmp_path, monkeypatch, refer
     for arrow in glob.glob(str(cached / "json-*.arrow")):
         os.rename(arrow, arrow.replace("json-", "capy-"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hub_cache")
-    assert load_split("org/capy", "train").to_list() == reference_rows
+    assert load_split("org/capy", "train").rows.to_list() == reference_rows
     with pytest.raises(ValueError, match=r"org/not-downloaded.*nor a dataset in the local datasets cache.*Nothing is "
                                          r"downloaded"):
         load_split("org/not-downloaded", "train")
@@ -73,7 +73,8 @@ def test_tokenization_is_cached_by_content_and_settings(tmp_path, tiny_mixtral):
 
     def cache_file(**changes):
         config = DataConfig(data_path=str(data), cache_dir=str(cache), **changes)
-        pairs, _ = tokenized_split(config, make_pair_tokenizer(config, tiny_mixtral), "train")
+        pairs, stats = tokenized_split(config, make_pair_tokenizer(config, tiny_mixtral), "train")
+        assert stats.rows == len(open(data, encoding="utf-8").readlines())  # the rows the file holds now
         return {os.path.basename(f["filename"]) for f in pairs.cache_files}
 
     first = cache_file()
@@ -81,11 +82,24 @@ def test_tokenization_is_cached_by_content_and_settings(tmp_path, tiny_mixtral):
     assert cache_file() == first and stamp == {name: os.path.getmtime(cache / name) for name in first}  # reused
     shorter = cache_file(truncation=TruncationConfig(max_length=40, max_prompt_length=20))
     other_template = cache_file(chat_template="chatml")
-    with open(data, "a", encoding="utf-8") as f:  # new content
-        f.write(open(CAPYBARA, encoding="utf-8").readline())
-    os.utime(data, (1, 1))  # `datasets` fingerprints local files by path and modification time
+    stamp = os.stat(data)
+    with open(data, "w", encoding="utf-8") as f:  # new content, fewer rows
+        f.writelines(open(CAPYBARA, encoding="utf-8").readlines()[:20])
+    # ... with the modification time kept (cp -p, rsync -t): `datasets` keys local files by path and mtime only
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     grown = cache_file()
     assert len({frozenset(first), frozenset(shorter), frozenset(other_template), frozenset(grown)}) == 4
+
+
+def test_splits_of_one_folder_are_tokenized_apart(tmp_path, tiny_mixtral):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    lines = open(CAPYBARA, encoding="utf-8").readlines()
+    (folder / "train.jsonl").write_text("".join(lines[:12]))
+    (folder / "test.jsonl").write_text("".join(lines[12:17]))
+    config = DataConfig(data_path=str(folder), cache_dir=str(tmp_path / "cache"))
+    pair_tokenizer = make_pair_tokenizer(config, tiny_mixtral)
+    assert [tokenized_split(config, pair_tokenizer, split)[1].rows for split in ("train", "test")] == [12, 5]
 
 
 def _parse(*flags):

@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
     # Imported after parsing so that --help is instant.
     from orpo_megatron import conversion
-    from orpo_megatron.checkpoint_format import CheckpointFormatError
-    from orpo_megatron.hf_mapping import MappingError
-    from orpo_megatron.model_config import ModelConfigError
+    from orpo_megatron.errors import UserError
 
     try:
         if args.command == "hf-to-megatron":
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"verify: max |logit difference| over the true vocabulary = {difference:.3e}")
         else:
             print(f"wrote {conversion.upgrade(args.load, args.output, args.overwrite)}")
-    except (conversion.ConversionError, CheckpointFormatError, MappingError, ModelConfigError) as err:
+    except UserError as err:
         print(f"convert_hf.py {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

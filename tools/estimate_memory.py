@@ -30,7 +30,8 @@ from orpo_megatron.memory_estimate import (  # noqa: E402
     GB, NCCL_COMMUNICATOR_BYTES, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank, communicating_groups,
     optimizer_bytes_per_element,
 )
-from orpo_megatron.model_config import HFModelConfig, ModelConfigError  # noqa: E402
+from orpo_megatron.errors import UserError  # noqa: E402
+from orpo_megatron.model_config import HFModelConfig  # noqa: E402
 from orpo_megatron.optimizer import OptimizerMode, add_optimizer_mode_args  # noqa: E402
 from orpo_megatron.train import add_ddp_args, check_ddp_args  # noqa: E402
 
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         hf = HFModelConfig.from_file(args.hf_config)
-    except ModelConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.search:
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                          OptimizerMode.from_args(args), args.vp)
     try:
         memory = busiest_rank(hf, layout)
-    except MemoryLayoutError as err:
+    except UserError as err:
         print(f"error: invalid layout for {args.hf_config}: {err}", file=sys.stderr)
         return 2
     report(hf, layout, memory, args)

@@ -60,10 +60,9 @@ def render_pair(tokenizer, pair: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from orpo_megatron.data.arguments import DataConfig
-    from orpo_megatron.data.pipeline import make_pair_tokenizer
+    from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_table
     from orpo_megatron.data.preference import BAD_ROW_REASONS
-    from orpo_megatron.data.preprocess import tokenize_dataset
-    from orpo_megatron.data.sources import load_split
+    from orpo_megatron.errors import UserError
 
     if args.tokenizer is None:
         print("inspect_data.py: --tokenizer is required (a folder with tokenizer.json or tokenizer.model)", file=sys.stderr)
@@ -71,11 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = DataConfig.from_args(args)
         pair_tokenizer = make_pair_tokenizer(config, None)
-        source = f"{config.data_path} [{config.split}]"
-        table = tokenize_dataset(load_split(config.data_path, config.split), pair_tokenizer, config.cache_dir,
-                                 config.num_workers, source)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"inspect_data.py: {error}", file=sys.stderr)
+        table, source = tokenized_table(config, pair_tokenizer, config.split)
+    except (UserError, ValueError) as error:
+        print(f"inspect_data.py: error: {error}", file=sys.stderr)
         return 1
 
     reasons = list(table["bad_reason"])

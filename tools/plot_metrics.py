@@ -32,17 +32,19 @@ def read_events(path: str) -> list[dict]:
         raise MetricsFileError(f"{path}: no such file; expected the metrics.jsonl a training run writes "
                                "into its run folder (--log-dir, or --save)")
     events = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MetricsFileError(f"{path}:{number}: not a JSON object ({err})") from None
-            if not isinstance(event, dict) or "iteration" not in event:
-                raise MetricsFileError(f"{path}:{number}: expected an object with an 'iteration' key")
-            events.append(event)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    for number, line in lines:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == lines[-1][0]:  # cut short by a run killed mid-write; the trainer drops it on resume too
+                print(f"warning: {path}:{number}: skipped the incomplete last line", file=sys.stderr)
+                break
+            raise MetricsFileError(f"{path}:{number}: not a JSON object ({err})") from None
+        if not isinstance(event, dict) or "iteration" not in event:
+            raise MetricsFileError(f"{path}:{number}: expected an object with an 'iteration' key")
+        events.append(event)
     if not events:
         raise MetricsFileError(f"{path}: no metrics yet (the file is empty)")
     return events

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 
-import datasets
 
 from orpo_megatron.data.chat_template import BUILTIN_TEMPLATES
 from orpo_megatron.data.preference import TRUNCATION_MODES, TruncationConfig
+from orpo_megatron.data.sources import default_cache_dir
 
 BAD_ROW_POLICIES = ("skip", "error")
 
@@ -99,7 +98,7 @@ class DataConfig:
     on_bad_row: str = "skip"
     max_bad_row_fraction: float = 0.05
     num_workers: int = 1
-    cache_dir: str = os.path.join(str(datasets.config.HF_DATASETS_CACHE), "orpo_megatron")
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
 
     def __post_init__(self):
         if not self.data_path:
@@ -119,7 +118,7 @@ class DataConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataConfig:
-        cache_dir = args.data_cache_dir or os.path.join(str(datasets.config.HF_DATASETS_CACHE), "orpo_megatron")
+        cache_dir = args.data_cache_dir or default_cache_dir()
         try:
             template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
         except json.JSONDecodeError as error:

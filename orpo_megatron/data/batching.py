@@ -8,7 +8,9 @@ normalize the loss over the whole global batch come from a table of pair lengths
 Training order: epoch e visits the pairs in a permutation drawn from (seed, e). A global batch takes the next
 `global_batch_size` pairs of it. An epoch ends when fewer than `global_batch_size` pairs are left: those are not
 seen in that epoch (a different few each epoch). The state is (epoch, pairs consumed in the epoch), so a run
-resumed from a checkpoint sees exactly the pairs it would have seen, even with another DP size.
+resumed from a checkpoint sees exactly the pairs it would have seen, even with another DP size; it also holds a
+fingerprint of the pairs' token ids, so a resume on other data (or other tokenization) of the same size is refused
+unless the caller accepts it.
 How a global batch becomes micro-batches (`BatchLayout`):
 - padded or packed per micro-batch: DP rank r takes the r-th contiguous 1/dp_size of the global batch, cut into
   micro-batches of `micro_batch_size` pairs; packed, each micro-batch is one row of its own length.
@@ -26,6 +28,8 @@ micro-batches, so collectives inside the forward (expert parallelism spans DP ra
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 import random
 
@@ -41,6 +45,7 @@ from orpo_megatron.data.micro_batch import (
     round_up,
 )
 from orpo_megatron.data.packing import pack_rows
+from orpo_megatron.errors import DataError
 
 PAIR_COLUMNS = ["row_index", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
 
@@ -93,6 +98,16 @@ def pair_length_table(pairs: datasets.Dataset) -> np.ndarray:
     table = pairs.with_format("arrow")[:]
     return np.stack([pc.list_value_length(table[column]).to_numpy(zero_copy_only=False).astype(np.int64)
                      for column in PAIR_COLUMNS[1:]], axis=1)
+
+
+def pairs_fingerprint(pairs: datasets.Dataset, lengths: np.ndarray) -> str:
+    """sha256 of every pair's prompt, chosen and rejected token ids in order (`lengths`: `pair_length_table`)."""
+    digest = hashlib.sha256(lengths.tobytes())
+    for batch in pairs.with_format("arrow").iter(batch_size=8192):
+        for column in PAIR_COLUMNS[1:]:
+            ids = pc.list_flatten(batch[column]).to_numpy(zero_copy_only=False).astype(np.int64)
+            digest.update(ids.tobytes())
+    return digest.hexdigest()[:32]
 
 
 def epoch_permutation(num_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -180,18 +195,35 @@ class TrainPairIterator:
             num_pairs=self.global_batch_size, num_chosen_real_targets=int(real.sum()),
             num_chosen_completion_targets=int(completion.sum()))
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return pairs_fingerprint(self.pairs, self.lengths)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pairs_in_epoch": self.pairs_in_epoch, "consumed_pairs": self.consumed_pairs,
-                "seed": self.seed, "num_pairs": self.num_pairs}
+                "seed": self.seed, "num_pairs": self.num_pairs, "pairs_fingerprint": self.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, allow_data_change: bool = False) -> str | None:
+        """Continue at the saved position. Returns a warning when the pairs differ from the saved run's and
+        `allow_data_change` accepts that; raises otherwise."""
         for key in ("seed", "num_pairs"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume the data order: the checkpoint's {key} is {state[key]}, this run's "
-                                 f"is {getattr(self, key)} (same --seed and the same training pairs are needed)")
+                raise DataError(f"cannot resume the data order: the checkpoint's {key} is {state[key]}, this run's "
+                                f"is {getattr(self, key)} (same --seed and the same training pairs are needed)")
+        warning = None
+        saved = state.get("pairs_fingerprint")  # absent in checkpoints written before it was stored
+        if saved is not None and saved != self.fingerprint:
+            change = (f"the {self.num_pairs} training pairs differ from those the checkpoint was trained on "
+                      f"(token-id fingerprint {saved} then, {self.fingerprint} now): the data, the tokenizer or a "
+                      "tokenization flag changed")
+            if not allow_data_change:
+                raise DataError(f"cannot resume: {change}. Resume with the same data and flags, or pass "
+                                "--allow-data-change to continue on these pairs from the saved position")
+            warning = f"WARNING: {change}; continuing from the saved position on the new pairs (--allow-data-change)"
         self.epoch, self.pairs_in_epoch = state["epoch"], state["pairs_in_epoch"]
         self.consumed_pairs = state["consumed_pairs"]
         self._order = None
+        return warning
 
 
 class EvalPairs:

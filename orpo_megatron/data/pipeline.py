@@ -62,12 +62,17 @@ def make_pair_tokenizer(config: DataConfig, tokenizer_dir_fallback: str | None) 
     return PairTokenizer(tokenizer_dir, template, config.truncation, config.chat_template_kwargs)
 
 
+def tokenized_table(config: DataConfig, pair_tokenizer: PairTokenizer, split: str) -> tuple[datasets.Dataset, str]:
+    """Every row of one split tokenized (bad ones with their reason), and the split's name for messages."""
+    source = f"{config.data_path} [{split}]"
+    return tokenize_dataset(load_split(config.data_path, split, config.cache_dir), pair_tokenizer, config.cache_dir,
+                            config.num_workers, source), source
+
+
 def tokenized_split(config: DataConfig, pair_tokenizer: PairTokenizer, split: str
                     ) -> tuple[datasets.Dataset, PreprocessStats]:
     """The good pairs of one split (source order) and what happened to the rest."""
-    source = f"{config.data_path} [{split}]"
-    tokenized = tokenize_dataset(load_split(config.data_path, split), pair_tokenizer, config.cache_dir,
-                                 config.num_workers, source)
+    tokenized, source = tokenized_table(config, pair_tokenizer, split)
     return apply_bad_row_policy(tokenized, source, config.on_bad_row, config.max_bad_row_fraction)
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 
 from orpo_megatron.data.chat_template import render
+from orpo_megatron.data.sources import UNREADABLE_COLUMN
 from orpo_megatron.data.tokenizer import SentencePieceTokenizer, TokenizerJsonTokenizer, load_tokenizer
 
 PRETOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -56,6 +57,7 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 
 # Every reason a row can be rejected for, with what it means (printed by tools/inspect_data.py).
 BAD_ROW_REASONS = {
+    "unreadable": "a line of a JSON-lines file is not UTF-8 text or not one JSON object",
     "missing_field": "a needed value (prompt/chosen/rejected or a message's role/content) is missing or null",
     "wrong_type": "a value has the wrong type (not text, not a list of messages, not token ids in the vocabulary, "
                   "chat_template_kwargs not an object)",
@@ -107,11 +109,12 @@ class TokenizedPair:
 
 def required_columns(column_names: list[str]) -> tuple[str, ...]:
     """The columns this dataset is read from; a clear error when neither form's columns are there."""
+    unreadable = (UNREADABLE_COLUMN,) if UNREADABLE_COLUMN in column_names else ()
     if all(name in column_names for name in PRETOKENIZED_COLUMNS):
-        return PRETOKENIZED_COLUMNS
+        return PRETOKENIZED_COLUMNS + unreadable
     if "chosen" in column_names and "rejected" in column_names:
         columns = ("prompt", "chosen", "rejected") if "prompt" in column_names else ("chosen", "rejected")
-        return columns + ((CHAT_TEMPLATE_KWARGS_COLUMN,) if CHAT_TEMPLATE_KWARGS_COLUMN in column_names else ())
+        return columns + ((CHAT_TEMPLATE_KWARGS_COLUMN,) if CHAT_TEMPLATE_KWARGS_COLUMN in column_names else ()) + unreadable
     raise ValueError("expected columns prompt/chosen/rejected (text or message lists) or "
                      f"{'/'.join(PRETOKENIZED_COLUMNS)} (token ids), found {column_names}")
 
@@ -138,6 +141,8 @@ class PairTokenizer:
 
     def __call__(self, row: dict) -> TokenizedPair:
         """Tokenize one row; raises BadRow."""
+        if row.get(UNREADABLE_COLUMN) is not None:
+            raise BadRow("unreadable", row[UNREADABLE_COLUMN])
         if all(name in row for name in PRETOKENIZED_COLUMNS):
             prompt, chosen, rejected = (self._token_ids(row.get(name), name) for name in PRETOKENIZED_COLUMNS)
         else:

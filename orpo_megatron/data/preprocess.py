@@ -1,7 +1,7 @@
 """Tokenize a preference dataset once (`datasets.map`, multiprocess, cached) and apply the bad-row policy.
 
 Owns the tokenized table (one row per source row: ids, lengths, truncation flags, `bad_reason`), its cache key
-(source fingerprint + tokenizer files + chat template + truncation settings + this package's tokenization code),
+(source content digest + tokenizer files + chat template + truncation settings + this package's tokenization code),
 the bad-row policy (`skip` and count by reason, or `error` naming the first bad row; stop above
 `max_bad_row_fraction` either way) and the statistics the trainer logs. Row-level rules live in `preference.py`.
 
@@ -21,6 +21,8 @@ import datasets
 from orpo_megatron.data import chat_template as chat_template_module
 from orpo_megatron.data import preference, tokenizer as tokenizer_module
 from orpo_megatron.data.preference import BadRow, PairTokenizer
+from orpo_megatron.data.sources import SourceSplit
+from orpo_megatron.errors import DataError
 
 TOKENIZED_FEATURES = datasets.Features({
     "row_index": datasets.Value("int64"),
@@ -38,7 +40,7 @@ TOKENIZED_FEATURES = datasets.Features({
 })
 
 
-class BadRowError(ValueError):
+class BadRowError(DataError):
     """The bad-row policy stopped the run."""
 
 
@@ -90,13 +92,14 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def cache_key(dataset: datasets.Dataset, pair_tokenizer: PairTokenizer) -> str:
-    """Changes whenever the source rows, tokenizer, template, truncation settings or tokenization code change."""
+def cache_key(source_digest: str, pair_tokenizer: PairTokenizer) -> str:
+    """Changes whenever the source content, tokenizer, template, truncation settings or tokenization code change."""
     code = [module.__file__ for module in (preference, tokenizer_module, chat_template_module)] + [__file__]
     parts = {
-        "source": dataset._fingerprint,
+        "source": source_digest,
         "tokenizer": [_file_digest(os.path.join(pair_tokenizer.tokenizer_dir, name))
-                      for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")],
+                      for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                   "chat_template.jinja")],
         "chat_template": pair_tokenizer.chat_template,
         "chat_template_kwargs": pair_tokenizer.chat_template_kwargs,
         "truncation": dataclasses.asdict(pair_tokenizer.truncation),
@@ -105,11 +108,15 @@ def cache_key(dataset: datasets.Dataset, pair_tokenizer: PairTokenizer) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def tokenize_dataset(dataset: datasets.Dataset, pair_tokenizer: PairTokenizer, cache_dir: str, num_proc: int,
+def tokenize_dataset(source: SourceSplit, pair_tokenizer: PairTokenizer, cache_dir: str, num_proc: int,
                      description: str) -> datasets.Dataset:
     """The tokenized table of every row (bad ones included, with their reason), cached in `cache_dir`."""
-    columns = preference.required_columns(dataset.column_names)
-    key = cache_key(dataset, pair_tokenizer)
+    dataset = source.rows
+    try:
+        columns = preference.required_columns(dataset.column_names)
+    except ValueError as err:
+        raise DataError(f"{description}: {err}") from None
+    key = cache_key(source.digest, pair_tokenizer)
     os.makedirs(cache_dir, exist_ok=True)
     return dataset.map(
         _tokenize_batch, fn_kwargs={"pair_tokenizer": pair_tokenizer, "columns": columns},
@@ -131,8 +138,10 @@ def apply_bad_row_policy(tokenized: datasets.Dataset, source: str, on_bad_row: s
                           "them")
     bad_counts = dict(collections.Counter(reasons[p] for p in bad_positions))
     if tokenized.num_rows and len(bad_positions) / tokenized.num_rows > max_bad_row_fraction:
+        first = tokenized[bad_positions[0]]
         raise BadRowError(f"{source}: {len(bad_positions)} of {tokenized.num_rows} rows are bad ({bad_counts}), more "
-                          f"than --max-bad-row-fraction {max_bad_row_fraction}; check the columns and the chat template"
+                          f"than --max-bad-row-fraction {max_bad_row_fraction} (the first: row {first['row_index']}, "
+                          f"{first['bad_reason']}: {first['bad_detail']}); check the columns and the chat template"
                           " with tools/inspect_data.py")
     good = tokenized.select([p for p, reason in enumerate(reasons) if not reason]) if bad_positions else tokenized
     stats = PreprocessStats(
