@@ -6,6 +6,8 @@ logging flags in `tracking.py`, training-loop flags in `train.py`.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 from orpo_megatron.data.arguments import DataConfig, add_data_args, check_packing_args
 from orpo_megatron.model import BackendUnavailableError, check_backend
@@ -116,6 +118,35 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         check_backend(args.fp8_format)
     except BackendUnavailableError as err:
         parser.error(str(err))
+
+
+def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str | None) -> None:
+    """Create `folder` (the value of --`flag`) and write a file in it, so a run never finds out after its work
+    that it cannot keep the result (exit 2 naming the flag, the folder and why). Every rank checks: with
+    several nodes each must reach it."""
+    if not folder:
+        return
+    name = f"--{flag.replace('_', '-')} {folder}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        parser.error(f"{name}: a file is in the way ({_first_file_on_path(folder)} is not a folder)")
+    except NotADirectoryError:
+        parser.error(f"{name}: {_first_file_on_path(folder)} is a file, not a folder")
+    except OSError as err:
+        parser.error(f"{name}: cannot write there ({err.strerror})")
+
+
+def _first_file_on_path(path: str) -> str:
+    """The first component of `path` that exists and is not a folder."""
+    parts = os.path.abspath(path).split(os.sep)
+    for end in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:end])
+        if os.path.exists(prefix) and not os.path.isdir(prefix):
+            return prefix
+    return path
 
 
 def precision_config(args: argparse.Namespace) -> PrecisionConfig:

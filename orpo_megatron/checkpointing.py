@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -254,12 +255,25 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
     state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_sharded(_gathered_rng_states()),
                  args=megatron_args, checkpoint_version=fmt.CHECKPOINT_VERSION, iteration=iteration,
                  num_floating_point_operations_so_far=0)
-    fmt.save(partial, state, metadata)
-    if rank == 0:
-        fmt.copy_hf_files(hf_files_from, partial)
-        with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
-    dist.barrier()
+    failure = None
+    try:  # megatron-core's save raises on every rank when one rank's write fails
+        fmt.save(partial, state, metadata)
+        if rank == 0:
+            fmt.copy_hf_files(hf_files_from, partial)
+            with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
+    except Exception as err:  # noqa: BLE001 -- any failed write: the run stops with the reason, keeping the last save
+        failure = err
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, _save_failure(failure))
+    reason = next((found for found in failures if found), None)
+    if reason:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = fmt.read_tracker(save_dir)
+        raise CheckpointError(f"saving iteration {iteration} to {save_dir} failed: {reason}; "
+                              + (f"{iteration_dir(save_dir, latest)} stays the latest checkpoint" if latest is not None
+                                 else "no checkpoint was saved"))
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(partial, final)
@@ -268,6 +282,26 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
             _prune(save_dir, keep_last)
     dist.barrier()
     return final
+
+
+def _save_failure(err: BaseException | None) -> str | None:
+    """What went wrong in a save, in one line; the disk being full named as such."""
+    if err is None:
+        return None
+    seen, stack = set(), [err]
+    while stack:  # the OSError may be wrapped (torch.distributed.checkpoint's CheckpointException)
+        found = stack.pop()
+        if isinstance(found, tuple):  # a CheckpointException's failures: (exception, traceback) per rank
+            stack += [item for item in found if isinstance(item, BaseException)]
+        if not isinstance(found, BaseException) or id(found) in seen:
+            continue
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.errno == errno.ENOSPC:
+            return f"no space left on device ({found.filename or 'writing the checkpoint'})"
+        stack += [found.__cause__, found.__context__, *getattr(found, "failures", {}).values()]
+    if "No space left on device" in str(err):
+        return "no space left on device"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _prune(save_dir: str, keep_last: int) -> None:
