@@ -120,20 +120,19 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(str(err))
 
 
-def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str | None) -> None:
-    """Create `folder` (the value of --`flag`) and write a file in it, so a run never finds out after its work
-    that it cannot keep the result (exit 2 naming the flag, the folder and why). Every rank checks: with
-    several nodes each must reach it."""
+def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str | None,
+                        value: str | None = None) -> None:
+    """Create `folder` (--`flag`'s value, or the folder of its `value`) and write a file in it, so a run never
+    finds out after its work that it cannot keep the result (exit 2 naming the flag, the folder and why). Every
+    rank checks: with several nodes each must reach it."""
     if not folder:
         return
-    name = f"--{flag.replace('_', '-')} {folder}"
+    name = f"--{flag.replace('_', '-')} {value or folder}"
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
-    except FileExistsError:
-        parser.error(f"{name}: a file is in the way ({_first_file_on_path(folder)} is not a folder)")
-    except NotADirectoryError:
+    except (FileExistsError, NotADirectoryError):
         parser.error(f"{name}: {_first_file_on_path(folder)} is a file, not a folder")
     except OSError as err:
         parser.error(f"{name}: cannot write there ({err.strerror})")

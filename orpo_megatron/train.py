@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     if stopped:
         status = EXIT_STOPPED_SAVED if args.save else EXIT_STOPPED_UNSAVED
-        log(f"stopped by signal at iteration {iteration} of {train_iters}; "
+        log(f"stopped by signal at iteration {iteration}; {train_iters - iteration} of {train_iters} steps left; "
             + (f"saved {checkpointing.iteration_dir(args.save, iteration)}: run the same command to resume"
                if args.save else "nothing saved (no --save): these steps are lost")
             + f" (exit status {status})")
