@@ -37,10 +37,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 from orpo_megatron import checkpoint_format as fmt
 
 TRAIN_STATE_FILE = "train_state.json"
+FULL_DISK_BYTES = 16 * 2**20  # a failed save with less free than this ran out of space
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
                     "distrib_optim_fully_reshardable_mem_efficient": False}
 
@@ -262,10 +264,10 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
             fmt.copy_hf_files(hf_files_from, partial)
             with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
-    except Exception as err:  # noqa: BLE001 -- any failed write: the run stops with the reason, keeping the last save
+    except (Exception, CheckpointException) as err:  # any failed write: stop with the reason, keep the last save
         failure = err
     failures: list = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, _save_failure(failure))
+    dist.all_gather_object(failures, _save_failure(failure, save_dir))
     reason = next((found for found in failures if found), None)
     if reason:
         if rank == 0:
@@ -284,10 +286,13 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
     return final
 
 
-def _save_failure(err: BaseException | None) -> str | None:
-    """What went wrong in a save, in one line; the disk being full named as such."""
+def _save_failure(err: BaseException | None, save_dir: str) -> str | None:
+    """What went wrong in a save, in one line; the disk being full named as such. torch.save's zip writer reports
+    a full disk as "unexpected pos" without the errno, so the free space of the folder's filesystem decides too."""
     if err is None:
         return None
+    if shutil.disk_usage(save_dir).free < FULL_DISK_BYTES:
+        return f"no space left on device ({shutil.disk_usage(save_dir).free} bytes free in {save_dir})"
     seen, stack = set(), [err]
     while stack:  # the OSError may be wrapped (torch.distributed.checkpoint's CheckpointException)
         found = stack.pop()
@@ -299,8 +304,6 @@ def _save_failure(err: BaseException | None) -> str | None:
         if isinstance(found, OSError) and found.errno == errno.ENOSPC:
             return f"no space left on device ({found.filename or 'writing the checkpoint'})"
         stack += [found.__cause__, found.__context__, *getattr(found, "failures", {}).values()]
-    if "No space left on device" in str(err):
-        return "no space left on device"
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
