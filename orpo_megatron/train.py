@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         args, tokenizer_fallback, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
         global_batch_size, batches, args.seed)
     log(data_stats.summary())
+    if checkpoint.train_state is not None:  # resuming: the data order continues (or the run stops here)
+        train_iter.load_state_dict(checkpoint.train_state["data"])
     train_iters = train_length(args, train_iter.steps_per_epoch)
     saved_schedule = (checkpoint_format.read_common(checkpoint.folder)["opt_param_scheduler"]
                       if checkpoint.train_state is not None else None)
@@ -337,7 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log)
     iteration = state["iteration"] if state else 0
     if state:
-        train_iter.load_state_dict(state["data"])
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
     orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
     tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters,
