@@ -47,7 +47,7 @@ EXIT_STOPPED_UNSAVED = 4  # SIGTERM / SIGUSR1 before the end without --save: not
 EXIT_STATUSES = ("exit status: 0 trained to the end; 1 error (one 'error:' line); 2 bad flags; "
                  f"{EXIT_STOPPED_SAVED} stopped early by SIGTERM/SIGUSR1 after saving a checkpoint of the last "
                  f"step (run the same command to resume); {EXIT_STOPPED_UNSAVED} stopped early by a signal without "
-                 "--save (nothing saved). Under torchrun any non-zero status becomes torchrun's 1.")
+                 "--save (nothing saved). torchrun exits with its own non-zero status and reports each worker's.")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
