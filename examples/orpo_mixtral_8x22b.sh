@@ -74,10 +74,12 @@
 #
 # Time limit and requeue: `--signal=B:USR1@900` sends USR1 to this batch shell 15 minutes before the limit (room
 # for the current step and a full save with optimizer state). The trap below forwards it to the srun step, srun
-# forwards it to every task, and the trainer (its StopSignal) finishes the step, saves a checkpoint and exits 0;
-# the shell then requeues the job (`--requeue` allows it) and the next run resumes from SAVE_DIR. B: is used
-# rather than signalling the tasks directly so that this shell knows the stop was a time-limit one. SIGTERM
-# (scancel, or the limit itself) is forwarded too, so the tasks still save, but never requeues.
+# forwards it to every task, and the trainer (its StopSignal) finishes the step, saves a checkpoint and exits 3
+# (stopped early, checkpoint saved; 4 would mean nothing saved); the shell then requeues the job (`--requeue`
+# allows it) and the next run resumes from SAVE_DIR. B: is used rather than signalling the tasks directly so that
+# this shell knows the stop was a time-limit one. SIGTERM (scancel, or the limit itself) is forwarded too, so the
+# tasks still save, but the job then ends with status 3 and no requeue. Only a trainer that trained to the end
+# (status 0) goes on to the export.
 # `--open-mode=append` keeps the output of every requeued run in one file.
 #
 #SBATCH --job-name=orpo-mixtral-8x22b
@@ -225,14 +227,20 @@ while :; do
     break
 done
 trap - USR1 TERM
-if [ "$status" -ne 0 ]; then
-    echo "$(date '+%F %T') trainer exited with status $status" >&2
-    exit "$status"
-fi
-if [ "$REQUEUE" = 1 ]; then
+EXIT_STOPPED_SAVED=3  # the trainer's status for "stopped by a signal, checkpoint saved" (python -m orpo_megatron.train --help)
+if [ "$status" = "$EXIT_STOPPED_SAVED" ] && [ "$REQUEUE" = 1 ]; then
     echo "$(date '+%F %T') stopped before the time limit; requeueing job $SLURM_JOB_ID to resume from $SAVE_DIR"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+fi
+if [ "$status" -ne 0 ]; then
+    if [ "$status" = "$EXIT_STOPPED_SAVED" ]; then
+        echo "$(date '+%F %T') trainer stopped early by a signal; a checkpoint is in $SAVE_DIR (submit again to" \
+             "resume); no export" >&2
+    else
+        echo "$(date '+%F %T') trainer exited with status $status; no export" >&2
+    fi
+    exit "$status"
 fi
 
 # 3. Optional export of the newest checkpoint to HF format.

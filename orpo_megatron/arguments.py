@@ -6,6 +6,8 @@ logging flags in `tracking.py`, training-loop flags in `train.py`.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import torch
 
@@ -139,6 +141,34 @@ def resolve_bf16(bf16: bool | None, packing: bool, cuda: bool, transformer_engin
                          "Engine spec (TE attends packed rows only in bf16/fp16): drop --no-bf16, or add "
                          "--no-packing to attend padded rows in fp32")
     return bf16
+
+
+def check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str | None,
+                        value: str | None = None) -> None:
+    """Create `folder` (--`flag`'s value, or the folder of its `value`) and write a file in it, so a run never
+    finds out after its work that it cannot keep the result (exit 2 naming the flag, the folder and why). Every
+    rank checks: with several nodes each must reach it."""
+    if not folder:
+        return
+    name = f"--{flag.replace('_', '-')} {value or folder}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        parser.error(f"{name}: {_first_file_on_path(folder)} is a file, not a folder")
+    except OSError as err:
+        parser.error(f"{name}: cannot write there ({err.strerror})")
+
+
+def _first_file_on_path(path: str) -> str:
+    """The first component of `path` that exists and is not a folder."""
+    parts = os.path.abspath(path).split(os.sep)
+    for end in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:end])
+        if os.path.exists(prefix) and not os.path.isdir(prefix):
+            return prefix
+    return path
 
 
 def precision_config(args: argparse.Namespace) -> PrecisionConfig:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -36,11 +37,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 from orpo_megatron import checkpoint_format as fmt, optimizer as optimizers
 from orpo_megatron.errors import UserError
 
 TRAIN_STATE_FILE = "train_state.json"
+FULL_DISK_BYTES = 16 * 2**20  # a failed save with less free than this ran out of space
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
                     "distrib_optim_fully_reshardable_mem_efficient": False}
 
@@ -276,12 +279,25 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
     state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_sharded(_gathered_rng_states()),
                  args=megatron_args, checkpoint_version=fmt.CHECKPOINT_VERSION, iteration=iteration,
                  num_floating_point_operations_so_far=0)
-    fmt.save(partial, state, metadata)
-    if rank == 0:
-        fmt.copy_hf_files(hf_files_from, partial)
-        with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
-    dist.barrier()
+    failure = None
+    try:  # megatron-core's save raises on every rank when one rank's write fails
+        fmt.save(partial, state, metadata)
+        if rank == 0:
+            fmt.copy_hf_files(hf_files_from, partial)
+            with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
+    except (Exception, CheckpointException) as err:  # any failed write: stop with the reason, keep the last save
+        failure = err
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, _save_failure(failure, save_dir))
+    reason = next((found for found in failures if found), None)
+    if reason:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = fmt.read_tracker(save_dir)
+        raise CheckpointError(f"saving iteration {iteration} to {save_dir} failed: {reason}; "
+                              + (f"{iteration_dir(save_dir, latest)} stays the latest checkpoint" if latest is not None
+                                 else "no checkpoint was saved"))
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(partial, final)
@@ -290,6 +306,27 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
             _prune(save_dir, keep_last)
     dist.barrier()
     return final
+
+
+def _save_failure(err: BaseException | None, save_dir: str) -> str | None:
+    """What went wrong in a save, in one line; the disk being full named as such. torch.save's zip writer reports
+    a full disk as "unexpected pos" without the errno, so the free space of the folder's filesystem decides too."""
+    if err is None:
+        return None
+    if shutil.disk_usage(save_dir).free < FULL_DISK_BYTES:
+        return f"no space left on device ({shutil.disk_usage(save_dir).free} bytes free in {save_dir})"
+    seen, stack = set(), [err]
+    while stack:  # the OSError may be wrapped (torch.distributed.checkpoint's CheckpointException)
+        found = stack.pop()
+        if isinstance(found, tuple):  # a CheckpointException's failures: (exception, traceback) per rank
+            stack += [item for item in found if isinstance(item, BaseException)]
+        if not isinstance(found, BaseException) or id(found) in seen:
+            continue
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.errno == errno.ENOSPC:
+            return f"no space left on device ({found.filename or 'writing the checkpoint'})"
+        stack += [found.__cause__, found.__context__, *getattr(found, "failures", {}).values()]
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _prune(save_dir: str, keep_last: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = arguments.parse_and_validate(parser, argv)
     if args.packed_length is not None:
         parser.error("--packed-length packs training steps; evaluation packs each micro-batch into its own row")
+    arguments.check_output_folder(parser, "output", os.path.dirname(os.path.abspath(args.output)), args.output)
     return args
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import torch
 
@@ -255,6 +256,31 @@ def _fuse_torch_adam_on_host(optimizer) -> None:
         if all(param.device.type == "cpu" for group in groups for param in group["params"]):
             for group in groups:
                 group["fused"] = True
+
+
+@torch.no_grad()
+def step_if_finite(optimizer) -> tuple[bool, float]:
+    """Megatron-Core's optimizer step (ChainedOptimizer.step: copy grads to the main grads, norm, clip, update),
+    except that a gradient whose norm is NaN or inf is not applied: weights, moments and Adam's step count stay
+    as they were. Megatron-Core skips only on a grad scaler's found-inf (fp16); with bf16 or fp32 it applies
+    non-finite gradients. Returns (applied, grad norm).
+
+    The norm is reduced over every rank and read on the host (`get_grad_norm_fp32` returns a float), so all ranks
+    decide alike without another collective. With --clip-grad > 0 Megatron-Core computes this same norm for
+    clipping, so the check costs nothing; with --clip-grad 0 it adds the norm's reduction and a host sync."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # a grad scaler's found-inf
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        parameters = [] if getattr(inner, "is_stub_optimizer", False) else inner.get_parameters()
+        if parameters and inner.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(parameters, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def grad_reduce_in_fp32(args: argparse.Namespace) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -43,6 +44,15 @@ class TrainingError(RuntimeError):
     """A run that must stop, with what happened and where the last good checkpoint is."""
 
 
+# Exit statuses besides 0 (trained to the end), 1 (an error, one `error:` line) and 2 (bad flags, argparse's).
+EXIT_STOPPED_SAVED = 3  # SIGTERM / SIGUSR1 before the end; a checkpoint of the last step is in --save
+EXIT_STOPPED_UNSAVED = 4  # SIGTERM / SIGUSR1 before the end without --save: nothing was saved
+EXIT_STATUSES = ("exit status: 0 trained to the end; 1 error (one 'error:' line); 2 bad flags; "
+                 f"{EXIT_STOPPED_SAVED} stopped early by SIGTERM/SIGUSR1 after saving a checkpoint of the last "
+                 f"step (run the same command to resume); {EXIT_STOPPED_UNSAVED} stopped early by a signal without "
+                 "--save (nothing saved). torchrun exits with its own non-zero status and reports each worker's.")
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1,
@@ -64,8 +74,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-decay-iters", type=int, default=None,
                        help="Steps over which the LR decays to --min-lr. Default: the training length.")
     group.add_argument("--skip-nonfinite-steps", type=int, default=0,
-                       help="Skip up to N optimizer steps with a NaN/inf grad norm (checked every step) or loss and "
-                            "metrics (checked on log steps, so no step waits for them) before stopping. Default: 0.")
+                       help="Skip up to N optimizer steps whose gradient norm is NaN/inf (checked before every update: "
+                            "a skipped step leaves weights and optimizer state untouched and does not advance the LR "
+                            "schedule), then stop. Default: 0.")
+    resume = group.add_mutually_exclusive_group()
+    resume.add_argument("--override-opt_param-scheduler", action="store_true",
+                        help="Resuming: use the LR schedule of the flags (--lr, --min-lr, --lr-warmup-iters, "
+                             "--lr-decay-iters or the training length, --lr-decay-style, --weight-decay) instead of "
+                             "the checkpoint's. Default: neither flag, and a schedule that differs from the "
+                             "checkpoint's stops the run at start-up, naming both values (Megatron-LM's rule).")
+    resume.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                        help="Resuming: keep the checkpoint's LR schedule and ignore the schedule flags.")
 
     add_ddp_args(parser)
 
@@ -117,6 +136,7 @@ def check_ddp_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = arguments.new_parser("python -m orpo_megatron.train", __doc__.split("\n")[0])
+    parser.epilog = EXIT_STATUSES
     add_training_args(parser)
     optimizers.add_optimizer_args(parser)
     tracking.add_logging_args(parser)
@@ -125,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
     for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints",
-                 "eval_iters"):
+                 "eval_iters", "log_interval", "lr_decay_iters"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -134,8 +154,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--eval-iters {args.eval_iters} must be a multiple of --pipeline-model-parallel-size "
                      f"{args.pipeline_model_parallel_size}: the interleaved schedule runs micro-batches in groups "
                      "of it")
+    for flag in ("lr", "min_lr", "weight_decay", "lr_warmup_iters", "skip_nonfinite_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
     if args.save_interval and not args.save:
         parser.error("--save-interval needs --save")
+    for flag in ("save", "log_dir", "wandb_save_dir"):
+        arguments.check_output_folder(parser, flag, getattr(args, flag))
     check_ddp_args(parser, args)
     return args
 
@@ -167,15 +194,48 @@ def gather_updated_params(chunks) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
+# The LR schedule in OptimizerParamScheduler.state_dict()'s names, and the flag that sets each.
+SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                  "lr_decay_steps": "--lr-decay-iters (default: the training length)",
+                  "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay"}
+
+
+def resolve_schedule(args, train_iters: int, saved: dict | None) -> str:
+    """Decide the LR schedule as Megatron-LM does and write it back into `args` (so what is printed, logged,
+    recorded in run_config.json and saved is what runs); returns where it came from. `saved`: the resumed
+    checkpoint's opt_param_scheduler state. Resuming with a schedule that differs from the checkpoint's needs
+    --override-opt_param-scheduler (the flags') or --use-checkpoint-opt_param-scheduler (the checkpoint's)."""
+    flags = {"max_lr": args.lr, "min_lr": args.min_lr, "lr_warmup_steps": args.lr_warmup_iters,
+             "lr_decay_steps": args.lr_decay_iters or train_iters, "lr_decay_style": args.lr_decay_style,
+             "start_wd": args.weight_decay}
+    if saved is None or args.override_opt_param_scheduler:
+        used, source = flags, "the flags" + (" (--override-opt_param-scheduler)" if saved is not None else "")
+    elif args.use_checkpoint_opt_param_scheduler:
+        used, source = {key: saved[key] for key in flags}, "the checkpoint (--use-checkpoint-opt_param-scheduler)"
+    else:
+        differ = [f"{SCHEDULE_FLAGS[key]} gives {flags[key]}, the checkpoint has {saved[key]}"
+                  for key in flags if flags[key] != saved[key]]
+        if differ:
+            raise TrainingError(f"the LR schedule differs from the resumed checkpoint's: {'; '.join(differ)}. Pass "
+                                "--override-opt_param-scheduler to use the flags' schedule or "
+                                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+        used, source = flags, "the flags, as in the checkpoint"
+    if used["lr_warmup_steps"] >= used["lr_decay_steps"]:
+        raise ValueError(f"--lr-warmup-iters {used['lr_warmup_steps']} must be smaller than the LR decay length "
+                         f"{used['lr_decay_steps']} (--lr-decay-iters, by default the training length)")
+    (args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style,
+     args.weight_decay) = (used[key] for key in flags)
+    return source
+
+
 def build_scheduler(args, optimizer, train_iters: int) -> OptimizerParamScheduler:
-    decay_iters = args.lr_decay_iters or train_iters
-    if args.lr_warmup_iters >= decay_iters:
-        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the LR decay length "
-                         f"{decay_iters} (--lr-decay-iters, by default the training length)")
+    """Megatron-Core's scheduler on the schedule `resolve_schedule` left in `args`. Loading a checkpoint's state
+    then restores only its step count: the values are the checkpoint's already, or overridden."""
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=decay_iters, lr_decay_style=args.lr_decay_style,
+        lr_decay_steps=args.lr_decay_iters or train_iters, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
 
 
@@ -204,16 +264,16 @@ class StopSignal:
 # ------------------------------------------------------------------------------------------------- steps
 def train_step(chunks, optimizer, scheduler, step, orpo_config) -> tuple[ScheduleResult, float, bool]:
     """One optimizer step over this rank's micro-batches of `step` (a `TrainStep`). Returns the schedule result,
-    grad norm, and whether the step was applied (Megatron skips it when the grad norm is not finite)."""
+    grad norm, and whether the step was applied (not when the grad norm is NaN/inf: `step_if_finite`)."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     normalizers = GlobalNormalizers(step.num_pairs, step.num_nll_targets(orpo_config.nll_on_prompt))
     result = run_micro_batches(chunks, step.micro_batches, orpo_config, forward_only=False, normalizers=normalizers)
-    applied, grad_norm, _ = optimizer.step()
+    applied, grad_norm = optimizers.step_if_finite(optimizer)
     if applied:
         scheduler.step(increment=1)
-    return result, float(grad_norm) if grad_norm is not None else float("nan"), bool(applied)
+    return result, grad_norm, applied
 
 
 @torch.no_grad()
@@ -227,7 +287,8 @@ def evaluate(chunks, evaluation, orpo_config, max_micro_batches: int | None) -> 
     return result.metrics(orpo_config.beta)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Train; returns the exit status (0: trained to the end; EXIT_STOPPED_SAVED / EXIT_STOPPED_UNSAVED)."""
     args = parse_args(argv)
     # Installed first: SLURM's time-limit warning may arrive while a large model is still loading; the loop then
     # stops (and saves) after its first step instead of the default action killing the process.
@@ -247,8 +308,6 @@ def main(argv: list[str] | None = None) -> None:
     log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
         f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.folder}")
     log(parallel.launch_summary())
-
-    # Model and optimizer.
     precision = arguments.precision_config(args)
     use_te = model.transformer_engine_available()
     config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
@@ -256,12 +315,8 @@ def main(argv: list[str] | None = None) -> None:
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                                       recompute_granularity=args.recompute_granularity,
                                       kernels=FusedKernels.for_backend(use_te))
-    vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    chunks = wrap_data_parallel(config, args, model.build_model(config, hf, vocab, use_te))
-    optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
-    config.grad_scale_func = optimizer.scale_loss
 
-    # Data.
+    # Data, and the LR schedule it sets the length of: their checks come before the model is built.
     dp_size = layout.data_parallel_size
     global_batch_size = args.global_batch_size or args.micro_batch_size * dp_size
     batches = batch_layout(args.packing, args.packed_length, layout.tensor_model_parallel_size,
@@ -271,14 +326,25 @@ def main(argv: list[str] | None = None) -> None:
         args, checkpoint.hf_files, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
         global_batch_size, batches, args.seed)
     log(data_stats.summary())
-    train_iters = train_length(args, train_iter.steps_per_epoch)
-    scheduler = build_scheduler(args, optimizer, train_iters)
-
-    # The data position when resuming (checked before any state is read), then the weights and training state.
-    if checkpoint.train_state:
+    if checkpoint.train_state is not None:  # resuming: the data order continues (or the run stops here)
         data_warning = train_iter.load_state_dict(checkpoint.train_state["data"], args.allow_data_change)
         if data_warning:
             log(data_warning)
+    train_iters = train_length(args, train_iter.steps_per_epoch)
+    saved_schedule = (checkpoint_format.read_common(checkpoint.folder)["opt_param_scheduler"]
+                      if checkpoint.train_state is not None else None)
+    source = resolve_schedule(args, train_iters, saved_schedule)
+    log(f"LR schedule from {source}: {args.lr_decay_style}, peak {args.lr:g}, min {args.min_lr:g}, warmup "
+        f"{args.lr_warmup_iters} and decay over {args.lr_decay_iters} steps, weight decay {args.weight_decay:g}")
+
+    # Model and optimizer.
+    vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
+    chunks = wrap_data_parallel(config, args, model.build_model(config, hf, vocab, use_te))
+    optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
+    config.grad_scale_func = optimizer.scale_loss
+    scheduler = build_scheduler(args, optimizer, train_iters)
+
+    # Weights, and the training state when resuming.
     state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log)
     iteration = state["iteration"] if state else 0
     if state:
@@ -320,49 +386,52 @@ def main(argv: list[str] | None = None) -> None:
         tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration, 0, prefix="eval")
 
     skipped = 0
+    stopped = False
     for chunk in chunks:
         chunk.train()
-    while iteration < train_iters:
+    while iteration < train_iters and not stopped:
         started = time.perf_counter()
         step = next(train_iter)
         result, grad_norm, applied = train_step(chunks, optimizer, scheduler, step, orpo_config)
         seconds = time.perf_counter() - started
         iteration += 1
-        # Megatron's grad norm is reduced over every rank, so every rank takes the same decision here without a
-        # collective; the loss and the other metrics are read back only on log steps.
-        nonfinite = not applied or not math.isfinite(grad_norm)
-        logging_step = iteration % args.log_interval == 0 or iteration == train_iters
-        if logging_step:
+        if not applied:  # the grad norm is reduced over every rank: all ranks decide alike
+            skipped += 1
+            if skipped > args.skip_nonfinite_steps:
+                raise TrainingError(f"non-finite grad norm at iteration {iteration} ({grad_norm}), step not "
+                                    f"applied; last good checkpoint: {last_good()}")
+            log(f"WARNING: skipped iteration {iteration}: grad norm {grad_norm}, weights and optimizer state "
+                f"left as they were ({skipped}/{args.skip_nonfinite_steps} skips)")
+        if iteration % args.log_interval == 0 or iteration == train_iters:
             metrics = dict(result.metrics(orpo_config.beta) or {}, grad_norm=grad_norm,
                            lr=scheduler.get_lr(optimizer.param_groups[0]))
-            nonfinite = _any_rank(nonfinite or not all(map(math.isfinite, metrics.values())))
+            if logging_rank and applied and not all(map(math.isfinite, metrics.values())):
+                print(f"WARNING: non-finite metrics at iteration {iteration} with a finite grad norm (the step was "
+                      "applied): " + ", ".join(k for k, v in metrics.items() if not math.isfinite(v)), flush=True)
             load_balancing = moe_load_balancing_loss(len(step.micro_batches))
             if load_balancing is not None:
                 metrics["moe_load_balancing_loss"] = load_balancing
             metrics.update(step_throughput(flops, step.micro_batches, result.positions, seconds))
-        if nonfinite:
-            skipped += 1
-            if skipped > args.skip_nonfinite_steps:
-                raise TrainingError(f"non-finite loss or grad norm at iteration {iteration} "
-                                    f"(grad norm {grad_norm}); last good checkpoint: {last_good()}")
-            log(f"WARNING: skipped non-finite step at iteration {iteration} ({skipped}/{args.skip_nonfinite_steps})")
-        if logging_step:
             tracker.log(metrics, iteration, train_iter.consumed_pairs, prefix="train")
         if evaluation is not None and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == train_iters):
             tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration,
                         train_iter.consumed_pairs, prefix="eval")
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
+        if args.save and (iteration == train_iters or args.save_interval and iteration % args.save_interval == 0):
             save(iteration)
-        if stop.any_rank():
-            if args.save:
-                save(iteration)
-            log(f"stopped by signal at iteration {iteration}; resume with the same command")
-            break
-    else:
-        if args.save:
+        stopped = stop.any_rank() and iteration < train_iters
+        if stopped and args.save:
             save(iteration)
+    status = 0
+    if stopped:
+        status = EXIT_STOPPED_SAVED if args.save else EXIT_STOPPED_UNSAVED
+        log(f"stopped by signal at iteration {iteration}; {train_iters - iteration} of {train_iters} steps left; "
+            + (f"saved {checkpointing.iteration_dir(args.save, iteration)}: run the same command to resume"
+               if args.save else "nothing saved (no --save): these steps are lost")
+            + f" (exit status {status})")
     tracker.finish()
+    dist.barrier()  # every rank leaves together (see `cli`)
     parallel.destroy()
+    return status
 
 
 def step_throughput(flops: throughput.FlopsCounter, micro_batches, positions: int, seconds: float
@@ -389,10 +458,17 @@ def _any_rank(flag: bool) -> bool:
 def cli(argv: list[str] | None = None) -> None:
     """Entry point: bad input and stopped runs end with one clear line and a non-zero exit, not a traceback."""
     try:
-        main(argv)
+        status = main(argv)
     except (UserError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    if status:
+        # srun --kill-on-bad-exit kills the tasks still exiting once one exits non-zero, and then reports them as
+        # killed instead of this status. Leaving at once after main's last barrier, without the interpreter's
+        # teardown, makes every rank exit with it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 leaves the `latest` pointer naming an unfinished iteration.
 
 One scenario, three launches of the same command (torchrun, 2 ranks, EP2 x DP2, 12 steps, a save every 2):
-1. SIGTERM to rank 1 only, after step 3: every rank finishes the step, the run saves and exits 0.
+1. SIGTERM to rank 1 only, after step 3: every rank finishes the step, the run saves and exits non-zero (3 on
+   every rank, "stopped early, checkpoint saved"; torchrun reports a non-zero worker as its own 1).
 2. The same command resumes from it; SIGKILL to the whole process group as soon as a `.iter_*.partial` folder
    appears, i.e. inside a save.
 3. The same command resumes from the newest complete iteration and finishes.
@@ -87,8 +88,10 @@ def test_sigterm_saves_and_exits_and_a_kill_during_save_keeps_latest_complete(co
             break
     output += run.stdout.readlines()
     log = "".join(output)
-    assert run.wait(timeout=300) == 0, log[-4000:]
-    stopped = re.search(r"stopped by signal at iteration (\d+)", log)
+    assert run.wait(timeout=300) != 0, log[-4000:]
+    assert "exitcode  : 3 " in log, log[-4000:]  # torchrun's failure report of each worker
+    stopped = re.search(r"stopped by signal at iteration (\d+); .*: run the same command to resume \(exit status 3\)",
+                        log)
     assert stopped, log[-4000:]
     stopped_at = int(stopped.group(1))
     assert 3 <= stopped_at < TRAIN_ITERS

@@ -129,6 +129,7 @@ def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tiny_mix
     assert "JobState=COMPLETED" in shown and "ExitCode=0:0" in shown, f"{shown}\n{log[-5000:]}"
 
     stopped_at = int(log.split("stopped by signal at iteration ")[1].split(";")[0])
+    assert "run the same command to resume (exit status 3)" in log  # the status the script requeues on
     assert 2 <= stopped_at < 30
     assert f"job {job_id} (restart 1)" in log
     assert f"resumed from iteration {stopped_at} ({4 * stopped_at} pairs consumed)" in log

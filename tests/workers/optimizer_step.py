@@ -75,7 +75,7 @@ def measure(hf_dir: str, name: str) -> dict:
             dist.all_reduce(grad)
             grad /= world
         finalize_model_grads([chunk])
-        applied, grad_norm, _ = optimizer.step()
+        applied, grad_norm = optimizers.step_if_finite(optimizer)  # the trainer's step
 
         reference_norm = torch.sqrt(sum(grad.double().square().sum() for grad in grads.values())).item()
         for clipped, reference in references.items():
