@@ -231,7 +231,7 @@ def test_chat_template_kwargs_flag_and_row_column(byte_level_base, tmp_path):
         # The premise: the flag changes the prompt (Qwen3 then closes an empty think block in it).
         assert prompt_ids != _qwen3_prompt_ids(reference, history, enable_thinking=not thinking)
     # The cache is keyed by the kwargs and by tokenizer.json: changing either tokenizes again.
-    source = load_split(config.data_path, config.split)
+    source = load_split(config.data_path, config.split).digest
     without_flag = PairTokenizer(byte_level_base, pair_tokenizer.chat_template, config.truncation)
     assert cache_key(source, without_flag) != cache_key(source, pair_tokenizer)
     other_tokenizer = tmp_path / "other_tokenizer"
