@@ -217,7 +217,7 @@ def evaluate(chunks, evaluation, orpo_config, max_micro_batches: int | None) -> 
     result = run_micro_batches(chunks, micro_batches, orpo_config, forward_only=True)
     for chunk in chunks:
         chunk.train()
-    return result.metrics(orpo_config.beta)
+    return result.metrics(orpo_config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     if state:
         train_iter.load_state_dict(state["data"])
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
-    orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
+    orpo_config = ORPOConfig.from_args(args, hf.vocab_size)
     tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters,
                                                 resume_iteration=iteration)
     tracker.log_config(vars(args), layout=layout.describe(), data_stats=data_stats.as_dict())
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         nonfinite = not applied or not math.isfinite(grad_norm)
         logging_step = iteration % args.log_interval == 0 or iteration == train_iters
         if logging_step:
-            metrics = dict(result.metrics(orpo_config.beta) or {}, grad_norm=grad_norm,
+            metrics = dict(result.metrics(orpo_config) or {}, grad_norm=grad_norm,
                            lr=scheduler.get_lr(optimizer.param_groups[0]))
             nonfinite = _any_rank(nonfinite or not all(map(math.isfinite, metrics.values())))
             load_balancing = moe_load_balancing_loss(len(step.micro_batches))

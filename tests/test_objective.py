@@ -181,7 +181,7 @@ def test_loss_metrics_pairs_and_gradient_match_trl_formulas_at_tp1(nll_on_prompt
     assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
     for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll"):
         torch.testing.assert_close(getattr(output.pairs, name).double(), reference[name], rtol=RTOL, atol=0)
-    assert_metrics_close(output.sums.finalize(config.beta), reference["metrics"])
+    assert_metrics_close(output.sums.finalize(config), reference["metrics"])
     assert_grad_close(grad, reference_grad(logits, batch, beta=0.1, nll_on_prompt=nll_on_prompt))
     assert (grad[..., TRUE_VOCAB:] == 0).all()
 
@@ -230,7 +230,7 @@ def test_padded_vocab_columns_do_not_change_logps(pad_value):
         assert torch.equal(getattr(polluted_out.pairs, name), getattr(clean_out.pairs, name)), name
     assert torch.equal(polluted_out.loss, clean_out.loss)
     assert torch.equal(polluted_grad, clean_grad)
-    assert polluted_out.sums.finalize(0.1)["logits/chosen"] == clean_out.sums.finalize(0.1)["logits/chosen"]
+    assert polluted_out.sums.finalize(config)["logits/chosen"] == clean_out.sums.finalize(config)["logits/chosen"]
 
 
 def test_trl_odds_ratio_loss_and_batch_logps_agree_with_ours():
@@ -260,7 +260,7 @@ def test_trl_odds_ratio_loss_and_batch_logps_agree_with_ours():
     log_odds, or_loss = odds_ratio(chosen, rejected)
     torch.testing.assert_close(log_odds, output.pairs.log_odds)
     torch.testing.assert_close(-config.beta * or_loss, losses, rtol=RTOL, atol=0)
-    metrics = output.sums.finalize(config.beta)
+    metrics = output.sums.finalize(config)
     assert metrics["log_odds_ratio"] == pytest.approx(mean_ratio.item(), rel=RTOL)
     assert metrics["log_odds_chosen"] == pytest.approx(mean_log_odds.item(), rel=RTOL)
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=RTOL)
@@ -282,7 +282,7 @@ def test_micro_batch_shares_sum_to_the_global_batch_loss_and_metrics():
 
     first_out, first_grad = loss_and_grad(first_logits, first, config, normalizers)
     second_out, second_grad = loss_and_grad(second_logits, second, config, normalizers)
-    metrics = ORPOMetricSums.total([first_out.sums, second_out.sums]).finalize(config.beta)
+    metrics = ORPOMetricSums.total([first_out.sums, second_out.sums]).finalize(config)
 
     # Reference: the whole batch as one, padded to the longer length; rows reordered chosen-then-rejected.
     whole, whole_logits = concat_pairs([first, second], [first_logits, second_logits])
@@ -354,7 +354,7 @@ def test_bf16_logits_are_scored_in_fp32():
     ours_error = (output.pairs.chosen_logps.double() - reference["chosen_logps"]).abs().max().item()
     assert ours_error <= RTOL * reference["chosen_logps"].abs().max().item()
     assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
-    assert_metrics_close(output.sums.finalize(config.beta), reference["metrics"])
+    assert_metrics_close(output.sums.finalize(config), reference["metrics"])
     # The gradient is returned in bf16: compare at bf16's resolution (2^-8 relative).
     assert_grad_close(grad.float(), reference_grad(logits_bf16.float(), batch), rtol=2.0**-8)
 
@@ -421,7 +421,7 @@ def test_packed_row_gives_the_loss_pairs_metrics_and_gradient_of_the_padded_batc
     for half, rows in (("chosen", range(3)), ("rejected", range(3, 6))):
         block = torch.cat([logits[row, :len(sequences[row]) - 1, :TRUE_VOCAB] for row in rows]).double()
         expected[f"logits/{half}"] = block.mean().item()  # every position with a next token of its sequence
-    assert_metrics_close(output.sums.finalize(config.beta), expected)
+    assert_metrics_close(output.sums.finalize(config), expected)
 
     reference_gradient = reference_grad(logits, batch, nll_on_prompt=nll_on_prompt)
     expected_grad = torch.zeros_like(grad)
@@ -472,7 +472,7 @@ def test_micro_batch_that_breaks_the_contract_is_rejected_naming_the_source_row(
     with pytest.raises(ObjectiveInputError, match="even number of sequences"):
         as_micro_batch(odd)
 
-    with pytest.raises(ValueError, match="--orpo-beta"):
+    with pytest.raises(ValueError, match="--beta"):
         ORPOConfig(TRUE_VOCAB, beta=-1.0)
 
 

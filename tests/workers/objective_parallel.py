@@ -43,7 +43,7 @@ def run_tp2(full_logits: torch.Tensor, batch: dict, config: ORPOConfig) -> dict:
         "loss": output.loss.item(),
         "pairs": {name: getattr(output.pairs, name)
                   for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll")},
-        "metrics": output.sums.finalize(config.beta),
+        "metrics": output.sums.finalize(config),
         "grad": gather(shard.grad, dim=-1),
     }
 
@@ -64,7 +64,7 @@ def run_dp2(micro_batches: list, logits: list, config: ORPOConfig) -> dict:
     return {
         "normalizers": (normalizers.num_pairs, normalizers.num_nll_tokens),
         "loss": sum(losses),
-        "metrics": output.sums.all_reduce(dist.group.WORLD).finalize(config.beta),
+        "metrics": output.sums.all_reduce(dist.group.WORLD).finalize(config),
         "grads": grads,
     }
 

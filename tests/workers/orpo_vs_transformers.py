@@ -51,7 +51,7 @@ def main() -> None:
         with torch.no_grad():
             result = run_micro_batches(chunks, [batch], ORPOConfig(vocab_size=hf.vocab_size, beta=BETA),
                                        forward_only=True)
-        ours[name] = result.metrics(BETA)
+        ours[name] = result.metrics(orpo_config)
 
     if parallel.is_logging_rank():
         from transformers import AutoModelForCausalLM
