@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.trl_reference import trl_padded_batch
+from workers.trl_reference import cpo_reference, trl_padded_batch
 from workers.trl_reference import trl_reference as workers_trl_reference
 from orpo_megatron.data.micro_batch import MicroBatch, packed_micro_batch, padded_rows
 from orpo_megatron.objective import (
@@ -435,6 +435,109 @@ def loss_and_grad_of(logits: torch.Tensor, micro_batch: MicroBatch, config: ORPO
     output = orpo_loss(logits, micro_batch, config)
     output.loss.backward()
     return output, logits.grad
+
+
+# ------------------------------------------------------------------------------ TRL's CPO family
+
+
+# Every flag off its default; simpo both pure (cpo_alpha 0) and with the NLL term.
+CPO_CASES = {
+    "sigmoid": dict(loss_type="sigmoid", beta=0.3, cpo_alpha=0.7, label_smoothing=0.2),
+    "hinge": dict(loss_type="hinge", beta=0.05, cpo_alpha=1.5),
+    "ipo": dict(loss_type="ipo", beta=0.4, cpo_alpha=0.5),
+    "simpo": dict(loss_type="simpo", beta=2.0, cpo_alpha=0.0, simpo_gamma=0.8, label_smoothing=0.1),
+    "simpo_nll": dict(loss_type="simpo", beta=2.5, cpo_alpha=0.3, simpo_gamma=1.2),
+}
+
+
+def cpo_case_reference(logits: torch.Tensor, batch: dict, case: dict) -> dict:
+    return cpo_reference(logits, batch, vocab_size=TRUE_VOCAB, **case)
+
+
+def cpo_reference_grad(logits: torch.Tensor, batch: dict, case: dict) -> torch.Tensor:
+    logits = logits.clone().requires_grad_(True)
+    cpo_case_reference(logits, batch, case)["loss"].backward()
+    return logits.grad
+
+
+CPO_PAIR_VALUES = ("chosen_logps", "rejected_logps", "pair_loss", "chosen_nll")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("case", list(CPO_CASES))
+def test_cpo_family_loss_pairs_metrics_and_gradient_match_trl_cpo_trainer(case, layout):
+    """TRL 1.16's own `CPOTrainer.get_batch_logps` and `cpo_loss` (float64) on the padded batch; the packed row
+    holds the same logits at the same tokens."""
+    pairs = make_pairs(num_pairs=3, seed=40)
+    batch, sequences = padded_dict(pairs)
+    logits = make_logits(batch, seed=41)
+    config = ORPOConfig(TRUE_VOCAB, **CPO_CASES[case])
+    reference = cpo_case_reference(logits, batch, CPO_CASES[case])
+    reference_gradient = cpo_reference_grad(logits, batch, CPO_CASES[case])
+    expected = dict(reference["metrics"])
+    if layout == "padded":
+        output, grad = loss_and_grad(logits, batch, config)
+        expected_grad = reference_gradient
+    else:
+        packed = packed_micro_batch(pairs, PAD_ID, length_multiple=16)
+        check_micro_batch(packed, TRUE_VOCAB)
+        positions = packed_positions(sequences)
+        packed_logits = torch.randn(1, packed.input_ids.shape[1], PADDED_VOCAB,
+                                    generator=torch.Generator().manual_seed(42))
+        expected_grad = torch.zeros_like(packed_logits)
+        for t, (row, position) in enumerate(positions):
+            packed_logits[0, t] = logits[row, position]
+            expected_grad[0, t] = reference_gradient[row, position]
+        output, grad = loss_and_grad_of(packed_logits, packed, config)
+        for half, rows in (("chosen", range(3)), ("rejected", range(3, 6))):
+            block = torch.cat([logits[row, :len(sequences[row]) - 1, :TRUE_VOCAB] for row in rows]).double()
+            expected[f"logits/{half}"] = block.mean().item()
+
+    assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    for name in CPO_PAIR_VALUES:
+        torch.testing.assert_close(getattr(output.pairs, name).double(), reference[name], rtol=RTOL, atol=RTOL)
+    assert output.pairs.log_odds is None
+    assert_metrics_close(output.sums.finalize(config), expected)
+    assert_grad_close(grad, expected_grad)
+
+
+def test_cpo_family_cases_are_not_degenerate():
+    """The cases above exercise what they claim: hinge pairs on both sides of the hinge, sum vs mean log-probs,
+    the margin and smoothing terms moving the loss."""
+    batch, _ = padded_dict(make_pairs(num_pairs=3, seed=40))
+    logits = make_logits(batch, seed=41)
+    hinge = cpo_case_reference(logits, batch, CPO_CASES["hinge"])["pair_loss"]
+    assert (hinge == 0).any() and (hinge > 0).any()
+    summed = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, loss_type="sigmoid")).pairs
+    averaged = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, loss_type="ipo")).pairs
+    assert (summed.chosen_logps < averaged.chosen_logps - 1).any()
+    base = dict(loss_type="simpo", beta=2.0)
+    plain = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, **base)).pairs.pair_loss
+    for changed in (dict(simpo_gamma=1.5), dict(label_smoothing=0.2)):
+        other = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, **base, **changed)).pairs.pair_loss
+        assert not torch.allclose(plain, other), changed
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(loss_type="orpo", cpo_alpha=1.0), "--cpo-alpha applies to the CPO losses"),
+    (dict(loss_type="sigmoid", simpo_gamma=0.5), "--simpo-gamma applies to --loss-type simpo only"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "--label-smoothing applies to --loss-type sigmoid and simpo"),
+    (dict(loss_type="orpo", label_smoothing=0.1), "--label-smoothing applies"),
+    (dict(loss_type="ipo", beta=0.0), r"--beta must be a finite number > 0 for --loss-type ipo"),
+    (dict(loss_type="sigmoid", label_smoothing=0.5), r"--label-smoothing must be in \[0, 0.5\)"),
+    (dict(loss_type="simpo", cpo_alpha=-1.0), "--cpo-alpha must be a finite number >= 0"),
+    (dict(loss_type="dpo"), "--loss-type must be one of orpo, sigmoid, hinge, ipo, simpo"),
+])
+def test_loss_flags_the_loss_type_ignores_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ORPOConfig(TRUE_VOCAB, **kwargs)
+
+
+def test_defaults_follow_trl_per_loss_type():
+    orpo, cpo, simpo = (ORPOConfig(TRUE_VOCAB, loss_type=t) for t in ("orpo", "sigmoid", "simpo"))
+    assert (orpo.beta, orpo.nll_on_prompt, orpo.nll_weight, orpo.pair_weight) == (0.1, True, 1.0, 0.1)
+    assert (cpo.beta, cpo.nll_on_prompt, cpo.cpo_alpha, cpo.simpo_gamma) == (0.1, False, 1.0, None)
+    assert (simpo.simpo_gamma, simpo.label_smoothing) == (0.5, 0.0)
 
 
 def test_loss_on_meta_tensors_needs_no_host_values():

@@ -83,3 +83,53 @@ def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_p
             "log_odds_chosen": log_odds.mean().item(),
         },
     }
+
+
+def cpo_reference(logits: torch.Tensor, batch: dict, loss_type: str, beta: float = 0.1, cpo_alpha: float = 1.0,
+                  simpo_gamma: float = 0.5, label_smoothing: float = 0.0, vocab_size: int | None = None) -> dict:
+    """TRL CPOTrainer's loss and metrics (float64) through TRL's own `get_batch_logps` and `cpo_loss`, with its
+    NLL (`cross_entropy_loss` on the chosen rows' completion labels; 0 when cpo_alpha is 0).
+
+    `logits/*` average the positions that predict a token (`logits[:, :-1]`) as ORPOTrainer does; CPOTrainer
+    also averages the last position of the longest row, a metric-only difference our objective does not copy.
+    """
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+
+    vocab_size = vocab_size or logits.shape[-1]
+    num_pairs = batch["input_ids"].shape[0] // 2
+    longest = int(batch["attention_mask"].sum(-1).max())
+    logits = logits[:, :longest, :vocab_size].double()
+    completion = batch["completion_mask"][:, :longest]
+    labels = torch.where(completion, batch["input_ids"][:, :longest], -100)
+
+    logps = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=loss_type in ("ipo", "simpo"))
+    chosen, rejected = logps[:num_pairs], logps[num_pairs:]
+    trainer = SimpleNamespace(alpha=0.0, beta=beta, loss_type=loss_type, simpo_gamma=simpo_gamma,
+                              label_smoothing=label_smoothing, accelerator=SimpleNamespace(device=logits.device))
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, chosen, rejected)
+    nll_rows = F.cross_entropy(logits[:num_pairs, :-1].transpose(1, 2), labels[:num_pairs, 1:], ignore_index=-100,
+                               reduction="none")
+    nll_loss = nll_rows.sum() / (labels[:num_pairs, 1:] != -100).sum() if cpo_alpha else torch.zeros((),
+                                                                                                    dtype=torch.float64)
+    loss = losses.mean() + cpo_alpha * nll_loss
+    return {
+        "loss": loss,
+        "chosen_logps": chosen.detach(),
+        "rejected_logps": rejected.detach(),
+        "pair_loss": losses.detach(),
+        "chosen_nll": (nll_rows.sum(-1) / (labels[:num_pairs, 1:] != -100).sum(-1)).detach(),
+        "metrics": {
+            "loss": loss.item(),
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": chosen.mean().item(),
+            "logps/rejected": rejected.mean().item(),
+            "logits/chosen": logits[:num_pairs, :-1].mean().item(),
+            "logits/rejected": logits[num_pairs:, :-1].mean().item(),
+            "nll_loss": nll_loss.item(),
+        },
+    }
