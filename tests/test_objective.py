@@ -599,6 +599,7 @@ def parallel_run(torchrun, tmp_path_factory):
         "tp2_logits": {"fp32": fp32, "bf16": fp32.bfloat16(), "tied_max": tied},
         "dp2_batches": dp2_batches,
         "dp2_logits": [make_logits(batch, seed=24 + i) for i, batch in enumerate(dp2_batches)],
+        "cpo_configs": CPO_CASES,
     }
     torch.save(inputs, tmp / "inputs.pt")
     torchrun("objective_parallel.py", 2, "--inputs", str(tmp / "inputs.pt"), "--out", str(tmp / "out.pt"))
@@ -645,3 +646,34 @@ def test_dp2_shares_sum_to_the_global_batch_loss_gradient_and_metrics(parallel_r
     for name in ("loss", "nll_loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "log_odds_ratio",
                  "log_odds_chosen"):
         assert result["metrics"][name] == pytest.approx(reference["metrics"][name], rel=RTOL), name
+
+
+@pytest.mark.parametrize("case", list(CPO_CASES))
+def test_cpo_family_at_tp2_in_fp32_and_bf16_and_dp2_matches_trl_cpo_trainer(parallel_run, case):
+    """Vocabulary split over TP2 (fp32 logits, and bf16 logits scored in fp32: the reference is computed on the
+    bf16-rounded logits, so the same fp32 bound holds; the bf16 gradient is rounded once, 2^-8), and the batch
+    split over DP2 normalized by the global counts."""
+    inputs, results = parallel_run
+    batch, result = inputs["tp2_batch"], results["cpo"][case]
+    for precision in ("fp32", "bf16"):
+        logits = inputs["tp2_logits"][precision].float()
+        logits[..., TRUE_VOCAB:] = 0.0  # the reference never reads the padding columns
+        reference = cpo_case_reference(logits, batch, CPO_CASES[case])
+        ours = result["tp2"][precision]
+        assert ours["loss"] == pytest.approx(reference["metrics"]["loss"], rel=RTOL), precision
+        for name, value in ours["pairs"].items():
+            torch.testing.assert_close(value.double(), reference[name], rtol=RTOL, atol=RTOL)
+        assert set(ours["pairs"]) == set(CPO_PAIR_VALUES)
+        assert_metrics_close(ours["metrics"], reference["metrics"])
+        grad_rtol = RTOL if precision == "fp32" else 2.0**-8
+        assert_grad_close(ours["grad"].float(), cpo_reference_grad(logits, batch, CPO_CASES[case]), rtol=grad_rtol)
+
+    batches, logits = inputs["dp2_batches"], inputs["dp2_logits"]
+    whole, whole_logits = concat_pairs(batches, logits)
+    reference = cpo_case_reference(whole_logits, whole, CPO_CASES[case])
+    assert result["dp2"]["loss"] == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    assert_grad_close(torch.cat([g.flatten() for g in result["dp2"]["grads"]]),
+                      torch.cat([g.flatten() for g in split_back(cpo_reference_grad(whole_logits, whole,
+                                                                                    CPO_CASES[case]), batches)]))
+    for name in ("loss", "nll_loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert result["dp2"]["metrics"][name] == pytest.approx(reference["metrics"][name], rel=RTOL), name

@@ -67,6 +67,7 @@ def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_p
         "chosen_logps": chosen.detach(),
         "rejected_logps": rejected.detach(),
         "log_odds": log_odds.detach(),
+        "pair_loss": -ratio.detach(),
         "chosen_nll": chosen_nll.detach(),
         "metrics": {
             "loss": loss.item(),
