@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.trl_reference import cpo_reference, trl_padded_batch
+from workers.trl_reference import CPO_CASES, cpo_reference, trl_padded_batch
 from workers.trl_reference import trl_reference as workers_trl_reference
 from orpo_megatron.data.micro_batch import MicroBatch, packed_micro_batch, padded_rows
 from orpo_megatron.objective import (
@@ -438,16 +438,6 @@ def loss_and_grad_of(logits: torch.Tensor, micro_batch: MicroBatch, config: ORPO
 
 
 # ------------------------------------------------------------------------------ TRL's CPO family
-
-
-# Every flag off its default; simpo both pure (cpo_alpha 0) and with the NLL term.
-CPO_CASES = {
-    "sigmoid": dict(loss_type="sigmoid", beta=0.3, cpo_alpha=0.7, label_smoothing=0.2),
-    "hinge": dict(loss_type="hinge", beta=0.05, cpo_alpha=1.5),
-    "ipo": dict(loss_type="ipo", beta=0.4, cpo_alpha=0.5),
-    "simpo": dict(loss_type="simpo", beta=2.0, cpo_alpha=0.0, simpo_gamma=0.8, label_smoothing=0.1),
-    "simpo_nll": dict(loss_type="simpo", beta=2.5, cpo_alpha=0.3, simpo_gamma=1.2),
-}
 
 
 def cpo_case_reference(logits: torch.Tensor, batch: dict, case: dict) -> dict:

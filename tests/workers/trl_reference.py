@@ -2,10 +2,20 @@
 
 Follows TRL's `get_batch_logps(average_log_prob=True)`, `cross_entropy_loss` on the chosen rows (prompt included by
 default), `odds_ratio_loss` and the logged metrics (orpo-reference-implementations.md, sections 1.4-1.8), on a
-batch padded as TRL's collator pads pairs (`trl_padded_batch`).
+batch padded as TRL's collator pads pairs (`trl_padded_batch`); and TRL CPOTrainer's (`cpo_reference`), through
+TRL's own functions, for the CPO-family configs the tests share (`CPO_CASES`).
 """
 import torch
 import torch.nn.functional as F
+
+# Every flag off its default; simpo both pure (cpo_alpha 0) and with the NLL term.
+CPO_CASES = {
+    "sigmoid": dict(loss_type="sigmoid", beta=0.3, cpo_alpha=0.7, label_smoothing=0.2),
+    "hinge": dict(loss_type="hinge", beta=0.05, cpo_alpha=1.5),
+    "ipo": dict(loss_type="ipo", beta=0.4, cpo_alpha=0.5),
+    "simpo": dict(loss_type="simpo", beta=2.0, cpo_alpha=0.0, simpo_gamma=0.8, label_smoothing=0.1),
+    "simpo_nll": dict(loss_type="simpo", beta=2.5, cpo_alpha=0.3, simpo_gamma=1.2),
+}
 
 
 def trl_padded_batch(pairs: dict, pad_id: int) -> dict:
