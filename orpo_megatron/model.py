@@ -26,6 +26,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import ModuleSpec, TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
@@ -265,3 +266,18 @@ def build_model(
     vp = config.virtual_pipeline_model_parallel_size
     stages = range(vp) if vp else [None]
     return [build_model_chunk(config, hf, vocab, use_transformer_engine, vp_stage=stage) for stage in stages]
+
+
+def freeze_router(modules: list[torch.nn.Module]) -> int:
+    """`--freeze-router`: the MoE routers' parameters take no gradient, so Megatron's DDP gives them no gradient
+    buffer and the optimizer neither updates them nor holds state for them. They stay in the state dict
+    (checkpoints and conversion are unchanged). Returns how many tensors it froze on this rank."""
+    frozen = 0
+    for module in modules:
+        for router in (m for m in module.modules() if isinstance(m, TopKRouter)):
+            for param in router.parameters():
+                param.requires_grad_(False)
+                frozen += 1
+    if not frozen:
+        raise ValueError("--freeze-router needs an MoE model; this rank's layers have no router")
+    return frozen

@@ -50,6 +50,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Pairs per optimizer step over all data-parallel ranks; gradient accumulation is "
                             "derived from it. Default: micro-batch size x data-parallel size.")
     group.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train for.")
+    group.add_argument("--freeze-router", action="store_true",
+                       help="MoE router weights take no update (keeps routing stable during preference tuning); "
+                            "the optimizer holds no state for them. Resume with the flag as the run was saved.")
     group.add_argument("--train-epochs", type=float, default=None,
                        help="Epochs over the training pairs (instead of --train-iters). Default: 1 if neither.")
     group.add_argument("--lr", type=float, default=1e-6, help="Peak learning rate. Default: 1e-6 (TRL's ORPO default).")
@@ -245,7 +248,10 @@ def main(argv: list[str] | None = None) -> None:
                                       recompute_granularity=args.recompute_granularity,
                                       kernels=FusedKernels.for_backend(use_te))
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    chunks = wrap_data_parallel(config, args, model.build_model(config, hf, vocab, use_te))
+    modules = model.build_model(config, hf, vocab, use_te)
+    if args.freeze_router:
+        model.freeze_router(modules)
+    chunks = wrap_data_parallel(config, args, modules)
     optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
     config.grad_scale_func = optimizer.scale_loss
 
