@@ -281,3 +281,15 @@ def freeze_router(modules: list[torch.nn.Module]) -> int:
     if not frozen:
         raise ValueError("--freeze-router needs an MoE model; this rank's layers have no router")
     return frozen
+
+
+def check_freeze_router_resume(train_state: dict | None, freeze_router: bool) -> None:
+    """A run resumes with `--freeze-router` as it was saved: the saved optimizer state holds the routers exactly
+    when they were trained."""
+    if train_state is None:
+        return
+    saved = bool(train_state.get("args", {}).get("freeze_router", False))
+    if saved != freeze_router:
+        raise ValueError(f"the checkpoint was saved {'with' if saved else 'without'} --freeze-router; resume "
+                         f"{'with' if saved else 'without'} it (its optimizer state "
+                         f"{'has no' if saved else 'has'} router entries)")

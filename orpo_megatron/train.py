@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = StopSignal()
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
+    model.check_freeze_router_resume(checkpoint.train_state, args.freeze_router)
     hf = checkpoint.hf
     layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
                                  args.distributed_timeout_minutes)

@@ -17,12 +17,13 @@ the interleaved schedule's forward-only steady state) and at TP1 x PP1 gives the
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 
 from conftest import checkpoint_weights
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron import checkpoint_format, checkpointing, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -151,7 +152,8 @@ def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1_and_pp2_vp2(torchrun, tra
             assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-5), name
 
 
-def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torchrun, converted, data_cache, tmp_path):
+def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torchrun, converted, data_cache, tmp_path,
+                                                                          capsys):
     """`--freeze-router` with a CPO-family loss at EP2: a 4-step run and a run resumed from its step-3 checkpoint
     leave every router weight bit-identical to the converted checkpoint while the other weights move, and the
     resumed run's step 4 equals the straight run's (the frozen router's missing optimizer state resumes too)."""
@@ -164,6 +166,14 @@ def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torch
     proc = torchrun("-m orpo_megatron.train", 2, *train_args(converted, resumed, data_cache, *flags, iters=4,
                                                                 warmup=1))
     assert "resumed from iteration 3" in proc.stdout + proc.stderr
+    unfrozen = train_args(converted, straight_save, data_cache, *[f for f in flags if f != "--freeze-router"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(unfrozen)  # refused before any process group or model exists
+    for sig, handler in handlers.items():  # the trainer installed its stop handlers in this process
+        signal.signal(sig, handler)
+    assert exit_info.value.code == 1
+    assert "error: the checkpoint was saved with --freeze-router; resume with it" in capsys.readouterr().err
 
     expected, got = steps(straight_save), steps(resumed)
     assert abs(got[4]["train/loss"] - expected[4]["train/loss"]) <= LOSS_TOLERANCE
