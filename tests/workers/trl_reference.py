@@ -34,6 +34,23 @@ def trl_padded_batch(pairs: dict, pad_id: int) -> dict:
     return batch
 
 
+def shared_metrics(loss, chosen_rewards, rejected_rewards, chosen, rejected, logits, nll_loss) -> dict:
+    """The metrics both TRL trainers log, from per-pair values and the [2B, S, V] logits cut to the longest row."""
+    num_pairs = chosen.shape[0]
+    return {
+        "loss": loss.item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": chosen.mean().item(),
+        "logps/rejected": rejected.mean().item(),
+        "logits/chosen": logits[:num_pairs, :-1].mean().item(),
+        "logits/rejected": logits[num_pairs:, :-1].mean().item(),
+        "nll_loss": nll_loss.item(),
+    }
+
+
 def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_prompt: bool = True,
                   vocab_size: int | None = None) -> dict:
     """TRL ORPOTrainer's loss and metrics (float64) on the true-vocabulary logits, batch cut to its longest row.
@@ -80,16 +97,7 @@ def trl_reference(logits: torch.Tensor, batch: dict, beta: float = 0.1, nll_on_p
         "pair_loss": -ratio.detach(),
         "chosen_nll": chosen_nll.detach(),
         "metrics": {
-            "loss": loss.item(),
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen.mean().item(),
-            "logps/rejected": rejected.mean().item(),
-            "logits/chosen": logits[:num_pairs, :-1].mean().item(),
-            "logits/rejected": logits[num_pairs:, :-1].mean().item(),
-            "nll_loss": nll_loss.item(),
+            **shared_metrics(loss, chosen_rewards, rejected_rewards, chosen, rejected, logits, nll_loss),
             "log_odds_ratio": ratio.mean().item(),
             "log_odds_chosen": log_odds.mean().item(),
         },
@@ -131,16 +139,5 @@ def cpo_reference(logits: torch.Tensor, batch: dict, loss_type: str, beta: float
         "rejected_logps": rejected.detach(),
         "pair_loss": losses.detach(),
         "chosen_nll": (nll_rows.sum(-1) / (labels[:num_pairs, 1:] != -100).sum(-1)).detach(),
-        "metrics": {
-            "loss": loss.item(),
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen.mean().item(),
-            "logps/rejected": rejected.mean().item(),
-            "logits/chosen": logits[:num_pairs, :-1].mean().item(),
-            "logits/rejected": logits[num_pairs:, :-1].mean().item(),
-            "nll_loss": nll_loss.item(),
-        },
+        "metrics": shared_metrics(loss, chosen_rewards, rejected_rewards, chosen, rejected, logits, nll_loss),
     }
