@@ -223,7 +223,7 @@ def worker_packing(args: argparse.Namespace) -> None:
     packed_args = trainer_args(args)
     parallel.initialize({}, info.hf, packed_args.seed)
     use_te = model.transformer_engine_available()
-    orpo_config = ORPOConfig(vocab_size=info.hf.vocab_size, beta=packed_args.orpo_beta)
+    orpo_config = ORPOConfig(vocab_size=info.hf.vocab_size, beta=packed_args.beta)
     chunks = trainer_model(packed_args, info, use_te)
     packed = first_step(packed_args, info.hf_files)
     padded = first_step(trainer_args(args, "--no-packing"), info.hf_files)
@@ -262,7 +262,7 @@ def packed_vs_padded(chunks: list, packed, padded, orpo_config) -> dict:
     gradient (relative to the padded gradient's largest entry)."""
     metrics, grads = {}, {}
     for name, step in (("packed", packed), ("padded", padded)):
-        metrics[name] = training_pass(chunks, step, orpo_config).metrics(orpo_config.beta)
+        metrics[name] = training_pass(chunks, step, orpo_config).metrics(orpo_config)
         grads[name] = {param_name.removeprefix("module."): param.main_grad.detach().float().clone()
                        for chunk in chunks for param_name, param in chunk.named_parameters()}
     metric_differences = {key: abs(metrics["packed"][key] - value) / max(abs(value), 1.0)
@@ -398,7 +398,7 @@ def fp8_packed_pass(args: argparse.Namespace, info, orpo_config) -> dict:
 
     def forward_backward() -> dict:
         chunks = trainer_model(fp8_args, info, True)
-        return {"loss": training_pass(chunks, step, orpo_config).metrics(orpo_config.beta)["loss"]}
+        return {"loss": training_pass(chunks, step, orpo_config).metrics(orpo_config)["loss"]}
 
     return dict(report, **attempt(forward_backward))
 
@@ -527,7 +527,7 @@ def fp8_state_through_save(args: argparse.Namespace, info) -> dict:
     if unavailable is not None:
         return {"skipped": unavailable}
     fp8_args = trainer_args(args, "--fp8-format", "hybrid", "--fp8-recipe", "delayed")
-    orpo_config = ORPOConfig(vocab_size=info.hf.vocab_size, beta=fp8_args.orpo_beta)
+    orpo_config = ORPOConfig(vocab_size=info.hf.vocab_size, beta=fp8_args.beta)
     chunks = trainer_model(fp8_args, info, True)
     step = first_step(fp8_args, info.hf_files)
     for _ in range(3):

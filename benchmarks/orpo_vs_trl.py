@@ -162,7 +162,7 @@ def run_ours(conn, name: str, inputs: dict, workdir: str, precision: str, num_st
                           sum(b.num_positions for b in step.micro_batches))
         result = train_step(chunks, optimizer, scheduler, step, orpo_config)
         if clock.steps == 1:
-            clock.first_step_metrics = result[0].metrics(orpo_config.beta)
+            clock.first_step_metrics = result[0].metrics(orpo_config)
         return result
 
     train.train_step = timed_train_step

@@ -191,7 +191,7 @@ ARGS=(
     --data-num-workers "$DATA_WORKERS"
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
-    --orpo-beta "$BETA" --lr "$LR" --lr-decay-style "$LR_DECAY_STYLE" --lr-warmup-iters "$WARMUP"
+    --beta "$BETA" --lr "$LR" --lr-decay-style "$LR_DECAY_STYLE" --lr-warmup-iters "$WARMUP"
     --optimizer adam --weight-decay 0 --clip-grad 1.0 --seed "$SEED"
     --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL"
 )

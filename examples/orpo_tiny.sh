@@ -27,7 +27,7 @@ python -m torch.distributed.run --nproc-per-node "$NPROC" -m orpo_megatron.train
     --max-length 256 --max-prompt-length 192 \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP" \
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$TRAIN_ITERS" \
-    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 10 --orpo-beta 0.1 \
+    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 10 --beta 0.1 \
     --log-interval 20 --eval-interval 50 --save "$OUT/train"
 python tools/convert_hf.py megatron-to-hf --load "$OUT/train" --output "$OUT/hf-trained" --overwrite
 python tools/plot_metrics.py "$OUT/train" --output "$OUT/train/metrics.png"

@@ -14,6 +14,7 @@ import torch
 from orpo_megatron.data.arguments import DataConfig, add_data_args, check_packing_args
 from orpo_megatron.model import BackendUnavailableError, check_backend, transformer_engine_available
 from orpo_megatron.model_config import PrecisionConfig
+from orpo_megatron.objective import LOSS_TYPES, ORPOConfig
 
 
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def parse_and_validate(parser: argparse.ArgumentParser, argv: list[str] | None) 
     validate_common_args(parser, args)
     try:
         DataConfig.from_args(args)
+        ORPOConfig.from_args(args, vocab_size=1)  # the loss flags; the vocabulary is the checkpoint's, read later
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -63,12 +65,29 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_objective_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("ORPO objective")
-    group.add_argument("--orpo-beta", type=float, default=0.1,
-                       help="Weight of the odds-ratio term (TRL's beta, the paper's lambda); also scales the "
-                            "rewards/* metrics. Default: 0.1; the Zephyr-141B recipe uses 0.05.")
+    group = parser.add_argument_group("objective (ORPO, or TRL's CPO family)")
+    group.add_argument("--loss-type", choices=LOSS_TYPES, default="orpo",
+                       help="orpo: NLL + beta * odds-ratio loss. sigmoid (CPO), hinge, ipo, simpo: TRL CPOTrainer's "
+                            "reference-free losses, cpo_alpha * NLL + mean pair loss (see README). Default: orpo.")
+    group.add_argument("--beta", "--orpo-beta", dest="beta", type=float, default=0.1,
+                       help="orpo: weight of the odds-ratio term (TRL ORPOConfig's beta, the paper's lambda; the "
+                            "Zephyr-141B recipe uses 0.05). CPO family: the temperature of TRL CPOConfig's beta "
+                            "(IPO's tau). Scales the rewards/* metrics. Default: 0.1 for every loss type, as TRL.")
+    group.add_argument("--cpo-alpha", type=float, default=None,
+                       help="CPO family: weight of the NLL term on the chosen completion (TRL's cpo_alpha; 0 gives "
+                            "pure SimPO). Default: 1.0 (TRL's); not accepted with --loss-type orpo.")
+    group.add_argument("--simpo-gamma", type=float, default=None,
+                       help="simpo: target reward margin gamma (TRL's simpo_gamma; the pair loss is "
+                            "-logsigmoid(beta * margin - gamma)). Default: 0.5 (TRL's).")
+    group.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="sigmoid and simpo: probability that a pair's labels are flipped (TRL's "
+                            "label_smoothing, the conservative loss). Default: 0.")
+    group.add_argument("--nll-on-prompt", dest="nll_on_prompt", action="store_true", default=None,
+                       help="Compute the NLL term on prompt + completion tokens (TRL ORPO's choice; the default "
+                            "with --loss-type orpo).")
     group.add_argument("--no-nll-on-prompt", dest="nll_on_prompt", action="store_false",
-                       help="Compute the NLL term on completion tokens only (default: prompt + completion, as TRL).")
+                       help="Compute the NLL term on completion tokens only (TRL CPO's choice; the default with "
+                            "the CPO family).")
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     evaluation = EvalPairs(pairs, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                            layout.data_parallel_size, pair_tokenizer.tokenizer.pad_id, batches)
     micro_batches = list(evaluation)
-    orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
+    orpo_config = ORPOConfig.from_args(args, hf.vocab_size)
     with torch.no_grad():
         result = run_micro_batches(chunks, micro_batches, orpo_config, forward_only=True, collect_pairs=True)
 
@@ -76,11 +76,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if result.sums is not None:
         for batch, values in zip(micro_batches, result.pairs):
             columns = zip(batch.row_index.tolist(), values.chosen_logps.tolist(), values.rejected_logps.tolist(),
-                          values.log_odds.tolist(), values.chosen_nll.tolist(), values.chosen_wins.tolist())
-            for index, chosen, rejected, log_odds, nll, wins in columns:
-                rows.append({"index": index, "chosen_logps": chosen, "rejected_logps": rejected,
-                             "log_odds": log_odds, "nll_loss": nll, "chosen_wins": wins})
-    metrics = result.metrics(orpo_config.beta)
+                          values.pair_loss.tolist(), values.chosen_nll.tolist(), values.chosen_wins.tolist())
+            log_odds = values.log_odds.tolist() if values.log_odds is not None else None
+            for i, (index, chosen, rejected, pair_loss, nll, wins) in enumerate(columns):
+                row = {"index": index, "chosen_logps": chosen, "rejected_logps": rejected, "pair_loss": pair_loss,
+                       "nll_loss": nll, "chosen_wins": wins}
+                if log_odds is not None:
+                    row["log_odds"] = log_odds[i]
+                rows.append(row)
+    metrics = result.metrics(orpo_config)
     summary = {}
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
         gathered = [None] * layout.data_parallel_size

@@ -26,6 +26,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import ModuleSpec, TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
@@ -274,3 +275,30 @@ def build_model(
     vp = config.virtual_pipeline_model_parallel_size
     stages = range(vp) if vp else [None]
     return [build_model_chunk(config, hf, vocab, use_transformer_engine, vp_stage=stage) for stage in stages]
+
+
+def freeze_router(modules: list[torch.nn.Module]) -> int:
+    """`--freeze-router`: the MoE routers' parameters take no gradient, so Megatron's DDP gives them no gradient
+    buffer and the optimizer neither updates them nor holds state for them. They stay in the state dict
+    (checkpoints and conversion are unchanged). Returns how many tensors it froze on this rank."""
+    frozen = 0
+    for module in modules:
+        for router in (m for m in module.modules() if isinstance(m, TopKRouter)):
+            for param in router.parameters():
+                param.requires_grad_(False)
+                frozen += 1
+    if not frozen:
+        raise ValueError("--freeze-router needs an MoE model; this rank's layers have no router")
+    return frozen
+
+
+def check_freeze_router_resume(train_state: dict | None, freeze_router: bool) -> None:
+    """A run resumes with `--freeze-router` as it was saved: the saved optimizer state holds the routers exactly
+    when they were trained."""
+    if train_state is None:
+        return
+    saved = bool(train_state.get("args", {}).get("freeze_router", False))
+    if saved != freeze_router:
+        raise ValueError(f"the checkpoint was saved {'with' if saved else 'without'} --freeze-router; resume "
+                         f"{'with' if saved else 'without'} it (its optimizer state "
+                         f"{'has no' if saved else 'has'} router entries)")

@@ -1,4 +1,5 @@
-"""The ORPO objective over vocab-parallel logits: per-token log-probs, sequence log-probs, odds ratio, loss, metrics.
+"""The ORPO objective over vocab-parallel logits: per-token log-probs, sequence log-probs, odds ratio, loss, metrics;
+and TRL's CPO family of reference-free losses (sigmoid, hinge, ipo, simpo) over the same sequence log-probs.
 
 Owns everything between the last pipeline stage's logits [R, S, V/TP] of a micro-batch (`data/micro_batch.py`,
 padded or packed) and a scalar loss: vocab-parallel log-softmax (never gathering the vocabulary), per-sequence
@@ -40,26 +41,87 @@ class ObjectiveInputError(ValueError):
     """A micro-batch the objective cannot score, naming the row and what was expected."""
 
 
+LOSS_TYPES = ("orpo", "sigmoid", "hinge", "ipo", "simpo")
+# TRL scores a sequence by its mean completion log-prob for these losses, by the sum for the others.
+_AVERAGED_LOSS_TYPES = ("orpo", "ipo", "simpo")
+
+
 @dataclasses.dataclass(frozen=True)
 class ORPOConfig:
     """What the objective needs beyond the batch.
 
     vocab_size: the tokenizer's true vocabulary; logits columns at or above it are the padding rows of the
         output layer and never enter a softmax.
-    beta: weight of the odds-ratio term (`--orpo-beta`, TRL's `beta`, the paper's lambda); default 0.1.
-    nll_on_prompt: NLL over prompt + completion targets as TRL does (default), or completion only
-        (`--no-nll-on-prompt`).
+    loss_type: `orpo` (NLL + beta * odds-ratio term) or one of TRL's CPO family (`trl.experimental.cpo`):
+        `sigmoid` (CPO), `hinge`, `ipo`, `simpo`, each `cpo_alpha` * NLL + the mean pair term.
+    beta: ORPO's odds-ratio weight (TRL ORPOConfig's `beta`, the paper's lambda), or the CPO family's
+        temperature (TRL CPOConfig's `beta`; IPO's tau); scales the rewards/* metrics; default 0.1 for all.
+    nll_on_prompt: NLL over prompt + completion targets (TRL's ORPO) or completion only (TRL's CPO); None picks
+        what TRL does for `loss_type`.
+    cpo_alpha: the CPO family's NLL weight (TRL's `cpo_alpha`; 0 gives pure SimPO); None: TRL's 1.0.
+    simpo_gamma: SimPO's target reward margin (TRL's `simpo_gamma`); None: TRL's 0.5.
+    label_smoothing: TRL's conservative-label weight, for `sigmoid` and `simpo`.
     """
 
     vocab_size: int
     beta: float = 0.1
-    nll_on_prompt: bool = True
+    nll_on_prompt: bool | None = None
+    loss_type: str = "orpo"
+    cpo_alpha: float | None = None
+    simpo_gamma: float | None = None
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         if self.vocab_size < 1:
             raise ValueError(f"ORPOConfig.vocab_size must be >= 1, got {self.vocab_size}")
-        if not math.isfinite(self.beta) or self.beta < 0:
-            raise ValueError(f"--orpo-beta must be a finite number >= 0, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        orpo = self.loss_type == "orpo"
+        # Beta divides the margin in IPO and SimPO, and a CPO temperature of 0 leaves a constant loss.
+        if not math.isfinite(self.beta) or self.beta < 0 or (self.beta == 0 and not orpo):
+            raise ValueError(f"--beta must be a finite number {'>= 0' if orpo else '> 0'} for --loss-type "
+                             f"{self.loss_type}, got {self.beta}")
+        # A flag the chosen loss ignores would make a silently wrong run.
+        if orpo and self.cpo_alpha is not None:
+            raise ValueError("--cpo-alpha applies to the CPO losses (sigmoid, hinge, ipo, simpo); ORPO's NLL weight "
+                             "is 1")
+        if self.loss_type != "simpo" and self.simpo_gamma is not None:
+            raise ValueError(f"--simpo-gamma applies to --loss-type simpo only, got --loss-type {self.loss_type}")
+        if self.label_smoothing != 0 and self.loss_type not in ("sigmoid", "simpo"):
+            raise ValueError(f"--label-smoothing applies to --loss-type sigmoid and simpo only, got --loss-type "
+                             f"{self.loss_type}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not orpo and self.cpo_alpha is None:
+            object.__setattr__(self, "cpo_alpha", 1.0)
+        if self.loss_type == "simpo" and self.simpo_gamma is None:
+            object.__setattr__(self, "simpo_gamma", 0.5)
+        if self.cpo_alpha is not None and (not math.isfinite(self.cpo_alpha) or self.cpo_alpha < 0):
+            raise ValueError(f"--cpo-alpha must be a finite number >= 0, got {self.cpo_alpha}")
+        if self.simpo_gamma is not None and not math.isfinite(self.simpo_gamma):
+            raise ValueError(f"--simpo-gamma must be a finite number, got {self.simpo_gamma}")
+        if self.nll_on_prompt is None:
+            object.__setattr__(self, "nll_on_prompt", orpo)
+
+    @classmethod
+    def from_args(cls, args, vocab_size: int) -> "ORPOConfig":
+        """The objective that the flags of `arguments.add_objective_args` ask for."""
+        return cls(vocab_size=vocab_size, beta=args.beta, nll_on_prompt=args.nll_on_prompt, loss_type=args.loss_type,
+                   cpo_alpha=args.cpo_alpha, simpo_gamma=args.simpo_gamma, label_smoothing=args.label_smoothing)
+
+    @property
+    def averages_log_probs(self) -> bool:
+        """Whether a sequence scores its mean completion log-prob (else the sum), as TRL does per loss type."""
+        return self.loss_type in _AVERAGED_LOSS_TYPES
+
+    @property
+    def nll_weight(self) -> float:
+        return 1.0 if self.loss_type == "orpo" else self.cpo_alpha
+
+    @property
+    def pair_weight(self) -> float:
+        """ORPO weighs its pair term by beta; the CPO family has beta inside the term."""
+        return self.beta if self.loss_type == "orpo" else 1.0
 
 
 # --------------------------------------------------------------------------------------- host-side check
@@ -279,6 +341,29 @@ def odds_ratio(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> tupl
     return log_odds, -F.logsigmoid(log_odds)
 
 
+def cpo_family_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, config: ORPOConfig) -> torch.Tensor:
+    """Per-pair pair term of TRL's `CPOTrainer.cpo_loss` (without AlphaPO's reward shaping), in fp32.
+
+    With the margin m = chosen - rejected log-prob (sums for sigmoid and hinge, means for ipo and simpo), and
+    eps = label_smoothing:
+      sigmoid: -(1 - eps) logsigmoid(beta m) - eps logsigmoid(-beta m)
+      simpo:   the same with m - gamma / beta, i.e. beta m - gamma inside the logsigmoid
+      hinge:   relu(1 - beta m)
+      ipo:     (m - 1 / (2 beta))^2
+    """
+    margin = chosen_logps.float() - rejected_logps.float()
+    beta, smoothing = config.beta, config.label_smoothing
+    if config.loss_type == "simpo":
+        margin = margin - config.simpo_gamma / beta
+    if config.loss_type in ("sigmoid", "simpo"):
+        return -F.logsigmoid(beta * margin) * (1 - smoothing) - F.logsigmoid(-beta * margin) * smoothing
+    if config.loss_type == "hinge":
+        return torch.relu(1 - beta * margin)
+    if config.loss_type == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    raise ValueError(f"not a CPO-family loss type: {config.loss_type!r}")
+
+
 # -------------------------------------------------------------------------------- normalization and metrics
 
 
@@ -318,8 +403,8 @@ class ORPOMetricSums:
     chosen_logps_sum: torch.Tensor
     rejected_logps_sum: torch.Tensor
     chosen_reward_wins: torch.Tensor  # pairs with beta * chosen > beta * rejected (TRL's accuracy)
-    log_odds_sum: torch.Tensor
-    logsigmoid_log_odds_sum: torch.Tensor
+    log_odds_sum: torch.Tensor  # ORPO only (0 for the CPO family)
+    pair_loss_sum: torch.Tensor  # the per-pair term: ORPO's -logsigmoid(log odds), or the CPO family's
     chosen_logits_sum: torch.Tensor
     rejected_logits_sum: torch.Tensor
     chosen_logits_count: torch.Tensor  # positions x true vocab columns the chosen logits sum covers
@@ -346,17 +431,17 @@ class ORPOMetricSums:
             dist.all_reduce(values, group=group)
         return ORPOMetricSums.from_tensor(values)
 
-    def finalize(self, beta: float) -> dict[str, float]:
-        """TRL-named means; `loss` is the global-batch ORPO loss (without the MoE aux loss). Reads the sums back
-        to the host once."""
+    def finalize(self, config: ORPOConfig) -> dict[str, float]:
+        """The metrics TRL's ORPOTrainer or CPOTrainer logs for `config.loss_type`, as global-batch means; `loss`
+        is the global-batch loss (without the MoE aux loss). Reads the sums back to the host once."""
         sums = ORPOMetricSums(*self.to_tensor().tolist())
-        pairs = sums.num_pairs
+        pairs, beta = sums.num_pairs, config.beta
         nll_loss = sums.nll_sum / sums.num_nll_tokens
         chosen_logps = sums.chosen_logps_sum / pairs
         rejected_logps = sums.rejected_logps_sum / pairs
-        log_odds_ratio = sums.logsigmoid_log_odds_sum / pairs
-        return {
-            "loss": nll_loss - beta * log_odds_ratio,
+        pair_loss = sums.pair_loss_sum / pairs
+        metrics = {
+            "loss": config.nll_weight * nll_loss + config.pair_weight * pair_loss,
             "rewards/chosen": beta * chosen_logps,
             "rewards/rejected": beta * rejected_logps,
             "rewards/accuracies": sums.chosen_reward_wins / pairs,
@@ -365,10 +450,13 @@ class ORPOMetricSums:
             "logps/rejected": rejected_logps,
             "logits/chosen": sums.chosen_logits_sum / sums.chosen_logits_count,
             "logits/rejected": sums.rejected_logits_sum / sums.rejected_logits_count,
-            "nll_loss": nll_loss,
-            "log_odds_ratio": log_odds_ratio,
-            "log_odds_chosen": sums.log_odds_sum / pairs,
+            # TRL's CPOTrainer computes no NLL when cpo_alpha is 0 and logs 0.
+            "nll_loss": nll_loss if config.nll_weight else 0.0,
         }
+        if config.loss_type == "orpo":
+            metrics["log_odds_ratio"] = -pair_loss
+            metrics["log_odds_chosen"] = sums.log_odds_sum / pairs
+        return metrics
 
 
 @torch.no_grad()
@@ -402,9 +490,10 @@ def vocab_parallel_logits_sums(
 class PairValues:
     """Per-pair values of one micro-batch (detached, fp32), e.g. one evaluator JSON line per pair."""
 
-    chosen_logps: torch.Tensor
+    chosen_logps: torch.Tensor  # mean or summed completion log-prob, as the loss type scores sequences
     rejected_logps: torch.Tensor
-    log_odds: torch.Tensor
+    log_odds: torch.Tensor | None  # ORPO only
+    pair_loss: torch.Tensor  # the per-pair term of the loss (before its weight)
     chosen_nll: torch.Tensor  # token-mean NLL of the chosen row over its NLL targets
 
     @property
@@ -428,9 +517,11 @@ def orpo_loss(
     normalizers: GlobalNormalizers | None = None,
     tp_group=None,
 ) -> ORPOOutput:
-    """ORPO loss share of one micro-batch of B pairs, from its logits [R, S, V/TP] (either layout).
+    """The loss share (ORPO or a CPO-family loss, per `config.loss_type`) of one micro-batch of B pairs, from its
+    logits [R, S, V/TP] (either layout).
 
-    loss = nll_sum / normalizers.num_nll_tokens + beta * or_sum / normalizers.num_pairs. Summing it over every
+    loss = nll_weight * nll_sum / normalizers.num_nll_tokens + pair_weight * pair_sum / normalizers.num_pairs,
+    with ORPO's weights 1 and beta, the CPO family's cpo_alpha and 1 (`ORPOConfig`). Summing it over every
     micro-batch and DP rank of a step gives the global-batch loss. `normalizers=None` normalizes by this
     micro-batch alone (TRL's per-micro-batch loss, e.g. for evaluation). The batch must already be checked
     (`check_micro_batch`) and on the logits' device.
@@ -439,16 +530,22 @@ def orpo_loss(
     token_logps = vocab_parallel_logps(vocab_parallel_logits, batch.labels, config.vocab_size, tp_group)
     membership = sequence_membership(batch.sequence_index, 2 * num_pairs)
     completion = membership & batch.completion_targets.reshape(1, -1)
-    logps = per_sequence_sums(token_logps, completion) / completion.sum(dim=-1)
+    logps = per_sequence_sums(token_logps, completion)
+    if config.averages_log_probs:
+        logps = logps / completion.sum(dim=-1)
     chosen_logps, rejected_logps = logps[:num_pairs], logps[num_pairs:]
     nll_targets = batch.real_targets if config.nll_on_prompt else batch.completion_targets
     nll = membership[:num_pairs] & nll_targets.reshape(1, -1)
     nll_sums, nll_counts = -per_sequence_sums(token_logps, nll), nll.sum(dim=-1)
-    log_odds, or_losses = odds_ratio(chosen_logps, rejected_logps)
-    if normalizers is None:
-        loss = nll_sums.sum() / nll_counts.sum() + config.beta * or_losses.sum() / num_pairs
+    if config.loss_type == "orpo":
+        log_odds, pair_losses = odds_ratio(chosen_logps, rejected_logps)
     else:
-        loss = nll_sums.sum() / normalizers.num_nll_tokens + config.beta * or_losses.sum() / normalizers.num_pairs
+        log_odds, pair_losses = None, cpo_family_loss(chosen_logps, rejected_logps, config)
+    if normalizers is None:
+        nll_tokens, all_pairs = nll_counts.sum(), num_pairs
+    else:
+        nll_tokens, all_pairs = normalizers.num_nll_tokens, normalizers.num_pairs
+    loss = config.nll_weight * nll_sums.sum() / nll_tokens + config.pair_weight * pair_losses.sum() / all_pairs
 
     with torch.no_grad():
         chosen_logits_sum, rejected_logits_sum, chosen_logits_count, rejected_logits_count = (
@@ -460,8 +557,8 @@ def orpo_loss(
             chosen_logps_sum=chosen_logps.sum().double(),
             rejected_logps_sum=rejected_logps.sum().double(),
             chosen_reward_wins=(config.beta * chosen_logps > config.beta * rejected_logps).sum().double(),
-            log_odds_sum=log_odds.sum().double(),
-            logsigmoid_log_odds_sum=(-or_losses).sum().double(),
+            log_odds_sum=(log_odds.sum() if log_odds is not None else torch.zeros((), device=logps.device)).double(),
+            pair_loss_sum=pair_losses.sum().double(),
             chosen_logits_sum=chosen_logits_sum,
             rejected_logits_sum=rejected_logits_sum,
             chosen_logits_count=chosen_logits_count,
@@ -470,7 +567,8 @@ def orpo_loss(
         pairs = PairValues(
             chosen_logps=chosen_logps.detach(),
             rejected_logps=rejected_logps.detach(),
-            log_odds=log_odds.detach(),
+            log_odds=log_odds.detach() if log_odds is not None else None,
+            pair_loss=pair_losses.detach(),
             chosen_nll=nll_sums.detach() / nll_counts,
         )
     return ORPOOutput(loss=loss, pairs=pairs, sums=sums)

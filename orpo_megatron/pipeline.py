@@ -77,11 +77,11 @@ class ScheduleResult:
     pairs: list[PairValues]
     positions: int
 
-    def metrics(self, beta: float) -> dict[str, float] | None:
+    def metrics(self, orpo_config: ORPOConfig) -> dict[str, float] | None:
         """TRL-named metrics of the whole batch: sums over the data-parallel ranks, read back once."""
         if self.sums is None:
             return None
-        return self.sums.all_reduce(parallel_state.get_data_parallel_group()).finalize(beta)
+        return self.sums.all_reduce(parallel_state.get_data_parallel_group()).finalize(orpo_config)
 
 
 def router_padding_mask(batch: MicroBatch, model_chunk: torch.nn.Module) -> torch.Tensor:

@@ -63,6 +63,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Pairs per optimizer step over all data-parallel ranks; gradient accumulation is "
                             "derived from it. Default: micro-batch size x data-parallel size.")
     group.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train for.")
+    group.add_argument("--freeze-router", action="store_true",
+                       help="MoE router weights take no update (keeps routing stable during preference tuning); "
+                            "the optimizer holds no state for them. Resume with the flag as the run was saved.")
     group.add_argument("--train-epochs", type=float, default=None,
                        help="Epochs over the training pairs (instead of --train-iters). Default: 1 if neither.")
     group.add_argument("--lr", type=float, default=1e-6, help="Peak learning rate. Default: 1e-6 (TRL's ORPO default).")
@@ -284,7 +287,7 @@ def evaluate(chunks, evaluation, orpo_config, max_micro_batches: int | None) -> 
     result = run_micro_batches(chunks, micro_batches, orpo_config, forward_only=True)
     for chunk in chunks:
         chunk.train()
-    return result.metrics(orpo_config.beta)
+    return result.metrics(orpo_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     check_present(args.data_path)  # before minutes of model building
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
+    model.check_freeze_router_resume(checkpoint.train_state, args.freeze_router)
     hf = checkpoint.hf
     # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
     if parallel.launch_env().rank == 0:
@@ -339,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Model and optimizer.
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    chunks = wrap_data_parallel(config, args, model.build_model(config, hf, vocab, use_te))
+    modules = model.build_model(config, hf, vocab, use_te)
+    if args.freeze_router:
+        model.freeze_router(modules)
+    chunks = wrap_data_parallel(config, args, modules)
     optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
     config.grad_scale_func = optimizer.scale_loss
     scheduler = build_scheduler(args, optimizer, train_iters)
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     iteration = state["iteration"] if state else 0
     if state:
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
-    orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=args.orpo_beta, nll_on_prompt=args.nll_on_prompt)
+    orpo_config = ORPOConfig.from_args(args, hf.vocab_size)
     tracker = tracking.MetricsTracker.from_args(args, enabled=logging_rank, total_iters=train_iters,
                                                 resume_iteration=iteration)
     tracker.log_config(vars(args), layout=layout.describe(), data_stats=data_stats.as_dict())
@@ -403,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"WARNING: skipped iteration {iteration}: grad norm {grad_norm}, weights and optimizer state "
                 f"left as they were ({skipped}/{args.skip_nonfinite_steps} skips)")
         if iteration % args.log_interval == 0 or iteration == train_iters:
-            metrics = dict(result.metrics(orpo_config.beta) or {}, grad_norm=grad_norm,
+            metrics = dict(result.metrics(orpo_config) or {}, grad_norm=grad_norm,
                            lr=scheduler.get_lr(optimizer.param_groups[0]))
             if logging_rank and applied and not all(map(math.isfinite, metrics.values())):
                 print(f"WARNING: non-finite metrics at iteration {iteration} with a finite grad norm (the step was "

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.trl_reference import trl_padded_batch
+from workers.trl_reference import CPO_CASES, cpo_reference, trl_padded_batch
 from workers.trl_reference import trl_reference as workers_trl_reference
 from orpo_megatron.data.micro_batch import MicroBatch, packed_micro_batch, padded_rows
 from orpo_megatron.objective import (
@@ -181,7 +181,7 @@ def test_loss_metrics_pairs_and_gradient_match_trl_formulas_at_tp1(nll_on_prompt
     assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
     for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll"):
         torch.testing.assert_close(getattr(output.pairs, name).double(), reference[name], rtol=RTOL, atol=0)
-    assert_metrics_close(output.sums.finalize(config.beta), reference["metrics"])
+    assert_metrics_close(output.sums.finalize(config), reference["metrics"])
     assert_grad_close(grad, reference_grad(logits, batch, beta=0.1, nll_on_prompt=nll_on_prompt))
     assert (grad[..., TRUE_VOCAB:] == 0).all()
 
@@ -230,7 +230,7 @@ def test_padded_vocab_columns_do_not_change_logps(pad_value):
         assert torch.equal(getattr(polluted_out.pairs, name), getattr(clean_out.pairs, name)), name
     assert torch.equal(polluted_out.loss, clean_out.loss)
     assert torch.equal(polluted_grad, clean_grad)
-    assert polluted_out.sums.finalize(0.1)["logits/chosen"] == clean_out.sums.finalize(0.1)["logits/chosen"]
+    assert polluted_out.sums.finalize(config)["logits/chosen"] == clean_out.sums.finalize(config)["logits/chosen"]
 
 
 def test_trl_odds_ratio_loss_and_batch_logps_agree_with_ours():
@@ -260,7 +260,7 @@ def test_trl_odds_ratio_loss_and_batch_logps_agree_with_ours():
     log_odds, or_loss = odds_ratio(chosen, rejected)
     torch.testing.assert_close(log_odds, output.pairs.log_odds)
     torch.testing.assert_close(-config.beta * or_loss, losses, rtol=RTOL, atol=0)
-    metrics = output.sums.finalize(config.beta)
+    metrics = output.sums.finalize(config)
     assert metrics["log_odds_ratio"] == pytest.approx(mean_ratio.item(), rel=RTOL)
     assert metrics["log_odds_chosen"] == pytest.approx(mean_log_odds.item(), rel=RTOL)
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=RTOL)
@@ -282,7 +282,7 @@ def test_micro_batch_shares_sum_to_the_global_batch_loss_and_metrics():
 
     first_out, first_grad = loss_and_grad(first_logits, first, config, normalizers)
     second_out, second_grad = loss_and_grad(second_logits, second, config, normalizers)
-    metrics = ORPOMetricSums.total([first_out.sums, second_out.sums]).finalize(config.beta)
+    metrics = ORPOMetricSums.total([first_out.sums, second_out.sums]).finalize(config)
 
     # Reference: the whole batch as one, padded to the longer length; rows reordered chosen-then-rejected.
     whole, whole_logits = concat_pairs([first, second], [first_logits, second_logits])
@@ -354,7 +354,7 @@ def test_bf16_logits_are_scored_in_fp32():
     ours_error = (output.pairs.chosen_logps.double() - reference["chosen_logps"]).abs().max().item()
     assert ours_error <= RTOL * reference["chosen_logps"].abs().max().item()
     assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
-    assert_metrics_close(output.sums.finalize(config.beta), reference["metrics"])
+    assert_metrics_close(output.sums.finalize(config), reference["metrics"])
     # The gradient is returned in bf16: compare at bf16's resolution (2^-8 relative).
     assert_grad_close(grad.float(), reference_grad(logits_bf16.float(), batch), rtol=2.0**-8)
 
@@ -421,7 +421,7 @@ def test_packed_row_gives_the_loss_pairs_metrics_and_gradient_of_the_padded_batc
     for half, rows in (("chosen", range(3)), ("rejected", range(3, 6))):
         block = torch.cat([logits[row, :len(sequences[row]) - 1, :TRUE_VOCAB] for row in rows]).double()
         expected[f"logits/{half}"] = block.mean().item()  # every position with a next token of its sequence
-    assert_metrics_close(output.sums.finalize(config.beta), expected)
+    assert_metrics_close(output.sums.finalize(config), expected)
 
     reference_gradient = reference_grad(logits, batch, nll_on_prompt=nll_on_prompt)
     expected_grad = torch.zeros_like(grad)
@@ -435,6 +435,99 @@ def loss_and_grad_of(logits: torch.Tensor, micro_batch: MicroBatch, config: ORPO
     output = orpo_loss(logits, micro_batch, config)
     output.loss.backward()
     return output, logits.grad
+
+
+# ------------------------------------------------------------------------------ TRL's CPO family
+
+
+def cpo_case_reference(logits: torch.Tensor, batch: dict, case: dict) -> dict:
+    return cpo_reference(logits, batch, vocab_size=TRUE_VOCAB, **case)
+
+
+def cpo_reference_grad(logits: torch.Tensor, batch: dict, case: dict) -> torch.Tensor:
+    logits = logits.clone().requires_grad_(True)
+    cpo_case_reference(logits, batch, case)["loss"].backward()
+    return logits.grad
+
+
+CPO_PAIR_VALUES = ("chosen_logps", "rejected_logps", "pair_loss", "chosen_nll")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("case", list(CPO_CASES))
+def test_cpo_family_loss_pairs_metrics_and_gradient_match_trl_cpo_trainer(case, layout):
+    """TRL 1.16's own `CPOTrainer.get_batch_logps` and `cpo_loss` (float64) on the padded batch; the packed row
+    holds the same logits at the same tokens."""
+    pairs = make_pairs(num_pairs=3, seed=40)
+    batch, sequences = padded_dict(pairs)
+    logits = make_logits(batch, seed=41)
+    config = ORPOConfig(TRUE_VOCAB, **CPO_CASES[case])
+    reference = cpo_case_reference(logits, batch, CPO_CASES[case])
+    reference_gradient = cpo_reference_grad(logits, batch, CPO_CASES[case])
+    expected = dict(reference["metrics"])
+    if layout == "padded":
+        output, grad = loss_and_grad(logits, batch, config)
+        expected_grad = reference_gradient
+    else:
+        packed = packed_micro_batch(pairs, PAD_ID, length_multiple=16)
+        check_micro_batch(packed, TRUE_VOCAB)
+        positions = packed_positions(sequences)
+        packed_logits = torch.randn(1, packed.input_ids.shape[1], PADDED_VOCAB,
+                                    generator=torch.Generator().manual_seed(42))
+        expected_grad = torch.zeros_like(packed_logits)
+        for t, (row, position) in enumerate(positions):
+            packed_logits[0, t] = logits[row, position]
+            expected_grad[0, t] = reference_gradient[row, position]
+        output, grad = loss_and_grad_of(packed_logits, packed, config)
+        for half, rows in (("chosen", range(3)), ("rejected", range(3, 6))):
+            block = torch.cat([logits[row, :len(sequences[row]) - 1, :TRUE_VOCAB] for row in rows]).double()
+            expected[f"logits/{half}"] = block.mean().item()
+
+    assert output.loss.item() == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    for name in CPO_PAIR_VALUES:
+        torch.testing.assert_close(getattr(output.pairs, name).double(), reference[name], rtol=RTOL, atol=RTOL)
+    assert output.pairs.log_odds is None
+    assert_metrics_close(output.sums.finalize(config), expected)
+    assert_grad_close(grad, expected_grad)
+
+
+def test_cpo_family_cases_are_not_degenerate():
+    """The cases above exercise what they claim: hinge pairs on both sides of the hinge, sum vs mean log-probs,
+    the margin and smoothing terms moving the loss."""
+    batch, _ = padded_dict(make_pairs(num_pairs=3, seed=40))
+    logits = make_logits(batch, seed=41)
+    hinge = cpo_case_reference(logits, batch, CPO_CASES["hinge"])["pair_loss"]
+    assert (hinge == 0).any() and (hinge > 0).any()
+    summed = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, loss_type="sigmoid")).pairs
+    averaged = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, loss_type="ipo")).pairs
+    assert (summed.chosen_logps < averaged.chosen_logps - 1).any()
+    base = dict(loss_type="simpo", beta=2.0)
+    plain = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, **base)).pairs.pair_loss
+    for changed in (dict(simpo_gamma=1.5), dict(label_smoothing=0.2)):
+        other = orpo_loss(logits, as_micro_batch(batch), ORPOConfig(TRUE_VOCAB, **base, **changed)).pairs.pair_loss
+        assert not torch.allclose(plain, other), changed
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(loss_type="orpo", cpo_alpha=1.0), "--cpo-alpha applies to the CPO losses"),
+    (dict(loss_type="sigmoid", simpo_gamma=0.5), "--simpo-gamma applies to --loss-type simpo only"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "--label-smoothing applies to --loss-type sigmoid and simpo"),
+    (dict(loss_type="orpo", label_smoothing=0.1), "--label-smoothing applies"),
+    (dict(loss_type="ipo", beta=0.0), r"--beta must be a finite number > 0 for --loss-type ipo"),
+    (dict(loss_type="sigmoid", label_smoothing=0.5), r"--label-smoothing must be in \[0, 0.5\)"),
+    (dict(loss_type="simpo", cpo_alpha=-1.0), "--cpo-alpha must be a finite number >= 0"),
+    (dict(loss_type="dpo"), "--loss-type must be one of orpo, sigmoid, hinge, ipo, simpo"),
+])
+def test_loss_flags_the_loss_type_ignores_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ORPOConfig(TRUE_VOCAB, **kwargs)
+
+
+def test_defaults_follow_trl_per_loss_type():
+    orpo, cpo, simpo = (ORPOConfig(TRUE_VOCAB, loss_type=t) for t in ("orpo", "sigmoid", "simpo"))
+    assert (orpo.beta, orpo.nll_on_prompt, orpo.nll_weight, orpo.pair_weight) == (0.1, True, 1.0, 0.1)
+    assert (cpo.beta, cpo.nll_on_prompt, cpo.cpo_alpha, cpo.simpo_gamma) == (0.1, False, 1.0, None)
+    assert (simpo.simpo_gamma, simpo.label_smoothing) == (0.5, 0.0)
 
 
 def test_loss_on_meta_tensors_needs_no_host_values():
@@ -472,7 +565,7 @@ def test_micro_batch_that_breaks_the_contract_is_rejected_naming_the_source_row(
     with pytest.raises(ObjectiveInputError, match="even number of sequences"):
         as_micro_batch(odd)
 
-    with pytest.raises(ValueError, match="--orpo-beta"):
+    with pytest.raises(ValueError, match="--beta"):
         ORPOConfig(TRUE_VOCAB, beta=-1.0)
 
 
@@ -496,6 +589,7 @@ def parallel_run(torchrun, tmp_path_factory):
         "tp2_logits": {"fp32": fp32, "bf16": fp32.bfloat16(), "tied_max": tied},
         "dp2_batches": dp2_batches,
         "dp2_logits": [make_logits(batch, seed=24 + i) for i, batch in enumerate(dp2_batches)],
+        "cpo_configs": CPO_CASES,
     }
     torch.save(inputs, tmp / "inputs.pt")
     torchrun("objective_parallel.py", 2, "--inputs", str(tmp / "inputs.pt"), "--out", str(tmp / "out.pt"))
@@ -542,3 +636,34 @@ def test_dp2_shares_sum_to_the_global_batch_loss_gradient_and_metrics(parallel_r
     for name in ("loss", "nll_loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "log_odds_ratio",
                  "log_odds_chosen"):
         assert result["metrics"][name] == pytest.approx(reference["metrics"][name], rel=RTOL), name
+
+
+@pytest.mark.parametrize("case", list(CPO_CASES))
+def test_cpo_family_at_tp2_in_fp32_and_bf16_and_dp2_matches_trl_cpo_trainer(parallel_run, case):
+    """Vocabulary split over TP2 (fp32 logits, and bf16 logits scored in fp32: the reference is computed on the
+    bf16-rounded logits, so the same fp32 bound holds; the bf16 gradient is rounded once, 2^-8), and the batch
+    split over DP2 normalized by the global counts."""
+    inputs, results = parallel_run
+    batch, result = inputs["tp2_batch"], results["cpo"][case]
+    for precision in ("fp32", "bf16"):
+        logits = inputs["tp2_logits"][precision].float()
+        logits[..., TRUE_VOCAB:] = 0.0  # the reference never reads the padding columns
+        reference = cpo_case_reference(logits, batch, CPO_CASES[case])
+        ours = result["tp2"][precision]
+        assert ours["loss"] == pytest.approx(reference["metrics"]["loss"], rel=RTOL), precision
+        for name, value in ours["pairs"].items():
+            torch.testing.assert_close(value.double(), reference[name], rtol=RTOL, atol=RTOL)
+        assert set(ours["pairs"]) == set(CPO_PAIR_VALUES)
+        assert_metrics_close(ours["metrics"], reference["metrics"])
+        grad_rtol = RTOL if precision == "fp32" else 2.0**-8
+        assert_grad_close(ours["grad"].float(), cpo_reference_grad(logits, batch, CPO_CASES[case]), rtol=grad_rtol)
+
+    batches, logits = inputs["dp2_batches"], inputs["dp2_logits"]
+    whole, whole_logits = concat_pairs(batches, logits)
+    reference = cpo_case_reference(whole_logits, whole, CPO_CASES[case])
+    assert result["dp2"]["loss"] == pytest.approx(reference["metrics"]["loss"], rel=RTOL)
+    assert_grad_close(torch.cat([g.flatten() for g in result["dp2"]["grads"]]),
+                      torch.cat([g.flatten() for g in split_back(cpo_reference_grad(whole_logits, whole,
+                                                                                    CPO_CASES[case]), batches)]))
+    for name in ("loss", "nll_loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert result["dp2"]["metrics"][name] == pytest.approx(reference["metrics"][name], rel=RTOL), name

@@ -19,21 +19,31 @@ def test_loss_and_metrics_match_transformers_and_trl(nproc, flags, torchrun, tin
              "--data-path", "examples/data/capybara_style.jsonl", "--max-length", "256", "--max-prompt-length", "192",
              *flags)
     report = json.loads(out.read_text())
+    check_against_trl(report, report, METRICS)
+    reference = report["reference"]
+    # The fixed batch is not degenerate: the two completions of a pair really differ in log-probability.
+    assert reference["logps/chosen"] != reference["logps/rejected"]
+    # TRL's CPO family (every loss type, from the same run's model): CPOTrainer logs no log_odds_* metrics.
+    assert sorted(report["cpo"]) == ["hinge", "ipo", "sigmoid", "simpo", "simpo_nll"]
+    for cpo in report["cpo"].values():
+        check_against_trl(cpo, report, METRICS[:-2])
+
+
+def check_against_trl(ours_and_reference: dict, report: dict, metrics: list[str]) -> None:
     for layout in ("ours", "ours_packed"):
-        ours = report[layout]
-        assert sorted(ours) == sorted(METRICS)
-        for name in METRICS:
+        ours = ours_and_reference[layout]
+        assert sorted(ours) == sorted(metrics)
+        for name in metrics:
             # TRL masks padding keys in attention and we do not; that changes only padding positions' logits, which
             # only `logits/*` average (TRL includes padding positions there), so those compare with the causal
             # forward. A packed row has no padding positions between sequences: there `logits/*` averages the
             # positions that have a next token of their own sequence.
-            if name.startswith("logits/"):
-                reference = report["reference_causal_only" if layout == "ours" else "reference_real_positions"]
+            if name.startswith("logits/") and layout == "ours":
+                reference = ours_and_reference["reference_causal_only"]
+            elif name.startswith("logits/"):
+                reference = report["reference_real_positions"]
             else:
-                reference = report["reference"]
+                reference = ours_and_reference["reference"]
             scale = max(abs(reference[name]), 1e-3)
             assert abs(ours[name] - reference[name]) <= RELATIVE_TOL * scale, (layout, name, ours[name],
                                                                                 reference[name])
-    reference = report["reference"]
-    # The fixed batch is not degenerate: the two completions of a pair really differ in log-probability.
-    assert reference["logps/chosen"] != reference["logps/rejected"]

@@ -17,12 +17,13 @@ the interleaved schedule's forward-only steady state) and at TP1 x PP1 gives the
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 
 from conftest import checkpoint_weights
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron import checkpoint_format, checkpointing, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -149,3 +150,41 @@ def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1_and_pp2_vp2(torchrun, tra
         for a, b in zip(per_pair, per_pair_tp1):
             assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], abs=1e-5), name
             assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-5), name
+
+
+def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torchrun, converted, data_cache, tmp_path,
+                                                                          capsys):
+    """`--freeze-router` with a CPO-family loss at EP2: a 4-step run and a run resumed from its step-3 checkpoint
+    leave every router weight bit-identical to the converted checkpoint while the other weights move, and the
+    resumed run's step 4 equals the straight run's (the frozen router's missing optimizer state resumes too)."""
+    flags = ["--expert-model-parallel-size", "2", "--freeze-router", "--loss-type", "simpo", "--beta", "2.0",
+             "--simpo-gamma", "0.3", "--cpo-alpha", "0.5"]
+    straight_save, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    torchrun("-m orpo_megatron.train", 2, *train_args(converted, straight_save, data_cache, *flags, iters=4,
+                                                         warmup=1))
+    step3_only(straight_save, resumed)
+    proc = torchrun("-m orpo_megatron.train", 2, *train_args(converted, resumed, data_cache, *flags, iters=4,
+                                                                warmup=1))
+    assert "resumed from iteration 3" in proc.stdout + proc.stderr
+    unfrozen = train_args(converted, straight_save, data_cache, *[f for f in flags if f != "--freeze-router"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(unfrozen)  # refused before any process group or model exists
+    for sig, handler in handlers.items():  # the trainer installed its stop handlers in this process
+        signal.signal(sig, handler)
+    assert exit_info.value.code == 1
+    assert "error: the checkpoint was saved with --freeze-router; resume with it" in capsys.readouterr().err
+
+    expected, got = steps(straight_save), steps(resumed)
+    assert abs(got[4]["train/loss"] - expected[4]["train/loss"]) <= LOSS_TOLERANCE
+    assert "train/log_odds_ratio" not in expected[1] and "train/rewards/margins" in expected[1]  # CPOTrainer's names
+
+    initial = checkpoint_weights(converted)
+    routers = [name for name in initial if ".router." in name]
+    assert routers
+    for folder in (checkpointing.iteration_dir(straight_save, 4), checkpointing.iteration_dir(resumed, 4)):
+        final = checkpoint_weights(folder)
+        for name in routers:
+            assert torch.equal(final[name], initial[name]), name
+        moved = [name for name in initial if name not in routers and not torch.equal(final[name], initial[name])]
+        assert len(moved) >= len(initial) - len(routers) - 2, moved  # all but possibly untouched embedding rows

@@ -87,7 +87,7 @@ def test_sbatch_job_converts_trains_at_tp2_pp2_ep2_saves_and_exports(tiny_mixtra
 
     # The script's recipe defaults reached the trainer.
     config = json.load(open(os.path.join(save, "run_config.json")))["config"]
-    assert (config["orpo_beta"], config["lr"], config["lr_decay_style"], config["chat_template"], config["seed"],
+    assert (config["beta"], config["lr"], config["lr_decay_style"], config["chat_template"], config["seed"],
             config["micro_batch_size"], config["weight_decay"], config["clip_grad"]) == \
         (0.05, 5e-6, "inverse-square-root", "zephyr", 42, 1, 0.0, 1.0)
 

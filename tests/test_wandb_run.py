@@ -56,4 +56,4 @@ def test_offline_wandb_run_of_the_trainer_matches_metrics_jsonl(torchrun, tiny_c
 
     config = read_wandb.read_config(runs[0])
     assert config["parallel_layout"] == "world=2 TP=1 PP=1 EP=2 DP=2"
-    assert config["orpo_beta"] == 0.1 and config["train_iters"] == 3 and config["global_batch_size"] == 4
+    assert config["beta"] == 0.1 and config["train_iters"] == 3 and config["global_batch_size"] == 4

@@ -2,8 +2,8 @@
 
     python tools/plot_metrics.py RUN_DIR [--output PNG] [--x-axis iteration|consumed_pairs]
 
-Renders loss, NLL, log-odds (`log_odds_chosen`), reward margin and reward accuracy, training and (where
-present) evaluation, one panel each, to RUN_DIR/metrics.png by default.
+Renders loss, NLL, log-odds (`log_odds_chosen`, ORPO runs only), reward margin and reward accuracy, training
+and (where present) evaluation, one panel each, to RUN_DIR/metrics.png by default.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 METRICS_FILE = "metrics.jsonl"  # written by orpo_megatron.tracking
 PANELS = (
-    ("loss", "loss (NLL - beta * log-sigmoid(log-odds))"),
+    ("loss", "loss (the --loss-type objective)"),
     ("nll_loss", "NLL (chosen)"),
     ("log_odds_chosen", "log-odds ratio (chosen vs rejected)"),
     ("rewards/margins", "reward margin"),

@@ -6,6 +6,7 @@ writes what the test compares with its whole-vocabulary, whole-batch reference (
   split over a Megatron TP group of 2 (case "fp32", "bf16", and "tied_max": the global max sits on both ranks).
 - dp2: each rank scores one micro-batch normalized by the counts of both (as the data iterator gives them); the
   summed loss, the metrics from all-reduced sums and both ranks' gradients.
+- cpo/<name>: the same tp2 ("fp32" and "bf16" cases) and dp2 results for each of TRL's CPO-family configs.
 """
 import argparse
 
@@ -42,8 +43,9 @@ def run_tp2(full_logits: torch.Tensor, batch: dict, config: ORPOConfig) -> dict:
     return {
         "loss": output.loss.item(),
         "pairs": {name: getattr(output.pairs, name)
-                  for name in ("chosen_logps", "rejected_logps", "log_odds", "chosen_nll")},
-        "metrics": output.sums.finalize(config.beta),
+                  for name in ("chosen_logps", "rejected_logps", "log_odds", "pair_loss", "chosen_nll")
+                  if getattr(output.pairs, name) is not None},
+        "metrics": output.sums.finalize(config),
         "grad": gather(shard.grad, dim=-1),
     }
 
@@ -64,7 +66,7 @@ def run_dp2(micro_batches: list, logits: list, config: ORPOConfig) -> dict:
     return {
         "normalizers": (normalizers.num_pairs, normalizers.num_nll_tokens),
         "loss": sum(losses),
-        "metrics": output.sums.all_reduce(dist.group.WORLD).finalize(config.beta),
+        "metrics": output.sums.all_reduce(dist.group.WORLD).finalize(config),
         "grads": grads,
     }
 
@@ -84,6 +86,14 @@ def main() -> None:
     results = {"tp2": {case: run_tp2(logits, inputs["tp2_batch"], config)
                        for case, logits in inputs["tp2_logits"].items()}}
     results["dp2"] = run_dp2(inputs["dp2_batches"], inputs["dp2_logits"], config)
+    results["cpo"] = {}
+    for name, kwargs in inputs["cpo_configs"].items():
+        cpo_config = ORPOConfig(inputs["config"]["vocab_size"], **kwargs)
+        results["cpo"][name] = {
+            "tp2": {case: run_tp2(inputs["tp2_logits"][case], inputs["tp2_batch"], cpo_config)
+                    for case in ("fp32", "bf16")},
+            "dp2": run_dp2(inputs["dp2_batches"], inputs["dp2_logits"], cpo_config),
+        }
     if dist.get_rank() == 0:
         torch.save(results, args.out)
     parallel_state.destroy_model_parallel()

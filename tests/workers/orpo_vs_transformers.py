@@ -3,13 +3,14 @@
 Our side: the converted checkpoint loaded at the given layout, the bundled data through our data layer, one
 forward-only pass of `pipeline.run_micro_batches` with the pairs padded and with them packed into one row.
 Reference side: transformers' MixtralForCausalLM on the HF weights and the same token ids padded as TRL's collator
-pads them, then TRL ORPOTrainer's formulas written out in plain PyTorch (`trl_reference`).
+pads them, then TRL ORPOTrainer's formulas written out in plain PyTorch (`trl_reference`), and TRL CPOTrainer's
+for each CPO-family config (`cpo_reference`, under "cpo").
 """
 import argparse
 import json
 
 import torch
-from trl_reference import trl_padded_batch, trl_reference
+from trl_reference import CPO_CASES, cpo_reference, trl_padded_batch, trl_reference
 
 from orpo_megatron import arguments, checkpoint_format, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
@@ -45,13 +46,15 @@ def main() -> None:
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
     multiple = length_multiple(layout.tensor_model_parallel_size, config.sequence_parallel, fp8=False)
     columns, pad_id = pairs[:NUM_PAIRS], pair_tokenizer.tokenizer.pad_id
+    configs = {"orpo": ORPOConfig(vocab_size=hf.vocab_size, beta=BETA),
+               **{name: ORPOConfig(vocab_size=hf.vocab_size, **case) for name, case in CPO_CASES.items()}}
     ours = {}
     for name, batch in (("padded", padded_micro_batch(columns, pad_id, multiple)),
                         ("packed", packed_micro_batch(columns, pad_id, multiple))):
-        with torch.no_grad():
-            result = run_micro_batches(chunks, [batch], ORPOConfig(vocab_size=hf.vocab_size, beta=BETA),
-                                       forward_only=True)
-        ours[name] = result.metrics(BETA)
+        for loss_name, orpo_config in configs.items():
+            with torch.no_grad():
+                result = run_micro_batches(chunks, [batch], orpo_config, forward_only=True)
+            ours[(name, loss_name)] = result.metrics(orpo_config)
 
     if parallel.is_logging_rank():
         from transformers import AutoModelForCausalLM
@@ -66,7 +69,12 @@ def main() -> None:
         for half, rows in (("chosen", range(NUM_PAIRS)), ("rejected", range(NUM_PAIRS, 2 * NUM_PAIRS))):
             block = torch.cat([logits[row, :lengths[row] - 1, :hf.vocab_size] for row in rows]).double()
             real_positions[f"logits/{half}"] = block.mean().item()
-        report = {"ours": ours["padded"], "ours_packed": ours["packed"],
+        report = {"ours": ours[("padded", "orpo")], "ours_packed": ours[("packed", "orpo")],
+                  "cpo": {name: {"ours": ours[("padded", name)], "ours_packed": ours[("packed", name)],
+                                 "reference": cpo_reference(logits, batch, vocab_size=hf.vocab_size, **case)["metrics"],
+                                 "reference_causal_only": cpo_reference(causal_logits, batch, vocab_size=hf.vocab_size,
+                                                                        **case)["metrics"]}
+                          for name, case in CPO_CASES.items()},
                   "reference": trl_reference(logits, batch, BETA)["metrics"],
                   # Our attention is causal only; TRL's call also masks padding keys. Real positions are the same
                   # either way (right padding), padding positions are not, and `logits/*` averages them too.

@@ -38,7 +38,7 @@ def training_pass(chunks, step, orpo_config):
     normalizers = GlobalNormalizers(step.num_pairs, step.num_nll_targets(orpo_config.nll_on_prompt))
     result = run_micro_batches(chunks, step.micro_batches, orpo_config, forward_only=False, normalizers=normalizers)
     grads = {name: param.main_grad.clone() for chunk in chunks for name, param in chunk.named_parameters()}
-    return grads, result.metrics(BETA), moe_load_balancing_loss(len(step.micro_batches))
+    return grads, result.metrics(orpo_config), moe_load_balancing_loss(len(step.micro_batches))
 
 
 def worst_relative(packed: dict, padded: dict) -> float:
