@@ -1,8 +1,10 @@
-"""Worker: the same global batch packed and padded through the real data layer and pipeline at one layout.
+"""Worker: the same global batch packed and padded through the real data layer and pipeline at each layout of
+`--layouts` in turn (one launch; Megatron's parallel state rebuilt between them).
 
 The tiny Mixtral is loaded from its HF checkpoint; the bundled pairs are tokenized by our data layer, and one
 global batch is built twice by `TrainPairIterator`: padded (`--no-packing`) and packed as this layout packs it
-(one row per micro-batch without pipelining, fixed-length rows with it). Each rank writes `rank<r>.json` with:
+(one row per micro-batch without pipelining, fixed-length rows with it). Each rank writes `<name>/rank<r>.json`
+per layout with:
 - grads: the largest |packed - padded| / max |padded| over its gradient shards after one training pass each;
 - metrics / load_balancing: the finalized ORPO metrics and the router's load-balancing loss of both (last stage);
 - rope (no pipelining): per layer, the largest difference between the query and key its core attention receives
@@ -16,10 +18,12 @@ adds a pass with fixed-length rows at the model's coefficient, whose load-balanc
 import argparse
 import json
 import os
+import sys
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.moe import moe_utils
 
 from orpo_megatron import arguments, hf_mapping, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
@@ -108,18 +112,7 @@ def perturbation_report(chunks, step, iterator, layout, pad_id, orpo_config) -> 
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    arguments.add_parallel_args(parser)
-    add_data_args(parser)
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--moe-aux-loss-coeff", type=float, default=None)
-    parser.add_argument("--fixed-rows-length", type=int, default=None)
-    parser.add_argument("--bf16", action="store_true")
-    args = parser.parse_args()
-
+def run_layout(args: argparse.Namespace) -> None:
     hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
     layout = parallel.initialize(layout_kwargs, hf)
@@ -170,6 +163,27 @@ def main() -> None:
     report["perturbation"] = perturbation_report(chunks, packed, iterator, packed_layout, pad_id, orpo_config)
     with open(os.path.join(args.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(report, f)
+    parallel_state.destroy_model_parallel()
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()  # it holds the groups just destroyed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    arguments.add_parallel_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--moe-aux-loss-coeff", type=float, default=None)
+    parser.add_argument("--fixed-rows-length", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--layouts", type=json.loads, required=True,
+                        help='JSON {"name": [flags of that layout], ...}, run in turn; reports in --out/<name>/')
+    common = parser.parse_args()
+    for name, flags in common.layouts.items():
+        out = os.path.join(common.out, name)
+        os.makedirs(out, exist_ok=True)
+        run_layout(parser.parse_args(sys.argv[1:] + flags + ["--out", out]))
     parallel.destroy()
 
 
