@@ -453,7 +453,7 @@ def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
         flags = {name: ["--ckpt", run_ckpt, "--hf-dir", run_hf, "--save", os.path.join(root, f"saved_{name}"), *layout]
                  for name, (run_world, run_ckpt, run_hf, layout) in runs.items() if run_world == world}
         torchrun("convert_parallel.py", world, "--tokens", os.path.join(root, "tokens.pt"), "--out", root,
-                 "--runs", json.dumps(flags))
+                 "--layouts", json.dumps(flags))
 
     # Each save is a checkpoint root naming iteration 7; export also takes the iteration folder itself.
     exports = {f"export_{name}": ["megatron-to-hf", "--load", os.path.join(root, name),

@@ -29,7 +29,12 @@ GRAD_REL_TOL = 1e-4  # fp32, max abs diff / max abs value of the reference tenso
 def run_layouts(torchrun, hf_dir, out_dir, world, layouts: dict) -> dict[str, list[dict]]:
     """Every layout of `layouts` (name: (TP, PP, EP, VP, dispatcher)) in one launch of `world` processes; each
     layout's per-rank reports."""
-    torchrun("model_layouts.py", world, "--hf-dir", hf_dir, "--out", out_dir, "--layouts", json.dumps(layouts))
+    flags = {}
+    for name, (tp, pp, ep, vp, dispatcher) in layouts.items():
+        flags[name] = ["--tp", str(tp), "--pp", str(pp), "--ep", str(ep), "--dispatcher", dispatcher]
+        if vp:
+            flags[name] += ["--vp", str(vp)]
+    torchrun("model_layouts.py", world, "--hf-dir", hf_dir, "--out", out_dir, "--layouts", json.dumps(flags))
     reports = {}
     for name in layouts:
         reports[name] = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, name, "rank*.json")))]

@@ -1,7 +1,7 @@
-"""Worker: load a converted checkpoint at a parallel layout, check it, run it, and save it back; for each run of
-`--runs` in turn (one launch, Megatron's parallel state rebuilt between them).
+"""Worker: load a converted checkpoint at a parallel layout, check it, run it, and save it back; for each layout of
+`--layouts` in turn (one launch, Megatron's parallel state rebuilt between them).
 
-At the layout given by the run's --tp/--pp/--vp/--ep (world size from torchrun):
+At the layout given by its --tp/--pp/--vp/--ep (world size from torchrun):
 1. builds the tiny model and loads --ckpt with `load_model_weights`; builds a second copy loaded straight from the
    HF safetensors by `hf_mapping.load_hf_checkpoint` (no checkpoint file involved) and compares every parameter;
 2. computes per-token log-probabilities of --tokens (vocab-parallel logits gathered over TP, padded columns
@@ -15,13 +15,13 @@ Each rank writes <name>/rank<R>.json; the rank holding the last stage's TP/DP ra
 import argparse
 import json
 import os
-import sys
 from functools import partial
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from layout_runs import run_each_layout
 from orpo_megatron import checkpoint_format, hf_mapping, model, parallel
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
@@ -140,7 +140,6 @@ def run(args: argparse.Namespace) -> None:
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
-    parallel_state.destroy_model_parallel()
 
 
 def main() -> None:
@@ -155,14 +154,7 @@ def main() -> None:
     parser.add_argument("--vp", type=int, default=None)
     parser.add_argument("--save", default=None)
     parser.add_argument("--other-ckpt", default=None)
-    parser.add_argument("--runs", type=json.loads, required=True,
-                        help='JSON {"name": [flags of that run], ...}, run in turn; reports in --out/<name>/')
-    common = parser.parse_args()
-    for name, flags in common.runs.items():
-        out = os.path.join(common.out, name)
-        os.makedirs(out, exist_ok=True)
-        run(parser.parse_args(sys.argv[1:] + flags + ["--out", out]))
-    parallel.destroy()
+    run_each_layout(parser, run)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,23 @@
-"""Worker: forward + backward of the tiny model at each of several parallel layouts of one world size (one launch,
+"""Worker: forward + backward of the tiny model at each parallel layout of `--layouts` in turn (one launch,
 Megatron's parallel state rebuilt between them), compared with transformers.
 
 Two samples are processed per run whatever the layout (micro-batches x DP ranks = 2), with the loss
 L = sum(logits[:, :, :true_vocab] * R) for a fixed random R per sample, averaged over samples by Megatron's
 schedule (1/num_microbatches) and DDP (1/DP). Each rank compares its logits and its local gradient shards
-with transformers' model on the same weights, and writes its report and the gathered logits for cross-layout
-comparison to `<out>/<layout name>/`.
+with transformers' model on the same weights (computed once per launch), and writes its report and the gathered
+logits for cross-layout comparison to `<out>/<layout name>/`.
 """
 import argparse
 import json
 import os
-from functools import partial
+from functools import cache, partial
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from layout_runs import run_each_layout
 from orpo_megatron import hf_mapping, model, parallel
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
@@ -39,11 +40,14 @@ def true_vocab_columns(local_logits: torch.Tensor, true_vocab: int) -> tuple[tor
     return columns < true_vocab, slice(start, min(start + width, true_vocab))
 
 
-def hf_reference(hf_dir: str, hf: HFModelConfig, samples: list[int]) -> tuple[dict, dict]:
+@cache
+def hf_reference(hf_dir: str) -> tuple[dict, dict]:
     """Logits per sample and the HF-named gradients of the sample-averaged loss, from transformers."""
     from transformers import AutoModelForCausalLM
 
+    hf = HFModelConfig.from_file(hf_dir)
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    samples = range(SAMPLES)
     logits = {}
     for index in samples:
         ids, weights = sample(index, hf.vocab_size)
@@ -53,20 +57,20 @@ def hf_reference(hf_dir: str, hf: HFModelConfig, samples: list[int]) -> tuple[di
     return logits, {name: p.grad for name, p in ref.named_parameters()}
 
 
-def run_layout(hf_dir: str, hf: HFModelConfig, reference: tuple[dict, dict], out: str, tp: int, pp: int, ep: int,
-               vp: int | None, dispatcher: str) -> None:
+def run(args: argparse.Namespace) -> None:
+    hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = dict(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        virtual_pipeline_model_parallel_size=vp,
-        sequence_parallel=tp > 1,
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        expert_model_parallel_size=args.ep,
+        virtual_pipeline_model_parallel_size=args.vp,
+        sequence_parallel=args.tp > 1,
     )
     layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs, moe_token_dispatcher_type=dispatcher)
-    vocab = model.vocab_info(hf, 128, tp)
+    config = build_transformer_config(hf, **layout_kwargs, moe_token_dispatcher_type=args.dispatcher)
+    vocab = model.vocab_info(hf, 128, args.tp)
     chunks = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(chunks, hf_dir, hf)
+    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads
@@ -104,7 +108,7 @@ def run_layout(hf_dir: str, hf: HFModelConfig, reference: tuple[dict, dict], out
         forward_only=False,
     )
 
-    ref_logits, hf_grads = reference
+    ref_logits, hf_grads = hf_reference(args.hf_dir)
     # The reference gradients as full Megatron tensors; padded vocabulary rows get zero gradient (nothing reads them).
     ref_grads = hf_mapping.stack_layers([hf_mapping.hf_layer_to_megatron(hf_grads, layer, hf)
                                          for layer in range(hf.num_layers)])
@@ -118,7 +122,7 @@ def run_layout(hf_dir: str, hf: HFModelConfig, reference: tuple[dict, dict], out
             report["logits_max_abs_diff"] = max(report["logits_max_abs_diff"], diff)
         if parallel_state.get_tensor_model_parallel_rank() == 0:  # one writer per DP rank
             torch.save({i: l for i, l in zip(my_samples, gathered_logits)},
-                       os.path.join(out, f"logits_dp{dp_rank}.pt"))
+                       os.path.join(args.out, f"logits_dp{dp_rank}.pt"))
 
     for chunk in chunks:
         for key, entry in hf_mapping.model_parameters(chunk.module):
@@ -131,26 +135,20 @@ def run_layout(hf_dir: str, hf: HFModelConfig, reference: tuple[dict, dict], out
             if rel >= report["grad_max_rel_diff"]:
                 report["grad_max_rel_diff"], report["worst_grad"] = rel, name
 
-    with open(os.path.join(out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+    with open(os.path.join(args.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(report, f)
-    parallel_state.destroy_model_parallel()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--layouts", type=json.loads, required=True,
-                        help='JSON {"name": [TP, PP, EP, VP or null, MoE token dispatcher], ...}')
-    args = parser.parse_args()
-
-    hf = HFModelConfig.from_file(args.hf_dir)
-    reference = hf_reference(args.hf_dir, hf, list(range(SAMPLES)))
-    for name, layout in args.layouts.items():
-        out = os.path.join(args.out, name)
-        os.makedirs(out, exist_ok=True)
-        run_layout(args.hf_dir, hf, reference, out, *layout)
-    parallel.destroy()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--dispatcher", default="alltoall")
+    run_each_layout(parser, run)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ adds a pass with fixed-length rows at the model's coefficient, whose load-balanc
 import argparse
 import json
 import os
-import sys
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.transformer.moe import moe_utils
 
+from layout_runs import run_each_layout
 from orpo_megatron import arguments, hf_mapping, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator
@@ -112,7 +111,7 @@ def perturbation_report(chunks, step, iterator, layout, pad_id, orpo_config) -> 
     return report
 
 
-def run_layout(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
     layout = parallel.initialize(layout_kwargs, hf)
@@ -163,8 +162,6 @@ def run_layout(args: argparse.Namespace) -> None:
     report["perturbation"] = perturbation_report(chunks, packed, iterator, packed_layout, pad_id, orpo_config)
     with open(os.path.join(args.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(report, f)
-    parallel_state.destroy_model_parallel()
-    moe_utils.get_moe_layer_wise_logging_tracker().clear()  # it holds the groups just destroyed
 
 
 def main() -> None:
@@ -177,14 +174,7 @@ def main() -> None:
     parser.add_argument("--moe-aux-loss-coeff", type=float, default=None)
     parser.add_argument("--fixed-rows-length", type=int, default=None)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--layouts", type=json.loads, required=True,
-                        help='JSON {"name": [flags of that layout], ...}, run in turn; reports in --out/<name>/')
-    common = parser.parse_args()
-    for name, flags in common.layouts.items():
-        out = os.path.join(common.out, name)
-        os.makedirs(out, exist_ok=True)
-        run_layout(parser.parse_args(sys.argv[1:] + flags + ["--out", out]))
-    parallel.destroy()
+    run_each_layout(parser, run)
 
 
 if __name__ == "__main__":
