@@ -1,9 +1,10 @@
 """The same weights give the same logits and gradients at every parallel layout, and match transformers.
 
-Each layout runs `workers/model_layouts.py` under torchrun: forward + backward of the tiny Mixtral loaded from
-its HF checkpoint, compared on every rank with transformers' MixtralForCausalLM (logits, and each local
-gradient shard against the sharded transformers gradient). The gathered logits of every layout are also
-compared with the single-process layout's.
+The layouts of one world size run in one torchrun launch of `workers/model_layouts.py` (a launch costs seconds of
+imports per process): forward + backward of the tiny Mixtral loaded from its HF checkpoint at each layout,
+compared on every rank with transformers' MixtralForCausalLM (logits, and each local gradient shard against the
+sharded transformers gradient). The gathered logits of every layout are also compared with the single-process
+layout's.
 """
 import glob
 import json
@@ -25,15 +26,19 @@ LOGITS_TOL = 1e-5  # fp32, max abs
 GRAD_REL_TOL = 1e-4  # fp32, max abs diff / max abs value of the reference tensor
 
 
-def run_layout(torchrun, hf_dir, out_dir, world, tp, pp, ep, vp, dispatcher) -> list[dict]:
-    os.makedirs(out_dir, exist_ok=True)
-    args = ["--hf-dir", hf_dir, "--out", out_dir, "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
-            "--dispatcher", dispatcher]
-    if vp:
-        args += ["--vp", str(vp)]
-    torchrun("model_layouts.py", world, *args)
-    reports = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, "rank*.json")))]
-    assert len(reports) == world
+def run_layouts(torchrun, hf_dir, out_dir, world, layouts: dict) -> dict[str, list[dict]]:
+    """Every layout of `layouts` (name: (TP, PP, EP, VP, dispatcher)) in one launch of `world` processes; each
+    layout's per-rank reports."""
+    flags = {}
+    for name, (tp, pp, ep, vp, dispatcher) in layouts.items():
+        flags[name] = ["--tp", str(tp), "--pp", str(pp), "--ep", str(ep), "--dispatcher", dispatcher]
+        if vp:
+            flags[name] += ["--vp", str(vp)]
+    torchrun("model_layouts.py", world, "--hf-dir", hf_dir, "--out", out_dir, "--layouts", json.dumps(flags))
+    reports = {}
+    for name in layouts:
+        reports[name] = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, name, "rank*.json")))]
+        assert len(reports[name]) == world
     return reports
 
 
@@ -47,10 +52,27 @@ def load_logits(out_dir) -> dict:
 @pytest.fixture(scope="module")
 def single_process_logits(torchrun, tiny_mixtral, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tp1"))
-    reports = run_layout(torchrun, tiny_mixtral, out, 1, 1, 1, 1, None, "alltoall")
+    reports = run_layouts(torchrun, tiny_mixtral, out, 1, {"tp1": (1, 1, 1, None, "alltoall")})["tp1"]
     assert reports[0]["logits_max_abs_diff"] <= LOGITS_TOL
     assert reports[0]["grad_max_rel_diff"] <= GRAD_REL_TOL, reports[0]
-    return load_logits(out)
+    return load_logits(os.path.join(out, "tp1"))
+
+
+@pytest.fixture(scope="module")
+def layout_outputs(torchrun, tiny_mixtral, tmp_path_factory):
+    """(reports, output folder) of a layout; the layouts of one world size run in one launch, on first use."""
+    runs = {}
+
+    def get(name):
+        world = LAYOUTS[name][0]
+        if world not in runs:
+            out = str(tmp_path_factory.mktemp(f"world{world}"))
+            same_world = {n: layout[1:] for n, layout in LAYOUTS.items() if layout[0] == world}
+            runs[world] = out, run_layouts(torchrun, tiny_mixtral, out, world, same_world)
+        out, reports = runs[world]
+        return reports[name], os.path.join(out, name)
+
+    return get
 
 
 def test_single_process_matches_transformers(single_process_logits):
@@ -58,13 +80,13 @@ def test_single_process_matches_transformers(single_process_logits):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process_and_transformers(name, torchrun, tiny_mixtral, tmp_path, single_process_logits):
-    reports = run_layout(torchrun, tiny_mixtral, str(tmp_path), *LAYOUTS[name])
+def test_layout_matches_single_process_and_transformers(name, layout_outputs, single_process_logits):
+    reports, out = layout_outputs(name)
     for report in reports:
         assert report["logits_max_abs_diff"] <= LOGITS_TOL, report
         assert report["grad_max_rel_diff"] <= GRAD_REL_TOL, report
         assert report["grads_checked"] > 0
-    logits = load_logits(str(tmp_path))
+    logits = load_logits(out)
     assert sorted(logits) == [0, 1]
     for index, value in logits.items():
         assert (value - single_process_logits[index]).abs().max().item() <= LOGITS_TOL

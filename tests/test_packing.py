@@ -1,8 +1,9 @@
 """Packed micro-batches train exactly like padded ones at every parallel layout, and no position attends across a
 sequence boundary.
 
-Each layout runs `workers/packed_vs_padded.py`: one global batch of 8 bundled pairs built by the data layer both
-ways, one training pass each on the tiny Mixtral loaded from its HF checkpoint. Compared in fp32:
+Each layout runs in `workers/packed_vs_padded.py` (those of one world size in one launch): one global batch of 8
+bundled pairs built by the data layer both ways, one training pass each on the tiny Mixtral loaded from its HF
+checkpoint. Compared in fp32:
 - every gradient shard and every TRL metric but `logits/*` (TRL averages those over padding positions, which a
   packed row does not have; test_orpo_vs_transformers checks both definitions against transformers), in fp32
   and, at one process, in bf16;
@@ -39,13 +40,15 @@ TOL = 1e-5  # fp32: relative for gradients and metrics of order 1, absolute belo
 BF16_GRAD_TOL, BF16_METRIC_TOL = 1e-2, 1e-4
 
 
-def run(torchrun, hf_dir, out_dir, nproc, flags) -> list[dict]:
-    os.makedirs(out_dir, exist_ok=True)
+def run(torchrun, hf_dir, out_dir, nproc, layouts: dict) -> dict[str, list[dict]]:
+    """Every layout of `layouts` (name: flags) in one launch of `nproc` processes; each layout's per-rank reports."""
     torchrun("packed_vs_padded.py", nproc, "--hf-dir", hf_dir, "--out", out_dir, "--data-path",
              "examples/data/capybara_style.jsonl", "--max-length", "256", "--max-prompt-length", "192",
-             "--data-cache-dir", os.path.join(out_dir, "cache"), *flags)
-    reports = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(out_dir, "rank*.json")))]
-    assert len(reports) == nproc
+             "--data-cache-dir", os.path.join(out_dir, "cache"), "--layouts", json.dumps(layouts))
+    reports = {}
+    for name in layouts:
+        reports[name] = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(out_dir, name, "rank*.json")))]
+        assert len(reports[name]) == nproc
     return reports
 
 
@@ -67,13 +70,16 @@ def assert_metrics_equal(ours: dict, reference: dict, tol: float = TOL) -> None:
 
 @pytest.fixture(scope="module")
 def reports_of(torchrun, tiny_mixtral, tmp_path_factory):
-    """The worker's reports per layout, each layout run once."""
-    cache = {}
+    """The worker's reports per layout; the layouts of one world size run in one launch (a launch costs seconds
+    of imports per process), on first use."""
+    runs = {}
 
     def get(name):
-        if name not in cache:
-            cache[name] = run(torchrun, tiny_mixtral, str(tmp_path_factory.mktemp(name)), *LAYOUTS[name])
-        return cache[name]
+        nproc = LAYOUTS[name][0]
+        if nproc not in runs:
+            same_world = {n: flags for n, (world, flags) in LAYOUTS.items() if world == nproc}
+            runs[nproc] = run(torchrun, tiny_mixtral, str(tmp_path_factory.mktemp(f"world{nproc}")), nproc, same_world)
+        return runs[nproc][name]
 
     return get
 

@@ -1,6 +1,7 @@
-"""Worker: load a converted checkpoint at one parallel layout, check it, run it, and save it back.
+"""Worker: load a converted checkpoint at a parallel layout, check it, run it, and save it back; for each layout of
+`--layouts` in turn (one launch, Megatron's parallel state rebuilt between them).
 
-At the layout given by --tp/--pp/--vp/--ep (world size from torchrun):
+At the layout given by its --tp/--pp/--vp/--ep (world size from torchrun):
 1. builds the tiny model and loads --ckpt with `load_model_weights`; builds a second copy loaded straight from the
    HF safetensors by `hf_mapping.load_hf_checkpoint` (no checkpoint file involved) and compares every parameter;
 2. computes per-token log-probabilities of --tokens (vocab-parallel logits gathered over TP, padded columns
@@ -9,7 +10,7 @@ At the layout given by --tp/--pp/--vp/--ep (world size from torchrun):
    checkpoint root (iteration 7, Megatron-LM's common.pt) from this layout;
 4. with --other-ckpt (saved at another layout), loads it into a third copy and compares with the HF-loaded one,
    and each standalone norm's `_extra_state` with the payload its layer was saved with.
-Each rank writes rank<R>.json; the rank holding the last stage's TP/DP rank 0 writes logps.pt.
+Each rank writes <name>/rank<R>.json; the rank holding the last stage's TP/DP rank 0 writes <name>/logps.pt.
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from layout_runs import run_each_layout
 from orpo_megatron import checkpoint_format, hf_mapping, model, parallel
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
@@ -96,20 +98,7 @@ def token_logps(chunks, tokens: torch.Tensor, true_vocab: int) -> torch.Tensor |
     return torch.cat(collected) if collected else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--tokens", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--vp", type=int, default=None)
-    parser.add_argument("--save", default=None)
-    parser.add_argument("--other-ckpt", default=None)
-    args = parser.parse_args()
-
+def run(args: argparse.Namespace) -> None:
     hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                          virtual_pipeline_model_parallel_size=args.vp, expert_model_parallel_size=args.ep,
@@ -151,7 +140,21 @@ def main() -> None:
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
-    parallel.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt")
+    parser.add_argument("--hf-dir")
+    parser.add_argument("--tokens", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--other-ckpt", default=None)
+    run_each_layout(parser, run)
 
 
 if __name__ == "__main__":

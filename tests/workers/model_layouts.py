@@ -1,20 +1,23 @@
-"""Worker: forward + backward of the tiny model at one parallel layout, compared with transformers.
+"""Worker: forward + backward of the tiny model at each parallel layout of `--layouts` in turn (one launch,
+Megatron's parallel state rebuilt between them), compared with transformers.
 
 Two samples are processed per run whatever the layout (micro-batches x DP ranks = 2), with the loss
 L = sum(logits[:, :, :true_vocab] * R) for a fixed random R per sample, averaged over samples by Megatron's
 schedule (1/num_microbatches) and DDP (1/DP). Each rank compares its logits and its local gradient shards
-with transformers' model on the same weights, and writes the gathered logits for cross-layout comparison.
+with transformers' model on the same weights (computed once per launch), and writes its report and the gathered
+logits for cross-layout comparison to `<out>/<layout name>/`.
 """
 import argparse
 import json
 import os
-from functools import partial
+from functools import cache, partial
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from layout_runs import run_each_layout
 from orpo_megatron import hf_mapping, model, parallel
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
@@ -37,11 +40,14 @@ def true_vocab_columns(local_logits: torch.Tensor, true_vocab: int) -> tuple[tor
     return columns < true_vocab, slice(start, min(start + width, true_vocab))
 
 
-def hf_reference(hf_dir: str, hf: HFModelConfig, samples: list[int]) -> tuple[dict, dict]:
+@cache
+def hf_reference(hf_dir: str) -> tuple[dict, dict]:
     """Logits per sample and the HF-named gradients of the sample-averaged loss, from transformers."""
     from transformers import AutoModelForCausalLM
 
+    hf = HFModelConfig.from_file(hf_dir)
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    samples = range(SAMPLES)
     logits = {}
     for index in samples:
         ids, weights = sample(index, hf.vocab_size)
@@ -51,17 +57,7 @@ def hf_reference(hf_dir: str, hf: HFModelConfig, samples: list[int]) -> tuple[di
     return logits, {name: p.grad for name, p in ref.named_parameters()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--vp", type=int, default=None)
-    parser.add_argument("--dispatcher", default="alltoall")
-    args = parser.parse_args()
-
+def run(args: argparse.Namespace) -> None:
     hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = dict(
         tensor_model_parallel_size=args.tp,
@@ -112,7 +108,7 @@ def main() -> None:
         forward_only=False,
     )
 
-    ref_logits, hf_grads = hf_reference(args.hf_dir, hf, list(range(SAMPLES)))
+    ref_logits, hf_grads = hf_reference(args.hf_dir)
     # The reference gradients as full Megatron tensors; padded vocabulary rows get zero gradient (nothing reads them).
     ref_grads = hf_mapping.stack_layers([hf_mapping.hf_layer_to_megatron(hf_grads, layer, hf)
                                          for layer in range(hf.num_layers)])
@@ -141,7 +137,18 @@ def main() -> None:
 
     with open(os.path.join(args.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(report, f)
-    parallel.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--dispatcher", default="alltoall")
+    run_each_layout(parser, run)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Worker: the same global batch packed and padded through the real data layer and pipeline at one layout.
+"""Worker: the same global batch packed and padded through the real data layer and pipeline at each layout of
+`--layouts` in turn (one launch; Megatron's parallel state rebuilt between them).
 
 The tiny Mixtral is loaded from its HF checkpoint; the bundled pairs are tokenized by our data layer, and one
 global batch is built twice by `TrainPairIterator`: padded (`--no-packing`) and packed as this layout packs it
-(one row per micro-batch without pipelining, fixed-length rows with it). Each rank writes `rank<r>.json` with:
+(one row per micro-batch without pipelining, fixed-length rows with it). Each rank writes `<name>/rank<r>.json`
+per layout with:
 - grads: the largest |packed - padded| / max |padded| over its gradient shards after one training pass each;
 - metrics / load_balancing: the finalized ORPO metrics and the router's load-balancing loss of both (last stage);
 - rope (no pipelining): per layer, the largest difference between the query and key its core attention receives
@@ -21,6 +23,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from layout_runs import run_each_layout
 from orpo_megatron import arguments, hf_mapping, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator
@@ -108,18 +111,7 @@ def perturbation_report(chunks, step, iterator, layout, pad_id, orpo_config) -> 
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    arguments.add_parallel_args(parser)
-    add_data_args(parser)
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--moe-aux-loss-coeff", type=float, default=None)
-    parser.add_argument("--fixed-rows-length", type=int, default=None)
-    parser.add_argument("--bf16", action="store_true")
-    args = parser.parse_args()
-
+def run(args: argparse.Namespace) -> None:
     hf = HFModelConfig.from_file(args.hf_dir)
     layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
     layout = parallel.initialize(layout_kwargs, hf)
@@ -170,7 +162,19 @@ def main() -> None:
     report["perturbation"] = perturbation_report(chunks, packed, iterator, packed_layout, pad_id, orpo_config)
     with open(os.path.join(args.out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(report, f)
-    parallel.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    arguments.add_parallel_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--moe-aux-loss-coeff", type=float, default=None)
+    parser.add_argument("--fixed-rows-length", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true")
+    run_each_layout(parser, run)
 
 
 if __name__ == "__main__":
