@@ -157,11 +157,14 @@ def test_first_rank_tokenizes_before_any_process_group_or_cuda(entry, tiny_conve
         monkeypatch.delenv(name, raising=False)
     cache = tmp_path / "cache"
     calls = []
+    # Earlier tests in this process may have left a one-process group (conversion's): a group started by the
+    # entry shows as a recorded init_process_group call, whatever the state it found.
+    group_before = dist.is_initialized()
 
     def tokenize_dataset(*args, **kwargs):
         files_before = set(os.listdir(cache)) if cache.exists() else set()
         tokenized = real_tokenize(*args, **kwargs)
-        calls.append(("tokenize", set(os.listdir(cache)) - files_before, dist.is_initialized(),
+        calls.append(("tokenize", set(os.listdir(cache)) - files_before, dist.is_initialized() != group_before,
                       torch.cuda.is_initialized()))
         return tokenized
 
@@ -169,9 +172,14 @@ def test_first_rank_tokenizes_before_any_process_group_or_cuda(entry, tiny_conve
         calls.append(("initialize",))
         raise Initialized
 
-    real_tokenize = pipeline.tokenize_dataset
+    def init_process_group(*args, **kwargs):
+        calls.append(("init_process_group",))
+        return real_init_process_group(*args, **kwargs)
+
+    real_tokenize, real_init_process_group = pipeline.tokenize_dataset, dist.init_process_group
     monkeypatch.setattr(pipeline, "tokenize_dataset", tokenize_dataset)
     monkeypatch.setattr(parallel, "initialize", initialize)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the trainer's StopSignal
     argv = ["--load", tiny_converted, "--data-path", DATA, "--data-cache-dir", str(cache), "--max-length", "64",
             "--max-prompt-length", "48", "--data-num-workers", "2"]
