@@ -2,15 +2,20 @@
 traceback; and the start-up checks of the GPU backend (Transformer Engine version, FP8 hardware) decide right for
 any machine."""
 import ast
+import contextlib
 import importlib.metadata
+import io
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -19,9 +24,32 @@ from orpo_megatron.model import TRANSFORMER_ENGINE_SUPPORTED, backend_problems
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "orpo_megatron.train", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+def run_train(*args, process: bool = False) -> subprocess.CompletedProcess:
+    """The trainer's command line, in this process unless `process` (each subprocess spends seconds importing
+    torch and megatron-core): its exit status and stderr as a process would give them, an escaping exception as
+    the traceback Python would print. In-process cases must stop before torch.distributed starts."""
+    from orpo_megatron import train
+
+    if process:
+        return subprocess.run([sys.executable, "-m", "orpo_megatron.train", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the trainer's StopSignal
+    group_before = torch.distributed.is_initialized()  # conversion's one-process group, from an earlier test
+    stderr, returncode = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(stderr):
+            train.cli(list(args))
+    except SystemExit as exit_:
+        returncode = exit_.code if isinstance(exit_.code, int) else 1
+    except Exception:  # noqa: BLE001 - reported as the process would report it
+        stderr.write(traceback.format_exc())
+        returncode = 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert torch.distributed.is_initialized() == group_before, "this case started torch.distributed: pass process=True"
+    return subprocess.CompletedProcess(["orpo_megatron.train", *args], returncode, "", stderr.getvalue())
 
 
 def test_fp8_without_transformer_engine_or_gpu_exits_with_what_to_install(tiny_converted):
@@ -53,7 +81,7 @@ def test_wrong_flags_are_named(flags, message, tiny_converted):
 
 def test_warmup_longer_than_training_is_named(tiny_converted):
     proc = run_train("--load", tiny_converted, "--data-path", "examples/data/plain.jsonl", "--train-iters", "2",
-                     "--lr-warmup-iters", "2", "--max-length", "256", "--max-prompt-length", "192")
+                     "--lr-warmup-iters", "2", "--max-length", "256", "--max-prompt-length", "192", process=True)
     assert proc.returncode != 0
     assert "--lr-warmup-iters 2 must be smaller than the LR decay length 2" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
