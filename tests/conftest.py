@@ -1,5 +1,7 @@
 """Shared test fixtures: tiny HF models written once per session, and torchrun launching."""
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +70,18 @@ def checkpoint_weights(path: str) -> dict:
         tensors = checkpoint_format.read_layer(info.folder, info.hf, layer, stored)
         weights.update({f"layer{layer}.{k}": v for k, v in tensors.items()})
     return weights
+
+
+@contextlib.contextmanager
+def trainer_signal_handlers_undone():
+    """Around an in-process call of the trainer: gives pytest back the SIGTERM / SIGUSR1 handlers its StopSignal
+    installs."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import traceback
@@ -19,6 +18,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from conftest import trainer_signal_handlers_undone
 from orpo_megatron.model import TRANSFORMER_ENGINE_SUPPORTED, backend_problems
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,20 +34,16 @@ def run_train(*args, process: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "orpo_megatron.train", *args], capture_output=True, text=True,
                               timeout=300)
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the trainer's StopSignal
     group_before = torch.distributed.is_initialized()  # conversion's one-process group, from an earlier test
     stderr, returncode = io.StringIO(), 0
     try:
-        with contextlib.redirect_stderr(stderr):
+        with trainer_signal_handlers_undone(), contextlib.redirect_stderr(stderr):
             train.cli(list(args))
     except SystemExit as exit_:
         returncode = exit_.code if isinstance(exit_.code, int) else 1
     except Exception:  # noqa: BLE001 - reported as the process would report it
         stderr.write(traceback.format_exc())
         returncode = 1
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     assert torch.distributed.is_initialized() == group_before, "this case started torch.distributed: pass process=True"
     return subprocess.CompletedProcess(["orpo_megatron.train", *args], returncode, "", stderr.getvalue())
 

@@ -7,7 +7,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import trainer_signal_handlers_undone
 from orpo_megatron import model, parallel
 from orpo_megatron.parallel import connections_problem, cuda_device_index, first_slurm_host, launch_env
 
@@ -180,17 +180,12 @@ def test_first_rank_tokenizes_before_any_process_group_or_cuda(entry, tiny_conve
     monkeypatch.setattr(pipeline, "tokenize_dataset", tokenize_dataset)
     monkeypatch.setattr(parallel, "initialize", initialize)
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the trainer's StopSignal
     argv = ["--load", tiny_converted, "--data-path", DATA, "--data-cache-dir", str(cache), "--max-length", "64",
             "--max-prompt-length", "48", "--data-num-workers", "2"]
     argv += (["--eval-fraction", "0.2", "--train-iters", "1"] if entry == "train"
              else ["--output", str(tmp_path / "scores.jsonl")])
-    try:
-        with pytest.raises(Initialized):
-            (train if entry == "train" else evaluate).main(argv)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    with trainer_signal_handlers_undone(), pytest.raises(Initialized):
+        (train if entry == "train" else evaluate).main(argv)
     assert [call[0] for call in calls] == ["tokenize", "initialize"], calls
     _, written, process_group, cuda = calls[0]
     assert written and not process_group and not cuda  # it wrote the cache, before either started

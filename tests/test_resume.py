@@ -17,12 +17,11 @@ the interleaved schedule's forward-only steady state) and at TP1 x PP1 gives the
 import json
 import os
 import shutil
-import signal
 
 import pytest
 import torch
 
-from conftest import checkpoint_weights
+from conftest import checkpoint_weights, trainer_signal_handlers_undone
 from orpo_megatron import checkpoint_format, checkpointing, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,11 +166,8 @@ def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torch
                                                                 warmup=1))
     assert "resumed from iteration 3" in proc.stdout + proc.stderr
     unfrozen = train_args(converted, straight_save, data_cache, *[f for f in flags if f != "--freeze-router"])
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    with pytest.raises(SystemExit) as exit_info:
+    with trainer_signal_handlers_undone(), pytest.raises(SystemExit) as exit_info:
         train.cli(unfrozen)  # refused before any process group or model exists
-    for sig, handler in handlers.items():  # the trainer installed its stop handlers in this process
-        signal.signal(sig, handler)
     assert exit_info.value.code == 1
     assert "error: the checkpoint was saved with --freeze-router; resume with it" in capsys.readouterr().err
 

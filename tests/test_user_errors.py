@@ -13,12 +13,12 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
+from conftest import trainer_signal_handlers_undone
 from orpo_megatron import evaluate, train
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
@@ -61,12 +61,8 @@ def _data_layer(argv: list[str]) -> int:
 
 def _train_in_process(argv: list[str]) -> int:
     """train.cli, giving pytest back the SIGTERM / SIGUSR1 handlers the trainer installs."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+    with trainer_signal_handlers_undone():
         return _exit_code(train.cli, argv)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 def _subprocess_train(argv: list[str]) -> int:
