@@ -7,7 +7,7 @@ values from the last pipeline stage. Used by the trainer (forward + backward) an
 It does not step the optimizer.
 
 Nothing in the per-micro-batch path reads a device value back to the host: validation happens on the host
-before the move, and metric sums stay tensors until `ScheduleResult.metrics` or `moe_load_balancing_loss`.
+before the move, and metric sums stay tensors until `ScheduleResult.metrics`.
 """
 from __future__ import annotations
 
@@ -193,12 +193,3 @@ def run_micro_batches(
     return ScheduleResult(ORPOMetricSums.total(output["sums"] for output in outputs),
                           [output["pairs"] for output in outputs] if collect_pairs else [], positions)
 
-
-def moe_load_balancing_loss(num_micro_batches: int) -> float | None:
-    """The router's load-balancing loss of the last training pass, without its coefficient: summed over layers,
-    averaged over micro-batches and data-parallel ranks (MoE models only). A collective: call on every rank."""
-    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    if "load_balancing_loss" not in tracker:
-        return None
-    moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
-    return float(tracker["load_balancing_loss"]["values"].sum()) / num_micro_batches

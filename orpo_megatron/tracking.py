@@ -38,6 +38,9 @@ CONSOLE_COLUMNS = (
     ("real_token_fraction", "real", "{:.1%}"),
     ("tflops_per_gpu", "TFLOP/s/GPU", "{:.1f}"),
     ("mfu", "MFU", "{:.1%}"),
+    ("moe/max_load", "expert load max", "{:.2f}"),
+    ("moe/min_load", "min", "{:.2f}"),
+    ("moe/dead_experts", "dead experts", "{}"),
 )
 
 
@@ -221,9 +224,10 @@ class MetricsTracker:
             f.write(run_id + "\n")
         return run_id
 
-    def _write(self, event: dict[str, Any]) -> None:
+    def _write(self, event: dict[str, Any], file_only: Mapping[str, Any] | None = None) -> None:
+        """`event` to metrics.jsonl and W&B; `file_only` (tables, not scalars) to metrics.jsonl alone."""
         if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(event) + "\n")
+            self._metrics_file.write(json.dumps({**event, **(file_only or {})}) + "\n")
             self._metrics_file.flush()
         if self._wandb_run is not None:
             try:
@@ -262,18 +266,20 @@ class MetricsTracker:
     def log(self, metrics: Mapping[str, Any], iteration: int, consumed_pairs: int, prefix: str = "train") -> None:
         """One event: `metrics` (unprefixed names, e.g. 'loss', 'rewards/margins') under `prefix/`.
 
-        Training events also get this process's memory figures (`train/memory/...`).
+        Training events also get this process's memory figures (`train/memory/...`). A metric whose value is a
+        mapping (a table, such as the per-layer expert loads) goes to metrics.jsonl only.
         """
         if not self.enabled:
             return
         if prefix not in ("train", "eval"):
             raise ValueError(f"prefix must be 'train' or 'eval', got {prefix!r}")
-        values = {name: _scalar(name, value) for name, value in metrics.items()}
+        tables = {f"{prefix}/{name}": _jsonable(value) for name, value in metrics.items() if isinstance(value, Mapping)}
+        values = {name: _scalar(name, value) for name, value in metrics.items() if not isinstance(value, Mapping)}
         if prefix == "train":
             values.update(memory_metrics())
         event = {"iteration": int(iteration), "consumed_pairs": int(consumed_pairs),
                  **{f"{prefix}/{name}": value for name, value in values.items()}}
-        self._write(event)
+        self._write(event, file_only=tables)
         print(self._console_line(prefix, values, iteration, consumed_pairs), flush=True)
 
     def _console_line(self, prefix: str, values: Mapping[str, float], iteration: int, consumed_pairs: int) -> str:

@@ -8,6 +8,7 @@ import away. Launch with torchrun or srun; on a machine without a GPU it runs on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -29,11 +30,11 @@ from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
+from orpo_megatron.routing import RoutingStats
 from orpo_megatron.pipeline import (
     ScheduleResult,
     accelerator,
     batch_layout,
-    moe_load_balancing_loss,
     run_micro_batches,
 )
 
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.freeze_router:
         model.freeze_router(modules)
     chunks = wrap_data_parallel(config, args, modules)
+    routing_stats = RoutingStats(modules, hf.num_layers, hf.num_experts) if hf.is_moe else None
     optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
     config.grad_scale_func = optimizer.scale_loss
     scheduler = build_scheduler(args, optimizer, train_iters)
@@ -399,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     while iteration < train_iters and not stopped:
         started = time.perf_counter()
         step = next(train_iter)
-        result, grad_norm, applied = train_step(chunks, optimizer, scheduler, step, orpo_config)
+        log_step = (iteration + 1) % args.log_interval == 0 or iteration + 1 == train_iters
+        with routing_stats.recording() if routing_stats and log_step else contextlib.nullcontext():
+            result, grad_norm, applied = train_step(chunks, optimizer, scheduler, step, orpo_config)
         seconds = time.perf_counter() - started
         iteration += 1
         if not applied:  # the grad norm is reduced over every rank: all ranks decide alike
@@ -409,15 +413,14 @@ def main(argv: list[str] | None = None) -> int:
                                     f"applied; last good checkpoint: {last_good()}")
             log(f"WARNING: skipped iteration {iteration}: grad norm {grad_norm}, weights and optimizer state "
                 f"left as they were ({skipped}/{args.skip_nonfinite_steps} skips)")
-        if iteration % args.log_interval == 0 or iteration == train_iters:
+        if log_step:
             metrics = dict(result.metrics(orpo_config) or {}, grad_norm=grad_norm,
                            lr=scheduler.get_lr(optimizer.param_groups[0]))
             if logging_rank and applied and not all(map(math.isfinite, metrics.values())):
                 print(f"WARNING: non-finite metrics at iteration {iteration} with a finite grad norm (the step was "
                       "applied): " + ", ".join(k for k, v in metrics.items() if not math.isfinite(v)), flush=True)
-            load_balancing = moe_load_balancing_loss(len(step.micro_batches))
-            if load_balancing is not None:
-                metrics["moe_load_balancing_loss"] = load_balancing
+            if routing_stats:
+                metrics.update(routing_stats.metrics(len(step.micro_batches)))
             metrics.update(step_throughput(flops, step.micro_batches, result.positions, seconds))
             tracker.log(metrics, iteration, train_iter.consumed_pairs, prefix="train")
         if evaluation is not None and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == train_iters):

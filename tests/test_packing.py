@@ -17,9 +17,12 @@ the coefficient at 0, and the world-1 run shows the change (`fixed_rows`).
 """
 import glob
 import json
+import math
 import os
+import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 LAYOUTS = {  # name: (processes, flags)
     "tp1": (1, ["--fixed-rows-length", "1024"]),  # 8 pairs in one row; padded, 4 micro-batches of 2 pairs
@@ -29,7 +32,8 @@ LAYOUTS = {  # name: (processes, flags)
     # its steady state.
     "pp2_vp2": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
                     "--moe-aux-loss-coeff", "0"]),
-    "ep2_dp2": (2, ["--expert-model-parallel-size", "2"]),  # DP2 too: each rank packs its half of the batch
+    # DP2 too: each rank packs its half of the batch. The model has a dead expert (`dead_expert_model`).
+    "ep2_dp2": (2, ["--expert-model-parallel-size", "2", "--hf-dir", "<dead expert model>"]),
     "tp1_bf16": (1, ["--bf16"]),
 }
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -68,8 +72,28 @@ def assert_metrics_equal(ours: dict, reference: dict, tol: float = TOL) -> None:
         assert abs(ours[name] - reference[name]) <= tol * max(abs(reference[name]), 1.0), (name, ours, reference)
 
 
+DEAD_EXPERT = 3  # of layer 0
+
+
 @pytest.fixture(scope="module")
-def reports_of(torchrun, tiny_mixtral, tmp_path_factory):
+def dead_expert_model(tiny_mixtral, tmp_path_factory) -> str:
+    """The tiny Mixtral with expert 3 of layer 0 never routed to: hidden dimension 0 of layer 0's MoE input is
+    positive for every token (positive embeddings there, and attention writes nothing to it), and that expert's
+    router row weighs it by -1000."""
+    out = tmp_path_factory.mktemp("dead_expert")
+    for name in os.listdir(tiny_mixtral):
+        shutil.copy(os.path.join(tiny_mixtral, name), out / name)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.embed_tokens.weight"][:, 0] = tensors["model.embed_tokens.weight"][:, 0].abs() + 1.0
+    tensors["model.layers.0.self_attn.o_proj.weight"][0] = 0.0
+    tensors["model.layers.0.post_attention_layernorm.weight"][0] = 1.0
+    tensors["model.layers.0.block_sparse_moe.gate.weight"][DEAD_EXPERT, 0] = -1000.0
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reports_of(torchrun, tiny_mixtral, dead_expert_model, tmp_path_factory):
     """The worker's reports per layout; the layouts of one world size run in one launch (a launch costs seconds
     of imports per process), on first use."""
     runs = {}
@@ -77,7 +101,8 @@ def reports_of(torchrun, tiny_mixtral, tmp_path_factory):
     def get(name):
         nproc = LAYOUTS[name][0]
         if nproc not in runs:
-            same_world = {n: flags for n, (world, flags) in LAYOUTS.items() if world == nproc}
+            same_world = {n: [dead_expert_model if flag == "<dead expert model>" else flag for flag in flags]
+                          for n, (world, flags) in LAYOUTS.items() if world == nproc}
             runs[nproc] = run(torchrun, tiny_mixtral, str(tmp_path_factory.mktemp(f"world{nproc}")), nproc, same_world)
         return runs[nproc][name]
 
@@ -118,3 +143,43 @@ def test_fixed_rows_change_only_the_load_balancing_statistic(reports_of):
     assert fixed["rows"] < 4  # 8 pairs regrouped into fewer, longer micro-batches than the 4 padded ones
     assert_metrics_equal(fixed["metrics"], report["metrics"]["padded"])
     assert abs(fixed["load_balancing"] - fixed["padded_load_balancing"]) > 1e-4 * fixed["padded_load_balancing"]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_routing_metrics_count_the_real_tokens_each_expert_gets(name, reports_of):
+    """The routing metrics of both training passes (packed, padded) against transformers' router on the same
+    sequences, one at a time (no padding to leave out): each layer's expert loads (token counts over their mean),
+    the busiest and idlest expert, dead experts and the router's mean softmax entropy. Counts are exact in fp32;
+    in bf16 our hidden states round differently, so a few near-tied tokens may pick another expert."""
+    reports = reports_of(name)
+    by_dp_rank = {report["data_parallel_rank"]: report["reference_routing"] for report in reports}
+    reference = [[sum(table[layer][column] for table in by_dp_rank.values()) for column in range(6)]
+                 for layer in range(4)]
+    bf16 = "--bf16" in LAYOUTS[name][1]
+    for report in reports:
+        for kind in ("packed", "padded"):
+            ours = report["routing"][kind]
+            for layer, row in enumerate(reference):
+                counts, entropy, tokens = row[:4], row[4], row[5]
+                mean = sum(counts) / len(counts)
+                expected_loads = [count / mean for count in counts]
+                loads = ours["moe/expert_load"][str(layer)]
+                prefix = f"moe/layer_{layer}"
+                if bf16:
+                    assert max(abs(a - b) for a, b in zip(loads, expected_loads)) <= 0.05, (layer, loads, counts)
+                    assert ours[f"{prefix}/router_entropy"] == pytest.approx(entropy / tokens, rel=1e-2)
+                    continue
+                assert loads == pytest.approx(expected_loads, rel=1e-12), (kind, layer, loads, counts)
+                assert ours[f"{prefix}/max_load"] == pytest.approx(max(expected_loads), rel=1e-12)
+                assert ours[f"{prefix}/min_load"] == pytest.approx(min(expected_loads), rel=1e-12)
+                assert ours[f"{prefix}/dead_experts"] == sum(count == 0 for count in counts)
+                assert ours[f"{prefix}/router_entropy"] == pytest.approx(entropy / tokens, rel=1e-5)
+            layers = range(len(reference))
+            assert ours["moe/max_load"] == max(ours[f"moe/layer_{layer}/max_load"] for layer in layers)
+            assert ours["moe/dead_experts"] == sum(ours[f"moe/layer_{layer}/dead_experts"] for layer in layers)
+            if "moe_load_balancing_loss" in ours:
+                assert ours["moe_load_balancing_loss"] == pytest.approx(
+                    math.fsum(ours[f"moe/layer_{layer}/load_balancing_loss"] for layer in layers), rel=1e-9)
+    if name == "ep2_dp2":  # the forced-dead expert shows, and is the only one
+        assert reference[0][DEAD_EXPERT] == 0 and min(reference[0][:DEAD_EXPERT]) > 0
+        assert reports[0]["routing"]["packed"]["moe/layer_0/dead_experts"] == 1

@@ -72,3 +72,43 @@ def test_missing_empty_or_unusable_metrics_file_is_a_clear_error(tmp_path, capsy
     assert plot_metrics.main([str(run_dir)]) == 1
     assert message in capsys.readouterr().err
     assert not (run_dir / "metrics.png").exists()
+
+
+def moe_run(run_dir, steps: int = 12) -> dict:
+    """A synthetic MoE run: 3 layers of 4 experts; expert 2 of layer 1 dies at step 5. Returns the loads logged,
+    {(layer, expert): [load per step]}."""
+    synthetic_run(run_dir, steps)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    events = [json.loads(line) for line in open(path)]
+    expected = {}
+    for event in events:
+        if "train/loss" not in event:
+            continue
+        step = event["iteration"]
+        table = {}
+        for layer in range(3):
+            loads = [1.0 + 0.1 * ((layer + expert + step) % 3 - 1) for expert in range(4)]
+            if layer == 1 and step >= 5:
+                loads[2] = 0.0
+            table[str(layer)] = loads
+            for expert, load in enumerate(loads):
+                expected.setdefault((layer, expert), []).append(load)
+        event["train/moe/expert_load"] = table
+        event["train/moe/max_load"] = max(max(v) for v in table.values())
+        event["train/moe/min_load"] = min(min(v) for v in table.values())
+    write_events(path, events)
+    return expected
+
+
+def test_moe_run_gets_the_expert_load_heat_map_beside_the_curves(tmp_path, capsys):
+    expected = moe_run(tmp_path / "run")
+    events = plot_metrics.read_events(str(tmp_path / "run" / "metrics.jsonl"))
+    x, layers, rows = plot_metrics.expert_load_grid(events, "iteration")
+    assert x == list(range(1, 13)) and layers == ["0", "1", "2"]
+    assert rows == [expected[(layer, expert)] for layer in range(3) for expert in range(4)]
+    assert rows[1 * 4 + 2][4:] == [0.0] * 8  # the dead expert's row
+
+    output = tmp_path / "moe.png"
+    assert plot_metrics.main([str(tmp_path / "run"), "--output", str(output)]) == 0
+    assert "expert-load heat map of 3 layers" in capsys.readouterr().out
+    assert png_size(output) == (1600, 1300)  # the curves' column and the heat map's

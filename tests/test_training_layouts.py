@@ -110,6 +110,13 @@ def test_first_step_and_five_steps_match_single_process(name, torchrun, tiny_con
                 () if without_load_balancing else ("train/moe_load_balancing_loss",)):
         assert mixed(first[key], reference[key]) <= FIRST_STEP_TOL, (key, first[key], reference[key])
     assert 0.5 < first["train/real_token_fraction"] <= 1.0
+    # The first step routes the same real tokens with the same weights at every layout: the routing metrics
+    # (each rank counting its own tokens, summed; the recomputed pass counted once) are the single process's.
+    assert first["train/moe/expert_load"] == pytest.approx(reference["train/moe/expert_load"], rel=1e-12)
+    for layer in range(4):
+        for metric in ("max_load", "min_load", "dead_experts", "router_entropy"):
+            key = f"train/moe/layer_{layer}/{metric}"
+            assert relative(first[key], reference[key]) <= FIRST_STEP_TOL, (key, first[key], reference[key])
     for row, ref in zip(rows, single_process):
         assert relative(row["train/loss"], ref["train/loss"]) <= FIVE_STEP_TOL, (row["iteration"], row, ref)
         assert relative(row["train/grad_norm"], ref["train/grad_norm"]) <= FIVE_STEP_TOL

@@ -3,7 +3,9 @@
     python tools/plot_metrics.py RUN_DIR [--output PNG] [--x-axis iteration|consumed_pairs]
 
 Renders loss, NLL, log-odds (`log_odds_chosen`, ORPO runs only), reward margin and reward accuracy, training
-and (where present) evaluation, one panel each, to RUN_DIR/metrics.png by default.
+and (where present) evaluation, one panel each, to RUN_DIR/metrics.png by default. For MoE runs, beside them: the
+expert-load heat map (every layer's experts over the logged steps, each expert's token count over the layer's
+mean: 1 is balanced, 0 a dead expert) and the busiest and idlest expert's load.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ PANELS = (
     ("rewards/margins", "reward margin"),
     ("rewards/accuracies", "reward accuracy"),
 )
+
+
+EXPERT_LOAD = "train/moe/expert_load"  # {layer: [load of each expert]} per logged step
 
 
 class MetricsFileError(ValueError):
@@ -57,14 +62,50 @@ def series(events: list[dict], key: str, x_axis: str) -> tuple[list[float], list
     return [x for x, _ in points], [y for _, y in points]
 
 
-def plot(events: list[dict], output: str, title: str, x_axis: str = "iteration") -> int:
-    """Write the panels to `output`; returns how many panels had data."""
+def expert_load_grid(events: list[dict], x_axis: str) -> tuple[list[float], list[str], list[list[float]]]:
+    """The heat map's data: the x of each logged step with expert loads, the layers (in order), and one row per
+    (layer, expert) holding that expert's load at each of those steps."""
+    logged = [e for e in events if isinstance(e.get(EXPERT_LOAD), dict)]
+    layers = sorted({layer for e in logged for layer in e[EXPERT_LOAD]}, key=int)
+    rows = []
+    for layer in layers:
+        num_experts = max(len(e[EXPERT_LOAD].get(layer, [])) for e in logged)
+        for expert in range(num_experts):
+            rows.append([e[EXPERT_LOAD][layer][expert] if layer in e[EXPERT_LOAD] else math.nan for e in logged])
+    return [e[x_axis] for e in logged], layers, rows
+
+
+def plot_expert_load(ax, events: list[dict], x_axis: str) -> int:
+    """The expert-load heat map on `ax`; returns the number of layers drawn."""
+    x, layers, rows = expert_load_grid(events, x_axis)
+    image = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=0.0, vmax=2.0,
+                      extent=(x[0] - 0.5, x[-1] + 0.5, len(rows), 0) if len(x) > 1 else None)
+    per_layer = len(rows) // len(layers)
+    for boundary in range(per_layer, len(rows), per_layer):
+        ax.axhline(boundary, color="black", linewidth=0.5)
+    step = max(1, len(layers) // 16)  # at most 16 layer labels
+    ax.set_yticks([per_layer * (i + 0.5) for i in range(0, len(layers), step)],
+                  [f"layer {layers[i]}" for i in range(0, len(layers), step)], fontsize=7)
+    ax.set_title("expert load (tokens over the layer's mean; one row per expert)", fontsize=9)
+    ax.set_xlabel(x_axis.replace("_", " "))
+    ax.figure.colorbar(image, ax=ax, fraction=0.04)
+    return len(layers)
+
+
+def plot(events: list[dict], output: str, title: str, x_axis: str = "iteration") -> tuple[int, int]:
+    """Write the panels to `output`; returns how many curve panels had data and how many layers the expert-load
+    heat map shows (0: not an MoE run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 2.6 * len(PANELS)), sharex=True)
+    routed = any(isinstance(e.get(EXPERT_LOAD), dict) for e in events)
+    rows = len(PANELS) + (1 if routed else 0)
+    fig = plt.figure(figsize=(16 if routed else 8, 2.6 * len(PANELS)))
+    grid = fig.add_gridspec(rows, 2 if routed else 1)
+    axes = [fig.add_subplot(grid[0, 0])]
+    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, rows)]
     drawn = 0
     for ax, (metric, label) in zip(axes, PANELS):
         for split, style, color in (("train", "-", "C0"), ("eval", "o-", "C1")):
@@ -78,12 +119,21 @@ def plot(events: list[dict], output: str, title: str, x_axis: str = "iteration")
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
+    layers = 0
+    if routed:
+        for metric, label in (("moe/max_load", "busiest expert"), ("moe/min_load", "idlest expert")):
+            axes[-1].plot(*series(events, f"train/{metric}", x_axis), label=label)
+        axes[-1].axhline(1.0, color="gray", linewidth=0.5)
+        axes[-1].set_ylabel("expert load (all layers)", fontsize=8)
+        axes[-1].legend(loc="best")
+        axes[-1].grid(alpha=0.3)
+        layers = plot_expert_load(fig.add_subplot(grid[:, 1]), events, x_axis)
     axes[-1].set_xlabel(x_axis.replace("_", " "))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(output, dpi=100)
     plt.close(fig)
-    return drawn
+    return drawn, layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} has none of the plotted metrics "
               f"({', '.join('train/' + m for m, _ in PANELS)}, or eval/...)", file=sys.stderr)
         return 1
-    drawn = plot(events, output, title=os.path.basename(os.path.dirname(os.path.abspath(path))), x_axis=args.x_axis)
-    print(f"wrote {output} ({drawn} of {len(PANELS)} panels with data, {len(events)} events)")
+    drawn, layers = plot(events, output, title=os.path.basename(os.path.dirname(os.path.abspath(path))),
+                         x_axis=args.x_axis)
+    heat_map = f", expert-load heat map of {layers} layers" if layers else ""
+    print(f"wrote {output} ({drawn} of {len(PANELS)} panels with data{heat_map}, {len(events)} events)")
     return 0
 
 

@@ -30,18 +30,44 @@ from orpo_megatron.data.batching import BatchLayout, TrainPairIterator
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
-from orpo_megatron.pipeline import batch_layout, moe_load_balancing_loss, run_micro_batches
+from orpo_megatron.pipeline import batch_layout, run_micro_batches
+from orpo_megatron.routing import RoutingStats
 
 BETA, GLOBAL_BATCH = 0.1, 8
 
 
-def training_pass(chunks, step, orpo_config):
+def training_pass(chunks, step, orpo_config, routing: RoutingStats):
+    """Gradients, TRL metrics, the load-balancing loss summed over layers, and the routing metrics."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     normalizers = GlobalNormalizers(step.num_pairs, step.num_nll_targets(orpo_config.nll_on_prompt))
-    result = run_micro_batches(chunks, step.micro_batches, orpo_config, forward_only=False, normalizers=normalizers)
+    with routing.recording():
+        result = run_micro_batches(chunks, step.micro_batches, orpo_config, forward_only=False,
+                                   normalizers=normalizers)
     grads = {name: param.main_grad.clone() for chunk in chunks for name, param in chunk.named_parameters()}
-    return grads, result.metrics(orpo_config), moe_load_balancing_loss(len(step.micro_batches))
+    routing_metrics = routing.metrics(len(step.micro_batches))
+    return grads, result.metrics(orpo_config), routing_metrics.get("moe_load_balancing_loss"), routing_metrics
+
+
+def reference_routing(hf_dir: str, micro_batches) -> list[list[float]]:
+    """transformers' Mixtral on this rank's sequences of padded micro-batches, one sequence at a time: per layer,
+    how many tokens each expert's top-k takes, the router's softmax entropy summed, and the token count."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    config = reference.config
+    table = torch.zeros(config.num_hidden_layers, config.num_local_experts + 2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in micro_batches:
+            for ids, padding in zip(batch.input_ids, batch.padding_mask):
+                logits_per_layer = reference(ids[~padding][None], output_router_logits=True).router_logits
+                for layer, logits in enumerate(logits_per_layer):
+                    probs = torch.softmax(logits.double(), dim=-1)
+                    chosen = probs.topk(config.num_experts_per_tok, dim=-1).indices
+                    table[layer, :-2] += torch.zeros_like(probs).scatter_(1, chosen, 1.0).sum(0)
+                    table[layer, -2] += -torch.special.xlogy(probs, probs).sum()  # 0 log 0 = 0
+                    table[layer, -1] += probs.shape[0]
+    return table.tolist()
 
 
 def worst_relative(packed: dict, padded: dict) -> float:
@@ -142,18 +168,24 @@ def run(args: argparse.Namespace) -> None:
         return next(iterator), iterator
 
     orpo_config = ORPOConfig(vocab_size=hf.vocab_size, beta=BETA)
+    routing = RoutingStats([chunk.module for chunk in chunks], hf.num_layers, hf.num_experts)
     (packed, iterator), (padded, _) = step_of(packed_layout), step_of(padded_layout)
-    packed_grads, packed_metrics, packed_balancing = training_pass(chunks, packed, orpo_config)
-    padded_grads, padded_metrics, padded_balancing = training_pass(chunks, padded, orpo_config)
+    packed_grads, packed_metrics, packed_balancing, packed_routing = training_pass(chunks, packed, orpo_config,
+                                                                                  routing)
+    padded_grads, padded_metrics, padded_balancing, padded_routing = training_pass(chunks, padded, orpo_config,
+                                                                                  routing)
     report = {"layout": layout.describe(), "grads": worst_relative(packed_grads, padded_grads),
               "rows": [tuple(b.input_ids.shape) for b in packed.micro_batches],
               "metrics": {"packed": packed_metrics, "padded": padded_metrics},
-              "load_balancing": {"packed": packed_balancing, "padded": padded_balancing}}
+              "load_balancing": {"packed": packed_balancing, "padded": padded_balancing},
+              "routing": {"packed": packed_routing, "padded": padded_routing},
+              "data_parallel_rank": dp_rank,
+              "reference_routing": reference_routing(args.hf_dir, padded.micro_batches)}
     if args.fixed_rows_length:
         coefficient, config.moe_aux_loss_coeff = config.moe_aux_loss_coeff, hf.router_aux_loss_coef
         fixed, _ = step_of(BatchLayout(fixed_length_rows=True, packed_length=args.fixed_rows_length))
-        _, fixed_metrics, fixed_balancing = training_pass(chunks, fixed, orpo_config)
-        _, _, padded_balancing = training_pass(chunks, padded, orpo_config)
+        _, fixed_metrics, fixed_balancing, _ = training_pass(chunks, fixed, orpo_config, routing)
+        _, _, padded_balancing, _ = training_pass(chunks, padded, orpo_config, routing)
         config.moe_aux_loss_coeff = coefficient
         report["fixed_rows"] = {"rows": len(fixed.micro_batches), "metrics": fixed_metrics,
                                 "load_balancing": fixed_balancing, "padded_load_balancing": padded_balancing}
