@@ -78,8 +78,9 @@ def expert_load_grid(events: list[dict], x_axis: str) -> tuple[list[float], list
 def plot_expert_load(ax, events: list[dict], x_axis: str) -> int:
     """The expert-load heat map on `ax`; returns the number of layers drawn."""
     x, layers, rows = expert_load_grid(events, x_axis)
+    half_step = (x[-1] - x[0]) / (len(x) - 1) / 2 if len(x) > 1 else 0.5  # each cell centred on its step
     image = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=0.0, vmax=2.0,
-                      extent=(x[0] - 0.5, x[-1] + 0.5, len(rows), 0) if len(x) > 1 else None)
+                      extent=(x[0] - half_step, x[-1] + half_step, len(rows), 0))
     per_layer = len(rows) // len(layers)
     for boundary in range(per_layer, len(rows), per_layer):
         ax.axhline(boundary, color="black", linewidth=0.5)
