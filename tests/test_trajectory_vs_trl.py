@@ -15,20 +15,20 @@ Two things are left out on purpose, because the two sides define them differentl
   its padding positions see other keys than ours; ours are packed rows without padding. The objective's tests
   check these metrics against TRL's formula on TRL's layout (test_orpo_vs_transformers.py).
 """
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
-from conftest import REPO, checkpoint_weights, trainer_signal_handlers_undone
+from conftest import checkpoint_weights, trainer_signal_handlers_undone
 from megatron.core import parallel_state
+from test_orpo_vs_trl_benchmark import load_benchmark
 from workers.trl_reference import CPO_CASES
 
 from orpo_megatron import checkpoint_format, checkpointing, hf_mapping, parallel, train
 
 NUM_STEPS, NUM_PAIRS = 3, 8
-LR = 1e-3  # large enough that a lost optimizer setting moves the metrics of steps 2 and 3 far beyond the tolerance
+LR = 1e-3  # large enough that a lost optimizer setting moves steps 2 and 3 and the weights beyond the tolerances
 # (our flag, TRL's config field, value); every value off both sides' defaults.
 OPTIMIZER = [("--adam-beta1", "adam_beta1", 0.8), ("--adam-beta2", "adam_beta2", 0.95),
              ("--adam-eps", "adam_epsilon", 1e-6), ("--weight-decay", "weight_decay", 0.1),
@@ -45,13 +45,6 @@ DIFFERENCES = {"rewards/margins": ("rewards/chosen", "rewards/rejected"),
 # or clipping) moves the grad norm by 1.3e-4 to 4e-3 and a tensor's update by 2e-2 to 2e-1.
 METRIC_TOL = 1e-4  # relative
 WEIGHT_TOL = 1e-3  # of each tensor's update over the 3 steps, relative to its norm
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("orpo_vs_trl", os.path.join(REPO, "benchmarks", "orpo_vs_trl.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
