@@ -172,10 +172,10 @@ def run_ours(conn, name: str, inputs: dict, workdir: str, precision: str, num_st
 
 
 def our_train_args(inputs: dict, data_cache: str, precision: str, num_steps: int, lr: float = LR,
-                   log_interval: int = LOG_INTERVAL) -> list[str]:
+                   log_interval: int = LOG_INTERVAL, micro_batch_size: int = PAIRS_PER_STEP) -> list[str]:
     """Our trainer's command line for the benchmark's model and pairs (see the module docstring)."""
     return ["--load", inputs["checkpoint"], "--data-path", inputs["data"], "--data-cache-dir", data_cache,
-            "--eval-fraction", "0", "--max-length", str(MAX_LENGTH), "--micro-batch-size", str(PAIRS_PER_STEP),
+            "--eval-fraction", "0", "--max-length", str(MAX_LENGTH), "--micro-batch-size", str(micro_batch_size),
             "--global-batch-size", str(PAIRS_PER_STEP), "--train-iters", str(num_steps), "--lr", str(lr),
             "--log-interval", str(log_interval), "--seed", str(DATA_SEED),
             "--bf16" if precision == "bf16" else "--no-bf16"]
