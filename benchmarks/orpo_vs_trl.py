@@ -52,6 +52,7 @@ PAIRS_PER_STEP = 2
 MODEL_SEED = 7
 DATA_SEED = 1234
 LOG_INTERVAL = 10
+LR = 1e-6
 MAX_LENGTH = 1024
 # Side name -> our trainer's extra flags (None: TRL). "ours-padded" computes TRL's padded positions.
 SIDE_FLAGS = {"ours": [], "trl": None, "ours-padded": ["--no-packing"]}
@@ -166,13 +167,18 @@ def run_ours(conn, name: str, inputs: dict, workdir: str, precision: str, num_st
         return result
 
     train.train_step = timed_train_step
-    train.main([
-        "--load", inputs["checkpoint"], "--data-path", inputs["data"], "--data-cache-dir",
-        os.path.join(workdir, "ours_cache"), "--eval-fraction", "0", "--max-length", str(MAX_LENGTH),
-        "--micro-batch-size", str(PAIRS_PER_STEP), "--global-batch-size", str(PAIRS_PER_STEP),
-        "--train-iters", str(num_steps), "--lr", "1e-6", "--log-interval", str(LOG_INTERVAL),
-        "--seed", str(DATA_SEED), "--bf16" if precision == "bf16" else "--no-bf16", *SIDE_FLAGS[name]])
+    train.main(our_train_args(inputs, os.path.join(workdir, "ours_cache"), precision, num_steps) + SIDE_FLAGS[name])
     raise RuntimeError(f"our trainer finished its {num_steps} steps before the driver stopped it")
+
+
+def our_train_args(inputs: dict, data_cache: str, precision: str, num_steps: int, lr: float = LR,
+                   log_interval: int = LOG_INTERVAL, micro_batch_size: int = PAIRS_PER_STEP) -> list[str]:
+    """Our trainer's command line for the benchmark's model and pairs (see the module docstring)."""
+    return ["--load", inputs["checkpoint"], "--data-path", inputs["data"], "--data-cache-dir", data_cache,
+            "--eval-fraction", "0", "--max-length", str(MAX_LENGTH), "--micro-batch-size", str(micro_batch_size),
+            "--global-batch-size", str(PAIRS_PER_STEP), "--train-iters", str(num_steps), "--lr", str(lr),
+            "--log-interval", str(log_interval), "--seed", str(DATA_SEED),
+            "--bf16" if precision == "bf16" else "--no-bf16"]
 
 
 def run_trl(conn, name: str, inputs: dict, workdir: str, precision: str, num_steps: int, warmup: int, block: int,
@@ -197,27 +203,38 @@ def run_trl(conn, name: str, inputs: dict, workdir: str, precision: str, num_ste
     raise RuntimeError(f"TRL finished its {num_steps} steps before the driver stopped it")
 
 
-def trl_trainer(inputs: dict, output_dir: str, precision: str, num_steps: int):
-    """TRL's ORPOTrainer on the benchmark's model and pairs, in our visiting order (see the module docstring)."""
+def trl_trainer(inputs: dict, output_dir: str, precision: str, num_steps: int, loss_type: str = "orpo",
+                load_balancing: bool = True, **config_overrides):
+    """TRL's ORPOTrainer (or, for another `loss_type`, `trl.experimental.cpo.CPOTrainer` with it) on the
+    benchmark's model and pairs, in our visiting order (see the module docstring). `config_overrides`: ORPOConfig
+    / CPOConfig fields set otherwise than here (beta, learning_rate, ...); `load_balancing` False leaves the MoE
+    load-balancing loss out."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
+    if loss_type == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+    else:
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+
+        config_overrides["loss_type"] = loss_type
     with open(inputs["data"], encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f]
     ordered = [pairs[i] for i in visiting_order(len(pairs), num_steps)]
     tokenizer = AutoTokenizer.from_pretrained(inputs["hf_dir"])
     tokenizer.pad_token = tokenizer.eos_token  # the collator needs one; padded positions are masked out
     model = AutoModelForCausalLM.from_pretrained(inputs["hf_dir"], dtype="float32")
-    model.config.output_router_logits = True  # the load-balancing loss, as ours computes it
-    config = ORPOConfig(
-        output_dir=output_dir, per_device_train_batch_size=PAIRS_PER_STEP, gradient_accumulation_steps=1,
-        max_steps=num_steps, learning_rate=1e-6, lr_scheduler_type="linear", max_grad_norm=1.0,
-        bf16=precision == "bf16", use_cpu=True, gradient_checkpointing=False, max_length=MAX_LENGTH,
-        logging_steps=LOG_INTERVAL, train_sampling_strategy="sequential", report_to="none", save_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0, seed=DATA_SEED)
-    return ORPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(ordered),
-                       processing_class=tokenizer)
+    # The load-balancing loss: the same work as ours, in transformers' form (tests/test_trajectory_vs_trl.py).
+    model.config.output_router_logits = load_balancing
+    config = Config(**{
+        **dict(output_dir=output_dir, per_device_train_batch_size=PAIRS_PER_STEP, gradient_accumulation_steps=1,
+               max_steps=num_steps, learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0,
+               bf16=precision == "bf16", use_cpu=True, gradient_checkpointing=False, max_length=MAX_LENGTH,
+               logging_steps=LOG_INTERVAL, train_sampling_strategy="sequential", report_to="none",
+               save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=DATA_SEED),
+        **config_overrides})
+    return Trainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(ordered),
+                   processing_class=tokenizer)
 
 
 def trl_step_sizes(train_dataset) -> list[tuple[int, int]]:

@@ -1,5 +1,5 @@
-"""Loss and every TRL metric of our model on a fixed batch, padded and packed, equal transformers' Mixtral + TRL's
-formulas."""
+"""Loss, every TRL metric and the per-pair values of our model on a fixed batch, padded and packed, equal
+transformers' Mixtral + TRL's formulas, for ORPO and each CPO-family loss, at TP1, TP2xEP2 and PP2."""
 import json
 
 import pytest
@@ -12,7 +12,8 @@ RELATIVE_TOL = 1e-5  # fp32
 @pytest.mark.parametrize("nproc, flags", [
     (1, []),
     (4, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
-], ids=["tp1", "tp2_ep2"])
+    (2, ["--pipeline-model-parallel-size", "2"]),
+], ids=["tp1", "tp2_ep2", "pp2"])
 def test_loss_and_metrics_match_transformers_and_trl(nproc, flags, torchrun, tiny_mixtral, tiny_converted, tmp_path):
     out = tmp_path / "report.json"
     torchrun("orpo_vs_transformers.py", nproc, "--load", tiny_converted, "--hf-dir", tiny_mixtral, "--out", str(out),
@@ -20,6 +21,8 @@ def test_loss_and_metrics_match_transformers_and_trl(nproc, flags, torchrun, tin
              *flags)
     report = json.loads(out.read_text())
     check_against_trl(report, report, METRICS)
+    if "--pipeline-model-parallel-size" in flags:  # the trainer's fixed-length packed rows: a padding tail
+        assert report["packed_row"]["positions"] > report["packed_row"]["real_tokens"], report["packed_row"]
     reference = report["reference"]
     # The fixed batch is not degenerate: the two completions of a pair really differ in log-probability.
     assert reference["logps/chosen"] != reference["logps/rejected"]
@@ -47,3 +50,13 @@ def check_against_trl(ours_and_reference: dict, report: dict, metrics: list[str]
             scale = max(abs(reference[name]), 1e-3)
             assert abs(ours[name] - reference[name]) <= RELATIVE_TOL * scale, (layout, name, ours[name],
                                                                                 reference[name])
+        # Per pair: sequence log-probs (a pair's rewards are beta times them on both sides), the pair term of the
+        # loss, the chosen NLL, and ORPO's log odds.
+        ours, reference = ours_and_reference[f"{layout}_pairs"], ours_and_reference["reference_pairs"]
+        assert sorted(ours) == sorted(reference)
+        for name, values in reference.items():
+            for pair, (value, expected) in enumerate(zip(ours[name], values, strict=True)):
+                scale = max(abs(expected), 1e-3)
+                if name == "log_odds":  # about chosen - rejected log-prob: fp32 rounds each relative to itself
+                    scale = max(scale, abs(reference["chosen_logps"][pair]), abs(reference["rejected_logps"][pair]))
+                assert abs(value - expected) <= RELATIVE_TOL * scale, (layout, name, pair, value, expected)

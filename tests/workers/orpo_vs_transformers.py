@@ -1,7 +1,9 @@
 """Worker: ORPO loss and TRL metrics of our model on a fixed batch vs transformers' Mixtral + TRL's formulas.
 
 Our side: the converted checkpoint loaded at the given layout, the bundled data through our data layer, one
-forward-only pass of `pipeline.run_micro_batches` with the pairs padded and with them packed into one row.
+forward-only pass of `pipeline.run_micro_batches` with the pairs padded and with them packed into one row (with
+pipelining, a row of a fixed length longer than the pairs, as the trainer packs rows there: a padding tail after
+the last sequence). The values live on the last pipeline stage, whose first rank writes the report.
 Reference side: transformers' MixtralForCausalLM on the HF weights and the same token ids padded as TRL's collator
 pads them, then TRL ORPOTrainer's formulas written out in plain PyTorch (`trl_reference`), and TRL CPOTrainer's
 for each CPO-family config (`cpo_reference`, under "cpo").
@@ -14,13 +16,16 @@ from trl_reference import CPO_CASES, cpo_reference, trl_padded_batch, trl_refere
 
 from orpo_megatron import arguments, checkpoint_format, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
-from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batch
+from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batch, round_up
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.pipeline import length_multiple, run_micro_batches
+from orpo_megatron.pipeline import batch_layout, run_micro_batches
 
 BETA, NUM_PAIRS = 0.1, 4
+# Per-pair values of both sides; a pair's rewards are beta times its log-probs on both.
+PAIR_VALUES = ("chosen_logps", "rejected_logps", "log_odds", "pair_loss", "chosen_nll")
+FIXED_ROW_TAIL = 37  # padding positions after the pairs in a fixed-length packed row
 
 
 def main() -> None:
@@ -44,17 +49,24 @@ def main() -> None:
     data_config = DataConfig.from_args(args)
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
-    multiple = length_multiple(layout.tensor_model_parallel_size, config.sequence_parallel, fp8=False)
+    batches = batch_layout(True, None, layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+                           layout.virtual_pipeline_model_parallel_size, config.sequence_parallel, fp8=False)
     columns, pad_id = pairs[:NUM_PAIRS], pair_tokenizer.tokenizer.pad_id
+    multiple = batches.length_multiple
+    padded = padded_micro_batch(columns, pad_id, multiple)
+    packed_length = (round_up(padded.num_real_tokens + FIXED_ROW_TAIL, multiple) if batches.fixed_length_rows
+                     else None)
     configs = {"orpo": ORPOConfig(vocab_size=hf.vocab_size, beta=BETA),
                **{name: ORPOConfig(vocab_size=hf.vocab_size, **case) for name, case in CPO_CASES.items()}}
+    packed = packed_micro_batch(columns, pad_id, multiple, packed_length)
     ours = {}
-    for name, batch in (("padded", padded_micro_batch(columns, pad_id, multiple)),
-                        ("packed", packed_micro_batch(columns, pad_id, multiple))):
+    for name, batch in (("ours", padded), ("ours_packed", packed)):
         for loss_name, orpo_config in configs.items():
             with torch.no_grad():
-                result = run_micro_batches(chunks, [batch], orpo_config, forward_only=True)
-            ours[(name, loss_name)] = result.metrics(orpo_config)
+                result = run_micro_batches(chunks, [batch], orpo_config, forward_only=True, collect_pairs=True)
+            if result.sums is not None:  # the last pipeline stage
+                ours.setdefault(loss_name, {})[name] = result.metrics(orpo_config)
+                ours[loss_name][f"{name}_pairs"] = pair_lists(vars(result.pairs[0]))
 
     if parallel.is_logging_rank():
         from transformers import AutoModelForCausalLM
@@ -69,21 +81,28 @@ def main() -> None:
         for half, rows in (("chosen", range(NUM_PAIRS)), ("rejected", range(NUM_PAIRS, 2 * NUM_PAIRS))):
             block = torch.cat([logits[row, :lengths[row] - 1, :hf.vocab_size] for row in rows]).double()
             real_positions[f"logits/{half}"] = block.mean().item()
-        report = {"ours": ours[("padded", "orpo")], "ours_packed": ours[("packed", "orpo")],
-                  "cpo": {name: {"ours": ours[("padded", name)], "ours_packed": ours[("packed", name)],
-                                 "reference": cpo_reference(logits, batch, vocab_size=hf.vocab_size, **case)["metrics"],
-                                 "reference_causal_only": cpo_reference(causal_logits, batch, vocab_size=hf.vocab_size,
-                                                                        **case)["metrics"]}
+
+        def compared(loss_name, reference):
+            # Our attention is causal only; TRL's call also masks padding keys. Real positions are the same
+            # either way (right padding), padding positions are not, and `logits/*` averages them too.
+            masked, causal_only = reference(logits), reference(causal_logits)
+            return {**ours[loss_name], "reference": masked["metrics"], "reference_pairs": pair_lists(masked),
+                    "reference_causal_only": causal_only["metrics"]}
+
+        report = {**compared("orpo", lambda x: trl_reference(x, batch, BETA)),
+                  "cpo": {name: compared(name, lambda x: cpo_reference(x, batch, vocab_size=hf.vocab_size, **case))
                           for name, case in CPO_CASES.items()},
-                  "reference": trl_reference(logits, batch, BETA)["metrics"],
-                  # Our attention is causal only; TRL's call also masks padding keys. Real positions are the same
-                  # either way (right padding), padding positions are not, and `logits/*` averages them too.
-                  "reference_causal_only": trl_reference(causal_logits, batch, BETA)["metrics"],
                   "reference_real_positions": real_positions,
-                  "layout": layout.describe()}
+                  "layout": layout.describe(),
+                  "packed_row": {"positions": packed.num_positions, "real_tokens": packed.num_real_tokens}}
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     parallel.destroy()
+
+
+def pair_lists(values: dict) -> dict[str, list[float]]:
+    """The per-pair values (`objective.PairValues` fields, or a TRL reference's) both sides have, as lists."""
+    return {name: values[name].tolist() for name in PAIR_VALUES if values.get(name) is not None}
 
 
 if __name__ == "__main__":
