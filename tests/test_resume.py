@@ -184,3 +184,31 @@ def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torch
             assert torch.equal(final[name], initial[name]), name
         moved = [name for name in initial if name not in routers and not torch.equal(final[name], initial[name])]
         assert len(moved) >= len(initial) - len(routers) - 2, moved  # all but possibly untouched embedding rows
+
+
+def test_exit_interval_and_exit_duration_stop_after_the_right_step_with_a_checkpoint(converted, data_cache, tmp_path,
+                                                                                      capsys):
+    """In this process at world 1: `--exit-interval 2` stops after step 2, saved, with status 3; the same command
+    with `--exit-duration-in-mins` set below the start-up time stops after the first step it runs (3), saved; a
+    plain resume trains on to the end, every step logged once."""
+    from megatron.core import parallel_state
+
+    from orpo_megatron import parallel
+
+    save = str(tmp_path / "train")
+
+    def run(*flags: str) -> int:
+        if parallel_state.model_parallel_is_initialized():  # another test's one-process group (conversion)
+            parallel.destroy()
+        with trainer_signal_handlers_undone():
+            return train.main(train_args(converted, save, data_cache, *flags, iters=6))
+
+    assert run("--exit-interval", "2") == train.EXIT_STOPPED_SAVED
+    assert checkpointing.latest_iteration(save) == 2
+    assert "stopped by --exit-interval 2 at iteration 2; 4 of 6 steps left" in capsys.readouterr().out
+    assert run("--exit-duration-in-mins", "0.001") == train.EXIT_STOPPED_SAVED  # 60 ms
+    assert checkpointing.latest_iteration(save) == 3
+    assert "stopped by --exit-duration-in-mins 0.001 at iteration 3; 3 of 6 steps left" in capsys.readouterr().out
+    assert run() == 0
+    assert checkpointing.latest_iteration(save) == 6
+    assert sorted(steps(save)) == [1, 2, 3, 4, 5, 6]
