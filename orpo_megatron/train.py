@@ -102,6 +102,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Training checkpoint directory. A run whose --save already holds a checkpoint resumes "
                             "from its newest complete iteration (so a requeued job continues).")
     group.add_argument("--save-interval", type=int, default=None, help="Save every N steps. Default: only at the end.")
+    group.add_argument("--finetune", action="store_true",
+                       help="Start a new run from the weights of --load, even a training checkpoint of ours or "
+                            "Megatron-LM's: iteration 0, a new optimizer and LR schedule, the data from its start "
+                            "(Megatron-LM's flag; e.g. ORPO from one's own SFT run). A --save that already holds "
+                            "this run's checkpoint resumes it as usual. Default: a training checkpoint resumes.")
+    group.add_argument("--no-load-optim", action="store_true",
+                       help="Resuming: load the weights, iteration and data position but not the optimizer state: "
+                            "Adam starts anew and the LR schedule continues at the iteration (Megatron-LM's flag).")
+    group.add_argument("--no-load-rng", action="store_true",
+                       help="Resuming: keep the RNG state --seed gives instead of the checkpoint's (Megatron-LM's "
+                            "flag; the ORPO step itself draws no random numbers).")
     group.add_argument("--allow-data-change", action="store_true",
                        help="Resume even when the training pairs differ from those the checkpoint was trained on "
                             "(same count, other content: edited data or tokenization flags), logging the change. "
@@ -310,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     check_present(args.data_path)  # before minutes of model building
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
+    if args.finetune and not resume_dir:  # the weights alone: a new run
+        checkpoint = dataclasses.replace(checkpoint, train_state=None)
     model.check_freeze_router_resume(checkpoint.train_state, args.freeze_router)
     hf = checkpoint.hf
     # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
@@ -364,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = build_scheduler(args, optimizer, train_iters)
 
     # Weights, and the training state when resuming.
-    state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log)
+    state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log,
+                               load_optimizer=not args.no_load_optim, load_rng=not args.no_load_rng)
     iteration = state["iteration"] if state else 0
     if state:
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
