@@ -19,6 +19,7 @@ setup(
         "tokenizers>=0.21",
         "datasets>=3.0",
         "wandb>=0.19",
+        "tensorboard>=2.14",  # --tensorboard-dir: torch.utils.tensorboard writes through it
         "safetensors>=0.4",
         "jinja2>=3.1",
         "numpy",

@@ -68,6 +68,7 @@
 #   GLOBAL_BATCH MICRO_BATCH MAX_LENGTH MAX_PROMPT_LENGTH LR WARMUP LR_DECAY_STYLE BETA SEED
 #   EVAL_FRACTION     held-out fraction of the training pairs for eval/ metrics (default 0: the recipe trains on all)
 #   SAVE_INTERVAL KEEP_LAST EVAL_INTERVAL LOG_INTERVAL DATA_WORKERS
+#   EXIT_MARGIN_MINS  minutes before the time limit at which the trainer saves and stops (default 15)
 #   WANDB_PROJECT WANDB_EXP_NAME (WANDB_MODE=offline is honoured)   EXTRA_ARGS  more trainer flags, word-split
 #   EXPORT_HF=1       export the trained weights to HF format at the end (to EXPORT_DIR, default $RUN_DIR/hf)
 #   PYTHON            interpreter with orpo_megatron installed (default python);  ORPO_REPO  the repository
@@ -77,8 +78,9 @@
 # forwards it to every task, and the trainer (its StopSignal) finishes the step, saves a checkpoint and exits 3
 # (stopped early, checkpoint saved; 4 would mean nothing saved); the shell then requeues the job (`--requeue`
 # allows it) and the next run resumes from SAVE_DIR. B: is used rather than signalling the tasks directly so that
-# this shell knows the stop was a time-limit one. SIGTERM (scancel, or the limit itself) is forwarded too, so the
-# tasks still save, but the job then ends with status 3 and no requeue. Only a trainer that trained to the end
+# this shell knows the stop was a time-limit one. The trainer also gets --exit-duration-in-mins (the time left
+# less EXIT_MARGIN_MINS), so it stops and is requeued the same way if the warning is lost. SIGTERM (scancel, or
+# the limit itself) is forwarded too, so the tasks still save, but the job then ends with status 3 and no requeue. Only a trainer that trained to the end
 # (status 0) goes on to the export.
 # `--open-mode=append` keeps the output of every requeued run in one file.
 #
@@ -158,9 +160,11 @@ export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 
 REQUEUE=0
+TERMINATED=0
 TRAIN_PID=
 on_signal() {  # $1: USR1 (time-limit warning: save, exit, requeue) or TERM (save, exit)
     [ "$1" = USR1 ] && REQUEUE=1
+    [ "$1" = TERM ] && TERMINATED=1
     echo "$(date '+%F %T') batch shell got SIG$1${TRAIN_PID:+: the trainer saves a checkpoint and exits}"
     [ -z "$TRAIN_PID" ] || kill -s "$1" "$TRAIN_PID" 2>/dev/null || true
 }
@@ -209,6 +213,17 @@ if [ "$BF16" = 1 ]; then ARGS+=(--bf16); else ARGS+=(--no-bf16); fi
 [ "$EVAL_FRACTION" != 0 ] && ARGS+=(--eval-fraction "$EVAL_FRACTION")
 [ -n "$WANDB_PROJECT" ] && ARGS+=(--wandb-project "$WANDB_PROJECT")
 [ -n "$WANDB_EXP_NAME" ] && ARGS+=(--wandb-exp-name "$WANDB_EXP_NAME")
+# Stop before the time limit even if the USR1 warning never comes: --exit-duration-in-mins is the job's time left
+# at launch (squeue's %L: [D-][HH:]MM:SS) less EXIT_MARGIN_MINS, room for a step and a save (default 15, as
+# the warning). A trainer stopped that way exits 3 like one stopped by USR1, and the job is requeued the same way.
+EXIT_MARGIN_MINS=${EXIT_MARGIN_MINS:-15}
+TIME_LEFT=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null || true)
+if [[ $TIME_LEFT =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]]; then
+    MINUTES_LEFT=$(( 10#${BASH_REMATCH[2]:-0} * 1440 + 10#${BASH_REMATCH[4]:-0} * 60 + 10#${BASH_REMATCH[5]} ))
+    if (( MINUTES_LEFT > EXIT_MARGIN_MINS )); then
+        ARGS+=(--exit-duration-in-mins $(( MINUTES_LEFT - EXIT_MARGIN_MINS )))
+    fi
+fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is a word-split list of flags by design
 ARGS+=($EXTRA_ARGS)
 
@@ -227,15 +242,16 @@ while :; do
     break
 done
 trap - USR1 TERM
-EXIT_STOPPED_SAVED=3  # the trainer's status for "stopped by a signal, checkpoint saved" (python -m orpo_megatron.train --help)
-if [ "$status" = "$EXIT_STOPPED_SAVED" ] && [ "$REQUEUE" = 1 ]; then
+EXIT_STOPPED_SAVED=3  # the trainer's status for "stopped early, checkpoint saved" (python -m orpo_megatron.train --help)
+# Stopped by the time-limit warning or by --exit-duration-in-mins (not by scancel's TERM): continue in a new run.
+if [ "$status" = "$EXIT_STOPPED_SAVED" ] && [ "$TERMINATED" = 0 ]; then
     echo "$(date '+%F %T') stopped before the time limit; requeueing job $SLURM_JOB_ID to resume from $SAVE_DIR"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
 if [ "$status" -ne 0 ]; then
     if [ "$status" = "$EXIT_STOPPED_SAVED" ]; then
-        echo "$(date '+%F %T') trainer stopped early by a signal; a checkpoint is in $SAVE_DIR (submit again to" \
+        echo "$(date '+%F %T') trainer stopped early by SIGTERM; a checkpoint is in $SAVE_DIR (submit again to" \
              "resume); no export" >&2
     else
         echo "$(date '+%F %T') trainer exited with status $status; no export" >&2

@@ -338,9 +338,12 @@ def _prune(save_dir: str, keep_last: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- load
 def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, layout_description: str,
-         log=print) -> dict | None:
+         log=print, load_optimizer: bool = True, load_rng: bool = True) -> dict | None:
     """Load weights (any layout) and, when resuming a run of ours, optimizer and scheduler state (any layout)
-    and RNG state (same layout). Returns the training state to resume from, or None for a new run."""
+    and RNG state (same layout). Returns the training state to resume from, or None for a new run.
+
+    `load_optimizer` False (`--no-load-optim`): Adam starts anew from the loaded weights and the LR schedule
+    continues at the resumed iteration; `load_rng` False (`--no-load-rng`): the RNG keeps its seeded state."""
     info, state = checkpoint.info, checkpoint.train_state
     metadata = fmt.sharded_metadata(info.content_metadata)
     request = fmt.model_state_dicts(model_chunks, metadata)
@@ -356,18 +359,28 @@ def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, lay
                               f"{info.content_metadata.get('distrib_optim_sharding_type')!r}; this trainer resumes "
                               "the fully_reshardable form it writes")
     same_layout = state.get("layout") == layout_description
-    _ensure_adam_state(optimizer)
-    request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True, metadata=metadata)
-    if same_layout:
+    if load_optimizer:
+        _ensure_adam_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True, metadata=metadata)
+    if same_layout and load_rng:
         request["rng_state"] = _rng_sharded(None)
     with torch.no_grad():
         loaded = dist_checkpointing.load(request, info.folder)
         fmt.apply_model_state(model_chunks, loaded)
-    _load_optimizer(optimizer, loaded["optimizer"])
-    scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    if same_layout:
-        _set_rng_state(loaded["rng_state"])
+    if load_optimizer:
+        _load_optimizer(optimizer, loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
     else:
+        optimizer.reload_model_params()  # as for a new run: the main params were copied before the load
+        scheduler.step(increment=state["iteration"])
+        log(f"--no-load-optim: Adam starts anew from the weights of {info.folder}; the LR schedule continues at "
+            f"iteration {state['iteration']}")
+    if "rng_state" in request:
+        _set_rng_state(loaded["rng_state"])
+    elif not same_layout:
         log(f"resuming {info.folder}, saved at layout [{state.get('layout')}], at [{layout_description}]: weights "
-            "and optimizer state (Adam moments, main params, step) resharded; RNG state starts anew")
+            + ("and optimizer state (Adam moments, main params, step) " if load_optimizer else "")
+            + "resharded; RNG state starts anew")
+    else:
+        log("--no-load-rng: the RNG state starts from --seed")
     return state

@@ -1,12 +1,14 @@
-"""Metrics tracking: one rank writes every log event to the console, `metrics.jsonl` and (optionally) W&B.
+"""Metrics tracking: one rank writes every log event to the console, `metrics.jsonl` and (optionally) TensorBoard
+and W&B.
 
-Owns the logging flags, the run folder's `metrics.jsonl` and `run_config.json`, the console line and the W&B
-run (offline mode included). It computes no metric itself except the ETA and the process's memory: the
+Owns the logging flags, the run folder's `metrics.jsonl` and `run_config.json`, the console line, the TensorBoard
+writer and the W&B run (offline mode included). It computes no metric itself except the ETA and the process's memory: the
 trainer passes finished numbers (ORPO metrics from `objective.py`, throughput from `throughput.py`).
 
 Every event is one JSON line `{"iteration": i, "consumed_pairs": n, "train/loss": ..., ...}` with keys
 namespaced `train/`, `eval/` or `data/`; the W&B history gets the same dict, with `iteration` as the step
-axis of all metrics and `consumed_pairs` logged alongside so any panel can use it as its x axis.
+axis of all metrics and `consumed_pairs` logged alongside so any panel can use it as its x axis; TensorBoard gets
+each scalar under the same name at step `iteration`.
 """
 from __future__ import annotations
 
@@ -59,6 +61,9 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--wandb-save-dir", default=None,
                        help="Folder in which W&B writes its local `wandb/` folder (offline runs land there). "
                             "Default: the run folder, or the working directory without one.")
+    group.add_argument("--tensorboard-dir", default=None,
+                       help="Write every logged scalar to TensorBoard event files in this folder too, under the "
+                            "names of metrics.jsonl, at step = iteration (Megatron-LM's flag). Default: none.")
     group.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
                        help="W&B mode. Default: the WANDB_MODE environment variable, else online; 'offline' "
                             "writes a run to sync later with `wandb sync`.")
@@ -73,6 +78,7 @@ class TrackingConfig:
     wandb_exp_name: str | None = None
     wandb_save_dir: str | None = None
     wandb_mode: str | None = None  # None: WANDB_MODE from the environment, else W&B's default (online)
+    tensorboard_dir: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrackingConfig":
@@ -82,6 +88,7 @@ class TrackingConfig:
             wandb_exp_name=args.wandb_exp_name,
             wandb_save_dir=args.wandb_save_dir,
             wandb_mode=args.wandb_mode,
+            tensorboard_dir=getattr(args, "tensorboard_dir", None),
         )
 
 
@@ -145,6 +152,7 @@ class MetricsTracker:
         self.enabled = enabled
         self.total_iters = total_iters
         self._wandb_run = None
+        self._tensorboard = None
         self._metrics_file = None
         self._started = time.perf_counter()
         self._start_iteration = resume_iteration
@@ -157,6 +165,12 @@ class MetricsTracker:
             self._metrics_file = open(path, "a", encoding="utf-8")
         if config.wandb_project:
             self._wandb_run = self._init_wandb()
+        if config.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run's events after its checkpoint are hidden, as metrics.jsonl drops them.
+            self._tensorboard = SummaryWriter(config.tensorboard_dir,
+                                              purge_step=resume_iteration + 1 if resume_iteration else None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, enabled: bool, total_iters: int | None = None,
@@ -225,10 +239,15 @@ class MetricsTracker:
         return run_id
 
     def _write(self, event: dict[str, Any], file_only: Mapping[str, Any] | None = None) -> None:
-        """`event` to metrics.jsonl and W&B; `file_only` (tables, not scalars) to metrics.jsonl alone."""
+        """`event` to metrics.jsonl, TensorBoard and W&B; `file_only` (tables, not scalars) to metrics.jsonl
+        alone."""
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps({**event, **(file_only or {})}) + "\n")
             self._metrics_file.flush()
+        if self._tensorboard is not None:
+            for name, value in event.items():
+                if name != "iteration":
+                    self._tensorboard.add_scalar(name, value, global_step=event["iteration"])
         if self._wandb_run is not None:
             try:
                 self._wandb_run.log(event)
@@ -242,6 +261,9 @@ class MetricsTracker:
         if not self.enabled:
             return
         record = {"config": _jsonable(dict(config)), "parallel_layout": _jsonable(layout)}
+        if self._tensorboard is not None:
+            self._tensorboard.add_text("config", "```\n" + json.dumps(record, indent=2, sort_keys=True) + "\n```",
+                                       global_step=self._start_iteration)
         if self.config.run_dir:
             with open(os.path.join(self.config.run_dir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=2, sort_keys=True)
@@ -300,6 +322,9 @@ class MetricsTracker:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb_run is not None:
             try:
                 import wandb

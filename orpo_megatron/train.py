@@ -46,12 +46,14 @@ class TrainingError(RuntimeError):
 
 
 # Exit statuses besides 0 (trained to the end), 1 (an error, one `error:` line) and 2 (bad flags, argparse's).
-EXIT_STOPPED_SAVED = 3  # SIGTERM / SIGUSR1 before the end; a checkpoint of the last step is in --save
-EXIT_STOPPED_UNSAVED = 4  # SIGTERM / SIGUSR1 before the end without --save: nothing was saved
+# Stopped early: by SIGTERM / SIGUSR1, --exit-duration-in-mins or --exit-interval.
+EXIT_STOPPED_SAVED = 3  # a checkpoint of the last step is in --save
+EXIT_STOPPED_UNSAVED = 4  # without --save: nothing was saved
 EXIT_STATUSES = ("exit status: 0 trained to the end; 1 error (one 'error:' line); 2 bad flags; "
-                 f"{EXIT_STOPPED_SAVED} stopped early by SIGTERM/SIGUSR1 after saving a checkpoint of the last "
-                 f"step (run the same command to resume); {EXIT_STOPPED_UNSAVED} stopped early by a signal without "
-                 "--save (nothing saved). torchrun exits with its own non-zero status and reports each worker's.")
+                 f"{EXIT_STOPPED_SAVED} stopped early (SIGTERM/SIGUSR1, --exit-duration-in-mins, --exit-interval) "
+                 f"after saving a checkpoint of the last step (run the same command to resume); "
+                 f"{EXIT_STOPPED_UNSAVED} stopped early without --save (nothing saved). torchrun exits with its own "
+                 "non-zero status and reports each worker's.")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -100,10 +102,28 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Training checkpoint directory. A run whose --save already holds a checkpoint resumes "
                             "from its newest complete iteration (so a requeued job continues).")
     group.add_argument("--save-interval", type=int, default=None, help="Save every N steps. Default: only at the end.")
+    group.add_argument("--finetune", action="store_true",
+                       help="Start a new run from the weights of --load, even a training checkpoint of ours or "
+                            "Megatron-LM's: iteration 0, a new optimizer and LR schedule, the data from its start "
+                            "(Megatron-LM's flag; e.g. ORPO from one's own SFT run). A --save that already holds "
+                            "this run's checkpoint resumes it as usual. Default: a training checkpoint resumes.")
+    group.add_argument("--no-load-optim", action="store_true",
+                       help="Resuming: load the weights, iteration and data position but not the optimizer state: "
+                            "Adam starts anew and the LR schedule continues at the iteration (Megatron-LM's flag).")
+    group.add_argument("--no-load-rng", action="store_true",
+                       help="Resuming: keep the RNG state --seed gives instead of the checkpoint's (Megatron-LM's "
+                            "flag; the ORPO step itself draws no random numbers).")
     group.add_argument("--allow-data-change", action="store_true",
                        help="Resume even when the training pairs differ from those the checkpoint was trained on "
                             "(same count, other content: edited data or tokenization flags), logging the change. "
                             "Default: refuse.")
+    group.add_argument("--exit-duration-in-mins", type=float, default=None,
+                       help="Save and exit (status 3) after the first step that ends more than this many minutes "
+                            "after start-up, so a job stops cleanly before its scheduler's time limit; set it to the "
+                            "limit minus a step and a save (the SLURM examples do). Default: no limit.")
+    group.add_argument("--exit-interval", type=int, default=None,
+                       help="Save and exit (status 3) after the first step whose iteration is a multiple of N "
+                            "(Megatron-LM's flag); the same command resumes. Default: none.")
     group.add_argument("--keep-last-checkpoints", type=int, default=None,
                        help="Keep only the newest N iteration folders. Default: keep all.")
     group.add_argument("--peak-tflops", type=float, default=None,
@@ -149,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_iters is not None and args.train_epochs is not None:
         parser.error("give --train-iters or --train-epochs, not both")
     for flag in ("micro_batch_size", "train_iters", "global_batch_size", "save_interval", "keep_last_checkpoints",
-                 "eval_iters", "log_interval", "lr_decay_iters"):
+                 "eval_iters", "log_interval", "lr_decay_iters", "exit_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -158,8 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--eval-iters {args.eval_iters} must be a multiple of --pipeline-model-parallel-size "
                      f"{args.pipeline_model_parallel_size}: the interleaved schedule runs micro-batches in groups "
                      "of it")
-    for flag in ("lr", "min_lr", "weight_decay", "lr_warmup_iters", "skip_nonfinite_steps"):
-        if getattr(args, flag) < 0:
+    for flag in ("lr", "min_lr", "weight_decay", "lr_warmup_iters", "skip_nonfinite_steps", "exit_duration_in_mins"):
+        if (getattr(args, flag) or 0) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
@@ -260,9 +280,9 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signum
 
-    def any_rank(self) -> bool:
-        """All ranks agree, so they save together."""
-        return _any_rank(self.received is not None)
+    def any_rank(self, out_of_time: bool = False) -> bool:
+        """All ranks agree, so they save together; `out_of_time` (this rank's clock) counts as a signal."""
+        return _any_rank(self.received is not None or out_of_time)
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -297,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     # Installed first: SLURM's time-limit warning may arrive while a large model is still loading; the loop then
     # stops (and saves) after its first step instead of the default action killing the process.
     stop = StopSignal()
+    started_at = time.monotonic()  # --exit-duration-in-mins counts from here, start-up included
     check_present(args.data_path)  # before minutes of model building
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
+    if args.finetune and not resume_dir:  # the weights alone: a new run
+        checkpoint = dataclasses.replace(checkpoint, train_state=None)
     model.check_freeze_router_resume(checkpoint.train_state, args.freeze_router)
     hf = checkpoint.hf
     # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
@@ -354,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = build_scheduler(args, optimizer, train_iters)
 
     # Weights, and the training state when resuming.
-    state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log)
+    state = checkpointing.load(checkpoint, chunks, optimizer, scheduler, layout.describe(), log=log,
+                               load_optimizer=not args.no_load_optim, load_rng=not args.no_load_rng)
     iteration = state["iteration"] if state else 0
     if state:
         log(f"resumed from iteration {iteration} ({train_iter.consumed_pairs} pairs consumed)")
@@ -428,13 +452,18 @@ def main(argv: list[str] | None = None) -> int:
                         train_iter.consumed_pairs, prefix="eval")
         if args.save and (iteration == train_iters or args.save_interval and iteration % args.save_interval == 0):
             save(iteration)
-        stopped = stop.any_rank() and iteration < train_iters
+        out_of_time = args.exit_duration_in_mins is not None and \
+            time.monotonic() - started_at > 60 * args.exit_duration_in_mins
+        interval_reached = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        stopped = (stop.any_rank(out_of_time) or interval_reached) and iteration < train_iters
         if stopped and args.save:
             save(iteration)
     status = 0
     if stopped:
         status = EXIT_STOPPED_SAVED if args.save else EXIT_STOPPED_UNSAVED
-        log(f"stopped by signal at iteration {iteration}; {train_iters - iteration} of {train_iters} steps left; "
+        reason = (f"by --exit-interval {args.exit_interval}" if interval_reached else
+                  f"by --exit-duration-in-mins {args.exit_duration_in_mins:g}" if out_of_time else "by signal")
+        log(f"stopped {reason} at iteration {iteration}; {train_iters - iteration} of {train_iters} steps left; "
             + (f"saved {checkpointing.iteration_dir(args.save, iteration)}: run the same command to resume"
                if args.save else "nothing saved (no --save): these steps are lost")
             + f" (exit status {status})")

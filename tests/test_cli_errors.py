@@ -100,6 +100,8 @@ def test_missing_checkpoint_is_named(tmp_path):
     (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
     (["--overlap-param-gather", "--no-overlap-grad-reduce"], "--overlap-param-gather needs --overlap-grad-reduce"),
     (["--eval-iters", "0"], "--eval-iters must be >= 1, got 0"),
+    (["--exit-interval", "0"], "--exit-interval must be >= 1, got 0"),
+    (["--exit-duration-in-mins", "-5"], "--exit-duration-in-mins must be >= 0, got -5.0"),
     (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2", "--eval-iters", "3"],
      "--eval-iters 3 must be a multiple of --pipeline-model-parallel-size 2"),
 ])

@@ -184,3 +184,70 @@ def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torch
             assert torch.equal(final[name], initial[name]), name
         moved = [name for name in initial if name not in routers and not torch.equal(final[name], initial[name])]
         assert len(moved) >= len(initial) - len(routers) - 2, moved  # all but possibly untouched embedding rows
+
+
+def train_here(*argv: str) -> int:
+    """The trainer in this process (world 1)."""
+    from megatron.core import parallel_state
+
+    from orpo_megatron import parallel
+
+    if parallel_state.model_parallel_is_initialized():  # another test's one-process group (conversion)
+        parallel.destroy()
+    with trainer_signal_handlers_undone():
+        return train.main(list(argv))
+
+
+def test_exit_interval_and_exit_duration_stop_after_the_right_step_with_a_checkpoint(converted, data_cache, tmp_path,
+                                                                                      capsys):
+    """In this process at world 1: `--exit-interval 2` stops after step 2, saved, with status 3; the same command
+    with `--exit-duration-in-mins` set below the start-up time stops after the first step it runs (3), saved; a
+    plain resume trains on to the end, every step logged once."""
+    save = str(tmp_path / "train")
+
+    def run(*flags: str) -> int:
+        return train_here(*train_args(converted, save, data_cache, *flags, iters=6))
+
+    assert run("--exit-interval", "2") == train.EXIT_STOPPED_SAVED
+    assert checkpointing.latest_iteration(save) == 2
+    assert "stopped by --exit-interval 2 at iteration 2; 4 of 6 steps left" in capsys.readouterr().out
+    assert run("--exit-duration-in-mins", "0.001") == train.EXIT_STOPPED_SAVED  # 60 ms
+    assert checkpointing.latest_iteration(save) == 3
+    assert "stopped by --exit-duration-in-mins 0.001 at iteration 3; 3 of 6 steps left" in capsys.readouterr().out
+    assert run() == 0
+    assert checkpointing.latest_iteration(save) == 6
+    assert sorted(steps(save)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_finetune_starts_a_new_run_and_no_load_optim_restarts_adam(converted, data_cache, tmp_path, capsys):
+    """In this process at world 1, from the step-3 checkpoint of a 6-step run:
+    - `--finetune` starts at iteration 0 with a fresh optimizer, schedule and data order: its steps equal those of
+      a run from the same weights with the training state removed (as converted weights are loaded);
+    - without it the same --load resumes at iteration 4; with `--no-load-optim` step 4 (the restored weights and
+      data position) equals the straight run's and step 5 does not (Adam restarted), `--no-load-rng` says so."""
+    straight = str(tmp_path / "straight")
+    assert train_here(*train_args(converted, straight, data_cache)) == 0
+    step3 = checkpointing.iteration_dir(straight, 3)
+    weights_only = str(tmp_path / "weights_only")
+    shutil.copytree(step3, weights_only)
+    os.remove(os.path.join(weights_only, checkpointing.TRAIN_STATE_FILE))
+
+    finetuned, fresh = str(tmp_path / "finetuned"), str(tmp_path / "fresh")
+    assert train_here(*train_args(step3, finetuned, data_cache, "--finetune", iters=2, warmup=1)) == 0
+    assert train_here(*train_args(weights_only, fresh, data_cache, iters=2, warmup=1)) == 0
+    assert sorted(steps(finetuned)) == [1, 2]
+    for iteration in (1, 2):  # step 2 shows the optimizer: the checkpoint's Adam moments would move it
+        for key in ("train/loss", "train/grad_norm", "train/lr"):
+            assert steps(finetuned)[iteration][key] == pytest.approx(steps(fresh)[iteration][key], rel=1e-6), key
+
+    capsys.readouterr()
+    restarted = str(tmp_path / "restarted")
+    assert train_here(*train_args(step3, restarted, data_cache, "--no-load-optim", "--no-load-rng")) == 0
+    out = capsys.readouterr().out
+    assert "resumed from iteration 3" in out and "--no-load-optim: Adam starts anew" in out
+    assert "--no-load-rng: the RNG state starts from --seed" in out
+    expected, got = steps(straight), steps(restarted)
+    assert sorted(got) == [4, 5, 6]
+    assert got[4]["train/loss"] == pytest.approx(expected[4]["train/loss"], rel=LOSS_TOLERANCE)
+    assert got[4]["train/lr"] == pytest.approx(expected[4]["train/lr"], rel=1e-12)  # the schedule continues
+    assert abs(got[5]["train/loss"] - expected[5]["train/loss"]) > 1e-4 * abs(expected[5]["train/loss"])

@@ -56,6 +56,11 @@ def test_sbatch_job_converts_trains_at_tp2_pp2_ep2_saves_and_exports(tiny_mixtra
     log = output.read_text() if output.exists() else "(no job output)"
     assert job.returncode == 0, f"sbatch --wait exited {job.returncode}: {stderr}\n{log[-5000:]}"
 
+    # Told to stop EXIT_MARGIN_MINS (15) before the one-hour limit: the time left at launch (under 60 minutes,
+    # the conversion having run first) less 15.
+    exit_after = int(log.split("--exit-duration-in-mins ")[1].split()[0])
+    assert 40 <= exit_after <= 44, exit_after
+
     # The rendezvous host is the first of SLURM's own expansion of the job's node list.
     nodelist = next(line for line in log.splitlines() if "8 tasks, TP=2 PP=2 EP=2 DP=2" in line).split(" on ")[1]
     first_host = subprocess.run(["scontrol", "show", "hostnames", nodelist.split(":")[0]], capture_output=True,

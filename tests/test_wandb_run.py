@@ -1,4 +1,5 @@
-"""The real trainer's offline W&B run holds the same metrics as its metrics.jsonl, from one rank only.
+"""The real trainer's offline W&B run and its TensorBoard events hold the same metrics as its metrics.jsonl, from
+one rank only.
 
 A 2-rank run (EP2 x DP2) with held-out evaluation logs to W&B in offline mode; the run is read back with
 `tools/read_wandb.py`'s record reader (W&B's own transaction log, not our JSONL writer) and compared event by
@@ -9,7 +10,7 @@ import importlib.util
 import json
 import os
 
-
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -33,7 +34,7 @@ def test_offline_wandb_run_of_the_trainer_matches_metrics_jsonl(torchrun, tiny_c
              "--max-length", "64", "--max-prompt-length", "48", "--micro-batch-size", "1", "--global-batch-size", "4",
              "--expert-model-parallel-size", "2", "--train-iters", "3", "--log-interval", "1", "--eval-interval", "2",
              "--wandb-project", "orpo-ci", "--wandb-exp-name", "tiny-ep2", "--wandb-mode", "offline",
-             "--wandb-save-dir", wandb_dir)
+             "--wandb-save-dir", wandb_dir, "--tensorboard-dir", str(tmp_path / "tensorboard"))
 
     runs = glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*"))
     assert len(runs) == 1, f"expected one W&B run (one logging rank), found {runs}"
@@ -57,6 +58,21 @@ def test_offline_wandb_run_of_the_trainer_matches_metrics_jsonl(torchrun, tiny_c
     for row, event in zip(history, events):
         logged = {k: v for k, v in row.items() if not k.startswith("_")}
         assert logged == {k: v for k, v in event.items() if k not in FILE_ONLY}
+
+    # TensorBoard: every scalar of every event, at its iteration (float32 in the event file).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    expected = {}
+    for event in events:
+        for key, value in event.items():
+            if key not in FILE_ONLY + ["iteration"]:
+                expected.setdefault(key, []).append((event["iteration"], value))
+    assert sorted(board.Tags()["scalars"]) == sorted(expected)
+    for key, points in expected.items():
+        logged = [(scalar.step, scalar.value) for scalar in board.Scalars(key)]
+        assert [step for step, _ in logged] == [step for step, _ in points], key
+        assert [value for _, value in logged] == pytest.approx([value for _, value in points], rel=1e-6), key
 
     config = read_wandb.read_config(runs[0])
     assert config["parallel_layout"] == "world=2 TP=1 PP=1 EP=2 DP=2"
