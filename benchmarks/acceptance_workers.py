@@ -112,7 +112,8 @@ def first_step(train_args: argparse.Namespace, hf_files: str):
 def trainer_model(train_args: argparse.Namespace, info, use_te: bool, kernels=None, load: bool = True) -> list:
     """The model chunks the trainer builds for these flags (DDP-wrapped), with the checkpoint's weights unless
     `load` is False; `kernels` None: the trainer's (`FusedKernels.for_backend`)."""
-    from orpo_megatron import arguments, checkpoint_format, model, train
+    from orpo_megatron import arguments, model, train
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.model_config import FusedKernels, build_transformer_config
 
     hf = info.hf
@@ -149,7 +150,8 @@ def worker_parity(args: argparse.Namespace) -> None:
     completion log-probs and the gradients of the embedding and output weights of the summed log-prob loss."""
     from transformers import AutoModelForCausalLM
 
-    from orpo_megatron import checkpoint_format, model, parallel
+    from orpo_megatron import model, parallel
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.data.arguments import DataConfig, add_data_args
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
     from orpo_megatron.model_config import FusedKernels, PrecisionConfig, build_transformer_config
@@ -215,7 +217,8 @@ def worker_parity(args: argparse.Namespace) -> None:
 def worker_packing(args: argparse.Namespace) -> None:
     """The trainer's first step (8 pairs, micro-batches of 2) on the converted tiny Mixtral, world 1, bf16, on this
     machine's spec with the trainer's kernels: the TE spec (THD attention, fused THD RoPE) where TE runs."""
-    from orpo_megatron import checkpoint_format, model, parallel
+    from orpo_megatron import model, parallel
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.objective import ORPOConfig
     from orpo_megatron.pipeline import accelerator
 
@@ -406,7 +409,8 @@ def fp8_packed_pass(args: argparse.Namespace, info, orpo_config) -> dict:
 def worker_checkpoints(args: argparse.Namespace) -> None:
     """The checkpoint format on this machine's specs: the local spec everywhere; with TE, the TE spec with
     grouped-GEMM experts (the trainer's default there) and with sequential experts (`moe_grouped_gemm=False`)."""
-    from orpo_megatron import checkpoint_format, model, parallel
+    from orpo_megatron import model, parallel
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.model_config import FusedKernels
 
     info = checkpoint_format.describe(fixture(args.work, "bf16"))
@@ -433,7 +437,7 @@ def checkpoint_entries(chunks: list) -> tuple[set[str], set[str]]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from orpo_megatron import checkpoint_format
+    from orpo_megatron.checkpoint import format as checkpoint_format
 
     request = checkpoint_format.model_state_dicts(chunks, checkpoint_format.sharded_metadata())
     apply_factories(request)  # gated experts' fc1: saved as two tensors
@@ -468,7 +472,7 @@ def cross_load(train_args: argparse.Namespace, info, specs: dict, loaded: dict, 
     """Each spec's model (the converted weights) saved with the trainer's writer and loaded into a freshly built
     model of every other spec (with one spec: of the same one): are the loaded weights bitwise those the spec
     loads from the converted checkpoint, and its logits theirs? Also how far the specs' logits are apart."""
-    from orpo_megatron import checkpoint_format
+    from orpo_megatron.checkpoint import format as checkpoint_format
 
     device = next(loaded["local"][0].parameters()).device
     ids = torch.randint(0, info.hf.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
@@ -520,7 +524,7 @@ def fp8_scaling_state(chunks: list) -> dict[str, torch.Tensor]:
 def fp8_state_through_save(args: argparse.Namespace, info) -> dict:
     """A TE-spec model trained 3 passes with `--fp8-format hybrid --fp8-recipe delayed`, saved with the trainer's
     writer and loaded into a fresh model as a resume loads it (before any forward): is TE's scaling state equal?"""
-    from orpo_megatron import checkpoint_format
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.objective import ORPOConfig
 
     unavailable = fp8_unavailable()

@@ -68,7 +68,7 @@ def main() -> None:
 
     work = args.work_dir or tempfile.mkdtemp(prefix="convert_memory_")
     imports = peak_rss_bytes([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                              "import orpo_megatron.conversion", REPO])
+                              "import orpo_megatron.checkpoint.conversion", REPO])
     print(f"imports alone (torch, Megatron-Core, the converter): peak RSS {imports / MB:.1f} MB", flush=True)
     results = {}
     try:

@@ -296,7 +296,8 @@ def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dic
     """For each variant (name -> flags): a straight bf16 run that saves at step 2, and a run resumed from that
     save; the largest |loss| difference of `RESUMED_STEPS` between them, or what went wrong. The straight runs
     and `alongside`'s runs start together, then the resumed ones. Returns (differences, alongside's events)."""
-    from orpo_megatron import checkpoint_format, checkpointing
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import training as checkpointing
 
     common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", str(RESUMED_STEPS[-1]),
               "--save-interval", "2"]
@@ -624,7 +625,8 @@ def prepare_fixtures(machine: Machine) -> None:
     """The tiny Mixtral (HF folder), its conversions to our format in fp32 and bf16 (`tools/convert_hf.py
     hf-to-megatron`'s function) and the tokenized pairs, in this process: each process the command starts spends
     seconds importing, and the runs that read the data cache need not race to write it."""
-    from orpo_megatron import conversion, fixtures
+    from orpo_megatron import fixtures
+    from orpo_megatron.checkpoint import conversion
     from orpo_megatron.data.arguments import DataConfig, add_data_args
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel
+from orpo_megatron import arguments, model, parallel
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenize_into_cache, tokenized_split

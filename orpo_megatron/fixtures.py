@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from orpo_megatron.data.chat_template import CHATML
 from orpo_megatron.data.chat_template import ZEPHYR as ZEPHYR_CHAT_TEMPLATE
-from orpo_megatron.hf_mapping import hf_layer_names, hf_outer_names
+from orpo_megatron.checkpoint.hf_mapping import hf_layer_names, hf_outer_names
 from orpo_megatron.model_config import HFModelConfig
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")

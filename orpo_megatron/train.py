@@ -21,7 +21,9 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
+from orpo_megatron import arguments, model, optimizer as optimizers, parallel
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache

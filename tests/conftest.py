@@ -60,7 +60,8 @@ def trained_tp2_pp2(tiny_converted, tmp_path_factory) -> str:
 
 def checkpoint_weights(path: str) -> dict:
     """Every stored model tensor of a checkpoint (a folder or a tracker root), full and unpadded, by layer."""
-    from orpo_megatron import checkpoint_format, conversion
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import conversion
 
     conversion.init_single_process()  # the full-tensor readers go through dist_checkpointing
     info = checkpoint_format.describe(path)

@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron import checkpointing, conversion, fixtures
-from orpo_megatron.hf_mapping import HFCheckpointReader, MappingError, megatron_layer_shapes, megatron_outer_shapes
+from orpo_megatron.checkpoint import format as fmt
+from orpo_megatron import fixtures
+from orpo_megatron.checkpoint import training as checkpointing
+from orpo_megatron.checkpoint import conversion
+from orpo_megatron.checkpoint.hf_mapping import HFCheckpointReader, MappingError, megatron_layer_shapes, megatron_outer_shapes
 from orpo_megatron.model_config import HFModelConfig
 from workers.megatron_interop import megatron_lm_args
 

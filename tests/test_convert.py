@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from megatron.core.dist_checkpointing import ShardedTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from orpo_megatron import checkpoint_format, conversion, fixtures
+from orpo_megatron import fixtures
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_hf.py")

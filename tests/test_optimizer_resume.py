@@ -22,7 +22,10 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from orpo_megatron import checkpoint_format as fmt, checkpointing, conversion, model, optimizer as optimizers
+from orpo_megatron import model, optimizer as optimizers
+from orpo_megatron.checkpoint import format as fmt
+from orpo_megatron.checkpoint import training as checkpointing
+from orpo_megatron.checkpoint import conversion
 from orpo_megatron.model_config import PrecisionConfig, build_transformer_config
 
 OFFLOAD = ["--use-precision-aware-optimizer", "--optimizer-cpu-offload"]

@@ -19,7 +19,8 @@ import time
 import pytest
 
 from conftest import free_port
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")

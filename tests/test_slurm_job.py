@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import training as checkpointing
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("SLURM_CONF"), reason="no SLURM cluster (start one with: bash .ci/slurm/start.sh)"

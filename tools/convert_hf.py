@@ -88,7 +88,8 @@ def verify(hf_dir: str, load: str, hf_config: str | None = None, batch: int = 2,
     import torch
     import transformers  # a test-time reference, imported only here
 
-    from orpo_megatron import checkpoint_format, model
+    from orpo_megatron import model
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.model_config import build_transformer_config
 
     info = checkpoint_format.describe(load, hf_config)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
     # Imported after parsing so that --help is instant.
-    from orpo_megatron import conversion
+    from orpo_megatron.checkpoint import conversion
     from orpo_megatron.errors import UserError
 
     try:

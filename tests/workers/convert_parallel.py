@@ -22,7 +22,9 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from layout_runs import run_each_layout
-from orpo_megatron import checkpoint_format, hf_mapping, model, parallel
+from orpo_megatron import model, parallel
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
 ITERATION = 7

@@ -33,7 +33,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 # Importing orpo_megatron.model binds megatron-core 0.16.1's missing router GEMM name on machines without
 # Transformer Engine (Megatron-LM itself would need the same there); the stock spec is still Megatron's own.
-from orpo_megatron import hf_mapping, model as _binds_router_gemm, parallel  # noqa: F401
+from orpo_megatron import model as _binds_router_gemm, parallel  # noqa: F401
+from orpo_megatron.checkpoint import hf_mapping  # noqa: F401
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config, padded_vocab_size
 
 ITERATION = 10

@@ -18,7 +18,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from layout_runs import run_each_layout
-from orpo_megatron import hf_mapping, model, parallel
+from orpo_megatron import model, parallel
+from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
 SAMPLES, BATCH, SEQ = 2, 2, 16

@@ -12,7 +12,8 @@ import json
 import torch
 from trl_reference import CPO_CASES, cpo_reference, trl_padded_batch, trl_reference
 
-from orpo_megatron import arguments, checkpoint_format, model, parallel
+from orpo_megatron import arguments, model, parallel
+from orpo_megatron.checkpoint import format as checkpoint_format
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batch
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split

@@ -24,7 +24,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from layout_runs import run_each_layout
-from orpo_megatron import arguments, hf_mapping, model, parallel
+from orpo_megatron import arguments, model, parallel
+from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split

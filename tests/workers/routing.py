@@ -5,7 +5,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from orpo_megatron import hf_mapping, model, parallel
+from orpo_megatron import model, parallel
+from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
 

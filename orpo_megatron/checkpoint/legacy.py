@@ -16,8 +16,8 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron.hf_mapping import FINAL_NORM, LAYERS, pad_vocab
+from orpo_megatron.checkpoint import format as fmt
+from orpo_megatron.checkpoint.hf_mapping import FINAL_NORM, LAYERS, pad_vocab
 from orpo_megatron.model_config import HFModelConfig
 
 METADATA_FILE = "metadata.json"

@@ -23,10 +23,11 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron import cpu_backend, legacy_format
+from orpo_megatron.checkpoint import format as fmt
+from orpo_megatron import cpu_backend
+from orpo_megatron.checkpoint import legacy as legacy_format
 from orpo_megatron.errors import UserError
-from orpo_megatron.hf_mapping import (
+from orpo_megatron.checkpoint.hf_mapping import (
     EMBEDDING,
     HFCheckpointReader,
     hf_layer_to_megatron,

@@ -51,7 +51,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 
-from orpo_megatron import hf_mapping
+from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 

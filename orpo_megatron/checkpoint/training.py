@@ -39,7 +39,8 @@ from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from orpo_megatron import checkpoint_format as fmt, optimizer as optimizers
+from orpo_megatron import optimizer as optimizers
+from orpo_megatron.checkpoint import format as fmt
 from orpo_megatron.errors import UserError
 
 TRAIN_STATE_FILE = "train_state.json"
