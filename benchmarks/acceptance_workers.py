@@ -644,7 +644,7 @@ def worker_memory(args: argparse.Namespace) -> None:
     """GPU bytes each optimizer mode allocates (its construction and first step) vs the estimator's figure; with
     offload, how many of its host params (copied to the GPU after each step) are pinned."""
     from orpo_megatron import model, optimizer as optimizers, parallel, train
-    from orpo_megatron.memory_estimate import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
+    from orpo_megatron.planning.memory import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
     from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
 
     hf = dataclasses.replace(HFModelConfig.from_file(CONFIG_8X22B), num_layers=4, hidden_size=1024,

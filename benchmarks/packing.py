@@ -34,7 +34,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from orpo_megatron import workload  # noqa: E402
+from orpo_megatron.planning import workload  # noqa: E402
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator  # noqa: E402
 from orpo_megatron.pipeline import batch_layout, schedule_groups  # noqa: E402
 

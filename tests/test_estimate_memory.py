@@ -8,7 +8,7 @@ import pytest
 import torch
 from megatron.core.parallel_state import RankGenerator
 
-from orpo_megatron.memory_estimate import (
+from orpo_megatron.planning.memory import (
     NCCL_COMMUNICATOR_BYTES,
     MemoryLayout,
     busiest_rank,

@@ -7,16 +7,16 @@ import os
 import pytest
 
 from orpo_megatron.data.batching import BatchLayout
-from orpo_megatron.memory_estimate import MemoryLayout, optimizer_bytes_per_element, rank_memory
+from orpo_megatron.planning.memory import MemoryLayout, optimizer_bytes_per_element, rank_memory
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import OptimizerMode
 from orpo_megatron.pipeline import batch_layout
-from orpo_megatron.step_time import (
+from orpo_megatron.planning.step_time import (
     Hardware, RunSettings, all_to_all_seconds, link_gbps, mfu_from_layer_throughput, predict_step_time,
 )
-from orpo_megatron.step_work import RankGrid, micro_batch_work, optimizer_traffic
+from orpo_megatron.planning.step_work import RankGrid, micro_batch_work, optimizer_traffic
 from orpo_megatron.throughput import training_flops
-from orpo_megatron.workload import capybara_like_pairs, recipe_steps
+from orpo_megatron.planning.workload import capybara_like_pairs, recipe_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "tools", "configs")

@@ -24,9 +24,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from orpo_megatron import capacity_plan  # noqa: E402
+from orpo_megatron.planning import capacity as capacity_plan  # noqa: E402
 from orpo_megatron.data.arguments import add_packing_args, check_packing_args  # noqa: E402
-from orpo_megatron.memory_estimate import (  # noqa: E402
+from orpo_megatron.planning.memory import (  # noqa: E402
     GB, NCCL_COMMUNICATOR_BYTES, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank, communicating_groups,
     optimizer_bytes_per_element,
 )

@@ -41,7 +41,7 @@ from typing import Sequence
 
 from megatron.core.parallel_state import RankGenerator
 
-from orpo_megatron.memory_estimate import MemoryLayout, owned_elements, stage_buffers
+from orpo_megatron.planning.memory import MemoryLayout, owned_elements, stage_buffers
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import DTYPES, OptimizerMode
 from orpo_megatron.throughput import token_flops
