@@ -95,10 +95,10 @@ def write_pairs(path: str, num_pairs: int) -> str:
 
 def write_inputs(workdir: str, num_pairs: int) -> dict[str, str]:
     """The HF model, its conversion for us, and the pairs."""
-    from orpo_megatron import fixtures
+    from orpo_megatron import tiny_model
 
-    hf_dir = fixtures.write_tiny_model(os.path.join(workdir, "hf"), seed=MODEL_SEED,
-                                       config_overrides=fixtures.BENCH_MIXTRAL_OVERRIDES)
+    hf_dir = tiny_model.write_tiny_model(os.path.join(workdir, "hf"), seed=MODEL_SEED,
+                                         config_overrides=tiny_model.BENCH_MIXTRAL_OVERRIDES)
     checkpoint = os.path.join(workdir, "ckpt")
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron", "--hf-dir",
                     hf_dir, "--output", checkpoint, "--dtype", "fp32", "--overwrite"],

@@ -25,7 +25,7 @@ from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.pipeline import batch_layout, run_micro_batches
+from orpo_megatron.schedule import batch_layout, run_micro_batches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

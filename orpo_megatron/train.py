@@ -31,7 +31,7 @@ from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
-from orpo_megatron.pipeline import (
+from orpo_megatron.schedule import (
     ScheduleResult,
     accelerator,
     batch_layout,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from orpo_megatron import fixtures
+from orpo_megatron import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(REPO, "tests", "workers")
@@ -17,13 +17,13 @@ WORKERS = os.path.join(REPO, "tests", "workers")
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory) -> str:
     """A tiny random Mixtral HF folder (fp32) with the tiny tokenizer."""
-    return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mixtral")), seed=1234)
+    return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mixtral")), seed=1234)
 
 
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory) -> str:
     """The dense member of the family: same tiny shapes, no experts."""
-    return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
+    return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
 
 
 def convert(hf_dir: str, out: str, dtype: str) -> str:

@@ -14,14 +14,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orpo_megatron.checkpoint import format as fmt
-from orpo_megatron import fixtures
+from orpo_megatron import tiny_model
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.checkpoint import conversion
-from orpo_megatron.checkpoint.hf_mapping import HFCheckpointReader, MappingError, megatron_layer_shapes, megatron_outer_shapes
+from orpo_megatron.checkpoint.hf_mapping import (
+    HFCheckpointReader,
+    MappingError,
+    megatron_layer_shapes,
+    megatron_outer_shapes,
+)
 from orpo_megatron.model_config import HFModelConfig
 from workers.megatron_interop import megatron_lm_args
 
-TINY = HFModelConfig.from_dict(fixtures.TINY_MIXTRAL_CONFIG)
+TINY = HFModelConfig.from_dict(tiny_model.TINY_MIXTRAL_CONFIG)
 MLM_LAYOUT = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, expert_model_parallel_size=2)
 
 
@@ -74,7 +79,7 @@ def test_a_converted_root_describes_its_release_folder(tiny_converted, tiny_mixt
     # The same model given explicitly is accepted; another one is refused, naming the fields.
     assert fmt.describe(tiny_converted, hf_config=tiny_mixtral).hf == info.hf
     with pytest.raises(fmt.CheckpointFormatError, match="num_layers: checkpoint 4, .* 6"):
-        other = HFModelConfig.from_dict(dict(fixtures.TINY_MIXTRAL_CONFIG, num_hidden_layers=6))
+        other = HFModelConfig.from_dict(dict(tiny_model.TINY_MIXTRAL_CONFIG, num_hidden_layers=6))
         fmt.check_model_config(info.hf, other, info.folder, "given/config.json")
 
 
@@ -238,7 +243,7 @@ def test_hf_files_are_copied_from_an_hf_folder_or_another_checkpoint(tiny_mixtra
 
 
 def test_shape_check_names_every_wrong_tensor_and_non_float_dtypes(tmp_path):
-    folder = fixtures.write_tiny_model(str(tmp_path / "hf"), with_tokenizer=False)
+    folder = tiny_model.write_tiny_model(str(tmp_path / "hf"), with_tokenizer=False)
     tensors = load_file(os.path.join(folder, "model.safetensors"))
     tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"] = torch.zeros(96, 64)
     tensors["model.norm.weight"] = torch.zeros(64, dtype=torch.int64)
@@ -290,7 +295,7 @@ def test_bad_shard_size_is_refused():
 
 
 def test_exported_config_records_the_written_dtype():
-    v4 = dict(fixtures.TINY_MIXTRAL_CONFIG, torch_dtype="float32")
+    v4 = dict(tiny_model.TINY_MIXTRAL_CONFIG, torch_dtype="float32")
     assert conversion.hf_config_with_dtype(v4, torch.bfloat16)["torch_dtype"] == "bfloat16"
     v5 = {k: v for k, v in v4.items() if k != "torch_dtype"} | {"dtype": "float32"}
     written = conversion.hf_config_with_dtype(v5, torch.bfloat16)

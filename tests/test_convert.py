@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from megatron.core.dist_checkpointing import ShardedTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from orpo_megatron import fixtures
+from orpo_megatron import tiny_model
 from orpo_megatron.checkpoint import format as checkpoint_format
 from orpo_megatron.checkpoint import conversion
 
@@ -173,11 +173,11 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
     """HF folders: the four round-trip inputs, a transformers-v5 fused copy, and the bad inputs."""
     root = str(tmp_path_factory.mktemp("convert_sources"))
     out = {("mixtral", "fp32"): tiny_mixtral, ("mistral", "fp32"): tiny_mistral}
-    out[("mixtral", "bf16")] = fixtures.write_tiny_model(os.path.join(root, "mixtral_bf16"), seed=1234,
+    out[("mixtral", "bf16")] = tiny_model.write_tiny_model(os.path.join(root, "mixtral_bf16"), seed=1234,
                                                          dtype=torch.bfloat16)
-    out[("mistral", "bf16")] = fixtures.write_tiny_model(os.path.join(root, "mistral_bf16"), seed=4321, dense=True,
+    out[("mistral", "bf16")] = tiny_model.write_tiny_model(os.path.join(root, "mistral_bf16"), seed=4321, dense=True,
                                                          dtype=torch.bfloat16)
-    out[("tied", "fp32")] = fixtures.write_tiny_model(os.path.join(root, "tied"), seed=99,
+    out[("tied", "fp32")] = tiny_model.write_tiny_model(os.path.join(root, "tied"), seed=99,
                                                       config_overrides={"tie_word_embeddings": True})
 
     from transformers import MixtralForCausalLM
@@ -187,7 +187,7 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
         fused, save_original_format=False)
     out["fused"] = fused
 
-    small = fixtures.write_tiny_model(os.path.join(root, "small"), seed=7, with_tokenizer=False)
+    small = tiny_model.write_tiny_model(os.path.join(root, "small"), seed=7, with_tokenizer=False)
     out["missing"] = rewrite_tensors(small, os.path.join(root, "missing"),
                                      lambda t: t.pop("model.layers.2.block_sparse_moe.experts.1.w3.weight"))
     out["extra"] = rewrite_tensors(small, os.path.join(root, "extra"), lambda t: t.update(

@@ -11,7 +11,7 @@ resumed offloading optimizer continuing as an uninterrupted one (one process, bf
   uninterrupted run's; with torch's AdamW as the device part (no TE here) and with a device part that keeps its
   step in its param group as TE's FusedAdam does (without the fix its weights differ from step 4 on).
 - Host copies are re-pinned in place; state is placed on its parameter's device (pinning and a CUDA device part
-  themselves only exist on a GPU: `benchmarks/gpu_acceptance.py` resumes the offloaded optimizer there).
+  themselves only exist on a GPU: `acceptance/gpu.py` resumes the offloaded optimizer there).
 """
 import argparse
 

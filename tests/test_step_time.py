@@ -10,7 +10,7 @@ from orpo_megatron.data.batching import BatchLayout
 from orpo_megatron.planning.memory import MemoryLayout, optimizer_bytes_per_element, rank_memory
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import OptimizerMode
-from orpo_megatron.pipeline import batch_layout
+from orpo_megatron.schedule import batch_layout
 from orpo_megatron.planning.step_time import (
     Hardware, RunSettings, all_to_all_seconds, link_gbps, mfu_from_layer_throughput, predict_step_time,
 )
@@ -142,7 +142,7 @@ def test_recipe_shapes_are_the_trainers_micro_batches(rows):
     import datasets
 
     from orpo_megatron.data.batching import TrainPairIterator
-    from orpo_megatron.pipeline import schedule_groups
+    from orpo_megatron.schedule import schedule_groups
 
     pairs = capybara_like_pairs(40)
     table = datasets.Dataset.from_dict({

@@ -14,8 +14,14 @@ from orpo_megatron.planning import workload
 from orpo_megatron.data.batching import BatchLayout
 from orpo_megatron.planning.memory import MemoryLayout
 from orpo_megatron.model_config import HFModelConfig
-from orpo_megatron.pipeline import batch_layout
-from orpo_megatron.planning.step_time import Hardware, RecipeTime, RunSettings, mfu_from_layer_throughput, predict_step_time
+from orpo_megatron.schedule import batch_layout
+from orpo_megatron.planning.step_time import (
+    Hardware,
+    RecipeTime,
+    RunSettings,
+    mfu_from_layer_throughput,
+    predict_step_time,
+)
 from orpo_megatron.throughput import PEAK_TFLOPS
 
 DEFAULTS = Hardware()

@@ -19,7 +19,7 @@ from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batc
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.pipeline import length_multiple, run_micro_batches
+from orpo_megatron.schedule import length_multiple, run_micro_batches
 
 BETA, NUM_PAIRS = 0.1, 4
 

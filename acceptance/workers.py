@@ -1,7 +1,7 @@
-"""Workers of the GPU acceptance command (`gpu_acceptance.py`): each runs in a process of its own, does the work
-behind some of its table lines and writes what it found as JSON; the checks in gpu_acceptance.py judge it.
+"""Workers of the GPU acceptance command (`gpu.py`): each runs in a process of its own, does the work
+behind some of its table lines and writes what it found as JSON; the checks in gpu.py judge it.
 
-    python benchmarks/acceptance_workers.py NAME --out REPORT.json --work DIR [--dry-run]
+    python acceptance/workers.py NAME --out REPORT.json --work DIR [--dry-run]
 
 DIR is the command's scratch folder, which holds the tiny Mixtral (`fixture`) and the tokenized-data cache.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from orpo_megatron.fixtures import TINY_MIXTRAL_CONFIG  # noqa: E402
+from orpo_megatron.tiny_model import TINY_MIXTRAL_CONFIG  # noqa: E402
 
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
 CONFIG_8X22B = os.path.join(REPO, "tools", "configs", "mixtral-8x22b.json")
@@ -101,7 +101,7 @@ def trainer_args(args: argparse.Namespace, *flags: str) -> argparse.Namespace:
 def first_step(train_args: argparse.Namespace, hf_files: str):
     """The micro-batches of the trainer's first step for these flags (`TrainStep`), built by its data pipeline."""
     from orpo_megatron.data.pipeline import build_preference_data
-    from orpo_megatron.pipeline import batch_layout
+    from orpo_megatron.schedule import batch_layout
 
     layout = batch_layout(train_args.packing, train_args.packed_length, 1, 1, None, False, bool(train_args.fp8_format))
     iterator, _, _ = build_preference_data(train_args, hf_files, 0, 1, train_args.micro_batch_size,
@@ -131,7 +131,7 @@ def trainer_model(train_args: argparse.Namespace, info, use_te: bool, kernels=No
 def training_pass(chunks: list, step, orpo_config):
     """Forward and backward of a step's micro-batches as the trainer's step runs them (no optimizer step)."""
     from orpo_megatron.objective import GlobalNormalizers
-    from orpo_megatron.pipeline import run_micro_batches
+    from orpo_megatron.schedule import run_micro_batches
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -220,7 +220,7 @@ def worker_packing(args: argparse.Namespace) -> None:
     from orpo_megatron import model, parallel
     from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.objective import ORPOConfig
-    from orpo_megatron.pipeline import accelerator
+    from orpo_megatron.schedule import accelerator
 
     info = checkpoint_format.describe(fixture(args.work, "bf16"))
     packed_args = trainer_args(args)
@@ -386,7 +386,7 @@ def first_backward_sync(step, plant: bool) -> list | None:
 def fp8_packed_pass(args: argparse.Namespace, info, orpo_config) -> dict:
     """The trainer's packed micro-batches with `--fp8-format hybrid` (rows padded to the FP8 length multiple) and,
     where FP8 runs, one forward/backward of them on the TE spec."""
-    from orpo_megatron.pipeline import length_multiple
+    from orpo_megatron.schedule import length_multiple
 
     unavailable = fp8_unavailable()
     if unavailable is None:
