@@ -1,6 +1,6 @@
 """Packing: real-token fraction and real tokens/s, packed vs `--no-packing`, on a capybara-like length mix.
 
-Length mix (ASSUMED, not measured): the capybara-like pairs of `orpo_megatron/workload.py`, the same ones the
+Length mix (ASSUMED, not measured): the capybara-like pairs of `orpo_megatron/planning/workload.py`, the same ones the
 step-time prediction (`tools/estimate_memory.py`) runs on; prompt cut to 1792 tokens and each completion to 2048 -
 prompt (`--max-length 2048 --max-prompt-length 1792`); seed 0. The script prints the means it drew.
 

@@ -9,7 +9,7 @@ A mode is where the optimizer keeps its state and in which dtypes (`OptimizerMod
   both on fp32 copies of the bf16 params (the moment and main-param dtype flags do not apply there).
 Offload without the precision-aware optimizer is refused, as Megatron-LM refuses it: Megatron-Core then keeps
 every fp32 main param on the GPU (only the moments move) and `reload_model_params()` does not refresh the
-offloaded copies, so loaded weights would be lost. What each mode costs in bytes is `memory_estimate.py`'s.
+offloaded copies, so loaded weights would be lost. What each mode costs in bytes is `planning/memory.py`'s.
 Around Megatron-Core's offloading optimizer, `pin_host_copies` (after it is built or loaded) and
 `settle_loaded_hybrid_optimizer` (after a load) fix its host copies' pinning, its step count and where its state
 lives.

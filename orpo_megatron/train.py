@@ -2,7 +2,7 @@
 
 Reads top to bottom: flags, parallel start-up, model, optimizer, data, checkpoint, then the loop (step, log,
 evaluate, save, stop on a signal or a non-finite step). The objective (`objective.py`), its pipeline glue
-(`pipeline.py`), the data (`data/`), checkpoints (`checkpointing.py`) and logging (`tracking.py`) are one
+(`schedule.py`), the data (`data/`), checkpoints (`checkpoint/training.py`) and logging (`tracking.py`) are one
 import away. Launch with torchrun or srun; on a machine without a GPU it runs on CPU with gloo.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Owns both directions, the upgrade of orpo-megatron's first checkpoint format, their up-front input validation,
 the safetensors shard writer, and writing the output under a temporary name that is renamed only when
-complete. The tensor mapping is `hf_mapping.py`, the Megatron-side format `checkpoint_format.py`, the command
+complete. The tensor mapping is `hf_mapping.py`, the Megatron-side format `format.py`, the command
 line `tools/convert_hf.py`.
 """
 from __future__ import annotations

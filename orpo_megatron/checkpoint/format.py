@@ -12,7 +12,7 @@ A checkpoint root (a training `--save` folder, or the output of `tools/convert_h
         .metadata, __0_0.distcp, ...         torch.distributed.checkpoint files with every tensor under its
                                              `GPTModel.sharded_state_dict()` key
         hf_files/                            ours: config.json, tokenizer files, generation_config.json
-        train_state.json                     ours, training checkpoints only (see `checkpointing.py`)
+        train_state.json                     ours, training checkpoints only (see `training.py`)
 
 The keys are the Transformer Engine spec's, whichever spec saved them: layers stacked on a leading axis
 (`decoder.layers.self_attention.linear_qkv.weight` is [layers, rows, hidden]), experts on a second one, the
@@ -24,7 +24,7 @@ Owns: folder names and the tracker; describing a folder (its HF config, the Mega
 checked against that config, refusing orpo-megatron's first format with the command that upgrades it); the
 arguments written for Megatron-LM; the in-process torch_dist writer; model weights into and out of a parallel
 model; and the one-layer-at-a-time writer and reader that conversion streams through. The HF <-> Megatron
-tensor mapping is `hf_mapping.py`; trainer state (optimizer, RNG, data position, iterations) `checkpointing.py`.
+tensor mapping is `hf_mapping.py`; trainer state (optimizer, RNG, data position, iterations) `training.py`.
 """
 from __future__ import annotations
 

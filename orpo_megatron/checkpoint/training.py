@@ -1,7 +1,7 @@
 """Training checkpoints: iterations that resume exactly, keep their Adam state at any layout, and that
 Megatron-LM resumes too; the `latest` pointer, retention, and resolving what `--load` names.
 
-A training save folder (`--save`) is a Megatron-LM checkpoint root (folder format: `checkpoint_format.py`):
+A training save folder (`--save`) is a Megatron-LM checkpoint root (folder format: `format.py`):
 
     SAVE/latest_checkpointed_iteration.txt    the newest COMPLETE iteration (written last, atomically)
     SAVE/iter_0000006/                         one Megatron-LM torch_dist checkpoint with

@@ -161,7 +161,7 @@ def describe(rates: Hardware, layout: MemoryLayout, args: argparse.Namespace) ->
             f"{rates.nvlink_gbps:g}, network {rates.network_gbps:g}, PCIe {rates.pcie_gbps:g} per GPU, host memory "
             f"{rates.host_memory_gbps:g} per {rates.gpus_per_node}-GPU node, HBM {rates.hbm_gbps:g}; "
             + (", ".join(overlap) or "no DP overlap")
-            + "; balanced routing; pair lengths assumed (orpo_megatron/workload.py)")
+            + "; balanced routing; pair lengths assumed (orpo_megatron/planning/workload.py)")
 
 
 TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'recomp':>6} {'offload':>7} {'GiB':>5} | "
