@@ -113,7 +113,7 @@ def trainer_model(train_args: argparse.Namespace, info, use_te: bool, kernels=No
     """The model chunks the trainer builds for these flags (DDP-wrapped), with the checkpoint's weights unless
     `load` is False; `kernels` None: the trainer's (`FusedKernels.for_backend`)."""
     from orpo_megatron import arguments, model, train
-    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
     from orpo_megatron.model_config import FusedKernels, build_transformer_config
 
     hf = info.hf
@@ -124,7 +124,7 @@ def trainer_model(train_args: argparse.Namespace, info, use_te: bool, kernels=No
     vocab = model.vocab_info(hf, train_args.make_vocab_size_divisible_by, 1)
     chunks = train.wrap_data_parallel(config, train_args, model.build_model(config, hf, vocab, use_te))
     if load:
-        checkpoint_format.load_model_weights(info, chunks)
+        checkpoint_weights.load_model_weights(info, chunks)
     return chunks
 
 
@@ -152,6 +152,7 @@ def worker_parity(args: argparse.Namespace) -> None:
 
     from orpo_megatron import model, parallel
     from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
     from orpo_megatron.data.arguments import DataConfig, add_data_args
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
     from orpo_megatron.model_config import FusedKernels, PrecisionConfig, build_transformer_config
@@ -197,7 +198,7 @@ def worker_parity(args: argparse.Namespace) -> None:
             kernels = dataclasses.replace(FusedKernels.for_backend(use_te), gradient_accumulation_fusion=False)
             config = build_transformer_config(hf, precision=PrecisionConfig(bf16=dtype == "bf16"), kernels=kernels)
             [chunk] = model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te)
-            checkpoint_format.load_model_weights(info, [chunk])
+            checkpoint_weights.load_model_weights(info, [chunk])
             chunk.eval()  # no dropout anyway; grads still flow
             positions = torch.arange(length, device=device).expand_as(ids)
             means, grads = score(chunk(ids, positions, attention_mask=None),
@@ -437,9 +438,10 @@ def checkpoint_entries(chunks: list) -> tuple[set[str], set[str]]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
+    from orpo_megatron.checkpoint import writer as checkpoint_writer
 
-    request = checkpoint_format.model_state_dicts(chunks, checkpoint_format.sharded_metadata())
+    request = checkpoint_weights.model_state_dicts(chunks, checkpoint_writer.sharded_metadata())
     apply_factories(request)  # gated experts' fc1: saved as two tensors
     entries = list(nested_values(request))
     return ({f"{e.key} {tuple(e.global_shape)} at {tuple(e.global_offset)}" for e in entries
@@ -473,6 +475,8 @@ def cross_load(train_args: argparse.Namespace, info, specs: dict, loaded: dict, 
     model of every other spec (with one spec: of the same one): are the loaded weights bitwise those the spec
     loads from the converted checkpoint, and its logits theirs? Also how far the specs' logits are apart."""
     from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
+    from orpo_megatron.checkpoint import writer as checkpoint_writer
 
     device = next(loaded["local"][0].parameters()).device
     ids = torch.randint(0, info.hf.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
@@ -481,14 +485,14 @@ def cross_load(train_args: argparse.Namespace, info, specs: dict, loaded: dict, 
     for number, (spec, chunks) in enumerate(loaded.items()):
         saves[spec] = dataclasses.replace(info, folder=os.path.join(work, f"spec{number}"),
                                           content_metadata=checkpoint_format.DEFAULT_CONTENT_METADATA)
-        checkpoint_format.save(saves[spec].folder, checkpoint_format.model_state_dicts(
-            chunks, checkpoint_format.sharded_metadata()), checkpoint_format.DEFAULT_CONTENT_METADATA)
+        checkpoint_writer.save(saves[spec].folder, checkpoint_weights.model_state_dicts(
+            chunks, checkpoint_writer.sharded_metadata()), checkpoint_format.DEFAULT_CONTENT_METADATA)
     pairs = [(a, b) for a in specs for b in specs if a != b] or [(spec, spec) for spec in specs]
     loads = []
     for saved_on, loaded_on in pairs:
         use_te, kernels = specs[loaded_on]
         fresh = trainer_model(train_args, info, use_te, kernels, load=False)
-        checkpoint_format.load_model_weights(saves[saved_on], fresh)
+        checkpoint_weights.load_model_weights(saves[saved_on], fresh)
         differing = [name for (name, ours), (_, theirs) in zip(fresh[0].named_parameters(),
                                                                loaded[loaded_on][0].named_parameters())
                      if not torch.equal(ours, theirs)]
@@ -525,6 +529,8 @@ def fp8_state_through_save(args: argparse.Namespace, info) -> dict:
     """A TE-spec model trained 3 passes with `--fp8-format hybrid --fp8-recipe delayed`, saved with the trainer's
     writer and loaded into a fresh model as a resume loads it (before any forward): is TE's scaling state equal?"""
     from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
+    from orpo_megatron.checkpoint import writer as checkpoint_writer
     from orpo_megatron.objective import ORPOConfig
 
     unavailable = fp8_unavailable()
@@ -538,10 +544,10 @@ def fp8_state_through_save(args: argparse.Namespace, info) -> dict:
         training_pass(chunks, step, orpo_config)
     saved = fp8_scaling_state(chunks)
     folder = os.path.join(args.work, "fp8-state")
-    checkpoint_format.save(folder, checkpoint_format.model_state_dicts(chunks, checkpoint_format.sharded_metadata()),
+    checkpoint_writer.save(folder, checkpoint_weights.model_state_dicts(chunks, checkpoint_writer.sharded_metadata()),
                            checkpoint_format.DEFAULT_CONTENT_METADATA)
     fresh = trainer_model(fp8_args, info, True, load=False)
-    checkpoint_format.load_model_weights(
+    checkpoint_weights.load_model_weights(
         dataclasses.replace(info, folder=folder, content_metadata=checkpoint_format.DEFAULT_CONTENT_METADATA), fresh)
     restored = fp8_scaling_state(fresh)
     return {"tensors": len(saved), "modules": len({key.rsplit(".", 2)[0] for key in saved}),

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from orpo_megatron import arguments, model, parallel
-from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                       kernels=FusedKernels.for_backend(use_te))
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab, use_te)
-    checkpoint_format.load_model_weights(checkpoint.info, chunks)
+    checkpoint_weights.load_model_weights(checkpoint.info, chunks)
     for chunk in chunks:
         chunk.eval()
 

@@ -61,14 +61,15 @@ def trained_tp2_pp2(tiny_converted, tmp_path_factory) -> str:
 def checkpoint_weights(path: str) -> dict:
     """Every stored model tensor of a checkpoint (a folder or a tracker root), full and unpadded, by layer."""
     from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
     from orpo_megatron.checkpoint import conversion
 
     conversion.init_single_process()  # the full-tensor readers go through dist_checkpointing
     info = checkpoint_format.describe(path)
-    stored = checkpoint_format.stored_tensors(info.folder)
-    weights = {f"outer.{k}": v for k, v in checkpoint_format.read_outer(info.folder, info.hf, stored).items()}
+    stored = checkpoint_weights.stored_tensors(info.folder)
+    weights = {f"outer.{k}": v for k, v in checkpoint_weights.read_outer(info.folder, info.hf, stored).items()}
     for layer in range(info.hf.num_layers):
-        tensors = checkpoint_format.read_layer(info.folder, info.hf, layer, stored)
+        tensors = checkpoint_weights.read_layer(info.folder, info.hf, layer, stored)
         weights.update({f"layer{layer}.{k}": v for k, v in tensors.items()})
     return weights
 

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orpo_megatron.checkpoint import format as fmt
+
+from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron import tiny_model
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.checkpoint import conversion
@@ -39,10 +41,10 @@ def test_tracker_names_iterations_and_release(tmp_path):
     assert fmt.read_tracker(root) == 12 and fmt.iteration_dir(root, 12).endswith("iter_0000012")
     assert sorted(os.listdir(root)) == ["iter_0000012", fmt.TRACKER_FILE]  # no temporary file left
     fmt.write_tracker(root, fmt.RELEASE)
-    with pytest.raises(fmt.CheckpointFormatError, match="names release, but .*release is missing"):
+    with pytest.raises(fmt.CheckpointError, match="names release, but .*release is missing"):
         fmt.read_tracker(root)
     (tmp_path / fmt.TRACKER_FILE).write_text("latest")
-    with pytest.raises(fmt.CheckpointFormatError, match="expected an iteration number or 'release', found 'latest'"):
+    with pytest.raises(fmt.CheckpointError, match="expected an iteration number or 'release', found 'latest'"):
         fmt.read_tracker(root)
 
 
@@ -66,7 +68,7 @@ def test_describe_refuses_what_is_not_a_usable_checkpoint(tiny_converted, tmp_pa
         shutil.rmtree(folder)
         shutil.copytree(os.path.join(tiny_converted, fmt.RELEASE), folder)
         shutil.rmtree(folder / fmt.HF_FILES_DIR)
-    with pytest.raises(fmt.CheckpointFormatError) as err:
+    with pytest.raises(fmt.CheckpointError) as err:
         fmt.describe(str(folder))
     assert all(text in str(err.value) for text in expected), str(err.value)
 
@@ -78,7 +80,7 @@ def test_a_converted_root_describes_its_release_folder(tiny_converted, tiny_mixt
     assert info.hf_files == os.path.join(info.folder, fmt.HF_FILES_DIR)
     # The same model given explicitly is accepted; another one is refused, naming the fields.
     assert fmt.describe(tiny_converted, hf_config=tiny_mixtral).hf == info.hf
-    with pytest.raises(fmt.CheckpointFormatError, match="num_layers: checkpoint 4, .* 6"):
+    with pytest.raises(fmt.CheckpointError, match="num_layers: checkpoint 4, .* 6"):
         other = HFModelConfig.from_dict(dict(tiny_model.TINY_MIXTRAL_CONFIG, num_hidden_layers=6))
         fmt.check_model_config(info.hf, other, info.folder, "given/config.json")
 
@@ -104,7 +106,7 @@ def test_config_matching_megatron_lm_arguments_passes():
 def test_config_differing_from_megatron_lm_arguments_is_named(changes, named):
     args = megatron_lm_args(TINY, MLM_LAYOUT, 4)
     vars(args).update(changes)
-    with pytest.raises(fmt.CheckpointFormatError) as err:
+    with pytest.raises(fmt.CheckpointError) as err:
         fmt.check_args(args, TINY, "CKPT", "config.json")
     assert named in str(err.value) and "CKPT" in str(err.value), str(err.value)
 
@@ -155,16 +157,17 @@ def test_streamed_save_holds_one_chunk_at_a_time_and_reads_back(tmp_path, monkey
 
     monkeypatch.setattr(filesystem, "_write_item", recording_write)
     folder = str(tmp_path / "ckpt")
-    fmt.write_streaming(folder, TINY, 640, torch.float32, make, lambda key: make(key, None), {"iteration": 0})
+    checkpoint_weights.write_streaming(folder, TINY, 640, torch.float32, make, lambda key: make(key, None),
+                                       {"iteration": 0})
     assert len(held_when_producing) == len(shapes) * TINY.num_layers + len(outer)
     assert max(held_when_producing) == 0 and not unwritten, held_when_producing
 
-    stored = fmt.stored_tensors(folder)
+    stored = checkpoint_weights.stored_tensors(folder)
     for layer in (0, 3):
-        for key, tensor in fmt.read_layer(folder, TINY, layer, stored).items():
+        for key, tensor in checkpoint_weights.read_layer(folder, TINY, layer, stored).items():
             expected = torch.randn(shapes[key], generator=torch.Generator().manual_seed(hash((key, layer)) % 2**31))
             assert torch.equal(tensor, expected), (key, layer)
-    for key, tensor in fmt.read_outer(folder, TINY, stored).items():
+    for key, tensor in checkpoint_weights.read_outer(folder, TINY, stored).items():
         expected = torch.randn(outer[key], generator=torch.Generator().manual_seed(hash((key, None)) % 2**31))
         assert torch.equal(tensor, expected), key
 
@@ -202,7 +205,7 @@ def test_optimizer_state_survives_save_and_load(tiny_converted, tmp_path):
                 for group in inner.optimizer.param_groups for i, p in enumerate(group["params"])]
 
     chunks, optimizer, scheduler = build()
-    fmt.load_model_weights(info, chunks)
+    checkpoint_weights.load_model_weights(info, chunks)
     generator = torch.Generator().manual_seed(0)
     for _ in range(2):
         for param in chunks[0].parameters():

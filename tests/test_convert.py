@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from orpo_megatron import tiny_model
 from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import writer as checkpoint_writer
 from orpo_megatron.checkpoint import conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,11 +143,11 @@ def write_first_format(hf_dir: str, out: str) -> str:
             names[old + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1.reshape(2, -1, fc1.shape[-1])
             names[old + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = \
                 stacked[m + "mlp.experts.experts.linear_fc2.weight"][layer, e]
-        checkpoint_format.save(os.path.join(out, "model", f"layer_{layer:04d}"), {
+        checkpoint_writer.save(os.path.join(out, "model", f"layer_{layer:04d}"), {
             name: ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0) for name, t in names.items()}, {})
     outer = {"embedding.word_embeddings.weight": tensors["model.embed_tokens.weight"],
              "decoder.final_layernorm.weight": tensors["model.norm.weight"], "output_layer.weight": tensors["lm_head.weight"]}
-    checkpoint_format.save(os.path.join(out, "model", "outer"), {
+    checkpoint_writer.save(os.path.join(out, "model", "outer"), {
         name: ShardedTensor.from_rank_offsets(name, t, replica_id=0) for name, t in outer.items()}, {})
     os.makedirs(os.path.join(out, "hf_files"))
     for name in TOKENIZER_FILES:

@@ -24,6 +24,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from layout_runs import run_each_layout
 from orpo_megatron import model, parallel
 from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron.checkpoint import writer as checkpoint_writer
 from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
@@ -53,13 +55,13 @@ def standalone_norms(chunks):
 
 def save_weights(root: str, chunks, hf: HFModelConfig, vocab, hf_files_from: str, layout: dict) -> None:
     """The model as a checkpoint root: Megatron-LM's state dict without optimizer, tracker naming iteration 7."""
-    metadata = checkpoint_format.sharded_metadata()
-    state = checkpoint_format.model_state_dicts(chunks, metadata)
+    metadata = checkpoint_writer.sharded_metadata()
+    state = checkpoint_weights.model_state_dicts(chunks, metadata)
     state.update(args=checkpoint_format.megatron_args(hf, layout, padded_vocab_size=vocab.padded_size,
                                                       make_vocab_size_divisible_by=128, iteration=ITERATION),
                  checkpoint_version=checkpoint_format.CHECKPOINT_VERSION, iteration=ITERATION)
     folder = checkpoint_format.iteration_dir(root, ITERATION)
-    checkpoint_format.save(folder, state, metadata)
+    checkpoint_writer.save(folder, state, metadata)
     if torch.distributed.get_rank() == 0:
         checkpoint_format.copy_hf_files(hf_files_from, folder)
         checkpoint_format.write_tracker(root, ITERATION)
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
     rank = torch.distributed.get_rank()
 
     chunks = model.build_model(config, hf, vocab)
-    checkpoint_format.load_model_weights(checkpoint_format.describe(args.ckpt), chunks)
+    checkpoint_weights.load_model_weights(checkpoint_format.describe(args.ckpt), chunks)
     reference = model.build_model(config, hf, vocab)
     hf_mapping.load_hf_checkpoint(reference, args.hf_dir, hf)
     checked, bad = mismatched_params(chunks, reference)
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
         save_weights(args.save, chunks, hf, vocab, args.hf_dir, dict(layout_kwargs, world_size=layout.world_size))
     if args.other_ckpt:
         other = model.build_model(config, hf, vocab)
-        checkpoint_format.load_model_weights(checkpoint_format.describe(args.other_ckpt), other)
+        checkpoint_weights.load_model_weights(checkpoint_format.describe(args.other_ckpt), other)
         other_checked, other_bad = mismatched_params(other, reference)
         norms = list(standalone_norms(other))
         report.update(other_params_checked=other_checked, other_params_mismatched=other_bad,
