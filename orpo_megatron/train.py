@@ -91,7 +91,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     resume.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
                         help="Resuming: keep the checkpoint's LR schedule and ignore the schedule flags.")
 
-    add_ddp_args(parser)
+    optimizers.add_ddp_args(parser)
 
     group = parser.add_argument_group("evaluation and checkpoints")
     group.add_argument("--eval-interval", type=int, default=100, help="Evaluate every N steps (0: only at the end).")
@@ -110,33 +110,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="Per-GPU peak TFLOP/s for MFU. Default: the detected GPU's dense bf16 (or fp8) peak "
                             "(H100 SXM: 989); no MFU on CPU or unknown GPUs.")
-
-
-def add_ddp_args(parser: argparse.ArgumentParser, default: bool | None = None) -> None:
-    """The data-parallel communication flags (shared with tools/estimate_memory.py, which passes the trainer's GPU
-    default, on). `default` None: on with a GPU, off on CPU, resolved by `check_ddp_args`."""
-    where = "on with a GPU, off on CPU" if default is None else f"{'on' if default else 'off'}, as the trainer on a GPU"
-    group = parser.add_argument_group(f"data-parallel communication (default: {where})")
-    group.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=default,
-                       help="Reduce-scatter each gradient bucket during the backward pass of the last micro-batch "
-                            "instead of after it (buckets of max(40M, 1M x DP) parameters).")
-    group.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=default,
-                       help="All-gather the updated parameters bucket by bucket during the next forward pass "
-                            "instead of right after the optimizer step. Needs --overlap-grad-reduce.")
-    group.add_argument("--ddp-bucket-size", type=int, default=None,
-                       help="Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: "
-                            "Megatron-Core's max(40M, 1M x DP).")
-
-
-def check_ddp_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Resolve the GPU-dependent defaults and refuse impossible combinations (exit 2 naming the flag)."""
-    for flag in ("overlap_grad_reduce", "overlap_param_gather"):
-        if getattr(args, flag) is None:
-            setattr(args, flag, torch.cuda.is_available())
-    if args.overlap_param_gather and not args.overlap_grad_reduce:
-        parser.error("--overlap-param-gather needs --overlap-grad-reduce")
-    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
-        parser.error(f"--ddp-bucket-size must be >= 1, got {args.ddp_bucket_size}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-interval needs --save")
     for flag in ("save", "log_dir", "wandb_save_dir"):
         arguments.check_output_folder(parser, flag, getattr(args, flag))
-    check_ddp_args(parser, args)
+    optimizers.check_ddp_args(parser, args)
     return args
 
 

@@ -1,7 +1,6 @@
 """The step-time model: placement by Megatron's rank order, compute and optimizer time from exact work, calibration,
 the assumed workload against the reference arithmetic, and the estimator's time output."""
 import dataclasses
-import importlib.util
 import os
 
 import pytest
@@ -16,13 +15,11 @@ from orpo_megatron.planning.step_time import (
 )
 from orpo_megatron.planning.step_work import RankGrid, micro_batch_work, optimizer_traffic
 from orpo_megatron.throughput import training_flops
+from orpo_megatron.planning import estimator as estimate_memory
 from orpo_megatron.planning.workload import capybara_like_pairs, recipe_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "tools", "configs")
-_spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
-estimate_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(estimate_memory)
 
 
 def config(name: str) -> HFModelConfig:

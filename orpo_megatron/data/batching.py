@@ -74,6 +74,11 @@ class BatchLayout:
             raise ValueError(f"--packed-length {self.packed_length} must be a positive multiple of "
                              f"{self.length_multiple} (sequence parallelism and FP8 need row lengths divisible by it)")
 
+    def fixed_row_length(self, longest_pair_tokens: int) -> int:
+        """Tokens per fixed-length row: `packed_length`, or the longest pair (prompt + chosen + prompt + rejected)
+        rounded up to `length_multiple`."""
+        return self.packed_length or round_up(longest_pair_tokens, self.length_multiple)
+
     def build(self, pairs: dict[str, list], pad_id: int, length: int | None = None) -> MicroBatch:
         if self.packing:
             return packed_micro_batch(pairs, pad_id, self.length_multiple, length)
@@ -149,7 +154,7 @@ class TrainPairIterator:
         """--packed-length, or the longest pair rounded up; every pair must fit and every rank get its rows."""
         tokens = 2 * self.lengths[:, 0] + self.lengths[:, 1] + self.lengths[:, 2]
         longest = int(np.argmax(tokens))
-        length = self.layout.packed_length or round_up(int(tokens[longest]), self.layout.length_multiple)
+        length = self.layout.fixed_row_length(int(tokens[longest]))
         if tokens[longest] > length:
             row = self.pairs[longest]["row_index"]
             raise ValueError(f"--packed-length {length} is shorter than the training pair of source row {row} "
