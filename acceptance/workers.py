@@ -101,7 +101,7 @@ def trainer_args(args: argparse.Namespace, *flags: str) -> argparse.Namespace:
 def first_step(train_args: argparse.Namespace, hf_files: str):
     """The micro-batches of the trainer's first step for these flags (`TrainStep`), built by its data pipeline."""
     from orpo_megatron.data.pipeline import build_preference_data
-    from orpo_megatron.schedule import batch_layout
+    from orpo_megatron.data.batching import batch_layout
 
     layout = batch_layout(train_args.packing, train_args.packed_length, 1, 1, None, False, bool(train_args.fp8_format))
     iterator, _, _ = build_preference_data(train_args, hf_files, 0, 1, train_args.micro_batch_size,
@@ -387,7 +387,7 @@ def first_backward_sync(step, plant: bool) -> list | None:
 def fp8_packed_pass(args: argparse.Namespace, info, orpo_config) -> dict:
     """The trainer's packed micro-batches with `--fp8-format hybrid` (rows padded to the FP8 length multiple) and,
     where FP8 runs, one forward/backward of them on the TE spec."""
-    from orpo_megatron.schedule import length_multiple
+    from orpo_megatron.data.batching import length_multiple
 
     unavailable = fp8_unavailable()
     if unavailable is None:

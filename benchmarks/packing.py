@@ -36,7 +36,8 @@ sys.path.insert(0, REPO)
 
 from orpo_megatron.planning import workload  # noqa: E402
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator  # noqa: E402
-from orpo_megatron.schedule import batch_layout, schedule_groups  # noqa: E402
+from orpo_megatron.schedule import schedule_groups  # noqa: E402
+from orpo_megatron.data.batching import batch_layout  # noqa: E402
 
 
 def capybara_like_lengths(num_pairs: int, scale: int = 1) -> np.ndarray:

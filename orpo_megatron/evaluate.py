@@ -19,13 +19,13 @@ from orpo_megatron import arguments, model, parallel
 from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.data.arguments import DataConfig
-from orpo_megatron.data.batching import EvalPairs
+from orpo_megatron.data.batching import EvalPairs, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenize_into_cache, tokenized_split
 from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.schedule import batch_layout, run_micro_batches
+from orpo_megatron.schedule import run_micro_batches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

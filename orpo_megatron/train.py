@@ -26,6 +26,7 @@ from orpo_megatron.checkpoint import format as checkpoint_format
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.arguments import DataConfig
+from orpo_megatron.data.batching import batch_layout
 from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache
 from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
@@ -34,7 +35,6 @@ from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.schedule import (
     ScheduleResult,
     accelerator,
-    batch_layout,
     moe_load_balancing_loss,
     run_micro_batches,
 )

@@ -5,11 +5,10 @@ import os
 
 import pytest
 
-from orpo_megatron.data.batching import BatchLayout
+from orpo_megatron.data.batching import BatchLayout, batch_layout
 from orpo_megatron.planning.memory import MemoryLayout, optimizer_bytes_per_element, rank_memory
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import OptimizerMode
-from orpo_megatron.schedule import batch_layout
 from orpo_megatron.planning.step_time import (
     Hardware, RunSettings, all_to_all_seconds, link_gbps, mfu_from_layer_throughput, predict_step_time,
 )

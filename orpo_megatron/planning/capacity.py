@@ -11,10 +11,9 @@ import argparse
 import functools
 
 from orpo_megatron.planning import workload
-from orpo_megatron.data.batching import BatchLayout
+from orpo_megatron.data.batching import BatchLayout, batch_layout
 from orpo_megatron.planning.memory import MemoryLayout
 from orpo_megatron.model_config import HFModelConfig
-from orpo_megatron.schedule import batch_layout
 from orpo_megatron.planning.step_time import (
     Hardware,
     RecipeTime,

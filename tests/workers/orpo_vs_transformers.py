@@ -20,7 +20,8 @@ from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batc
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.schedule import length_multiple, run_micro_batches
+from orpo_megatron.schedule import run_micro_batches
+from orpo_megatron.data.batching import length_multiple
 
 BETA, NUM_PAIRS = 0.1, 4
 

@@ -27,11 +27,11 @@ from layout_runs import run_each_layout
 from orpo_megatron import arguments, model, parallel
 from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.data.arguments import DataConfig, add_data_args
-from orpo_megatron.data.batching import BatchLayout, TrainPairIterator
+from orpo_megatron.data.batching import BatchLayout, TrainPairIterator, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
-from orpo_megatron.schedule import batch_layout, moe_load_balancing_loss, run_micro_batches
+from orpo_megatron.schedule import moe_load_balancing_loss, run_micro_batches
 
 BETA, GLOBAL_BATCH = 0.1, 8
 
