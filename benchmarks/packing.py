@@ -35,9 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from orpo_megatron.planning import workload  # noqa: E402
-from orpo_megatron.data.batching import BatchLayout, TrainPairIterator  # noqa: E402
+from orpo_megatron.data.batching import BatchLayout, TrainPairIterator, batch_layout  # noqa: E402
 from orpo_megatron.schedule import schedule_groups  # noqa: E402
-from orpo_megatron.data.batching import batch_layout  # noqa: E402
 
 
 def capybara_like_lengths(num_pairs: int, scale: int = 1) -> np.ndarray:
@@ -107,11 +106,12 @@ def arithmetic() -> None:
 
 
 def measure(steps: int) -> None:
+    from benchmarks.model import BENCH_MIXTRAL_OVERRIDES
     from orpo_megatron import tiny_model
 
     with tempfile.TemporaryDirectory(prefix="packing_bench_") as tmp:
         hf_dir = tiny_model.write_tiny_model(os.path.join(tmp, "hf"), seed=7,
-                                             config_overrides=tiny_model.BENCH_MIXTRAL_OVERRIDES)
+                                             config_overrides=BENCH_MIXTRAL_OVERRIDES)
         checkpoint = os.path.join(tmp, "ckpt")
         subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron", "--hf-dir",
                         hf_dir, "--output", checkpoint], check=True, capture_output=True, cwd=REPO)
