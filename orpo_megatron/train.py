@@ -42,7 +42,7 @@ from orpo_megatron.schedule import (
 LR_DECAY_STYLES = ["constant", "linear", "cosine", "inverse-square-root"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that must stop, with what happened and where the last good checkpoint is."""
 
 
@@ -441,7 +441,7 @@ def cli(argv: list[str] | None = None) -> None:
     """Entry point: bad input and stopped runs end with one clear line and a non-zero exit, not a traceback."""
     try:
         status = main(argv)
-    except (UserError, TrainingError, ValueError) as err:
+    except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     if status:
