@@ -3,7 +3,7 @@
 
 At the layout given by its --tp/--pp/--vp/--ep (world size from torchrun):
 1. builds the tiny model and loads --ckpt with `load_model_weights`; builds a second copy loaded straight from the
-   HF safetensors by `hf_mapping.load_hf_checkpoint` (no checkpoint file involved) and compares every parameter;
+   HF safetensors by `reference_weights.load_hf_checkpoint` (no checkpoint file involved) and compares every parameter;
 2. computes per-token log-probabilities of --tokens (vocab-parallel logits gathered over TP, padded columns
    sliced off before the log-softmax; at PP>1 through Megatron's pipeline schedule, forward only);
 3. with --save, gives each standalone norm an `_extra_state` payload naming its layer, and writes the model as a
@@ -22,11 +22,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from layout_runs import run_each_layout
+import reference_weights
 from orpo_megatron import model, parallel
 from orpo_megatron.checkpoint import format as checkpoint_format
 from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.checkpoint import writer as checkpoint_writer
-from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
 ITERATION = 7
@@ -36,8 +36,8 @@ def mismatched_params(chunks, reference_chunks) -> tuple[int, list[str]]:
     """Same layout on both sides: parameters compared entry by entry of their sharded state dicts."""
     checked, bad = 0, []
     for chunk, reference in zip(chunks, reference_chunks):
-        for (key, entry), (_, expected) in zip(hf_mapping.model_parameters(chunk),
-                                               hf_mapping.model_parameters(reference)):
+        for (key, entry), (_, expected) in zip(reference_weights.model_parameters(chunk),
+                                               reference_weights.model_parameters(reference)):
             checked += 1
             if not torch.equal(entry.data, expected.data):
                 bad.append(f"{key}{tuple(entry.global_offset) if hasattr(entry, 'global_offset') else ''}")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
     chunks = model.build_model(config, hf, vocab)
     checkpoint_weights.load_model_weights(checkpoint_format.describe(args.ckpt), chunks)
     reference = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(reference, args.hf_dir, hf)
+    reference_weights.load_hf_checkpoint(reference, args.hf_dir, hf)
     checked, bad = mismatched_params(chunks, reference)
     report = {"layout": layout.describe(), "padded_vocab": vocab.padded_size, "params_checked": checked,
               "params_mismatched": bad}

@@ -24,8 +24,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from layout_runs import run_each_layout
+import reference_weights
 from orpo_megatron import arguments, model, parallel
-from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
                                       precision=PrecisionConfig(bf16=args.bf16))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf)
+    reference_weights.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads
