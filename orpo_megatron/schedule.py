@@ -103,8 +103,8 @@ def schedule_groups(micro_batches: list[MicroBatch], pipelined: bool) -> list[li
     Pipeline stages exchange activations of the shape given to the schedule (Megatron's variable-shape mode
     deadlocks in the interleaved schedule on gloo and rules out the allgather dispatcher), so with pipelining
     consecutive micro-batches with the same number of rows form a group padded to its longest row. Padded rows
-    (`--no-packing`) are grouped that way without pipelining too, as before packing existed; packed rows without
-    pipelining keep their own lengths in one call.
+    (`--no-packing`) are grouped that way without pipelining too; packed rows without pipelining keep their own
+    lengths in one call.
     """
     if not pipelined and micro_batches and micro_batches[0].packed:
         return [micro_batches]
