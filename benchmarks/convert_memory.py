@@ -52,8 +52,8 @@ def write_model(hf_dir: str, layers: int, hidden_size: int) -> None:
     """The random HF folder, written by a child process so that this one stays small (see below)."""
     overrides = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, head_dim=hidden_size // 8,
                      num_hidden_layers=layers)
-    code = ("import sys, json, torch; from orpo_megatron import fixtures; "
-            "fixtures.write_tiny_model(sys.argv[1], seed=int(sys.argv[2]), dtype=torch.float32, "
+    code = ("import sys, json, torch; from orpo_megatron import tiny_model; "
+            "tiny_model.write_tiny_model(sys.argv[1], seed=int(sys.argv[2]), dtype=torch.float32, "
             "with_tokenizer=False, config_overrides=json.loads(sys.argv[3]))")
     subprocess.run([sys.executable, "-c", code, hf_dir, str(layers), json.dumps(overrides)], check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,7 +68,7 @@ def main() -> None:
 
     work = args.work_dir or tempfile.mkdtemp(prefix="convert_memory_")
     imports = peak_rss_bytes([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                              "import orpo_megatron.conversion", REPO])
+                              "import orpo_megatron.checkpoint.conversion", REPO])
     print(f"imports alone (torch, Megatron-Core, the converter): peak RSS {imports / MB:.1f} MB", flush=True)
     results = {}
     try:

@@ -1,8 +1,8 @@
 """Training speed: ours (`python -m orpo_megatron.train`'s loop) against TRL's ORPOTrainer, side by side in one run.
 
 Both sides train the same model on the same pairs, in the same order, in one process each (world size 1, CPU):
-- model: a random Mixtral written by `orpo_megatron.fixtures` (vocabulary 32000, hidden 256, FFN 896, 4 layers,
-  8 experts top-2, 8/2 heads; `BENCH_MIXTRAL_OVERRIDES`), loaded by TRL from the HF folder and by us from its
+- model: a random Mixtral written by `orpo_megatron.tiny_model` (vocabulary 32000, hidden 256, FFN 896, 4 layers,
+  8 experts top-2, 8/2 heads; `benchmarks/model.py`), loaded by TRL from the HF folder and by us from its
   conversion (`tools/convert_hf.py hf-to-megatron`);
 - pairs: the first 256 pairs of `examples/data/plain.jsonl` (short Zephyr-templated questions and answers; with
   the tiny tokenizer a sequence, prompt + completion, is 40 to 116 tokens, median 54, about 118 real tokens a
@@ -96,10 +96,11 @@ def write_pairs(path: str, num_pairs: int) -> str:
 
 def write_inputs(workdir: str, num_pairs: int) -> dict[str, str]:
     """The HF model, its conversion for us, and the pairs."""
-    from orpo_megatron import fixtures
+    from benchmarks.model import BENCH_MIXTRAL_OVERRIDES
+    from orpo_megatron import tiny_model
 
-    hf_dir = fixtures.write_tiny_model(os.path.join(workdir, "hf"), seed=MODEL_SEED,
-                                       config_overrides=fixtures.BENCH_MIXTRAL_OVERRIDES)
+    hf_dir = tiny_model.write_tiny_model(os.path.join(workdir, "hf"), seed=MODEL_SEED,
+                                         config_overrides=BENCH_MIXTRAL_OVERRIDES)
     checkpoint = os.path.join(workdir, "ckpt")
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron", "--hf-dir",
                     hf_dir, "--output", checkpoint, "--dtype", "fp32", "--overwrite"],

@@ -1,6 +1,6 @@
 """Packing: real-token fraction and real tokens/s, packed vs `--no-packing`, on a capybara-like length mix.
 
-Length mix (ASSUMED, not measured): the capybara-like pairs of `orpo_megatron/workload.py`, the same ones the
+Length mix (ASSUMED, not measured): the capybara-like pairs of `orpo_megatron/planning/workload.py`, the same ones the
 step-time prediction (`tools/estimate_memory.py`) runs on; prompt cut to 1792 tokens and each completion to 2048 -
 prompt (`--max-length 2048 --max-prompt-length 1792`); seed 0. The script prints the means it drew.
 
@@ -34,9 +34,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from orpo_megatron import workload  # noqa: E402
-from orpo_megatron.data.batching import BatchLayout, TrainPairIterator  # noqa: E402
-from orpo_megatron.pipeline import batch_layout, schedule_groups  # noqa: E402
+from orpo_megatron.planning import workload  # noqa: E402
+from orpo_megatron.data.batching import BatchLayout, TrainPairIterator, batch_layout  # noqa: E402
+from orpo_megatron.schedule import schedule_groups  # noqa: E402
 
 
 def capybara_like_lengths(num_pairs: int, scale: int = 1) -> np.ndarray:
@@ -106,11 +106,12 @@ def arithmetic() -> None:
 
 
 def measure(steps: int) -> None:
-    from orpo_megatron import fixtures
+    from benchmarks.model import BENCH_MIXTRAL_OVERRIDES
+    from orpo_megatron import tiny_model
 
     with tempfile.TemporaryDirectory(prefix="packing_bench_") as tmp:
-        hf_dir = fixtures.write_tiny_model(os.path.join(tmp, "hf"), seed=7,
-                                            config_overrides=fixtures.BENCH_MIXTRAL_OVERRIDES)
+        hf_dir = tiny_model.write_tiny_model(os.path.join(tmp, "hf"), seed=7,
+                                             config_overrides=BENCH_MIXTRAL_OVERRIDES)
         checkpoint = os.path.join(tmp, "ckpt")
         subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron", "--hf-dir",
                         hf_dir, "--output", checkpoint], check=True, capture_output=True, cwd=REPO)

@@ -39,7 +39,7 @@ What it removes because it only costs time on CPU (results stay bitwise the same
   intermediates) in again: a fifth of a step. Blocks up to 32 MiB (glibc's highest threshold) come from the heap
   and freed memory is kept for reuse (peak memory is unchanged; it is not given back before exit).
 
-Not here because they are not CPU-specific: the optimizer-state load fix (`checkpointing.py`), the router's TE
+Not here because they are not CPU-specific: the optimizer-state load fix (`checkpoint/training.py`), the router's TE
 GEMM name (`model.py`) and the optimizer config's TE version check (`optimizer.py`).
 """
 from __future__ import annotations

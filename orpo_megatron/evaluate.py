@@ -15,15 +15,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from orpo_megatron import arguments, checkpoint_format, checkpointing, model, parallel
+from orpo_megatron import arguments, model, parallel
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.data.arguments import DataConfig
-from orpo_megatron.data.batching import EvalPairs
+from orpo_megatron.data.batching import EvalPairs, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenize_into_cache, tokenized_split
 from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
-from orpo_megatron.pipeline import batch_layout, run_micro_batches
+from orpo_megatron.schedule import run_micro_batches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                       kernels=FusedKernels.for_backend(use_te))
     vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab, use_te)
-    checkpoint_format.load_model_weights(checkpoint.info, chunks)
+    checkpoint_weights.load_model_weights(checkpoint.info, chunks)
     for chunk in chunks:
         chunk.eval()
 

@@ -29,6 +29,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 
 
@@ -37,7 +38,7 @@ TRANSFORMER_ENGINE_SUPPORTED = (">=2.9.0a0", "<2.12.0")
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada / Hopper: TE's FP8 GEMMs
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UserError, RuntimeError):
     """The machine cannot run what the flags ask for (FP8, or the installed Transformer Engine), with the fix."""
 
 

@@ -2,7 +2,7 @@
 
 Owns the reading of Mixtral / Mistral / Llama configs and the translation of every architectural field into
 Megatron's names, plus vocabulary padding. It does not build modules (`model.py`) or move weights
-(`hf_mapping.py`).
+(`checkpoint/hf_mapping.py`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The optimizer: its flags (Megatron-LM's names), the modes that work, and building Megatron-Core's optimizer.
+"""The optimizer: its flags and the data-parallel communication flags (Megatron-LM's names), the modes that work, and
+building Megatron-Core's optimizer.
 
 A mode is where the optimizer keeps its state and in which dtypes (`OptimizerMode`). Only these run:
 - plain: fp32 main params (copies of bf16 params) and fp32 Adam moments on the GPU, sharded over DP;
@@ -9,7 +10,7 @@ A mode is where the optimizer keeps its state and in which dtypes (`OptimizerMod
   both on fp32 copies of the bf16 params (the moment and main-param dtype flags do not apply there).
 Offload without the precision-aware optimizer is refused, as Megatron-LM refuses it: Megatron-Core then keeps
 every fp32 main param on the GPU (only the moments move) and `reload_model_params()` does not refresh the
-offloaded copies, so loaded weights would be lost. What each mode costs in bytes is `memory_estimate.py`'s.
+offloaded copies, so loaded weights would be lost. What each mode costs in bytes is `planning/memory.py`'s.
 Around Megatron-Core's offloading optimizer, `pin_host_copies` (after it is built or loaded) and
 `settle_loaded_hybrid_optimizer` (after a load) fix its host copies' pinning, its step count and where its state
 lives.
@@ -123,6 +124,33 @@ def add_optimizer_mode_args(group) -> None:
         group.add_argument(f"--{moment}-dtype", choices=["fp32", "fp16", "bf16", "fp8"], default="fp32",
                            help=f"Precision-aware optimizer without offload: storage dtype of {what} (the kernel "
                                 "computes in fp32; fp8 is scaled E4M3). Default: fp32.")
+
+
+def add_ddp_args(parser: argparse.ArgumentParser, default: bool | None = None) -> None:
+    """The data-parallel communication flags (the trainer's, and the estimator's, which passes the trainer's GPU
+    default, on). `default` None: on with a GPU, off on CPU, resolved by `check_ddp_args`."""
+    where = "on with a GPU, off on CPU" if default is None else f"{'on' if default else 'off'}, as the trainer on a GPU"
+    group = parser.add_argument_group(f"data-parallel communication (default: {where})")
+    group.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=default,
+                       help="Reduce-scatter each gradient bucket during the backward pass of the last micro-batch "
+                            "instead of after it (buckets of max(40M, 1M x DP) parameters).")
+    group.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=default,
+                       help="All-gather the updated parameters bucket by bucket during the next forward pass "
+                            "instead of right after the optimizer step. Needs --overlap-grad-reduce.")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: "
+                            "Megatron-Core's max(40M, 1M x DP).")
+
+
+def check_ddp_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve the GPU-dependent defaults and refuse impossible combinations (exit 2 naming the flag)."""
+    for flag in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, torch.cuda.is_available())
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        parser.error("--overlap-param-gather needs --overlap-grad-reduce")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        parser.error(f"--ddp-bucket-size must be >= 1, got {args.ddp_bucket_size}")
 
 
 def validate_optimizer_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

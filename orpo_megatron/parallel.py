@@ -25,7 +25,7 @@ class LayoutError(UserError, ValueError):
     """A parallel layout that cannot work, with the numbers that make it so."""
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A launch environment the run must not start in, with the variable to set."""
 
 

@@ -1,8 +1,8 @@
 """Model FLOPs of a Mixtral-family transformer, and the throughput figures derived from them.
 
 Owns the FLOP count (per sequence, forward and training), tokens/s, TFLOP/s per GPU and MFU against a peak
-from a small table of accelerators or `--peak-tflops`. It does not time anything itself: the metrics tracker
-(`tracking.py`) measures wall time and calls `throughput()`.
+from a small table of accelerators or `--peak-tflops`. It does not time anything itself: the trainer
+(`train.py`) times each step and passes its totals to `FlopsCounter.step_metrics`; the tracker logs the result.
 
 Counting convention (the one of PaLM's MFU and Megatron-LM's reports): only matrix multiplications, 2 FLOPs
 per multiply-add; norms, activations, softmax and the embedding lookup are not counted. Only real sequences

@@ -2,7 +2,7 @@
 
 Reads top to bottom: flags, parallel start-up, model, optimizer, data, checkpoint, then the loop (step, log,
 evaluate, save, stop on a signal or a non-finite step). The objective (`objective.py`), its pipeline glue
-(`pipeline.py`), the data (`data/`), checkpoints (`checkpointing.py`) and logging (`tracking.py`) are one
+(`schedule.py`), the data (`data/`), checkpoints (`checkpoint/training.py`) and logging (`tracking.py`) are one
 import away. Launch with torchrun or srun; on a machine without a GPU it runs on CPU with gloo.
 """
 from __future__ import annotations
@@ -22,26 +22,28 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from orpo_megatron import arguments, checkpoint_format, checkpointing, model, optimizer as optimizers, parallel
+from orpo_megatron import arguments, model, optimizer as optimizers, parallel
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron import throughput, tracking
 from orpo_megatron.data.arguments import DataConfig
+from orpo_megatron.data.batching import batch_layout
 from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache
 from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.routing import RoutingStats
-from orpo_megatron.pipeline import (
+from orpo_megatron.schedule import (
     ScheduleResult,
     accelerator,
-    batch_layout,
     run_micro_batches,
 )
 
 LR_DECAY_STYLES = ["constant", "linear", "cosine", "inverse-square-root"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that must stop, with what happened and where the last good checkpoint is."""
 
 
@@ -92,7 +94,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     resume.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
                         help="Resuming: keep the checkpoint's LR schedule and ignore the schedule flags.")
 
-    add_ddp_args(parser)
+    optimizers.add_ddp_args(parser)
 
     group = parser.add_argument_group("evaluation and checkpoints")
     group.add_argument("--eval-interval", type=int, default=100, help="Evaluate every N steps (0: only at the end).")
@@ -131,33 +133,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "(H100 SXM: 989); no MFU on CPU or unknown GPUs.")
 
 
-def add_ddp_args(parser: argparse.ArgumentParser, default: bool | None = None) -> None:
-    """The data-parallel communication flags (shared with tools/estimate_memory.py, which passes the trainer's GPU
-    default, on). `default` None: on with a GPU, off on CPU, resolved by `check_ddp_args`."""
-    where = "on with a GPU, off on CPU" if default is None else f"{'on' if default else 'off'}, as the trainer on a GPU"
-    group = parser.add_argument_group(f"data-parallel communication (default: {where})")
-    group.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=default,
-                       help="Reduce-scatter each gradient bucket during the backward pass of the last micro-batch "
-                            "instead of after it (buckets of max(40M, 1M x DP) parameters).")
-    group.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=default,
-                       help="All-gather the updated parameters bucket by bucket during the next forward pass "
-                            "instead of right after the optimizer step. Needs --overlap-grad-reduce.")
-    group.add_argument("--ddp-bucket-size", type=int, default=None,
-                       help="Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: "
-                            "Megatron-Core's max(40M, 1M x DP).")
-
-
-def check_ddp_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Resolve the GPU-dependent defaults and refuse impossible combinations (exit 2 naming the flag)."""
-    for flag in ("overlap_grad_reduce", "overlap_param_gather"):
-        if getattr(args, flag) is None:
-            setattr(args, flag, torch.cuda.is_available())
-    if args.overlap_param_gather and not args.overlap_grad_reduce:
-        parser.error("--overlap-param-gather needs --overlap-grad-reduce")
-    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
-        parser.error(f"--ddp-bucket-size must be >= 1, got {args.ddp_bucket_size}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = arguments.new_parser("python -m orpo_megatron.train", __doc__.split("\n")[0])
     parser.epilog = EXIT_STATUSES
@@ -187,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-interval needs --save")
     for flag in ("save", "log_dir", "wandb_save_dir"):
         arguments.check_output_folder(parser, flag, getattr(args, flag))
-    check_ddp_args(parser, args)
+    optimizers.check_ddp_args(parser, args)
     return args
 
 
@@ -498,7 +473,7 @@ def cli(argv: list[str] | None = None) -> None:
     """Entry point: bad input and stopped runs end with one clear line and a non-zero exit, not a traceback."""
     try:
         status = main(argv)
-    except (UserError, TrainingError, ValueError) as err:
+    except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     if status:

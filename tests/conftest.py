@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from orpo_megatron import fixtures
+from orpo_megatron import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(REPO, "tests", "workers")
@@ -17,13 +17,13 @@ WORKERS = os.path.join(REPO, "tests", "workers")
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory) -> str:
     """A tiny random Mixtral HF folder (fp32) with the tiny tokenizer."""
-    return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mixtral")), seed=1234)
+    return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mixtral")), seed=1234)
 
 
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory) -> str:
     """The dense member of the family: same tiny shapes, no experts."""
-    return fixtures.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
+    return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
 
 
 def convert(hf_dir: str, out: str, dtype: str) -> str:
@@ -60,14 +60,16 @@ def trained_tp2_pp2(tiny_converted, tmp_path_factory) -> str:
 
 def checkpoint_weights(path: str) -> dict:
     """Every stored model tensor of a checkpoint (a folder or a tracker root), full and unpadded, by layer."""
-    from orpo_megatron import checkpoint_format, conversion
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
+    from orpo_megatron.checkpoint import conversion
 
     conversion.init_single_process()  # the full-tensor readers go through dist_checkpointing
     info = checkpoint_format.describe(path)
-    stored = checkpoint_format.stored_tensors(info.folder)
-    weights = {f"outer.{k}": v for k, v in checkpoint_format.read_outer(info.folder, info.hf, stored).items()}
+    stored = checkpoint_weights.stored_tensors(info.folder)
+    weights = {f"outer.{k}": v for k, v in checkpoint_weights.read_outer(info.folder, info.hf, stored).items()}
     for layer in range(info.hf.num_layers):
-        tensors = checkpoint_format.read_layer(info.folder, info.hf, layer, stored)
+        tensors = checkpoint_weights.read_layer(info.folder, info.hf, layer, stored)
         weights.update({f"layer{layer}.{k}": v for k, v in tensors.items()})
     return weights
 

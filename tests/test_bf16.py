@@ -20,7 +20,8 @@ import shutil
 import pytest
 import torch
 
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")

@@ -13,13 +13,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron import checkpointing, conversion, fixtures
-from orpo_megatron.hf_mapping import HFCheckpointReader, MappingError, megatron_layer_shapes, megatron_outer_shapes
+from orpo_megatron.checkpoint import format as fmt
+
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron import tiny_model
+from orpo_megatron.checkpoint import training as checkpointing
+from orpo_megatron.checkpoint import conversion
+from orpo_megatron.checkpoint.hf_mapping import (
+    HFCheckpointReader,
+    MappingError,
+    megatron_layer_shapes,
+    megatron_outer_shapes,
+)
 from orpo_megatron.model_config import HFModelConfig
 from workers.megatron_interop import megatron_lm_args
 
-TINY = HFModelConfig.from_dict(fixtures.TINY_MIXTRAL_CONFIG)
+TINY = HFModelConfig.from_dict(tiny_model.TINY_MIXTRAL_CONFIG)
 MLM_LAYOUT = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, expert_model_parallel_size=2)
 
 
@@ -32,10 +41,10 @@ def test_tracker_names_iterations_and_release(tmp_path):
     assert fmt.read_tracker(root) == 12 and fmt.iteration_dir(root, 12).endswith("iter_0000012")
     assert sorted(os.listdir(root)) == ["iter_0000012", fmt.TRACKER_FILE]  # no temporary file left
     fmt.write_tracker(root, fmt.RELEASE)
-    with pytest.raises(fmt.CheckpointFormatError, match="names release, but .*release is missing"):
+    with pytest.raises(fmt.CheckpointError, match="names release, but .*release is missing"):
         fmt.read_tracker(root)
     (tmp_path / fmt.TRACKER_FILE).write_text("latest")
-    with pytest.raises(fmt.CheckpointFormatError, match="expected an iteration number or 'release', found 'latest'"):
+    with pytest.raises(fmt.CheckpointError, match="expected an iteration number or 'release', found 'latest'"):
         fmt.read_tracker(root)
 
 
@@ -59,7 +68,7 @@ def test_describe_refuses_what_is_not_a_usable_checkpoint(tiny_converted, tmp_pa
         shutil.rmtree(folder)
         shutil.copytree(os.path.join(tiny_converted, fmt.RELEASE), folder)
         shutil.rmtree(folder / fmt.HF_FILES_DIR)
-    with pytest.raises(fmt.CheckpointFormatError) as err:
+    with pytest.raises(fmt.CheckpointError) as err:
         fmt.describe(str(folder))
     assert all(text in str(err.value) for text in expected), str(err.value)
 
@@ -71,8 +80,8 @@ def test_a_converted_root_describes_its_release_folder(tiny_converted, tiny_mixt
     assert info.hf_files == os.path.join(info.folder, fmt.HF_FILES_DIR)
     # The same model given explicitly is accepted; another one is refused, naming the fields.
     assert fmt.describe(tiny_converted, hf_config=tiny_mixtral).hf == info.hf
-    with pytest.raises(fmt.CheckpointFormatError, match="num_layers: checkpoint 4, .* 6"):
-        other = HFModelConfig.from_dict(dict(fixtures.TINY_MIXTRAL_CONFIG, num_hidden_layers=6))
+    with pytest.raises(fmt.CheckpointError, match="num_layers: checkpoint 4, .* 6"):
+        other = HFModelConfig.from_dict(dict(tiny_model.TINY_MIXTRAL_CONFIG, num_hidden_layers=6))
         fmt.check_model_config(info.hf, other, info.folder, "given/config.json")
 
 
@@ -97,7 +106,7 @@ def test_config_matching_megatron_lm_arguments_passes():
 def test_config_differing_from_megatron_lm_arguments_is_named(changes, named):
     args = megatron_lm_args(TINY, MLM_LAYOUT, 4)
     vars(args).update(changes)
-    with pytest.raises(fmt.CheckpointFormatError) as err:
+    with pytest.raises(fmt.CheckpointError) as err:
         fmt.check_args(args, TINY, "CKPT", "config.json")
     assert named in str(err.value) and "CKPT" in str(err.value), str(err.value)
 
@@ -148,16 +157,17 @@ def test_streamed_save_holds_one_chunk_at_a_time_and_reads_back(tmp_path, monkey
 
     monkeypatch.setattr(filesystem, "_write_item", recording_write)
     folder = str(tmp_path / "ckpt")
-    fmt.write_streaming(folder, TINY, 640, torch.float32, make, lambda key: make(key, None), {"iteration": 0})
+    checkpoint_weights.write_streaming(folder, TINY, 640, torch.float32, make, lambda key: make(key, None),
+                                       {"iteration": 0})
     assert len(held_when_producing) == len(shapes) * TINY.num_layers + len(outer)
     assert max(held_when_producing) == 0 and not unwritten, held_when_producing
 
-    stored = fmt.stored_tensors(folder)
+    stored = checkpoint_weights.stored_tensors(folder)
     for layer in (0, 3):
-        for key, tensor in fmt.read_layer(folder, TINY, layer, stored).items():
+        for key, tensor in checkpoint_weights.read_layer(folder, TINY, layer, stored).items():
             expected = torch.randn(shapes[key], generator=torch.Generator().manual_seed(hash((key, layer)) % 2**31))
             assert torch.equal(tensor, expected), (key, layer)
-    for key, tensor in fmt.read_outer(folder, TINY, stored).items():
+    for key, tensor in checkpoint_weights.read_outer(folder, TINY, stored).items():
         expected = torch.randn(outer[key], generator=torch.Generator().manual_seed(hash((key, None)) % 2**31))
         assert torch.equal(tensor, expected), key
 
@@ -195,7 +205,7 @@ def test_optimizer_state_survives_save_and_load(tiny_converted, tmp_path):
                 for group in inner.optimizer.param_groups for i, p in enumerate(group["params"])]
 
     chunks, optimizer, scheduler = build()
-    fmt.load_model_weights(info, chunks)
+    checkpoint_weights.load_model_weights(info, chunks)
     generator = torch.Generator().manual_seed(0)
     for _ in range(2):
         for param in chunks[0].parameters():
@@ -236,7 +246,7 @@ def test_hf_files_are_copied_from_an_hf_folder_or_another_checkpoint(tiny_mixtra
 
 
 def test_shape_check_names_every_wrong_tensor_and_non_float_dtypes(tmp_path):
-    folder = fixtures.write_tiny_model(str(tmp_path / "hf"), with_tokenizer=False)
+    folder = tiny_model.write_tiny_model(str(tmp_path / "hf"), with_tokenizer=False)
     tensors = load_file(os.path.join(folder, "model.safetensors"))
     tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"] = torch.zeros(96, 64)
     tensors["model.norm.weight"] = torch.zeros(64, dtype=torch.int64)
@@ -288,7 +298,7 @@ def test_bad_shard_size_is_refused():
 
 
 def test_exported_config_records_the_written_dtype():
-    v4 = dict(fixtures.TINY_MIXTRAL_CONFIG, torch_dtype="float32")
+    v4 = dict(tiny_model.TINY_MIXTRAL_CONFIG, torch_dtype="float32")
     assert conversion.hf_config_with_dtype(v4, torch.bfloat16)["torch_dtype"] == "bfloat16"
     v5 = {k: v for k, v in v4.items() if k != "torch_dtype"} | {"dtype": "float32"}
     written = conversion.hf_config_with_dtype(v5, torch.bfloat16)

@@ -20,7 +20,10 @@ from safetensors.torch import load_file, save_file
 from megatron.core.dist_checkpointing import ShardedTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from orpo_megatron import checkpoint_format, conversion, fixtures
+from orpo_megatron import tiny_model
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import writer as checkpoint_writer
+from orpo_megatron.checkpoint import conversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_hf.py")
@@ -140,11 +143,11 @@ def write_first_format(hf_dir: str, out: str) -> str:
             names[old + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1.reshape(2, -1, fc1.shape[-1])
             names[old + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = \
                 stacked[m + "mlp.experts.experts.linear_fc2.weight"][layer, e]
-        checkpoint_format.save(os.path.join(out, "model", f"layer_{layer:04d}"), {
+        checkpoint_writer.save(os.path.join(out, "model", f"layer_{layer:04d}"), {
             name: ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0) for name, t in names.items()}, {})
     outer = {"embedding.word_embeddings.weight": tensors["model.embed_tokens.weight"],
              "decoder.final_layernorm.weight": tensors["model.norm.weight"], "output_layer.weight": tensors["lm_head.weight"]}
-    checkpoint_format.save(os.path.join(out, "model", "outer"), {
+    checkpoint_writer.save(os.path.join(out, "model", "outer"), {
         name: ShardedTensor.from_rank_offsets(name, t, replica_id=0) for name, t in outer.items()}, {})
     os.makedirs(os.path.join(out, "hf_files"))
     for name in TOKENIZER_FILES:
@@ -171,11 +174,11 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
     """HF folders: the four round-trip inputs, a transformers-v5 fused copy, and the bad inputs."""
     root = str(tmp_path_factory.mktemp("convert_sources"))
     out = {("mixtral", "fp32"): tiny_mixtral, ("mistral", "fp32"): tiny_mistral}
-    out[("mixtral", "bf16")] = fixtures.write_tiny_model(os.path.join(root, "mixtral_bf16"), seed=1234,
+    out[("mixtral", "bf16")] = tiny_model.write_tiny_model(os.path.join(root, "mixtral_bf16"), seed=1234,
                                                          dtype=torch.bfloat16)
-    out[("mistral", "bf16")] = fixtures.write_tiny_model(os.path.join(root, "mistral_bf16"), seed=4321, dense=True,
+    out[("mistral", "bf16")] = tiny_model.write_tiny_model(os.path.join(root, "mistral_bf16"), seed=4321, dense=True,
                                                          dtype=torch.bfloat16)
-    out[("tied", "fp32")] = fixtures.write_tiny_model(os.path.join(root, "tied"), seed=99,
+    out[("tied", "fp32")] = tiny_model.write_tiny_model(os.path.join(root, "tied"), seed=99,
                                                       config_overrides={"tie_word_embeddings": True})
 
     from transformers import MixtralForCausalLM
@@ -185,7 +188,7 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
         fused, save_original_format=False)
     out["fused"] = fused
 
-    small = fixtures.write_tiny_model(os.path.join(root, "small"), seed=7, with_tokenizer=False)
+    small = tiny_model.write_tiny_model(os.path.join(root, "small"), seed=7, with_tokenizer=False)
     out["missing"] = rewrite_tensors(small, os.path.join(root, "missing"),
                                      lambda t: t.pop("model.layers.2.block_sparse_moe.experts.1.w3.weight"))
     out["extra"] = rewrite_tensors(small, os.path.join(root, "extra"), lambda t: t.update(

@@ -9,10 +9,9 @@ import datasets
 import pytest
 import torch
 
-from orpo_megatron.data.batching import BatchLayout, EvalPairs, TrainPairIterator
+from orpo_megatron.data.batching import BatchLayout, EvalPairs, TrainPairIterator, batch_layout
 from orpo_megatron.data.micro_batch import DEVICE_FIELDS, MicroBatch, packed_micro_batch, padded_micro_batch
 from orpo_megatron.data.packing import pack_rows
-from orpo_megatron.pipeline import batch_layout
 
 PAD = 2
 

@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import AutoTokenizer, LlamaTokenizer
 from trl.data_utils import apply_chat_template as trl_apply_chat_template
 
-from orpo_megatron import fixtures
+from orpo_megatron import tiny_model
 from orpo_megatron.data.chat_template import ZEPHYR
 from orpo_megatron.data.preference import BadRow, PairTokenizer, TruncationConfig
 
@@ -97,7 +97,7 @@ def _sentencepiece_folder(name: str, base: str, out: str) -> None:
     os.makedirs(out)
     shutil.copy(os.path.join(base, "tokenizer.model"), out)
     new = [token for token in _special_tokens(name) if token not in ("<s>", "</s>")]
-    added = {fixtures.TINY_VOCAB_SIZE + index: token for index, token in enumerate(new)}
+    added = {tiny_model.TINY_VOCAB_SIZE + index: token for index, token in enumerate(new)}
     config = {**_config(name, added, "LlamaTokenizer", rstrip=False), "unk_token": "<unk>", "legacy": False}
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f)
@@ -122,7 +122,7 @@ def _byte_level_folder(name: str, base: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def byte_level_base(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("byte_level_base"))
-    fixtures.write_tiny_byte_level_tokenizer(folder)
+    tiny_model.write_tiny_byte_level_tokenizer(folder)
     return folder
 
 

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, GemmaTokenizer, LlamaTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
 
-from orpo_megatron import fixtures
+from orpo_megatron import tiny_model
 from orpo_megatron.data import chat_template
 from orpo_megatron.data.tokenizer import SentencePieceTokenizer, TokenizerJsonTokenizer, load_tokenizer
 
@@ -22,7 +22,7 @@ CONVERSATIONS = [
 
 
 def _texts() -> list[str]:
-    lines = open(fixtures.TOKENIZER_CORPUS, encoding="utf-8").read().splitlines()
+    lines = open(tiny_model.TOKENIZER_CORPUS, encoding="utf-8").read().splitlines()
     rng = random.Random(0)
     texts = lines + ["", " ", "  two  spaces ", "\n\nnewlines\n", "a</s>\nb", "<s>x", "</s>", "x<unk>y",
                      "héllo wörld 日本語 😀", "<|user|>\nHi</s>\n<|assistant|>\n", "tab\there"]
@@ -91,7 +91,7 @@ def test_template_raise_exception_raises_like_transformers(tiny_mixtral):
 
 
 def test_builtin_zephyr_is_the_fixture_tokenizers_template(tiny_mixtral):
-    assert chat_template.ZEPHYR == fixtures.ZEPHYR_CHAT_TEMPLATE == SentencePieceTokenizer(tiny_mixtral).chat_template
+    assert chat_template.ZEPHYR == tiny_model.ZEPHYR_CHAT_TEMPLATE == SentencePieceTokenizer(tiny_mixtral).chat_template
 
 
 def test_unknown_template_name_is_a_clear_error(tiny_mixtral):
@@ -115,7 +115,7 @@ QWEN_TEXTS = ["<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n<thi
 @pytest.fixture(scope="module")
 def byte_level_dir(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("byte_level"))
-    fixtures.write_tiny_byte_level_tokenizer(folder)
+    tiny_model.write_tiny_byte_level_tokenizer(folder)
     return folder
 
 
@@ -135,7 +135,7 @@ def test_byte_level_tokenizer_json_matches_transformers(byte_level_dir):
     assert qwen2("Hi")["input_ids"] == ours.encode("Hi")  # no BOS is added
     assert (ours.eos_id, ours.pad_id) == (qwen2.eos_token_id, qwen2.pad_token_id) == (
         qwen2.convert_tokens_to_ids("<|im_end|>"), qwen2.convert_tokens_to_ids("<|endoftext|>"))
-    assert ours.vocab_size == len(qwen2) == fixtures.TINY_VOCAB_SIZE
+    assert ours.vocab_size == len(qwen2) == tiny_model.TINY_VOCAB_SIZE
     for text in QWEN_TEXTS:
         assert ours.decode(ours.encode(text)) == qwen2.decode(qwen2(text)["input_ids"]) == text
     newline_and_spaces = {token_id for token_id in range(len(qwen2)) if qwen2.decode([token_id]).strip() == ""
@@ -186,7 +186,7 @@ def test_tokenizer_json_without_eos_token_is_a_clear_error(byte_level_dir, tmp_p
 def test_sentencepiece_without_dummy_prefix_adds_no_prefix_space_like_gemma(tmp_path):
     """A model trained without `add_dummy_prefix` (Gemma's) and no `add_prefix_space` in its config: no `▁` is put
     before the text, as transformers' GemmaTokenizer does."""
-    fixtures.write_tiny_tokenizer(str(tmp_path), add_dummy_prefix=False)
+    tiny_model.write_tiny_tokenizer(str(tmp_path), add_dummy_prefix=False)
     config = json.load(open(tmp_path / "tokenizer_config.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
     ours, reference = load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))

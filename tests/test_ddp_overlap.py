@@ -12,7 +12,7 @@ import os
 import torch
 
 from conftest import checkpoint_weights
-from orpo_megatron import checkpointing
+from orpo_megatron.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")

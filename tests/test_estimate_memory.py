@@ -1,5 +1,4 @@
 """The memory estimator against the real allocation of the tiny model, transformers' parameter counts, and its CLI."""
-import importlib.util
 import json
 import os
 import re
@@ -8,7 +7,7 @@ import pytest
 import torch
 from megatron.core.parallel_state import RankGenerator
 
-from orpo_megatron.memory_estimate import (
+from orpo_megatron.planning.memory import (
     NCCL_COMMUNICATOR_BYTES,
     MemoryLayout,
     busiest_rank,
@@ -19,11 +18,9 @@ from orpo_megatron.memory_estimate import (
 )
 from orpo_megatron.model_config import HFModelConfig
 from orpo_megatron.optimizer import OptimizerMode
+from orpo_megatron.planning import estimator as estimate_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
-estimate_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(estimate_memory)
 
 # The worker's layouts and optimizer modes (world 2), as the estimator describes them.
 OFFLOADED = dict(precision_aware=True, offload_fraction=1.0)

@@ -5,17 +5,15 @@ and compared with the first layout `tools/estimate_memory.py --search --nodes N`
 change of the estimator that moves the best layout, or an edit of a script's defaults, fails here until both agree.
 """
 import contextlib
-import importlib.util
 import io
 import os
 import re
 
 import pytest
 
+from orpo_megatron.planning import estimator as estimate_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
-estimate_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(estimate_memory)
 
 
 def script_defaults(*names: str) -> dict[str, str]:

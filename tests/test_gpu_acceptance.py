@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "benchmarks", "gpu_acceptance.py")
+SCRIPT = os.path.join(REPO, "acceptance", "gpu.py")
 
 
 def test_help_says_how_to_run_it_offline():
@@ -66,8 +66,8 @@ def test_backward_sync_detector_wraps_our_autograd_backward_and_names_the_line(m
     """The host-sync line's second detector on CPU: orpo_megatron's autograd backward runs under sync debug mode
     'error' inside a real backward pass, and an error raised there comes back with the frames that locate it.
     CUDA's sync detection itself is stood in for (no CUDA here): entering 'error' mode raises as a sync would."""
-    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
-    import acceptance_workers
+    monkeypatch.syspath_prepend(REPO)
+    import acceptance.workers as acceptance_workers
     import torch
 
     from orpo_megatron import objective

@@ -2,7 +2,7 @@
 import pytest
 
 from orpo_megatron.model_config import HFModelConfig
-from orpo_megatron.fixtures import TINY_MIXTRAL_CONFIG, TINY_MISTRAL_CONFIG
+from orpo_megatron.tiny_model import TINY_MIXTRAL_CONFIG, TINY_MISTRAL_CONFIG
 from orpo_megatron.parallel import LayoutError, ParallelLayout
 
 MIXTRAL = HFModelConfig.from_dict(TINY_MIXTRAL_CONFIG)  # 4 layers, 8 heads, 2 kv groups, 4 experts, ffn 96

@@ -11,7 +11,7 @@ resumed offloading optimizer continuing as an uninterrupted one (one process, bf
   uninterrupted run's; with torch's AdamW as the device part (no TE here) and with a device part that keeps its
   step in its param group as TE's FusedAdam does (without the fix its weights differ from step 4 on).
 - Host copies are re-pinned in place; state is placed on its parameter's device (pinning and a CUDA device part
-  themselves only exist on a GPU: `benchmarks/gpu_acceptance.py` resumes the offloaded optimizer there).
+  themselves only exist on a GPU: `acceptance/gpu.py` resumes the offloaded optimizer there).
 """
 import argparse
 
@@ -22,7 +22,11 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from orpo_megatron import checkpoint_format as fmt, checkpointing, conversion, model, optimizer as optimizers
+from orpo_megatron import model, optimizer as optimizers
+from orpo_megatron.checkpoint import format as fmt
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron.checkpoint import training as checkpointing
+from orpo_megatron.checkpoint import conversion
 from orpo_megatron.model_config import PrecisionConfig, build_transformer_config
 
 OFFLOAD = ["--use-precision-aware-optimizer", "--optimizer-cpu-offload"]
@@ -101,7 +105,7 @@ def save(run: Run, info, folder: str, iteration: int) -> None:
 def saved_main_params(folder: str) -> dict:
     """The saved optimizer's main params ("optimizer.state.param.<model key>"), full, by model key."""
     prefix = "optimizer.state.param."
-    stored = fmt.stored_tensors(fmt.iteration_dir(folder, fmt.read_tracker(folder)))
+    stored = checkpoint_weights.stored_tensors(fmt.iteration_dir(folder, fmt.read_tracker(folder)))
     requests = {key: ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype),
                                                      replica_id=0)
                 for key, meta in stored.items() if key.startswith(prefix) or prefix + key in stored}
@@ -115,7 +119,7 @@ def test_saved_main_params_are_fp32_and_round_to_the_weights(name, tiny_converte
     conversion.init_single_process()
     info = fmt.describe(tiny_converted_bf16)
     run = Run(info, MODES[name])
-    fmt.load_model_weights(info, run.chunks)
+    checkpoint_weights.load_model_weights(info, run.chunks)
     for iteration in range(1, STEPS_BEFORE + 1):
         run.step(iteration)
     save(run, info, str(tmp_path), STEPS_BEFORE)
@@ -211,7 +215,7 @@ def test_offloaded_optimizer_resumes_as_an_uninterrupted_one(device_part, tiny_c
     conversion.init_single_process()
     info = fmt.describe(tiny_converted_bf16)
     straight = Run(info, MODES["offload_half"])
-    fmt.load_model_weights(info, straight.chunks)
+    checkpoint_weights.load_model_weights(info, straight.chunks)
     for iteration in range(1, STEPS_BEFORE + 1):
         straight.step(iteration)
     save(straight, info, str(tmp_path), STEPS_BEFORE)

@@ -11,7 +11,7 @@ from conftest import REPO
 
 from orpo_megatron import train
 from orpo_megatron.data.pipeline import build_preference_data
-from orpo_megatron.pipeline import batch_layout
+from orpo_megatron.data.batching import batch_layout
 
 
 def load_benchmark():

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from conftest import checkpoint_weights, trainer_signal_handlers_undone
-from orpo_megatron import checkpoint_format, checkpointing, train
+from orpo_megatron import train
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")

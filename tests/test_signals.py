@@ -19,7 +19,9 @@ import time
 import pytest
 
 from conftest import free_port
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
@@ -71,7 +73,7 @@ def assert_complete(save: str, iteration: int) -> None:
     assert os.path.isfile(os.path.join(folder, "metadata.json"))  # megatron-core writes it last
     assert checkpoint_format.read_common(folder)["iteration"] == iteration
     assert json.load(open(os.path.join(folder, checkpointing.TRAIN_STATE_FILE)))["iteration"] == iteration
-    stored = checkpoint_format.stored_tensors(folder)
+    stored = checkpoint_weights.stored_tensors(folder)
     assert "optimizer.state.exp_avg.decoder.layers.mlp.experts.experts.linear_fc1.weight" in stored
 
 

@@ -16,7 +16,10 @@ import time
 
 import pytest
 
-from orpo_megatron import checkpoint_format, checkpointing
+from orpo_megatron.checkpoint import format as checkpoint_format
+
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron.checkpoint import training as checkpointing
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("SLURM_CONF"), reason="no SLURM cluster (start one with: bash .ci/slurm/start.sh)"
@@ -79,7 +82,7 @@ def test_sbatch_job_converts_trains_at_tp2_pp2_ep2_saves_and_exports(tiny_mixtra
         assert checkpoint_format.read_common(folder)["iteration"] == iteration
         state = json.load(open(os.path.join(folder, checkpointing.TRAIN_STATE_FILE)))
         assert state["iteration"] == iteration and state["layout"] == "world=8 TP=2 PP=2 EP=2 DP=2 SP"
-        assert "optimizer.state.exp_avg.embedding.word_embeddings.weight" in checkpoint_format.stored_tensors(folder)
+        assert "optimizer.state.exp_avg.embedding.word_embeddings.weight" in checkpoint_weights.stored_tensors(folder)
 
     events = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
     train = [e for e in events if "train/loss" in e]

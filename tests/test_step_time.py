@@ -1,28 +1,24 @@
 """The step-time model: placement by Megatron's rank order, compute and optimizer time from exact work, calibration,
 the assumed workload against the reference arithmetic, and the estimator's time output."""
 import dataclasses
-import importlib.util
 import os
 
 import pytest
 
-from orpo_megatron.data.batching import BatchLayout
-from orpo_megatron.memory_estimate import MemoryLayout, optimizer_bytes_per_element, rank_memory
+from orpo_megatron.data.batching import BatchLayout, batch_layout
+from orpo_megatron.planning.memory import MemoryLayout, optimizer_bytes_per_element, rank_memory
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import OptimizerMode
-from orpo_megatron.pipeline import batch_layout
-from orpo_megatron.step_time import (
+from orpo_megatron.planning.step_time import (
     Hardware, RunSettings, all_to_all_seconds, link_gbps, mfu_from_layer_throughput, predict_step_time,
 )
-from orpo_megatron.step_work import RankGrid, micro_batch_work, optimizer_traffic
+from orpo_megatron.planning.step_work import RankGrid, micro_batch_work, optimizer_traffic
 from orpo_megatron.throughput import training_flops
-from orpo_megatron.workload import capybara_like_pairs, recipe_steps
+from orpo_megatron.planning import estimator as estimate_memory
+from orpo_megatron.planning.workload import capybara_like_pairs, recipe_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "tools", "configs")
-_spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(REPO, "tools", "estimate_memory.py"))
-estimate_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(estimate_memory)
 
 
 def config(name: str) -> HFModelConfig:
@@ -142,7 +138,7 @@ def test_recipe_shapes_are_the_trainers_micro_batches(rows):
     import datasets
 
     from orpo_megatron.data.batching import TrainPairIterator
-    from orpo_megatron.pipeline import schedule_groups
+    from orpo_megatron.schedule import schedule_groups
 
     pairs = capybara_like_pairs(40)
     table = datasets.Dataset.from_dict({

@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from orpo_megatron.memory_estimate import MemoryLayout, optimizer_bytes_per_element, stage_buffers
+from orpo_megatron.planning.memory import MemoryLayout, optimizer_bytes_per_element, stage_buffers
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import OptimizerMode
-from orpo_megatron.step_work import (
+from orpo_megatron.planning.step_work import (
     HOST_ADAM_BYTES, KINDS, MicroBatchShape, RankGrid, micro_batch_work, optimizer_traffic, routed_expert_rows,
     stage_layers, step_end_traffic,
 )

@@ -21,7 +21,8 @@ import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from orpo_megatron import checkpointing, evaluate, train
+from orpo_megatron import evaluate, train
+from orpo_megatron.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")

@@ -14,10 +14,10 @@ import os
 
 import pytest
 
-from orpo_megatron import checkpointing
+from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.train import parse_args as trainer_args
 from orpo_megatron.data.pipeline import build_preference_data
-from orpo_megatron.pipeline import batch_layout
+from orpo_megatron.data.batching import batch_layout
 
 LAYOUTS = {  # name: (processes, flags)
     "packed": (1, []),

@@ -31,7 +31,10 @@ from megatron.core import parallel_state
 from test_orpo_vs_trl_benchmark import load_benchmark
 from workers.trl_reference import CPO_CASES
 
-from orpo_megatron import checkpoint_format, checkpointing, hf_mapping, parallel, train
+from orpo_megatron import parallel, train
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import hf_mapping
+from orpo_megatron.checkpoint import training as checkpointing
 
 NUM_STEPS, NUM_PAIRS = 3, 8
 LR = 1e-3  # large enough that a lost optimizer setting moves steps 2 and 3 and the weights beyond the tolerances

@@ -88,7 +88,9 @@ def verify(hf_dir: str, load: str, hf_config: str | None = None, batch: int = 2,
     import torch
     import transformers  # a test-time reference, imported only here
 
-    from orpo_megatron import checkpoint_format, model
+    from orpo_megatron import model
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
     from orpo_megatron.model_config import build_transformer_config
 
     info = checkpoint_format.describe(load, hf_config)
@@ -97,7 +99,7 @@ def verify(hf_dir: str, load: str, hf_config: str | None = None, batch: int = 2,
     reference = getattr(transformers, hf.architecture).from_pretrained(
         hf_dir, torch_dtype=torch.float32, attn_implementation="eager").to(device).eval()
     chunks = model.build_model(build_transformer_config(hf), hf, model.vocab_info(hf, 128, 1))
-    checkpoint_format.load_model_weights(info, chunks)
+    checkpoint_weights.load_model_weights(info, chunks)
     ours = chunks[0].eval()
     tokens = torch.randint(0, hf.vocab_size, (batch, seq_length), generator=torch.Generator().manual_seed(seed))
     tokens = tokens.to(device)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
     # Imported after parsing so that --help is instant.
-    from orpo_megatron import conversion
+    from orpo_megatron.checkpoint import conversion
     from orpo_megatron.errors import UserError
 
     try:

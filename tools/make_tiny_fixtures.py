@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from orpo_megatron import fixtures
+from orpo_megatron import tiny_model
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     if os.path.exists(os.path.join(args.output, "config.json")) and not args.overwrite:
         sys.exit(f"error: {args.output} already holds a checkpoint; pass --overwrite to replace it")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    fixtures.write_tiny_model(args.output, seed=args.seed, dense=args.dense, dtype=dtype)
+    tiny_model.write_tiny_model(args.output, seed=args.seed, dense=args.dense, dtype=dtype)
     print(f"wrote a tiny {'Mistral' if args.dense else 'Mixtral'} checkpoint and tokenizer to {args.output}")
 
 

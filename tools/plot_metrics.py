@@ -15,6 +15,10 @@ import math
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from orpo_megatron.errors import UserError  # noqa: E402
+
 METRICS_FILE = "metrics.jsonl"  # written by orpo_megatron.tracking
 PANELS = (
     ("loss", "loss (the --loss-type objective)"),
@@ -28,7 +32,7 @@ PANELS = (
 EXPERT_LOAD = "train/moe/expert_load"  # {layer: [load of each expert]} per logged step
 
 
-class MetricsFileError(ValueError):
+class MetricsFileError(UserError, ValueError):
     """A metrics file that cannot be plotted, with the file and line named."""
 
 
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or os.path.join(os.path.dirname(path), "metrics.png")
     try:
         events = read_events(path)
-    except MetricsFileError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if not any(series(events, f"{split}/{metric}", args.x_axis)[0]

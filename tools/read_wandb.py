@@ -20,12 +20,16 @@ import struct
 import sys
 from typing import Any, Iterator
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from orpo_megatron.errors import UserError  # noqa: E402
+
 BLOCK_SIZE = 32768
 CHUNK_HEADER = struct.Struct("<IHB")  # crc32, payload length, chunk type
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-class WandbRunError(ValueError):
+class WandbRunError(UserError, ValueError):
     """A folder without a readable W&B run, with the path named."""
 
 
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for row in read_history(args.run_dir):
                 print(json.dumps(row))
-    except WandbRunError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -74,10 +74,42 @@ class BatchLayout:
             raise ValueError(f"--packed-length {self.packed_length} must be a positive multiple of "
                              f"{self.length_multiple} (sequence parallelism and FP8 need row lengths divisible by it)")
 
+    def fixed_row_length(self, longest_pair_tokens: int) -> int:
+        """Tokens per fixed-length row: `packed_length`, or the longest pair (prompt + chosen + prompt + rejected)
+        rounded up to `length_multiple`."""
+        return self.packed_length or round_up(longest_pair_tokens, self.length_multiple)
+
     def build(self, pairs: dict[str, list], pad_id: int, length: int | None = None) -> MicroBatch:
         if self.packing:
             return packed_micro_batch(pairs, pad_id, self.length_multiple, length)
         return padded_micro_batch(pairs, pad_id, self.length_multiple)
+
+
+def length_multiple(tensor_model_parallel_size: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every micro-batch row length must be a multiple of.
+
+    Sequence parallelism splits the positions over TP ranks. Transformer Engine's FP8 GEMMs need the rows they
+    multiply (positions of a TP rank, times rows) to be a multiple of 8; 16 per TP rank also covers FP8 recipes
+    that tile by 16.
+    """
+    per_rank = 16 if fp8 else 1
+    return per_rank * (tensor_model_parallel_size if sequence_parallel else 1)
+
+
+def batch_layout(packing: bool, packed_length: int | None, tensor_model_parallel_size: int,
+                 pipeline_model_parallel_size: int, virtual_pipeline_model_parallel_size: int | None,
+                 sequence_parallel: bool, fp8: bool) -> BatchLayout:
+    """The micro-batch layout a parallel layout needs (`--no-packing`, `--packed-length`).
+
+    With pipelining a step's micro-batches are rows of one length; the interleaved schedule also needs a
+    multiple of PP micro-batches per rank.
+    """
+    pipelined = pipeline_model_parallel_size > 1
+    return BatchLayout(
+        packing=packing, fixed_length_rows=packing and (pipelined or packed_length is not None),
+        packed_length=packed_length,
+        length_multiple=length_multiple(tensor_model_parallel_size, sequence_parallel, fp8),
+        rows_per_rank_multiple=pipeline_model_parallel_size if virtual_pipeline_model_parallel_size else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +181,7 @@ class TrainPairIterator:
         """--packed-length, or the longest pair rounded up; every pair must fit and every rank get its rows."""
         tokens = 2 * self.lengths[:, 0] + self.lengths[:, 1] + self.lengths[:, 2]
         longest = int(np.argmax(tokens))
-        length = self.layout.packed_length or round_up(int(tokens[longest]), self.layout.length_multiple)
+        length = self.layout.fixed_row_length(int(tokens[longest]))
         if tokens[longest] > length:
             row = self.pairs[longest]["row_index"]
             raise ValueError(f"--packed-length {length} is shorter than the training pair of source row {row} "

@@ -3,7 +3,7 @@
 
 At the layout given by its --tp/--pp/--vp/--ep (world size from torchrun):
 1. builds the tiny model and loads --ckpt with `load_model_weights`; builds a second copy loaded straight from the
-   HF safetensors by `hf_mapping.load_hf_checkpoint` (no checkpoint file involved) and compares every parameter;
+   HF safetensors by `reference_weights.load_hf_checkpoint` (no checkpoint file involved) and compares every parameter;
 2. computes per-token log-probabilities of --tokens (vocab-parallel logits gathered over TP, padded columns
    sliced off before the log-softmax; at PP>1 through Megatron's pipeline schedule, forward only);
 3. with --save, gives each standalone norm an `_extra_state` payload naming its layer, and writes the model as a
@@ -22,7 +22,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from layout_runs import run_each_layout
-from orpo_megatron import checkpoint_format, hf_mapping, model, parallel
+import reference_weights
+from orpo_megatron import model, parallel
+from orpo_megatron.checkpoint import format as checkpoint_format
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron.checkpoint import writer as checkpoint_writer
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
 ITERATION = 7
@@ -32,8 +36,8 @@ def mismatched_params(chunks, reference_chunks) -> tuple[int, list[str]]:
     """Same layout on both sides: parameters compared entry by entry of their sharded state dicts."""
     checked, bad = 0, []
     for chunk, reference in zip(chunks, reference_chunks):
-        for (key, entry), (_, expected) in zip(hf_mapping.model_parameters(chunk),
-                                               hf_mapping.model_parameters(reference)):
+        for (key, entry), (_, expected) in zip(reference_weights.model_parameters(chunk),
+                                               reference_weights.model_parameters(reference)):
             checked += 1
             if not torch.equal(entry.data, expected.data):
                 bad.append(f"{key}{tuple(entry.global_offset) if hasattr(entry, 'global_offset') else ''}")
@@ -51,13 +55,13 @@ def standalone_norms(chunks):
 
 def save_weights(root: str, chunks, hf: HFModelConfig, vocab, hf_files_from: str, layout: dict) -> None:
     """The model as a checkpoint root: Megatron-LM's state dict without optimizer, tracker naming iteration 7."""
-    metadata = checkpoint_format.sharded_metadata()
-    state = checkpoint_format.model_state_dicts(chunks, metadata)
+    metadata = checkpoint_writer.sharded_metadata()
+    state = checkpoint_weights.model_state_dicts(chunks, metadata)
     state.update(args=checkpoint_format.megatron_args(hf, layout, padded_vocab_size=vocab.padded_size,
                                                       make_vocab_size_divisible_by=128, iteration=ITERATION),
                  checkpoint_version=checkpoint_format.CHECKPOINT_VERSION, iteration=ITERATION)
     folder = checkpoint_format.iteration_dir(root, ITERATION)
-    checkpoint_format.save(folder, state, metadata)
+    checkpoint_writer.save(folder, state, metadata)
     if torch.distributed.get_rank() == 0:
         checkpoint_format.copy_hf_files(hf_files_from, folder)
         checkpoint_format.write_tracker(root, ITERATION)
@@ -109,9 +113,9 @@ def run(args: argparse.Namespace) -> None:
     rank = torch.distributed.get_rank()
 
     chunks = model.build_model(config, hf, vocab)
-    checkpoint_format.load_model_weights(checkpoint_format.describe(args.ckpt), chunks)
+    checkpoint_weights.load_model_weights(checkpoint_format.describe(args.ckpt), chunks)
     reference = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(reference, args.hf_dir, hf)
+    reference_weights.load_hf_checkpoint(reference, args.hf_dir, hf)
     checked, bad = mismatched_params(chunks, reference)
     report = {"layout": layout.describe(), "padded_vocab": vocab.padded_size, "params_checked": checked,
               "params_mismatched": bad}
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
         save_weights(args.save, chunks, hf, vocab, args.hf_dir, dict(layout_kwargs, world_size=layout.world_size))
     if args.other_ckpt:
         other = model.build_model(config, hf, vocab)
-        checkpoint_format.load_model_weights(checkpoint_format.describe(args.other_ckpt), other)
+        checkpoint_weights.load_model_weights(checkpoint_format.describe(args.other_ckpt), other)
         other_checked, other_bad = mismatched_params(other, reference)
         norms = list(standalone_norms(other))
         report.update(other_params_checked=other_checked, other_params_mismatched=other_bad,

@@ -33,7 +33,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 # Importing orpo_megatron.model binds megatron-core 0.16.1's missing router GEMM name on machines without
 # Transformer Engine (Megatron-LM itself would need the same there); the stock spec is still Megatron's own.
-from orpo_megatron import hf_mapping, model as _binds_router_gemm, parallel  # noqa: F401
+from orpo_megatron import model as _binds_router_gemm, parallel  # noqa: F401
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config, padded_vocab_size
 
 ITERATION = 10
@@ -92,8 +92,10 @@ def rng_state() -> ShardedObject:
 
 
 def write(hf: HFModelConfig, layout: dict, hf_dir: str, root: str) -> None:
+    from reference_weights import load_hf_checkpoint  # a sibling module: this runs as a torchrun worker
+
     model = stock_model(hf, layout)
-    hf_mapping.load_hf_checkpoint([model], hf_dir, hf)
+    load_hf_checkpoint([model], hf_dir, hf)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.0, use_distributed_optimizer=True), [ddp])
     scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-5, min_lr=0.0, lr_warmup_steps=0,

@@ -18,7 +18,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from layout_runs import run_each_layout
-from orpo_megatron import hf_mapping, model, parallel
+import reference_weights
+from orpo_megatron import model, parallel
+from orpo_megatron.checkpoint import hf_mapping
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
 SAMPLES, BATCH, SEQ = 2, 2, 16
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     config = build_transformer_config(hf, **layout_kwargs, moe_token_dispatcher_type=args.dispatcher)
     vocab = model.vocab_info(hf, 128, args.tp)
     chunks = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf)
+    reference_weights.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
 
     ref_logits, hf_grads = hf_reference(args.hf_dir)
     # The reference gradients as full Megatron tensors; padded vocabulary rows get zero gradient (nothing reads them).
-    ref_grads = hf_mapping.stack_layers([hf_mapping.hf_layer_to_megatron(hf_grads, layer, hf)
+    ref_grads = reference_weights.stack_layers([hf_mapping.hf_layer_to_megatron(hf_grads, layer, hf)
                                          for layer in range(hf.num_layers)])
     ref_grads.update(hf_mapping.hf_outer_to_megatron(hf_grads, hf, vocab.padded_size))
 
@@ -125,9 +127,9 @@ def run(args: argparse.Namespace) -> None:
                        os.path.join(args.out, f"logits_dp{dp_rank}.pt"))
 
     for chunk in chunks:
-        for key, entry in hf_mapping.model_parameters(chunk.module):
+        for key, entry in reference_weights.model_parameters(chunk.module):
             name = f"{key}{tuple(entry.global_offset) if hasattr(entry, 'global_offset') else ''}"
-            expected = hf_mapping.local_part(entry, ref_grads[key])
+            expected = reference_weights.local_part(entry, ref_grads[key])
             got = entry.data.main_grad
             scale = expected.abs().max().item() or 1.0
             rel = (got - expected).abs().max().item() / scale

@@ -24,13 +24,14 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from layout_runs import run_each_layout
-from orpo_megatron import arguments, hf_mapping, model, parallel
+import reference_weights
+from orpo_megatron import arguments, model, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
-from orpo_megatron.data.batching import BatchLayout, TrainPairIterator
+from orpo_megatron.data.batching import BatchLayout, TrainPairIterator, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
-from orpo_megatron.pipeline import batch_layout, run_micro_batches
+from orpo_megatron.schedule import run_micro_batches
 from orpo_megatron.routing import RoutingStats
 
 BETA, GLOBAL_BATCH = 0.1, 8
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> None:
                                       precision=PrecisionConfig(bf16=args.bf16))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab)
-    hf_mapping.load_hf_checkpoint(chunks, args.hf_dir, hf)
+    reference_weights.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads

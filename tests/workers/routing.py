@@ -2,10 +2,11 @@
 import argparse
 import json
 
+import reference_weights
 import torch
 from transformers import AutoModelForCausalLM
 
-from orpo_megatron import hf_mapping, model, parallel
+from orpo_megatron import model, parallel
 from orpo_megatron.model_config import HFModelConfig, build_transformer_config
 
 
@@ -19,7 +20,7 @@ def main() -> None:
     config = build_transformer_config(hf)
     vocab = model.vocab_info(hf, 128, 1)
     chunk = model.build_model(config, hf, vocab)[0]
-    hf_mapping.load_hf_checkpoint([chunk], args.hf_dir, hf)
+    reference_weights.load_hf_checkpoint([chunk], args.hf_dir, hf)
     chunk.eval()
     reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
 

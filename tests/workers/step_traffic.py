@@ -145,9 +145,9 @@ def trainer_flags(flags: list[str]) -> argparse.Namespace:
     """The trainer's optimizer and DDP flags as the trainer resolves them (DDP overlap off on a CPU by default)."""
     parser = argparse.ArgumentParser()
     optimizers.add_optimizer_args(parser)
-    train.add_ddp_args(parser)
+    optimizers.add_ddp_args(parser)
     args = parser.parse_args(flags)
-    train.check_ddp_args(parser, args)
+    optimizers.check_ddp_args(parser, args)
     # The schedule flags build_scheduler reads.
     args.lr, args.min_lr, args.lr_decay_iters, args.lr_warmup_iters, args.lr_decay_style = 1e-4, 0, None, 0, "constant"
     return args

@@ -20,7 +20,6 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
-from orpo_megatron.data.batching import BatchLayout
 from orpo_megatron.data.micro_batch import MicroBatch
 from orpo_megatron.objective import (
     GlobalNormalizers,
@@ -30,33 +29,6 @@ from orpo_megatron.objective import (
     check_micro_batch,
     orpo_loss,
 )
-
-
-def length_multiple(tensor_model_parallel_size: int, sequence_parallel: bool, fp8: bool) -> int:
-    """What every micro-batch row length must be a multiple of.
-
-    Sequence parallelism splits the positions over TP ranks. Transformer Engine's FP8 GEMMs need the rows they
-    multiply (positions of a TP rank, times rows) to be a multiple of 8; 16 per TP rank also covers FP8 recipes
-    that tile by 16.
-    """
-    per_rank = 16 if fp8 else 1
-    return per_rank * (tensor_model_parallel_size if sequence_parallel else 1)
-
-
-def batch_layout(packing: bool, packed_length: int | None, tensor_model_parallel_size: int,
-                 pipeline_model_parallel_size: int, virtual_pipeline_model_parallel_size: int | None,
-                 sequence_parallel: bool, fp8: bool) -> BatchLayout:
-    """The micro-batch layout a parallel layout needs (`--no-packing`, `--packed-length`).
-
-    With pipelining a step's micro-batches are rows of one length; the interleaved schedule also needs a
-    multiple of PP micro-batches per rank.
-    """
-    pipelined = pipeline_model_parallel_size > 1
-    return BatchLayout(
-        packing=packing, fixed_length_rows=packing and (pipelined or packed_length is not None),
-        packed_length=packed_length,
-        length_multiple=length_multiple(tensor_model_parallel_size, sequence_parallel, fp8),
-        rows_per_rank_multiple=pipeline_model_parallel_size if virtual_pipeline_model_parallel_size else 1)
 
 
 def accelerator() -> torch.device | None:
@@ -131,8 +103,8 @@ def schedule_groups(micro_batches: list[MicroBatch], pipelined: bool) -> list[li
     Pipeline stages exchange activations of the shape given to the schedule (Megatron's variable-shape mode
     deadlocks in the interleaved schedule on gloo and rules out the allgather dispatcher), so with pipelining
     consecutive micro-batches with the same number of rows form a group padded to its longest row. Padded rows
-    (`--no-packing`) are grouped that way without pipelining too, as before packing existed; packed rows without
-    pipelining keep their own lengths in one call.
+    (`--no-packing`) are grouped that way without pipelining too; packed rows without pipelining keep their own
+    lengths in one call.
     """
     if not pipelined and micro_batches and micro_batches[0].packed:
         return [micro_batches]

@@ -12,7 +12,7 @@ A checkpoint root (a training `--save` folder, or the output of `tools/convert_h
         .metadata, __0_0.distcp, ...         torch.distributed.checkpoint files with every tensor under its
                                              `GPTModel.sharded_state_dict()` key
         hf_files/                            ours: config.json, tokenizer files, generation_config.json
-        train_state.json                     ours, training checkpoints only (see `checkpointing.py`)
+        train_state.json                     ours, training checkpoints only (see `training.py`)
 
 The keys are the Transformer Engine spec's, whichever spec saved them: layers stacked on a leading axis
 (`decoder.layers.self_attention.linear_qkv.weight` is [layers, rows, hidden]), experts on a second one, the
@@ -21,10 +21,11 @@ padded as the saving model pads it (any padding loads: megatron-core reads the o
 TP / PP / VP / EP layout loads any checkpoint, ours or Megatron-LM's, and Megatron-LM loads ours.
 
 Owns: folder names and the tracker; describing a folder (its HF config, the Megatron-LM arguments in common.pt
-checked against that config, refusing orpo-megatron's first format with the command that upgrades it); the
-arguments written for Megatron-LM; the in-process torch_dist writer; model weights into and out of a parallel
-model; and the one-layer-at-a-time writer and reader that conversion streams through. The HF <-> Megatron
-tensor mapping is `hf_mapping.py`; trainer state (optimizer, RNG, data position, iterations) `checkpointing.py`.
+checked against that config, recognising orpo-megatron's first format and refusing it with the command that
+upgrades it); the arguments written for Megatron-LM. The torch_dist writer is `writer.py`; model weights into
+and out of a parallel model, and the one-layer-at-a-time writer and reader that conversion streams through,
+`weights.py`; the HF <-> Megatron tensor mapping `hf_mapping.py`; trainer state (optimizer, RNG, data position,
+iterations) `training.py`; reading the first format's tensors, to upgrade it, `legacy.py`.
 """
 from __future__ import annotations
 
@@ -34,24 +35,11 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Callable
 
-import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
 
-from orpo_megatron import hf_mapping
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 
@@ -69,13 +57,16 @@ HF_FILE_NAMES = (
     "added_tokens.json",
     "generation_config.json",
 )
-LEGACY_FORMAT = "orpo-megatron-model-weights"  # metadata.json "format" of this project's first checkpoints
+# This project's first checkpoints: a metadata.json of their own (where megatron-core keeps its) with this "format".
+LEGACY_METADATA_FILE = "metadata.json"
+LEGACY_FORMAT = "orpo-megatron-model-weights"
 # Megatron-LM's defaults for how the sharded state dict is laid out (`_build_sharded_state_dict_metadata`).
 DEFAULT_CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
-class CheckpointFormatError(UserError, ValueError):
-    """A checkpoint that is missing, incomplete, of another format, or does not fit the model, named."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, incomplete, of another format, does not fit the model, or cannot be written,
+    naming the path and what was expected."""
 
 
 # --------------------------------------------------------------------------------------------- folder layout
@@ -91,10 +82,10 @@ def read_tracker(root: str) -> int | str | None:
     with open(tracker, encoding="utf-8") as f:
         text = f.read().strip()
     if text != RELEASE and not text.isdigit():
-        raise CheckpointFormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
+        raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
     value = RELEASE if text == RELEASE else int(text)
     if not os.path.isdir(iteration_dir(root, value)):
-        raise CheckpointFormatError(f"{tracker} names {text}, but {iteration_dir(root, value)} is missing")
+        raise CheckpointError(f"{tracker} names {text}, but {iteration_dir(root, value)} is missing")
     return value
 
 
@@ -119,15 +110,20 @@ def copy_hf_files(source: str, target_dir: str) -> list[str]:
     return copied
 
 
-def _refuse_first_format(folder: str, named: str) -> None:
-    """This project's first format kept its own metadata.json where megatron-core keeps its."""
+def legacy_metadata(folder: str) -> dict | None:
+    """The metadata.json of a folder in this project's first format (its HF config and dtype), None for any other
+    folder."""
     try:
-        with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as f:
-            first_format = json.load(f).get("format") == LEGACY_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return
-    if first_format:
-        raise CheckpointFormatError(
+        with open(os.path.join(folder, LEGACY_METADATA_FILE), encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return metadata if isinstance(metadata, dict) and metadata.get("format") == LEGACY_FORMAT else None
+
+
+def _refuse_first_format(folder: str, named: str) -> None:
+    if legacy_metadata(folder) is not None:
+        raise CheckpointError(
             f"{folder} is in orpo-megatron's first checkpoint format (per-layer folders), which Megatron-LM cannot "
             "read and this version no longer loads. Convert it once with:\n"
             f"    python tools/convert_hf.py upgrade --load {named} --output NEW_FOLDER")
@@ -153,7 +149,7 @@ class CheckpointInfo:
 def checkpoint_folder(path: str) -> str:
     """The checkpoint folder `path` names: itself, or the folder its tracker names."""
     if not os.path.exists(path):
-        raise CheckpointFormatError(f"{path}: no such checkpoint")
+        raise CheckpointError(f"{path}: no such checkpoint")
     _refuse_first_format(path, path)
     tracked = read_tracker(path)
     folder = iteration_dir(path, tracked) if tracked is not None else path
@@ -161,7 +157,7 @@ def checkpoint_folder(path: str) -> str:
     if not os.path.isfile(os.path.join(folder, "common.pt")) or not _is_torch_dist(folder):
         state = ("is incomplete (no metadata.json: its writer did not finish)"
                  if os.path.isfile(os.path.join(folder, ".metadata")) else "is not a checkpoint")
-        raise CheckpointFormatError(
+        raise CheckpointError(
             f"{folder} {state}; expected a Megatron-LM torch_dist checkpoint folder (metadata.json, common.pt), or "
             f"a folder with {TRACKER_FILE} (the output of `tools/convert_hf.py hf-to-megatron` or a training "
             "--save folder)")
@@ -175,7 +171,7 @@ def check_complete(folder: str) -> None:
     try:
         stored = dcp.FileSystemReader(folder).read_metadata()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError) as err:
-        raise CheckpointFormatError(f"{os.path.join(folder, '.metadata')} cannot be read ({type(err).__name__}: "
+        raise CheckpointError(f"{os.path.join(folder, '.metadata')} cannot be read ({type(err).__name__}: "
                                     f"{err}): the checkpoint is truncated or damaged") from None
     needed: dict[str, int] = {}
     for item in stored.storage_data.values():
@@ -185,7 +181,7 @@ def check_complete(folder: str) -> None:
         have = os.path.getsize(path) if os.path.isfile(path) else None
         if have is None or have < size:
             state = "is missing" if have is None else f"is truncated: {have} bytes"
-            raise CheckpointFormatError(f"{path} {state}; the checkpoint's .metadata indexes {size} bytes in it")
+            raise CheckpointError(f"{path} {state}; the checkpoint's .metadata indexes {size} bytes in it")
 
 
 def _is_torch_dist(folder: str) -> bool:
@@ -200,7 +196,7 @@ def read_common(folder: str) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(folder)
     except (RuntimeError, EOFError, pickle.UnpicklingError, CheckpointingException) as err:
-        raise CheckpointFormatError(f"{os.path.join(folder, 'common.pt')} cannot be read ({type(err).__name__}: "
+        raise CheckpointError(f"{os.path.join(folder, 'common.pt')} cannot be read ({type(err).__name__}: "
                                     f"{str(err).split('. ')[0]}): the checkpoint is truncated or damaged") from None
 
 
@@ -215,7 +211,7 @@ def describe(path: str, hf_config: str | None = None) -> CheckpointInfo:
     common = read_common(folder)
     own = os.path.join(folder, HF_FILES_DIR)
     if hf_config is None and not os.path.isfile(os.path.join(own, "config.json")):
-        raise CheckpointFormatError(
+        raise CheckpointError(
             f"{folder} has no {HF_FILES_DIR}/config.json (a checkpoint Megatron-LM wrote): pass --hf-config with "
             "the Hugging Face config.json (and tokenizer) of this model")
     config_path = hf_config if hf_config is not None else own
@@ -239,7 +235,7 @@ def check_model_config(saved: HFModelConfig, given: HFModelConfig, folder: str, 
         if f.compare and getattr(saved, f.name) != getattr(given, f.name)
     ]
     if differing:
-        raise CheckpointFormatError(f"{folder} was saved from a different model: " + "; ".join(differing))
+        raise CheckpointError(f"{folder} was saved from a different model: " + "; ".join(differing))
 
 
 # ---------------------------------------------------------------------------- Megatron-LM's arguments
@@ -330,210 +326,6 @@ def check_args(args: argparse.Namespace, hf: HFModelConfig, folder: str, config_
             differing.append(f"{name}={getattr(args, name, default)!r} in the checkpoint; {hf.architecture} needs "
                              f"{required!r}")
     if differing:
-        raise CheckpointFormatError(
+        raise CheckpointError(
             f"{config_path} does not describe the model of {folder} (Megatron-LM arguments in its common.pt): "
             + "; ".join(differing))
-
-
-# --------------------------------------------------------------------------------------- torch_dist writer
-class _Planner(MCoreSavePlanner):
-    """Megatron-core's planner, with tensors that may be produced only when the writer asks for them.
-
-    `producers[key](offset)` makes the chunk of `key` stored at `offset`; DCP's file writer resolves the chunks
-    one at a time while writing (`SavePlanner.resolve_data`, the documented place for lazy production), so a
-    streamed save holds one chunk at a time. tests/test_checkpoint_format.py pins that behaviour.
-    """
-
-    def __init__(self, producers: dict[str, Callable[[tuple[int, ...]], torch.Tensor]]):
-        super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
-        self.producers = producers
-
-    def resolve_data(self, write_item):
-        produce = self.producers.get(write_item.index.fqn)
-        if produce is None:
-            return super().resolve_data(write_item)
-        return produce(tuple(write_item.index.offset))
-
-
-class _SynchronousTorchDistSave(TorchDistSaveShardedStrategy):
-    """The torch_dist format written in-process by torch.distributed.checkpoint.
-
-    Megatron's own writer forks a writer process per save and collects results through a spawned
-    multiprocessing Manager, which re-imports the launching script (about 10 s per process on CPU, and a hang
-    unless the script is guarded by `__main__`). The files are the same torch_dist files; loading uses
-    Megatron's standard torch_dist strategy.
-    """
-
-    def __init__(self, producers: dict | None = None):
-        super().__init__("torch_dist", 1)
-        self.producers = producers or {}
-
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:
-        state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
-        dcp.save(
-            mcore_to_pyt_state_dict(state_dict, False),
-            storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
-            planner=_Planner(self.producers),
-        )
-
-
-def save(folder: str, state_dict: dict, content_metadata: dict, producers: dict | None = None) -> None:
-    """Collective: write a checkpoint folder (created if needed) as Megatron-LM does, synchronously."""
-    if dist.get_rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(state_dict, folder, sharded_strategy=_SynchronousTorchDistSave(producers),
-                            content_metadata={k: v for k, v in content_metadata.items() if k != "dp_cp_group"})
-
-
-def sharded_metadata(content_metadata: dict | None = None) -> dict:
-    """The `metadata` argument of `sharded_state_dict()`: a checkpoint's content metadata (Megatron-LM's
-    defaults for new ones) and this rank's data-parallel group."""
-    return {**DEFAULT_CONTENT_METADATA, **(content_metadata or {}),
-            "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-
-
-# ------------------------------------------------------------------------------ model weights, any layout
-def model_state_dicts(model_chunks: list[torch.nn.Module], metadata: dict) -> dict:
-    """{"model": ...} (or "model0", "model1", ... with virtual pipeline chunks), as Megatron-LM nests them."""
-    chunks = [hf_mapping.unwrap(chunk) for chunk in model_chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
-    return {f"model{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)}
-
-
-def fit_to_checkpoint(request: dict, folder: str) -> None:
-    """Adapt a model's sharded state dict to what `folder` stores (in place), or raise naming what is missing.
-
-    Accepts the local spec's name of the MoE pre-MLP norm, and checkpoints without `_extra_state` objects
-    (those modules then keep theirs); a tensor that is missing, or stored with another shape (the vocabulary
-    aside), is an error on every rank, before any collective load starts.
-    """
-    stored = load_sharded_metadata(folder)
-    stored_objects = {meta.unique_key for meta in stored.values() if isinstance(meta, ShardedObject)}
-    problems = set()
-    for entries in request.values():
-        for name, entry in list(entries.items()):
-            if isinstance(entry, ShardedObject):
-                if entry.unique_key not in stored_objects:
-                    del entries[name]
-                continue
-            if not isinstance(entry, (ShardedTensor, ShardedTensorFactory)):
-                continue
-            entry.key = _stored_key(entry.key, stored)
-            if entry.key not in stored:
-                problems.add(f"{entry.key} is missing")
-            elif isinstance(entry, ShardedTensor) and not entry.allow_shape_mismatch:
-                got, needed = tuple(stored[entry.key].global_shape), tuple(entry.global_shape)
-                if got != needed:
-                    problems.add(f"{entry.key}: stored shape {got}, this model needs {needed}")
-    raise_on_any_rank(sorted(problems), f"cannot load the model from {folder}")
-
-
-def raise_on_any_rank(problems: list[str], what: str) -> None:
-    """Raise on every rank if any rank found a problem, so no rank is left waiting in a collective."""
-    gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
-    everything = sorted({p for rank_problems in gathered for p in rank_problems or []})
-    if everything:
-        raise CheckpointFormatError(f"{what}: " + "; ".join(everything))
-
-
-def apply_model_state(model_chunks: list[torch.nn.Module], loaded: dict) -> None:
-    """Copy loaded model state into the chunks; every parameter must be there (`_extra_state` may be absent)."""
-    chunks = [hf_mapping.unwrap(chunk) for chunk in model_chunks]
-    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, name in zip(chunks, names):
-        result = chunk.load_state_dict(loaded[name], strict=False)
-        missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
-        unexpected = [key for key in result.unexpected_keys if not key.endswith("_extra_state")]
-        if missing or unexpected:
-            raise CheckpointFormatError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
-
-
-@torch.no_grad()
-def load_model_weights(info: CheckpointInfo, model_chunks: list[torch.nn.Module]) -> None:
-    """Collective: the weights of a checkpoint into this rank's model chunks, whatever layout saved them."""
-    request = model_state_dicts(model_chunks, sharded_metadata(info.content_metadata))
-    fit_to_checkpoint(request, info.folder)
-    apply_model_state(model_chunks, dist_checkpointing.load(request, info.folder))
-
-
-# ------------------------------------------------------------------- one layer at a time, one process
-def _placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor with a shape and dtype but (almost) no memory: the data comes from a producer."""
-    return torch.empty((), dtype=dtype).expand(*shape)
-
-
-def write_streaming(folder: str, hf: HFModelConfig, padded_vocab: int, dtype: torch.dtype,
-                    layer_tensor: Callable[[str, int], torch.Tensor], outer_tensor: Callable[[str], torch.Tensor],
-                    common: dict) -> None:
-    """Write a model-only checkpoint folder in one process, producing each layer's slice of each key when the
-    writer reaches it: `layer_tensor(key, layer)` (the layer axis removed), `outer_tensor(key)`.
-
-    Every key a model of `hf` saves is written, `_extra_state` objects included (empty, as a model without FP8
-    state saves them), so the result loads strictly in Megatron-LM and at any layout here.
-    """
-    layers, state, producers = hf.num_layers, {}, {}
-    for key, shape in hf_mapping.megatron_layer_shapes(hf).items():
-        for layer in range(layers):
-            state[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(
-                key, _placeholder((1, *shape), dtype), (0, layer, layers), replica_id=0)
-        producers[key] = lambda offset, key=key: layer_tensor(key, offset[0]).to(dtype).unsqueeze(0).contiguous()
-    for key, shape in hf_mapping.megatron_outer_shapes(hf, padded_vocab).items():
-        state[key] = ShardedTensor.from_rank_offsets(key, _placeholder(shape, dtype), replica_id=0)
-        producers[key] = lambda offset, key=key: outer_tensor(key).to(dtype).contiguous()
-    for key, grid in hf_mapping.extra_state_keys(hf).items():
-        for index in torch.cartesian_prod(*(torch.arange(n) for n in grid)).reshape(-1, len(grid)).tolist():
-            state[f"{key}.{index}"] = ShardedObject(key, None, grid, tuple(index), replica_id=0)
-    save(folder, {"model": state, **common}, DEFAULT_CONTENT_METADATA, producers)
-
-
-def stored_tensors(folder: str) -> dict[str, ShardedTensor]:
-    """Global shape and dtype of every tensor in a checkpoint folder."""
-    return dist_checkpointing.load_tensors_metadata(folder)
-
-
-def _stored_key(key: str, stored: dict) -> str:
-    """The key a tensor is stored under: the TE spec's, or the one Megatron's stock local spec gives it."""
-    alias = hf_mapping.LOCAL_SPEC_KEYS.get(key)
-    return alias if key not in stored and alias in stored else key
-
-
-def read_layer(folder: str, hf: HFModelConfig, layer: int, stored: dict | None = None) -> dict[str, torch.Tensor]:
-    """One decoder layer's slice of every stacked key (the layer axis removed), read by slice in one process."""
-    stored = stored if stored is not None else stored_tensors(folder)
-    requests = {}
-    for key, shape in hf_mapping.megatron_layer_shapes(hf).items():
-        source = _stored_key(key, stored)
-        if source not in stored:
-            raise CheckpointFormatError(f"{folder}: {key} is missing")
-        meta = stored[source]
-        if tuple(meta.global_shape) != (hf.num_layers, *shape):
-            raise CheckpointFormatError(f"{folder}: {source} has shape {tuple(meta.global_shape)}; the config "
-                                        f"implies {(hf.num_layers, *shape)}")
-        requests[key] = ShardedTensor.from_rank_offsets(
-            source, torch.empty((1, *shape), dtype=meta.dtype), (0, layer, hf.num_layers), replica_id=0)
-    # Every process reads what it needs; the requests overlap across ranks by design.
-    loaded = dist_checkpointing.load(requests, folder, validate_access_integrity=False)
-    return {key: loaded[key][0] for key in requests}  # (the result also holds common.pt's entries)
-
-
-def read_outer(folder: str, hf: HFModelConfig, stored: dict | None = None) -> dict[str, torch.Tensor]:
-    """Embedding, final norm and output layer; the vocabulary with the rows it is stored with (padded)."""
-    stored = stored if stored is not None else stored_tensors(folder)
-    requests = {}
-    for key, shape in hf_mapping.megatron_outer_shapes(hf, padded_vocab=0).items():
-        if key not in stored:
-            raise CheckpointFormatError(f"{folder}: {key} is missing")
-        meta = stored[key]
-        if key in (hf_mapping.EMBEDDING, hf_mapping.OUTPUT_LAYER):
-            shape = (meta.global_shape[0], *shape[1:])
-            if shape[0] < hf.vocab_size:
-                raise CheckpointFormatError(
-                    f"{folder}: {key} has {shape[0]} rows; the vocabulary has {hf.vocab_size}")
-        if tuple(meta.global_shape) != shape:
-            raise CheckpointFormatError(f"{folder}: {key} has shape {tuple(meta.global_shape)}; expected {shape}")
-        requests[key] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
-    loaded = dist_checkpointing.load(requests, folder, validate_access_integrity=False)
-    return {key: loaded[key] for key in requests}

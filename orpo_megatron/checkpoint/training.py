@@ -1,7 +1,7 @@
 """Training checkpoints: iterations that resume exactly, keep their Adam state at any layout, and that
 Megatron-LM resumes too; the `latest` pointer, retention, and resolving what `--load` names.
 
-A training save folder (`--save`) is a Megatron-LM checkpoint root (folder format: `checkpoint_format.py`):
+A training save folder (`--save`) is a Megatron-LM checkpoint root (folder format: `format.py`):
 
     SAVE/latest_checkpointed_iteration.txt    the newest COMPLETE iteration (written last, atomically)
     SAVE/iter_0000006/                         one Megatron-LM torch_dist checkpoint with
@@ -39,17 +39,15 @@ from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from orpo_megatron import checkpoint_format as fmt, optimizer as optimizers
-from orpo_megatron.errors import UserError
+from orpo_megatron import optimizer as optimizers
+from orpo_megatron.checkpoint import format as fmt
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron.checkpoint import writer as checkpoint_writer
 
 TRAIN_STATE_FILE = "train_state.json"
 FULL_DISK_BYTES = 16 * 2**20  # a failed save with less free than this ran out of space
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
                     "distrib_optim_fully_reshardable_mem_efficient": False}
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used, naming the path and what was expected."""
 
 
 def iteration_dir(save_dir: str, iteration: int) -> str:
@@ -60,8 +58,8 @@ def latest_iteration(save_dir: str) -> int | None:
     """The newest complete iteration recorded in `save_dir`, or None when it holds no training checkpoint."""
     tracked = fmt.read_tracker(save_dir)
     if tracked == fmt.RELEASE:
-        raise CheckpointError(f"{save_dir} holds converted weights (`release`), not a training run: give --save a "
-                              "folder of its own and pass the converted checkpoint as --load")
+        raise fmt.CheckpointError(f"{save_dir} holds converted weights (`release`), not a training run: give --save a "
+                                  "folder of its own and pass the converted checkpoint as --load")
     return tracked
 
 
@@ -90,8 +88,8 @@ def resolve(path: str, hf_config: str | None = None) -> ResolvedCheckpoint:
     Megatron-LM's, the latter with `hf_config` describing its model. Errors name the path and the problem."""
     try:
         info = fmt.describe(path, hf_config)
-    except fmt.CheckpointFormatError as err:
-        raise CheckpointError(str(err) + _older_complete(path)) from None
+    except fmt.CheckpointError as err:
+        raise fmt.CheckpointError(str(err) + _older_complete(path)) from None
     state_file = os.path.join(info.folder, TRAIN_STATE_FILE)
     train_state = None
     if os.path.isfile(state_file):
@@ -104,7 +102,7 @@ def _older_complete(root: str) -> str:
     """Where a save folder whose tracked iteration is damaged still has a complete one, as advice to append."""
     try:
         tracked = fmt.read_tracker(root)
-    except fmt.CheckpointFormatError:
+    except fmt.CheckpointError:
         tracked = None
     if not isinstance(tracked, int):
         return ""
@@ -113,7 +111,7 @@ def _older_complete(root: str) -> str:
     for iteration in older:
         try:
             fmt.checkpoint_folder(iteration_dir(root, iteration))
-        except fmt.CheckpointFormatError:
+        except fmt.CheckpointError:
             continue
         return (f". The newest complete older checkpoint is {iteration_dir(root, iteration)}: to resume from it, "
                 f"write {iteration} into {os.path.join(root, fmt.TRACKER_FILE)}")
@@ -177,7 +175,7 @@ def _saved_step(tree) -> float | int:
                     steps.add(step.item() if torch.is_tensor(step) else step)
             stack.extend(v for k, v in node.items() if k != "param_groups")
     if len(steps) != 1:
-        raise CheckpointError(f"saved optimizer has step counts {sorted(steps)}; expected exactly one")
+        raise fmt.CheckpointError(f"saved optimizer has step counts {sorted(steps)}; expected exactly one")
     return steps.pop()
 
 
@@ -273,15 +271,15 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
     partial = os.path.join(save_dir, f".{os.path.basename(final)}.partial")
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
-    metadata = fmt.sharded_metadata(OPTIMIZER_FORMAT)
-    state = fmt.model_state_dicts(model_chunks, metadata)
+    metadata = checkpoint_writer.sharded_metadata(OPTIMIZER_FORMAT)
+    state = checkpoint_weights.model_state_dicts(model_chunks, metadata)
     state["optimizer"] = _without_classes(optimizer.sharded_state_dict(state, metadata=metadata))
     state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_sharded(_gathered_rng_states()),
                  args=megatron_args, checkpoint_version=fmt.CHECKPOINT_VERSION, iteration=iteration,
                  num_floating_point_operations_so_far=0)
     failure = None
     try:  # megatron-core's save raises on every rank when one rank's write fails
-        fmt.save(partial, state, metadata)
+        checkpoint_writer.save(partial, state, metadata)
         if rank == 0:
             fmt.copy_hf_files(hf_files_from, partial)
             with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
@@ -295,9 +293,9 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, trai
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         latest = fmt.read_tracker(save_dir)
-        raise CheckpointError(f"saving iteration {iteration} to {save_dir} failed: {reason}; "
-                              + (f"{iteration_dir(save_dir, latest)} stays the latest checkpoint" if latest is not None
-                                 else "no checkpoint was saved"))
+        raise fmt.CheckpointError(f"saving iteration {iteration} to {save_dir} failed: {reason}; "
+                                  + (f"{iteration_dir(save_dir, latest)} stays the latest checkpoint"
+                                     if latest is not None else "no checkpoint was saved"))
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(partial, final)
@@ -345,19 +343,19 @@ def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, lay
     `load_optimizer` False (`--no-load-optim`): Adam starts anew from the loaded weights and the LR schedule
     continues at the resumed iteration; `load_rng` False (`--no-load-rng`): the RNG keeps its seeded state."""
     info, state = checkpoint.info, checkpoint.train_state
-    metadata = fmt.sharded_metadata(info.content_metadata)
-    request = fmt.model_state_dicts(model_chunks, metadata)
-    fmt.fit_to_checkpoint(request, info.folder)
+    metadata = checkpoint_writer.sharded_metadata(info.content_metadata)
+    request = checkpoint_weights.model_state_dicts(model_chunks, metadata)
+    checkpoint_weights.fit_to_checkpoint(request, info.folder)
     if state is None:
-        fmt.apply_model_state(model_chunks, dist_checkpointing.load(request, info.folder))
+        checkpoint_weights.apply_model_state(model_chunks, dist_checkpointing.load(request, info.folder))
         # The optimizer copied its fp32 main params from the freshly initialized bf16 weights when it was built;
         # without this refresh the first step would overwrite the loaded weights with that initialization.
         optimizer.reload_model_params()
         return None
     if info.content_metadata.get("distrib_optim_sharding_type") != OPTIMIZER_FORMAT["distrib_optim_sharding_type"]:
-        raise CheckpointError(f"{info.folder}: optimizer state stored as "
-                              f"{info.content_metadata.get('distrib_optim_sharding_type')!r}; this trainer resumes "
-                              "the fully_reshardable form it writes")
+        raise fmt.CheckpointError(f"{info.folder}: optimizer state stored as "
+                                  f"{info.content_metadata.get('distrib_optim_sharding_type')!r}; this trainer resumes "
+                                  "the fully_reshardable form it writes")
     same_layout = state.get("layout") == layout_description
     if load_optimizer:
         _ensure_adam_state(optimizer)
@@ -366,7 +364,7 @@ def load(checkpoint: ResolvedCheckpoint, model_chunks, optimizer, scheduler, lay
         request["rng_state"] = _rng_sharded(None)
     with torch.no_grad():
         loaded = dist_checkpointing.load(request, info.folder)
-        fmt.apply_model_state(model_chunks, loaded)
+        checkpoint_weights.apply_model_state(model_chunks, loaded)
     if load_optimizer:
         _load_optimizer(optimizer, loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -1,7 +1,7 @@
 """What one optimizer step makes each GPU do: matmul FLOPs, bytes per collective, optimizer-state traffic.
 
 Owns the exact accounting behind the step-time model (`step_time.py`), as functions of the parallel layout
-(`memory_estimate.MemoryLayout`) and of the shapes the model is called with, whatever the batching (rows padded
+(`memory.MemoryLayout`) and of the shapes the model is called with, whatever the batching (rows padded
 to one length, or packed rows holding several sequences). It assumes no hardware and times nothing. The
 quantities may be numbers or numpy arrays (the step-time model evaluates many micro-batches at once).
 
@@ -41,7 +41,7 @@ from typing import Sequence
 
 from megatron.core.parallel_state import RankGenerator
 
-from orpo_megatron.memory_estimate import MemoryLayout, owned_elements, stage_buffers
+from orpo_megatron.planning.memory import MemoryLayout, owned_elements, stage_buffers
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import DTYPES, OptimizerMode
 from orpo_megatron.throughput import token_flops
@@ -257,7 +257,7 @@ def chained_optimizers(layout: MemoryLayout) -> int:
 
 def step_end_traffic(hf: HFModelConfig, layout: MemoryLayout, grid: RankGrid, rank: int,
                      overlap_param_gather: bool = False, last_buckets: bool = False) -> dict:
-    """The data-parallel collectives of a step on `rank`: per DDP bucket (`memory_estimate.BufferLayout`: one
+    """The data-parallel collectives of a step on `rank`: per DDP bucket (`memory.BufferLayout`: one
     per buffer, or Megatron's buckets with `layout.overlap_grad_reduce`), a reduce-scatter of its gradients and an
     all-gather of its parameters, each over the whole bucket with its padding. `last_buckets`: only each buffer's
     last bucket (the first parameters: gradients ready last in backward, parameters needed first in forward)."""
@@ -282,7 +282,7 @@ def optimizer_shard_elements(hf: HFModelConfig, layout: MemoryLayout, grid: Rank
 @dataclasses.dataclass(frozen=True)
 class OptimizerTraffic:
     """Bytes per element of an optimizer shard moved in one step, by where they move (what stays where is
-    `memory_estimate.optimizer_bytes_per_element`'s).
+    `memory.optimizer_bytes_per_element`'s).
 
     gpu            HBM read + written by the GPU part of the step (Adam, main-param and gradient copies)
     host_adam      host memory read + written by the host AdamW kernel

@@ -1,7 +1,7 @@
 """GPU acceptance: one command on a machine with an NVIDIA GPU, one table of what works there and how fast.
 
-    python benchmarks/gpu_acceptance.py              # one or more GPUs, no internet; under 10 minutes
-    python benchmarks/gpu_acceptance.py --dry-run    # CPU: the same code at tiny sizes (CI runs this)
+    python acceptance/gpu.py              # one or more GPUs, no internet; under 10 minutes
+    python acceptance/gpu.py --dry-run    # CPU: the same code at tiny sizes (CI runs this)
 
 It first prints how to run it on a machine without internet (`HOW_TO_RUN`, also in --help). Needs this
 repository's requirements; transformers for the parity lines, transformer-engine for the TE, FP8 and
@@ -34,7 +34,7 @@ every wait ends at that deadline: a check that overruns says FAIL "did not finis
     (on/off ratio), and the DP communication overlaps on/off (with 2+ GPUs; one GPU has none);
 (g) FP8, ~135 s (TE, compute capability 8.9+): for each recipe, steps, a save and a resume that continues with the
     saved FP8 scaling state; the evaluator with --fp8-format.
-The work behind (a) and (c)-(f) runs in `acceptance_workers.py`, a process per section; on the tiny model a
+The work behind (a) and (c)-(f) runs in `workers.py`, a process per section; on the tiny model a
 process is mostly start-up, so the workers of (a), (c) and (d) start together at the beginning and independent
 trainer runs start together (never beside (e) or (f), which measure). Adding a line: write a function that yields
 `Line`s (raise `Skip("why")` for a missing piece) and decorate it with `@check(section, seconds)`; checks run in
@@ -56,13 +56,13 @@ import time
 import traceback
 from typing import Callable, Iterator
 
-BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCHMARKS)
+ACCEPTANCE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(ACCEPTANCE)
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from acceptance_workers import (  # noqa: E402
+from acceptance.workers import (  # noqa: E402
     DATA,
     OFFLOAD,
     PACKED_GRAD_TOL,
@@ -73,7 +73,7 @@ from acceptance_workers import (  # noqa: E402
     fp8_unavailable,
 )
 
-WORKERS = os.path.join(BENCHMARKS, "acceptance_workers.py")
+WORKERS = os.path.join(ACCEPTANCE, "workers.py")
 # What a machine without internet needs carried (the versions CI runs); its image has the rest of their needs.
 WHEELS = ["megatron-core==0.16.1", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19"]
 HOW_TO_RUN = f"""\
@@ -88,7 +88,7 @@ say "skipped" there.
   2. There, from the repository root (device tool: run with carry [".whl"] and timeout_s 600):
        python3 -m pip install -q --no-index --find-links .whl --no-deps --target /tmp/site \\
          {' '.join(WHEELS)} && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \\
-         python3 benchmarks/gpu_acceptance.py 2>&1 | tee $OUT/acceptance.log
+         python3 acceptance/gpu.py 2>&1 | tee $OUT/acceptance.log
      (datasets 5.2.0 needs pyarrow >= 24: if `python3 -m pip show pyarrow` there says older, add its wheel.)
 """
 OPTIMIZER_MODES = {
@@ -231,7 +231,7 @@ def run_one(machine: Machine, name: str, command: list[str]) -> None:
 
 
 def start_worker(machine: Machine, name: str, *flags: str, launcher: tuple[str, ...] = (sys.executable,)) -> None:
-    """Start one of `acceptance_workers.py`'s workers in the background (its report: WORK/NAME.json)."""
+    """Start one of `workers.py`'s workers in the background (its report: WORK/NAME.json)."""
     command = [*launcher, WORKERS, name, "--out", os.path.join(machine.work, f"{name}.json"), "--work", machine.work,
                *flags]
     machine.running[name] = Started.start(machine, name, command)
@@ -296,7 +296,8 @@ def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dic
     """For each variant (name -> flags): a straight bf16 run that saves at step 2, and a run resumed from that
     save; the largest |loss| difference of `RESUMED_STEPS` between them, or what went wrong. The straight runs
     and `alongside`'s runs start together, then the resumed ones. Returns (differences, alongside's events)."""
-    from orpo_megatron import checkpoint_format, checkpointing
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import training as checkpointing
 
     common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", str(RESUMED_STEPS[-1]),
               "--save-interval", "2"]
@@ -624,11 +625,12 @@ def prepare_fixtures(machine: Machine) -> None:
     """The tiny Mixtral (HF folder), its conversions to our format in fp32 and bf16 (`tools/convert_hf.py
     hf-to-megatron`'s function) and the tokenized pairs, in this process: each process the command starts spends
     seconds importing, and the runs that read the data cache need not race to write it."""
-    from orpo_megatron import conversion, fixtures
+    from orpo_megatron import tiny_model
+    from orpo_megatron.checkpoint import conversion
     from orpo_megatron.data.arguments import DataConfig, add_data_args
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
 
-    hf_dir = fixtures.write_tiny_model(fixture(machine.work, "hf"), seed=1234)
+    hf_dir = tiny_model.write_tiny_model(fixture(machine.work, "hf"), seed=1234)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         conversion.hf_to_megatron(hf_dir, fixture(machine.work, name), dtype, progress=False)
     data = DataConfig.from_args(add_data_args(argparse.ArgumentParser()).parse_args(

@@ -29,12 +29,12 @@ import dataclasses
 
 import numpy as np
 
-from orpo_megatron import step_work
-from orpo_megatron.memory_estimate import MemoryLayout
+from orpo_megatron.planning import step_work
+from orpo_megatron.planning.memory import MemoryLayout
 from orpo_megatron.model_config import HFModelConfig
-from orpo_megatron.step_work import RankGrid, balanced_expert_rows, micro_batch_work, optimizer_traffic
+from orpo_megatron.planning.step_work import RankGrid, balanced_expert_rows, micro_batch_work, optimizer_traffic
 from orpo_megatron.throughput import token_flops
-from orpo_megatron.workload import HANDBOOK_GPUS, HANDBOOK_SECONDS, StepShapes
+from orpo_megatron.planning.workload import HANDBOOK_GPUS, HANDBOOK_SECONDS, StepShapes
 
 GBPS = 1e9
 

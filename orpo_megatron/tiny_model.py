@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from orpo_megatron.data.chat_template import CHATML
 from orpo_megatron.data.chat_template import ZEPHYR as ZEPHYR_CHAT_TEMPLATE
-from orpo_megatron.hf_mapping import hf_layer_names, hf_outer_names
+from orpo_megatron.checkpoint.hf_mapping import hf_layer_names, hf_outer_names
 from orpo_megatron.model_config import HFModelConfig
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -52,14 +52,6 @@ TINY_MIXTRAL_CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
     "torch_dtype": "float32",
-}
-
-# The benchmarks' model (`benchmarks/packing.py`, `benchmarks/orpo_vs_trl.py`): Mixtral's vocabulary, 8 experts
-# top-2 and 8/2 heads, tiny elsewhere, so the output layer and the expert routing weigh as they do at full scale.
-BENCH_MIXTRAL_OVERRIDES = {
-    "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 4,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "num_local_experts": 8,
-    "num_experts_per_tok": 2, "max_position_embeddings": 4096,
 }
 
 TINY_MISTRAL_CONFIG = {

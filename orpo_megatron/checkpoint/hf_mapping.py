@@ -4,9 +4,9 @@ The Megatron side is the checkpoint's: the keys of `GPTModel.sharded_state_dict(
 spec names them, layers stacked on a leading axis (`decoder.layers.self_attention.linear_qkv.weight` is
 [layers, qkv rows, hidden]) and experts on a second one (`decoder.layers.mlp.experts.experts.linear_fc1.weight`
 is [layers, experts, 2 x ffn, hidden], gate rows then up rows). The mapping works on one layer's slice of
-those tensors (the layer axis removed), so conversion and export hold one layer at a time. Filling a parallel
-model from full tensors goes through the model's own sharded state dict (`local_part`), so parameter names
-(local or TE spec, SequentialMLP or TEGroupedMLP experts) never need translating here.
+those tensors (the layer axis removed), so conversion and export hold one layer at a time; loading a parallel
+model goes through the model's own sharded state dict (`checkpoint/weights.py`), so parameter names (local or
+TE spec, SequentialMLP or TEGroupedMLP experts) never need translating here.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from safetensors import SafetensorError, safe_open
 
 from orpo_megatron.errors import UserError
@@ -330,9 +329,6 @@ class HFCheckpointReader:
     def has_fused_experts(self, layer: int) -> bool:
         return f"model.layers.{layer}.mlp.experts.gate_up_proj" in self.weight_map
 
-    def read_layer(self, hf: HFModelConfig, layer: int) -> dict[str, torch.Tensor]:
-        return self.read(hf_layer_names(hf, layer, fused_experts=self.has_fused_experts(layer)))
-
     def check_complete(self, hf: HFModelConfig) -> None:
         """Every expected tensor is present and nothing else (names both missing and extra)."""
         expected = set(hf_outer_names(hf))
@@ -388,67 +384,6 @@ class _LazyTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self.reader.weight_map)
-
-
-# ----------------------------------------------------------------------------- full tensors -> this rank
-def _slice(entry: ShardedTensor, full: torch.Tensor) -> torch.Tensor:
-    """The part of a full (global) tensor that a ShardedTensor describes, in the shape of its data; rows past
-    the end of `full` (vocabulary padding the full tensor lacks) are zeros."""
-    prepended = entry.prepend_axis_num
-    index = tuple(slice(offset, offset + (1 if axis < prepended else entry.local_shape[axis - prepended]))
-                  for axis, offset in enumerate(entry.global_offset))
-    part = full[index]
-    if part.shape[prepended:] != tuple(entry.local_shape):  # padding rows beyond the full tensor
-        padded = part.new_zeros((*part.shape[:prepended], *entry.local_shape))
-        padded[tuple(slice(0, n) for n in part.shape)] = part
-        part = padded
-    return part.reshape(entry.local_shape)
-
-
-def local_part(entry: ShardedTensor | ShardedTensorFactory, full: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a full tensor for one entry of a model's sharded state dict, shaped like the parameter.
-
-    A factory (the SwiGLU fc1, whose TP shard is [gate shard; up shard]) is built into its pieces, each sliced,
-    and merged back by the factory's own merge function.
-    """
-    if isinstance(entry, ShardedTensorFactory):
-        pieces = entry.build()
-        pieces = pieces if isinstance(pieces, list) else [pieces]
-        return entry.merge_fn([_slice(piece, full) for piece in pieces])
-    return _slice(entry, full)
-
-
-def model_parameters(model_chunk: torch.nn.Module) -> Iterator[tuple[str, ShardedTensor | ShardedTensorFactory]]:
-    """(checkpoint key, entry) for each parameter of a GPTModel chunk; `entry.data` is the parameter.
-
-    Replicas included (every rank gets its copy); with tied embeddings at PP > 1, the last stage's copy of the
-    embedding is the output layer's parameter and carries the embedding's key.
-    """
-    for entry in model_chunk.sharded_state_dict().values():
-        if isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and isinstance(entry.data, torch.nn.Parameter):
-            yield entry.key, entry
-
-
-def stack_layers(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-layer slices -> full stacked tensors (whole model in memory: tests and small models only)."""
-    return {key: torch.stack([layer[key] for layer in per_layer]) for key in per_layer[0]}
-
-
-@torch.no_grad()
-def load_hf_checkpoint(model_chunks: list[torch.nn.Module], hf_dir: str, hf: HFModelConfig) -> None:
-    """Copy an HF checkpoint's weights into this rank's model chunks (whole model in memory; a reference path
-    for tests that does not go through any checkpoint file)."""
-    reader = HFCheckpointReader(hf_dir)
-    reader.check_complete(hf)
-    tensors = reader.lazy()
-    full = stack_layers([hf_layer_to_megatron(tensors, layer, hf) for layer in range(hf.num_layers)])
-    full.update(hf_outer_to_megatron(tensors, hf, padded_vocab=hf.vocab_size))
-    full.update({local: full[te] for te, local in LOCAL_SPEC_KEYS.items() if te in full})
-    for chunk in model_chunks:
-        for key, entry in model_parameters(unwrap(chunk)):
-            if key not in full:
-                raise MappingError(f"{key}: no such tensor in the HF checkpoint mapping")
-            entry.data.copy_(local_part(entry, full[key]))
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

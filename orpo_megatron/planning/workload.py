@@ -79,9 +79,8 @@ class StepShapes:
 
 
 def packed_length(pairs: PairLengths, batch: BatchLayout) -> int:
-    """Tokens per fixed-length row: `batch.packed_length`, or the longest pair rounded up (the trainer's)."""
-    longest = int((2 * pairs.prompt + pairs.chosen + pairs.rejected).max())
-    return batch.packed_length or round_up(longest, batch.length_multiple)
+    """Tokens per fixed-length row, as the trainer chooses it for these pairs."""
+    return batch.fixed_row_length(int((2 * pairs.prompt + pairs.chosen + pairs.rejected).max()))
 
 
 def recipe_steps(pairs: PairLengths, global_batch_size: int, dp: int, micro_batch_size: int = 1,

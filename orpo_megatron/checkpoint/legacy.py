@@ -16,41 +16,31 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron.hf_mapping import FINAL_NORM, LAYERS, pad_vocab
+from orpo_megatron.checkpoint import format as fmt
+from orpo_megatron.checkpoint.hf_mapping import FINAL_NORM, LAYERS, pad_vocab
 from orpo_megatron.model_config import HFModelConfig
-
-METADATA_FILE = "metadata.json"
-
-
-def _metadata(folder: str) -> dict | None:
-    try:
-        with open(os.path.join(folder, METADATA_FILE), encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return metadata if isinstance(metadata, dict) and metadata.get("format") == fmt.LEGACY_FORMAT else None
 
 
 def weights_folder(path: str) -> str:
     """The weights folder of the first format that `path` names: itself, or its tracker's iteration."""
-    if _metadata(path) is not None:
+    if fmt.legacy_metadata(path) is not None:
         return path
     if os.path.isfile(os.path.join(path, fmt.TRACKER_FILE)):
         folder = fmt.iteration_dir(path, fmt.read_tracker(path))
-        if _metadata(folder) is not None:
+        if fmt.legacy_metadata(folder) is not None:
             return folder
-    raise fmt.CheckpointFormatError(
-        f"{path}: not a checkpoint of orpo-megatron's first format (no {METADATA_FILE} with format "
+    raise fmt.CheckpointError(
+        f"{path}: not a checkpoint of orpo-megatron's first format (no {fmt.LEGACY_METADATA_FILE} with format "
         f"{fmt.LEGACY_FORMAT!r}); checkpoints of today's format need no upgrade")
 
 
 def model_config(folder: str) -> HFModelConfig:
-    return HFModelConfig.from_dict(_metadata(folder)["hf_config"], source=os.path.join(folder, METADATA_FILE))
+    return HFModelConfig.from_dict(fmt.legacy_metadata(folder)["hf_config"],
+                                   source=os.path.join(folder, fmt.LEGACY_METADATA_FILE))
 
 
 def stored_dtype(folder: str) -> torch.dtype:
-    return getattr(torch, _metadata(folder)["dtype"])
+    return getattr(torch, fmt.legacy_metadata(folder)["dtype"])
 
 
 def _read(group_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
@@ -58,7 +48,7 @@ def _read(group_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
     stored = dist_checkpointing.load_tensors_metadata(group_dir)
     missing = [name for name in names if name not in stored]
     if missing:
-        raise fmt.CheckpointFormatError(f"{group_dir}: missing {', '.join(missing)}")
+        raise fmt.CheckpointError(f"{group_dir}: missing {', '.join(missing)}")
     requests = {name: ShardedTensor.from_rank_offsets(
         name, torch.empty(stored[name].global_shape, dtype=stored[name].dtype), replica_id=0) for name in names}
     loaded = dist_checkpointing.load(requests, group_dir, validate_access_integrity=False)
@@ -90,4 +80,4 @@ def copy_hf_files(source: str, folder: str) -> None:
     """The tokenizer files that format kept, and config.json from its metadata."""
     fmt.copy_hf_files(os.path.join(source, fmt.HF_FILES_DIR), folder)
     with open(os.path.join(folder, fmt.HF_FILES_DIR, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(_metadata(source)["hf_config"], f, indent=2)
+        json.dump(fmt.legacy_metadata(source)["hf_config"], f, indent=2)

@@ -2,7 +2,7 @@
 
 Owns both directions, the upgrade of orpo-megatron's first checkpoint format, their up-front input validation,
 the safetensors shard writer, and writing the output under a temporary name that is renamed only when
-complete. The tensor mapping is `hf_mapping.py`, the Megatron-side format `checkpoint_format.py`, the command
+complete. The tensor mapping is `hf_mapping.py`, the Megatron-side format `format.py`, the command
 line `tools/convert_hf.py`.
 """
 from __future__ import annotations
@@ -23,10 +23,13 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from orpo_megatron import checkpoint_format as fmt
-from orpo_megatron import cpu_backend, legacy_format
+from orpo_megatron.checkpoint import format as fmt
+
+from orpo_megatron.checkpoint import weights as checkpoint_weights
+from orpo_megatron import cpu_backend
+from orpo_megatron.checkpoint import legacy as legacy_format
 from orpo_megatron.errors import UserError
-from orpo_megatron.hf_mapping import (
+from orpo_megatron.checkpoint.hf_mapping import (
     EMBEDDING,
     HFCheckpointReader,
     hf_layer_to_megatron,
@@ -190,7 +193,7 @@ def _write_release(root: str, hf: HFModelConfig, dtype: torch.dtype, make_vocab_
             bar.update()
             return outer_tensor(key, padded_vocab)
 
-        fmt.write_streaming(folder, hf, padded_vocab, dtype, layer, outer,
+        checkpoint_weights.write_streaming(folder, hf, padded_vocab, dtype, layer, outer,
                             {"args": args, "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": 0})
     fmt.write_tracker(root, fmt.RELEASE)
     return folder
@@ -266,16 +269,16 @@ def megatron_to_hf(
     info = fmt.describe(load, hf_config)
     hf = info.hf
     if info.content_metadata.get("singleton_local_shards"):
-        raise fmt.CheckpointFormatError(f"{info.folder}: saved with singleton_local_shards=True (one key per layer "
+        raise fmt.CheckpointError(f"{info.folder}: saved with singleton_local_shards=True (one key per layer "
                                         "and expert); export reads the stacked form Megatron-LM writes by default")
     with staged_output(output, overwrite, (load, info.folder, info.hf_files), HF_OUTPUT) as staging:
         init_single_process()
-        stored = fmt.stored_tensors(info.folder)
+        stored = checkpoint_weights.stored_tensors(info.folder)
         dtype = dtype or stored[EMBEDDING].dtype
         writer = SafetensorsShardWriter(staging, max_shard_bytes)
-        writer.add(_cast(megatron_outer_to_hf(fmt.read_outer(info.folder, hf, stored), hf), dtype))
+        writer.add(_cast(megatron_outer_to_hf(checkpoint_weights.read_outer(info.folder, hf, stored), hf), dtype))
         for layer in tqdm(range(hf.num_layers), desc="megatron-to-hf", unit="layer", disable=not progress):
-            tensors = fmt.read_layer(info.folder, hf, layer, stored)
+            tensors = checkpoint_weights.read_layer(info.folder, hf, layer, stored)
             writer.add(_cast(megatron_layer_to_hf(tensors, layer, hf), dtype))
             del tensors
         writer.finish()

@@ -10,12 +10,17 @@ from __future__ import annotations
 import argparse
 import functools
 
-from orpo_megatron import workload
-from orpo_megatron.data.batching import BatchLayout
-from orpo_megatron.memory_estimate import MemoryLayout
+from orpo_megatron.planning import workload
+from orpo_megatron.data.batching import BatchLayout, batch_layout
+from orpo_megatron.planning.memory import MemoryLayout
 from orpo_megatron.model_config import HFModelConfig
-from orpo_megatron.pipeline import batch_layout
-from orpo_megatron.step_time import Hardware, RecipeTime, RunSettings, mfu_from_layer_throughput, predict_step_time
+from orpo_megatron.planning.step_time import (
+    Hardware,
+    RecipeTime,
+    RunSettings,
+    mfu_from_layer_throughput,
+    predict_step_time,
+)
 from orpo_megatron.throughput import PEAK_TFLOPS
 
 DEFAULTS = Hardware()
@@ -155,7 +160,7 @@ def describe(rates: Hardware, layout: MemoryLayout, args: argparse.Namespace) ->
             f"{rates.nvlink_gbps:g}, network {rates.network_gbps:g}, PCIe {rates.pcie_gbps:g} per GPU, host memory "
             f"{rates.host_memory_gbps:g} per {rates.gpus_per_node}-GPU node, HBM {rates.hbm_gbps:g}; "
             + (", ".join(overlap) or "no DP overlap")
-            + "; balanced routing; pair lengths assumed (orpo_megatron/workload.py)")
+            + "; balanced routing; pair lengths assumed (orpo_megatron/planning/workload.py)")
 
 
 TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'recomp':>6} {'offload':>7} {'GiB':>5} | "

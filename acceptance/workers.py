@@ -1,7 +1,7 @@
-"""Workers of the GPU acceptance command (`gpu_acceptance.py`): each runs in a process of its own, does the work
-behind some of its table lines and writes what it found as JSON; the checks in gpu_acceptance.py judge it.
+"""Workers of the GPU acceptance command (`gpu.py`): each runs in a process of its own, does the work
+behind some of its table lines and writes what it found as JSON; the checks in gpu.py judge it.
 
-    python benchmarks/acceptance_workers.py NAME --out REPORT.json --work DIR [--dry-run]
+    python acceptance/workers.py NAME --out REPORT.json --work DIR [--dry-run]
 
 DIR is the command's scratch folder, which holds the tiny Mixtral (`fixture`) and the tokenized-data cache.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from orpo_megatron.fixtures import TINY_MIXTRAL_CONFIG  # noqa: E402
+from orpo_megatron.tiny_model import TINY_MIXTRAL_CONFIG  # noqa: E402
 
 DATA = os.path.join(REPO, "examples", "data", "capybara_style.jsonl")
 CONFIG_8X22B = os.path.join(REPO, "tools", "configs", "mixtral-8x22b.json")
@@ -101,7 +101,7 @@ def trainer_args(args: argparse.Namespace, *flags: str) -> argparse.Namespace:
 def first_step(train_args: argparse.Namespace, hf_files: str):
     """The micro-batches of the trainer's first step for these flags (`TrainStep`), built by its data pipeline."""
     from orpo_megatron.data.pipeline import build_preference_data
-    from orpo_megatron.pipeline import batch_layout
+    from orpo_megatron.data.batching import batch_layout
 
     layout = batch_layout(train_args.packing, train_args.packed_length, 1, 1, None, False, bool(train_args.fp8_format))
     iterator, _, _ = build_preference_data(train_args, hf_files, 0, 1, train_args.micro_batch_size,
@@ -112,7 +112,8 @@ def first_step(train_args: argparse.Namespace, hf_files: str):
 def trainer_model(train_args: argparse.Namespace, info, use_te: bool, kernels=None, load: bool = True) -> list:
     """The model chunks the trainer builds for these flags (DDP-wrapped), with the checkpoint's weights unless
     `load` is False; `kernels` None: the trainer's (`FusedKernels.for_backend`)."""
-    from orpo_megatron import arguments, checkpoint_format, model, train
+    from orpo_megatron import arguments, model, train
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
     from orpo_megatron.model_config import FusedKernels, build_transformer_config
 
     hf = info.hf
@@ -123,14 +124,14 @@ def trainer_model(train_args: argparse.Namespace, info, use_te: bool, kernels=No
     vocab = model.vocab_info(hf, train_args.make_vocab_size_divisible_by, 1)
     chunks = train.wrap_data_parallel(config, train_args, model.build_model(config, hf, vocab, use_te))
     if load:
-        checkpoint_format.load_model_weights(info, chunks)
+        checkpoint_weights.load_model_weights(info, chunks)
     return chunks
 
 
 def training_pass(chunks: list, step, orpo_config):
     """Forward and backward of a step's micro-batches as the trainer's step runs them (no optimizer step)."""
     from orpo_megatron.objective import GlobalNormalizers
-    from orpo_megatron.pipeline import run_micro_batches
+    from orpo_megatron.schedule import run_micro_batches
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -149,7 +150,9 @@ def worker_parity(args: argparse.Namespace) -> None:
     completion log-probs and the gradients of the embedding and output weights of the summed log-prob loss."""
     from transformers import AutoModelForCausalLM
 
-    from orpo_megatron import checkpoint_format, model, parallel
+    from orpo_megatron import model, parallel
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
     from orpo_megatron.data.arguments import DataConfig, add_data_args
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
     from orpo_megatron.model_config import FusedKernels, PrecisionConfig, build_transformer_config
@@ -195,7 +198,7 @@ def worker_parity(args: argparse.Namespace) -> None:
             kernels = dataclasses.replace(FusedKernels.for_backend(use_te), gradient_accumulation_fusion=False)
             config = build_transformer_config(hf, precision=PrecisionConfig(bf16=dtype == "bf16"), kernels=kernels)
             [chunk] = model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te)
-            checkpoint_format.load_model_weights(info, [chunk])
+            checkpoint_weights.load_model_weights(info, [chunk])
             chunk.eval()  # no dropout anyway; grads still flow
             positions = torch.arange(length, device=device).expand_as(ids)
             means, grads = score(chunk(ids, positions, attention_mask=None),
@@ -215,9 +218,10 @@ def worker_parity(args: argparse.Namespace) -> None:
 def worker_packing(args: argparse.Namespace) -> None:
     """The trainer's first step (8 pairs, micro-batches of 2) on the converted tiny Mixtral, world 1, bf16, on this
     machine's spec with the trainer's kernels: the TE spec (THD attention, fused THD RoPE) where TE runs."""
-    from orpo_megatron import checkpoint_format, model, parallel
+    from orpo_megatron import model, parallel
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.objective import ORPOConfig
-    from orpo_megatron.pipeline import accelerator
+    from orpo_megatron.schedule import accelerator
 
     info = checkpoint_format.describe(fixture(args.work, "bf16"))
     packed_args = trainer_args(args)
@@ -383,7 +387,7 @@ def first_backward_sync(step, plant: bool) -> list | None:
 def fp8_packed_pass(args: argparse.Namespace, info, orpo_config) -> dict:
     """The trainer's packed micro-batches with `--fp8-format hybrid` (rows padded to the FP8 length multiple) and,
     where FP8 runs, one forward/backward of them on the TE spec."""
-    from orpo_megatron.pipeline import length_multiple
+    from orpo_megatron.data.batching import length_multiple
 
     unavailable = fp8_unavailable()
     if unavailable is None:
@@ -406,7 +410,8 @@ def fp8_packed_pass(args: argparse.Namespace, info, orpo_config) -> dict:
 def worker_checkpoints(args: argparse.Namespace) -> None:
     """The checkpoint format on this machine's specs: the local spec everywhere; with TE, the TE spec with
     grouped-GEMM experts (the trainer's default there) and with sequential experts (`moe_grouped_gemm=False`)."""
-    from orpo_megatron import checkpoint_format, model, parallel
+    from orpo_megatron import model, parallel
+    from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.model_config import FusedKernels
 
     info = checkpoint_format.describe(fixture(args.work, "bf16"))
@@ -433,9 +438,10 @@ def checkpoint_entries(chunks: list) -> tuple[set[str], set[str]]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from orpo_megatron import checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
+    from orpo_megatron.checkpoint import writer as checkpoint_writer
 
-    request = checkpoint_format.model_state_dicts(chunks, checkpoint_format.sharded_metadata())
+    request = checkpoint_weights.model_state_dicts(chunks, checkpoint_writer.sharded_metadata())
     apply_factories(request)  # gated experts' fc1: saved as two tensors
     entries = list(nested_values(request))
     return ({f"{e.key} {tuple(e.global_shape)} at {tuple(e.global_offset)}" for e in entries
@@ -468,7 +474,9 @@ def cross_load(train_args: argparse.Namespace, info, specs: dict, loaded: dict, 
     """Each spec's model (the converted weights) saved with the trainer's writer and loaded into a freshly built
     model of every other spec (with one spec: of the same one): are the loaded weights bitwise those the spec
     loads from the converted checkpoint, and its logits theirs? Also how far the specs' logits are apart."""
-    from orpo_megatron import checkpoint_format
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
+    from orpo_megatron.checkpoint import writer as checkpoint_writer
 
     device = next(loaded["local"][0].parameters()).device
     ids = torch.randint(0, info.hf.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
@@ -477,14 +485,14 @@ def cross_load(train_args: argparse.Namespace, info, specs: dict, loaded: dict, 
     for number, (spec, chunks) in enumerate(loaded.items()):
         saves[spec] = dataclasses.replace(info, folder=os.path.join(work, f"spec{number}"),
                                           content_metadata=checkpoint_format.DEFAULT_CONTENT_METADATA)
-        checkpoint_format.save(saves[spec].folder, checkpoint_format.model_state_dicts(
-            chunks, checkpoint_format.sharded_metadata()), checkpoint_format.DEFAULT_CONTENT_METADATA)
+        checkpoint_writer.save(saves[spec].folder, checkpoint_weights.model_state_dicts(
+            chunks, checkpoint_writer.sharded_metadata()), checkpoint_format.DEFAULT_CONTENT_METADATA)
     pairs = [(a, b) for a in specs for b in specs if a != b] or [(spec, spec) for spec in specs]
     loads = []
     for saved_on, loaded_on in pairs:
         use_te, kernels = specs[loaded_on]
         fresh = trainer_model(train_args, info, use_te, kernels, load=False)
-        checkpoint_format.load_model_weights(saves[saved_on], fresh)
+        checkpoint_weights.load_model_weights(saves[saved_on], fresh)
         differing = [name for (name, ours), (_, theirs) in zip(fresh[0].named_parameters(),
                                                                loaded[loaded_on][0].named_parameters())
                      if not torch.equal(ours, theirs)]
@@ -520,7 +528,9 @@ def fp8_scaling_state(chunks: list) -> dict[str, torch.Tensor]:
 def fp8_state_through_save(args: argparse.Namespace, info) -> dict:
     """A TE-spec model trained 3 passes with `--fp8-format hybrid --fp8-recipe delayed`, saved with the trainer's
     writer and loaded into a fresh model as a resume loads it (before any forward): is TE's scaling state equal?"""
-    from orpo_megatron import checkpoint_format
+    from orpo_megatron.checkpoint import format as checkpoint_format
+    from orpo_megatron.checkpoint import weights as checkpoint_weights
+    from orpo_megatron.checkpoint import writer as checkpoint_writer
     from orpo_megatron.objective import ORPOConfig
 
     unavailable = fp8_unavailable()
@@ -534,10 +544,10 @@ def fp8_state_through_save(args: argparse.Namespace, info) -> dict:
         training_pass(chunks, step, orpo_config)
     saved = fp8_scaling_state(chunks)
     folder = os.path.join(args.work, "fp8-state")
-    checkpoint_format.save(folder, checkpoint_format.model_state_dicts(chunks, checkpoint_format.sharded_metadata()),
+    checkpoint_writer.save(folder, checkpoint_weights.model_state_dicts(chunks, checkpoint_writer.sharded_metadata()),
                            checkpoint_format.DEFAULT_CONTENT_METADATA)
     fresh = trainer_model(fp8_args, info, True, load=False)
-    checkpoint_format.load_model_weights(
+    checkpoint_weights.load_model_weights(
         dataclasses.replace(info, folder=folder, content_metadata=checkpoint_format.DEFAULT_CONTENT_METADATA), fresh)
     restored = fp8_scaling_state(fresh)
     return {"tensors": len(saved), "modules": len({key.rsplit(".", 2)[0] for key in saved}),
@@ -640,7 +650,7 @@ def worker_memory(args: argparse.Namespace) -> None:
     """GPU bytes each optimizer mode allocates (its construction and first step) vs the estimator's figure; with
     offload, how many of its host params (copied to the GPU after each step) are pinned."""
     from orpo_megatron import model, optimizer as optimizers, parallel, train
-    from orpo_megatron.memory_estimate import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
+    from orpo_megatron.planning.memory import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
     from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
 
     hf = dataclasses.replace(HFModelConfig.from_file(CONFIG_8X22B), num_layers=4, hidden_size=1024,
