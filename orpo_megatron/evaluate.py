@@ -21,7 +21,6 @@ from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenize_into_cache, tokenized_split
-from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import ORPOConfig
@@ -42,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    check_present(args.data_path)  # before minutes of model building
+    DataConfig.from_args(args).check_present()  # before minutes of model building
     checkpoint = checkpointing.resolve(args.load, args.hf_config)
     hf = checkpoint.hf
     # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.

@@ -29,7 +29,6 @@ from orpo_megatron import throughput, tracking
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import batch_layout
 from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache
-from orpo_megatron.data.sources import check_present
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     # stops (and saves) after its first step instead of the default action killing the process.
     stop = StopSignal()
     started_at = time.monotonic()  # --exit-duration-in-mins counts from here, start-up included
-    check_present(args.data_path)  # before minutes of model building
+    DataConfig.from_args(args).check_present()  # before minutes of model building
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
     if args.finetune and not resume_dir:  # the weights alone: a new run

@@ -6,7 +6,8 @@
 Prints the number of pairs, bad rows by reason (with the first row of each), whether --max-bad-row-fraction would
 stop training, how many prompts/responses are truncated, length percentiles before and after truncation, and one
 pair as the model sees it with the masked part (the prompt: no log-prob, no reward) marked. Takes the same data flags
-as training and fills the same tokenization cache.
+as training and fills the same tokenization cache. With several sources (`--data-path W1 A W2 B`, or
+`--dataset-mixer A=F1 B=F2`) it reports each, then the mixture: how many pairs each gives the training set.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inspect_data.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_data_args(parser)
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="The trainer's --seed: which pairs a --data-path blend draws. Default: 1234.")
     parser.add_argument("--example", type=int, default=0,
                         help="Which kept pair (position among the good pairs) to print rendered (default: 0).")
     return parser
@@ -60,8 +63,8 @@ def render_pair(tokenizer, pair: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from orpo_megatron.data.arguments import DataConfig
+    from orpo_megatron.data.mixture import mix
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_table
-    from orpo_megatron.data.preference import BAD_ROW_REASONS
     from orpo_megatron.errors import UserError
 
     if args.tokenizer is None:
@@ -70,10 +73,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = DataConfig.from_args(args)
         pair_tokenizer = make_pair_tokenizer(config, None)
-        table, source = tokenized_table(config, pair_tokenizer, config.split)
+        tables = [tokenized_table(config, pair_tokenizer, config.split, source.path) for source in config.sources]
     except (UserError, ValueError) as error:
         print(f"inspect_data.py: error: {error}", file=sys.stderr)
         return 1
+    goods = [report(table, source, config, pair_tokenizer, args.example) for table, source in tables]
+    if config.mixture:
+        try:
+            mixed, draws = mix(config.sources, goods, args.seed)
+        except ValueError as error:
+            print(f"inspect_data.py: error: {error}", file=sys.stderr)
+            return 1
+        print(f"\nmixture ({'--dataset-mixer fractions' if config.mixture[0].fraction else '--data-path weights'}, "
+              f"--seed {args.seed}): {mixed.num_rows} training pairs before any --eval-fraction hold-out")
+        for source, draw in zip(config.sources, draws):
+            share = f"fraction {source.fraction:g}" if source.fraction else f"weight {source.weight:g}"
+            print(f"  {draw.summary(f'{share}; {draw.drawn / mixed.num_rows:.1%} of the mixture')}")
+    return 0
+
+
+def report(table, source: str, config, pair_tokenizer, example: int):
+    """One source's rows, bad rows, truncation, lengths and an example; returns its good pairs."""
+    from orpo_megatron.data.preference import BAD_ROW_REASONS
 
     reasons = list(table["bad_reason"])
     good = table.select([i for i, reason in enumerate(reasons) if not reason])
@@ -104,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         good["prompt_input_ids"], good["chosen_input_ids"], good["rejected_input_ids"])]
     print(percentile_table(lengths))
     if good.num_rows:
-        example = min(max(args.example, 0), good.num_rows - 1)
+        example = min(max(example, 0), good.num_rows - 1)
         print(f"\nexample (masked prompt part between {MASK_OPEN} {MASK_CLOSE}):")
         print(render_pair(pair_tokenizer.tokenizer, good[example]))
-    return 0
+    return good
 
 
 if __name__ == "__main__":

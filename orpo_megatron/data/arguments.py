@@ -12,19 +12,25 @@ import json
 
 
 from orpo_megatron.data.chat_template import BUILTIN_TEMPLATES
+from orpo_megatron.data.mixture import MixtureSource, parse_sources
 from orpo_megatron.data.preference import TRUNCATION_MODES, TruncationConfig
-from orpo_megatron.data.sources import default_cache_dir
+from orpo_megatron.data.sources import check_present, default_cache_dir
 
 BAD_ROW_POLICIES = ("skip", "error")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("preference data")
-    group.add_argument("--data-path", type=str, default=None,
+    group.add_argument("--data-path", type=str, nargs="+", default=None,
                        help="Preference data: a .json/.jsonl/.parquet file or folder, a folder written by "
                             "datasets' save_to_disk, or a Hub dataset name already in the local datasets cache. Rows "
                             "hold prompt/chosen/rejected as text or message lists, or prompt_input_ids/"
-                            "chosen_input_ids/rejected_input_ids.")
+                            "chosen_input_ids/rejected_input_ids. Several sources as Megatron-LM blends them: "
+                            "`W1 PATH1 W2 PATH2 ...`, each weight a source's share of the training pairs "
+                            "(see orpo_megatron/data/mixture.py).")
+    group.add_argument("--dataset-mixer", type=str, nargs="+", default=None, metavar="PATH=FRACTION",
+                       help="Instead of --data-path, the alignment-handbook's dataset_mixer: each source keeps that "
+                            "fraction (0-1] of its pairs, its first ones in source order.")
     group.add_argument("--split", type=str, default="train", help="Split to train on (default: train).")
     group.add_argument("--eval-split", type=str, default=None,
                        help="Split of --data-path to evaluate on (default: none; see --eval-fraction).")
@@ -87,7 +93,7 @@ def check_packing_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    data_path: str
+    data_path: str | None = None  # one source; `mixture` for several
     split: str = "train"
     eval_split: str | None = None
     eval_fraction: float = 0.0
@@ -99,9 +105,10 @@ class DataConfig:
     max_bad_row_fraction: float = 0.05
     num_workers: int = 1
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
+    mixture: tuple[MixtureSource, ...] = ()
 
     def __post_init__(self):
-        if not self.data_path:
+        if not self.data_path and not self.mixture:
             raise ValueError("--data-path is required")
         if self.eval_split is not None and self.eval_fraction:
             raise ValueError("pass --eval-split or --eval-fraction, not both")
@@ -116,6 +123,15 @@ class DataConfig:
         if self.num_workers < 1:
             raise ValueError(f"--data-num-workers must be at least 1, got {self.num_workers}")
 
+    @property
+    def sources(self) -> tuple[MixtureSource, ...]:
+        return self.mixture or (MixtureSource(self.data_path),)
+
+    def check_present(self) -> None:
+        """Every source exists (a file, a folder or a cached Hub dataset), before minutes of model building."""
+        for source in self.sources:
+            check_present(source.path)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataConfig:
         cache_dir = args.data_cache_dir or default_cache_dir()
@@ -123,7 +139,10 @@ class DataConfig:
             template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
         except json.JSONDecodeError as error:
             raise ValueError(f"--chat-template-kwargs is not JSON ({error}): {args.chat_template_kwargs!r}") from None
-        return cls(data_path=args.data_path, split=args.split, eval_split=args.eval_split,
+        sources = parse_sources(args.data_path, getattr(args, "dataset_mixer", None))
+        plain = len(sources) == 1 and sources[0] == MixtureSource(sources[0].path)
+        return cls(data_path=sources[0].path if plain else None, mixture=() if plain else sources,
+                   split=args.split, eval_split=args.eval_split,
                    eval_fraction=args.eval_fraction, tokenizer=args.tokenizer, chat_template=args.chat_template,
                    chat_template_kwargs=template_kwargs,
                    truncation=TruncationConfig(args.max_length, args.max_prompt_length, args.truncation_mode),

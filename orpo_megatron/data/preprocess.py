@@ -55,6 +55,18 @@ class PreprocessStats:
     chosen_truncated: int
     rejected_truncated: int
 
+    @classmethod
+    def total(cls, parts: list[PreprocessStats]) -> PreprocessStats:
+        """The counts of several sources' splits together."""
+        bad_rows: dict[str, int] = {}
+        for part in parts:
+            for reason, count in part.bad_rows.items():
+                bad_rows[reason] = bad_rows.get(reason, 0) + count
+        return cls(" + ".join(part.source for part in parts), sum(part.rows for part in parts),
+                   sum(part.pairs for part in parts), bad_rows,
+                   *(sum(getattr(part, name) for part in parts)
+                     for name in ("prompt_truncated", "chosen_truncated", "rejected_truncated")))
+
     def summary(self) -> str:
         bad = ", ".join(f"{reason} {count}" for reason, count in sorted(self.bad_rows.items())) or "none"
         return (f"{self.source}: {self.pairs} pairs from {self.rows} rows; bad rows skipped: {bad}; truncated: "
