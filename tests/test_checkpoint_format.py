@@ -19,12 +19,7 @@ from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron import tiny_model
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.checkpoint import conversion
-from orpo_megatron.checkpoint.hf_mapping import (
-    HFCheckpointReader,
-    MappingError,
-    megatron_layer_shapes,
-    megatron_outer_shapes,
-)
+from orpo_megatron.checkpoint.hf_mapping import HFCheckpointReader, MappingError, megatron_outer_shapes
 from orpo_megatron.model_config import HFModelConfig
 from workers.megatron_interop import megatron_lm_args
 
@@ -140,7 +135,7 @@ def test_streamed_save_holds_one_chunk_at_a_time_and_reads_back(tmp_path, monkey
     from torch.distributed.checkpoint import filesystem
 
     conversion.init_single_process()
-    shapes, outer = megatron_layer_shapes(TINY), megatron_outer_shapes(TINY, 640)
+    shapes, outer = TINY.family.megatron_layer_shapes(), megatron_outer_shapes(TINY, 640)
     unwritten, held_when_producing = set(), []
 
     def make(key, layer):

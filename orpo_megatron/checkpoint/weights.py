@@ -98,7 +98,7 @@ def write_streaming(folder: str, hf: HFModelConfig, padded_vocab: int, dtype: to
     state saves them), so the result loads strictly in Megatron-LM and at any layout here.
     """
     layers, state, producers = hf.num_layers, {}, {}
-    for key, shape in hf_mapping.megatron_layer_shapes(hf).items():
+    for key, shape in hf.family.megatron_layer_shapes().items():
         for layer in range(layers):
             state[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(
                 key, _placeholder((1, *shape), dtype), (0, layer, layers), replica_id=0)
@@ -106,7 +106,7 @@ def write_streaming(folder: str, hf: HFModelConfig, padded_vocab: int, dtype: to
     for key, shape in hf_mapping.megatron_outer_shapes(hf, padded_vocab).items():
         state[key] = ShardedTensor.from_rank_offsets(key, _placeholder(shape, dtype), replica_id=0)
         producers[key] = lambda offset, key=key: outer_tensor(key).to(dtype).contiguous()
-    for key, grid in hf_mapping.extra_state_keys(hf).items():
+    for key, grid in hf.family.extra_state_keys().items():
         for index in torch.cartesian_prod(*(torch.arange(n) for n in grid)).reshape(-1, len(grid)).tolist():
             state[f"{key}.{index}"] = ShardedObject(key, None, grid, tuple(index), replica_id=0)
     writer.save(folder, {"model": state, **common}, fmt.DEFAULT_CONTENT_METADATA, producers)
@@ -127,7 +127,7 @@ def read_layer(folder: str, hf: HFModelConfig, layer: int, stored: dict | None =
     """One decoder layer's slice of every stacked key (the layer axis removed), read by slice in one process."""
     stored = stored if stored is not None else stored_tensors(folder)
     requests = {}
-    for key, shape in hf_mapping.megatron_layer_shapes(hf).items():
+    for key, shape in hf.family.megatron_layer_shapes().items():
         source = _stored_key(key, stored)
         if source not in stored:
             raise fmt.CheckpointFormatError(f"{folder}: {key} is missing")

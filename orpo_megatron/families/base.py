@@ -13,10 +13,16 @@ import argparse
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
+import torch
+
 from orpo_megatron.errors import UserError
+
+# The prefix of the decoder layers' checkpoint keys: `GPTModel.sharded_state_dict()` stacks every layer's tensor
+# under one key, on a leading axis.
+LAYERS = "decoder.layers."
 
 
 class ModelConfigError(UserError, ValueError):
@@ -158,6 +164,32 @@ class ModelFamily:
     def required_args(self) -> list[tuple[str, object, object]]:
         """What the family implies about the rest of the architecture: (Megatron-LM argument, the value it needs,
         Megatron-LM's default)."""
+        raise NotImplementedError
+
+    # The tensor mapping, one decoder layer at a time: the Megatron side is one layer's slice of each stacked
+    # checkpoint key (the layer axis removed), as the Transformer Engine spec names them.
+    def hf_layer_shapes(self, layer: int, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor of one decoder layer and its shape (`fused_experts`: transformers v5's layout of
+        experts, where a family has one)."""
+        raise NotImplementedError
+
+    def megatron_layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Stacked checkpoint key -> the shape of one layer's slice of it."""
+        raise NotImplementedError
+
+    def extra_state_keys(self) -> dict[str, tuple[int, ...]]:
+        """Keys of the `_extra_state` objects a model saves -> their grid: (layers,), (layers, experts) or (1,)."""
+        raise NotImplementedError
+
+    def hf_layer_to_megatron(self, tensors: Mapping[str, torch.Tensor], layer: int,
+                             keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """One decoder layer's HF tensors -> its slice of each stacked Megatron key (only `keys` if given).
+        `tensors` may be lazy (`HFCheckpointReader.lazy()`): only the HF tensors the requested keys need are
+        read."""
+        raise NotImplementedError
+
+    def megatron_layer_to_hf(self, tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+        """Inverse of `hf_layer_to_megatron` (one layer's slices)."""
         raise NotImplementedError
 
 
