@@ -59,7 +59,7 @@ def raise_on_any_rank(problems: list[str], what: str) -> None:
     dist.all_gather_object(gathered, problems)
     everything = sorted({p for rank_problems in gathered for p in rank_problems or []})
     if everything:
-        raise fmt.CheckpointFormatError(f"{what}: " + "; ".join(everything))
+        raise fmt.CheckpointError(f"{what}: " + "; ".join(everything))
 
 
 def apply_model_state(model_chunks: list[torch.nn.Module], loaded: dict) -> None:
@@ -71,7 +71,7 @@ def apply_model_state(model_chunks: list[torch.nn.Module], loaded: dict) -> None
         missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
         unexpected = [key for key in result.unexpected_keys if not key.endswith("_extra_state")]
         if missing or unexpected:
-            raise fmt.CheckpointFormatError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
+            raise fmt.CheckpointError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
 
 
 @torch.no_grad()
@@ -130,10 +130,10 @@ def read_layer(folder: str, hf: HFModelConfig, layer: int, stored: dict | None =
     for key, shape in hf.family.megatron_layer_shapes().items():
         source = _stored_key(key, stored)
         if source not in stored:
-            raise fmt.CheckpointFormatError(f"{folder}: {key} is missing")
+            raise fmt.CheckpointError(f"{folder}: {key} is missing")
         meta = stored[source]
         if tuple(meta.global_shape) != (hf.num_layers, *shape):
-            raise fmt.CheckpointFormatError(f"{folder}: {source} has shape {tuple(meta.global_shape)}; the config "
+            raise fmt.CheckpointError(f"{folder}: {source} has shape {tuple(meta.global_shape)}; the config "
                                         f"implies {(hf.num_layers, *shape)}")
         requests[key] = ShardedTensor.from_rank_offsets(
             source, torch.empty((1, *shape), dtype=meta.dtype), (0, layer, hf.num_layers), replica_id=0)
@@ -148,15 +148,15 @@ def read_outer(folder: str, hf: HFModelConfig, stored: dict | None = None) -> di
     requests = {}
     for key, shape in hf_mapping.megatron_outer_shapes(hf, padded_vocab=0).items():
         if key not in stored:
-            raise fmt.CheckpointFormatError(f"{folder}: {key} is missing")
+            raise fmt.CheckpointError(f"{folder}: {key} is missing")
         meta = stored[key]
         if key in (hf_mapping.EMBEDDING, hf_mapping.OUTPUT_LAYER):
             shape = (meta.global_shape[0], *shape[1:])
             if shape[0] < hf.vocab_size:
-                raise fmt.CheckpointFormatError(
+                raise fmt.CheckpointError(
                     f"{folder}: {key} has {shape[0]} rows; the vocabulary has {hf.vocab_size}")
         if tuple(meta.global_shape) != shape:
-            raise fmt.CheckpointFormatError(f"{folder}: {key} has shape {tuple(meta.global_shape)}; expected {shape}")
+            raise fmt.CheckpointError(f"{folder}: {key} has shape {tuple(meta.global_shape)}; expected {shape}")
         requests[key] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
     loaded = dist_checkpointing.load(requests, folder, validate_access_integrity=False)
     return {key: loaded[key] for key in requests}
