@@ -201,15 +201,12 @@ def _families(family: type[ModelFamily] = ModelFamily) -> list[type[ModelFamily]
     return found
 
 
-def supported_architectures() -> list[str]:
-    return [architecture for family in _families() for architecture in family.architectures]
-
-
 def family_of(architectures: list[str], source: str = "config.json") -> type[ModelFamily]:
     """The family of a config.json's `architectures` (its first entry), or a refusal naming those supported."""
     architecture = architectures[0] if architectures else None
     for family in _families():
         if architecture in family.architectures:
             return family
+    supported = [name for family in _families() for name in family.architectures]
     raise ModelConfigError(f"{source}: architectures={architectures!r} is not supported; expected one of "
-                           f"{', '.join(supported_architectures())}")
+                           f"{', '.join(supported)}")
