@@ -132,14 +132,11 @@ class HFCheckpointReader:
                     out[name] = f.get_tensor(name)
         return out
 
-    def has_fused_experts(self, layer: int) -> bool:
-        return f"model.layers.{layer}.mlp.experts.gate_up_proj" in self.weight_map
-
     def check_complete(self, hf: HFModelConfig) -> None:
         """Every expected tensor is present and nothing else (names both missing and extra)."""
         expected = set(hf_outer_shapes(hf))
         for layer in range(hf.num_layers):
-            expected.update(hf.family.hf_layer_shapes(layer, fused_experts=self.has_fused_experts(layer)))
+            expected.update(hf.family.hf_layer_shapes(layer, present=self.weight_map))
         present = self.names()
         problems = []
         if expected - present:
@@ -156,7 +153,7 @@ class HFCheckpointReader:
         """
         expected = hf_outer_shapes(hf)
         for layer in range(hf.num_layers):
-            expected.update(hf.family.hf_layer_shapes(layer, fused_experts=self.has_fused_experts(layer)))
+            expected.update(hf.family.hf_layer_shapes(layer, present=self.weight_map))
         by_file: dict[str, list[str]] = {}
         for name in expected:
             if name in self.weight_map:

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -168,9 +168,9 @@ class ModelFamily:
 
     # The tensor mapping, one decoder layer at a time: the Megatron side is one layer's slice of each stacked
     # checkpoint key (the layer axis removed), as the Transformer Engine spec names them.
-    def hf_layer_shapes(self, layer: int, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
-        """Every HF tensor of one decoder layer and its shape (`fused_experts`: transformers v5's layout of
-        experts, where a family has one)."""
+    def hf_layer_shapes(self, layer: int, present: Container[str] = ()) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor of one decoder layer and its shape, in the layout that the names `present` in a folder
+        use where a family has two (default: the one export writes)."""
         raise NotImplementedError
 
     def megatron_layer_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -9,7 +9,7 @@ the up rows; the norms before attention and before a dense MLP are fused into `l
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -130,7 +130,7 @@ class Llama(ModelFamily):
         ]
 
     # ------------------------------------------------------------------------------------- tensor mapping
-    def hf_layer_shapes(self, layer: int, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    def hf_layer_shapes(self, layer: int, present: Container[str] = ()) -> dict[str, tuple[int, ...]]:
         hf, p = self.hf, f"model.layers.{layer}."
         h, q_rows, kv_rows = hf.hidden_size, hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
         shapes = {p + "input_layernorm.weight": (h,), p + "self_attn.o_proj.weight": (h, q_rows),
@@ -139,9 +139,9 @@ class Llama(ModelFamily):
         if hf.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q_rows,), p + "self_attn.k_proj.bias": (kv_rows,),
                            p + "self_attn.v_proj.bias": (kv_rows,)})
-        return shapes | self._hf_mlp_shapes(p, fused_experts)
+        return shapes | self._hf_mlp_shapes(p, present)
 
-    def _hf_mlp_shapes(self, p: str, fused_experts: bool) -> dict[str, tuple[int, ...]]:
+    def _hf_mlp_shapes(self, p: str, present: Container[str]) -> dict[str, tuple[int, ...]]:
         h, ffn = self.hf.hidden_size, self.hf.intermediate_size
         return {p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
                 p + "mlp.down_proj.weight": (h, ffn)}

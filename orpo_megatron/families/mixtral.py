@@ -12,7 +12,7 @@ or shared expert. The router runs in fp32.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import torch
@@ -65,9 +65,9 @@ class Mixtral(Llama):
         ]
 
     # ------------------------------------------------------------------------------------- tensor mapping
-    def _hf_mlp_shapes(self, p: str, fused_experts: bool) -> dict[str, tuple[int, ...]]:
+    def _hf_mlp_shapes(self, p: str, present: Container[str]) -> dict[str, tuple[int, ...]]:
         e, h, ffn = self.hf.num_experts, self.hf.hidden_size, self.hf.intermediate_size
-        if fused_experts:
+        if p + "mlp.experts.gate_up_proj" in present:
             return {p + "mlp.gate.weight": (e, h), p + "mlp.experts.gate_up_proj": (e, 2 * ffn, h),
                     p + "mlp.experts.down_proj": (e, h, ffn)}
         shapes = {p + "block_sparse_moe.gate.weight": (e, h)}
