@@ -1,128 +1,20 @@
-"""Hugging Face `config.json` -> Megatron-Core `TransformerConfig`.
+"""A run's Megatron-Core `TransformerConfig`: the model family's architecture fields with the run's parallel
+layout, numerics and fused kernels, plus vocabulary padding.
 
-Owns the reading of Mixtral / Mistral / Llama configs and the translation of every architectural field into
-Megatron's names, plus vocabulary padding. It does not build modules (`model.py`) or move weights
-(`checkpoint/hf_mapping.py`).
+What a config.json means is its family's (`families/`); this module does not build modules (`model.py`) or move
+weights (`checkpoint/hf_mapping.py`). `HFModelConfig` is imported from here by most of the package.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
-import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from orpo_megatron.errors import UserError
-
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
-
-
-class ModelConfigError(UserError, ValueError):
-    """A config.json this project cannot run, with the file and field named."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HFModelConfig:
-    """The architectural fields of a Mixtral-family `config.json`, validated.
-
-    `num_experts` is None for the dense (Mistral / Llama) members of the family.
-    """
-
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    max_position_embeddings: int
-    rope_theta: float
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    initializer_range: float
-    num_experts: int | None = None
-    num_experts_per_tok: int | None = None
-    router_aux_loss_coef: float = 0.0
-    attention_bias: bool = False
-    sliding_window: int | None = None
-    raw: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts is not None
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> "HFModelConfig":
-        architectures = config.get("architectures") or []
-        architecture = architectures[0] if architectures else None
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelConfigError(
-                f"{source}: architectures={architectures!r} is not supported; expected one of "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-
-        def field(name: str, default: Any = KeyError) -> Any:
-            if name in config and config[name] is not None:
-                return config[name]
-            if default is KeyError:
-                raise ModelConfigError(f"{source}: required field '{name}' is missing")
-            return default
-
-        # transformers v5 moved rope_theta / rope_scaling into rope_parameters.
-        rope = config.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", "default")
-        if config.get("rope_scaling") or rope_type not in ("default", None):
-            raise ModelConfigError(
-                f"{source}: RoPE scaling ({config.get('rope_scaling') or rope}) is not supported; "
-                "only plain RoPE (Mixtral, Mistral, Llama 2) is"
-            )
-        rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-        if field("hidden_act", "silu") != "silu":
-            raise ModelConfigError(f"{source}: hidden_act={config['hidden_act']!r}; expected 'silu'")
-
-        hidden_size = int(field("hidden_size"))
-        heads = int(field("num_attention_heads"))
-        is_moe = architecture == "MixtralForCausalLM"
-        return cls(
-            architecture=architecture,
-            num_layers=int(field("num_hidden_layers")),
-            hidden_size=hidden_size,
-            num_attention_heads=heads,
-            num_key_value_heads=int(field("num_key_value_heads", heads)),
-            head_dim=int(field("head_dim", hidden_size // heads)),
-            intermediate_size=int(field("intermediate_size")),
-            vocab_size=int(field("vocab_size")),
-            max_position_embeddings=int(field("max_position_embeddings")),
-            rope_theta=rope_theta,
-            rms_norm_eps=float(field("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(field("tie_word_embeddings", False)),
-            initializer_range=float(field("initializer_range", 0.02)),
-            num_experts=int(field("num_local_experts")) if is_moe else None,
-            num_experts_per_tok=int(field("num_experts_per_tok")) if is_moe else None,
-            router_aux_loss_coef=float(field("router_aux_loss_coef", 0.0)) if is_moe else 0.0,
-            attention_bias=bool(field("attention_bias", False)),
-            sliding_window=config.get("sliding_window"),
-            raw=dict(config),
-        )
-
-    @classmethod
-    def from_file(cls, path: str) -> "HFModelConfig":
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except FileNotFoundError:
-            raise ModelConfigError(f"{path}: no such file; expected a Hugging Face config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(config, source=path)
+from orpo_megatron.families import HFModelConfig
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_parallel_size: int) -> int:
@@ -193,10 +85,9 @@ def build_transformer_config(
 ) -> TransformerConfig:
     """Translate an HF config into a TransformerConfig for the given parallel layout.
 
-    Routing equals HF Mixtral's: top-k over the router logits, then a softmax over those k
-    (`moe_router_pre_softmax=False`), which is the same as softmax-all, top-k, renormalize. The router runs
-    in fp32. Dropout is off (ORPO fine-tuning, as TRL's `disable_dropout=True`). `kernels` (default: none) are
-    the fused GPU kernels of the Transformer Engine spec.
+    The architecture's fields are its family's (`HFModelConfig.family`). Dropout is off (ORPO fine-tuning, as
+    TRL's `disable_dropout=True`). `kernels` (default: none) are the fused GPU kernels of the Transformer Engine
+    spec; `moe_aux_loss_coeff` None keeps the config's.
     """
     precision = precision or PrecisionConfig()
     kernels = kernels or FusedKernels()
@@ -204,12 +95,6 @@ def build_transformer_config(
     moe_kwargs: dict[str, Any] = {}
     if hf.is_moe:
         moe_kwargs = dict(
-            num_moe_experts=hf.num_experts,
-            moe_router_topk=hf.num_experts_per_tok,
-            moe_router_pre_softmax=False,
-            moe_router_dtype="fp32",
-            moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=hf.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff,
             moe_token_dispatcher_type=moe_token_dispatcher_type,
             moe_grouped_gemm=kernels.moe_grouped_gemm,
             moe_permute_fusion=kernels.moe_permute_fusion,
@@ -218,7 +103,6 @@ def build_transformer_config(
             # pass (megatron-core refuses it with the allgather dispatcher).
             moe_router_padding_for_quantization=bool(precision.fp8_format) and kernels.moe_grouped_gemm
             and moe_token_dispatcher_type == "alltoall",
-            moe_ffn_hidden_size=hf.intermediate_size,
         )
     # Interleaved schedule: megatron-core's default batched p2p sends an activation and a gradient in one call,
     # and at PP=2 both go to the one other rank, posted in another order than the receiver posts its receives:
@@ -235,21 +119,9 @@ def build_transformer_config(
             fp8_margin=precision.fp8_margin,
         )
     return TransformerConfig(
-        num_layers=hf.num_layers,
-        hidden_size=hf.hidden_size,
-        num_attention_heads=hf.num_attention_heads,
-        num_query_groups=hf.num_key_value_heads,
-        kv_channels=hf.head_dim,
-        ffn_hidden_size=hf.intermediate_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=hf.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=hf.attention_bias,
+        **hf.family.transformer_fields(moe_aux_loss_coeff),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=hf.initializer_range,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,

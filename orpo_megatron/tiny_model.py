@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from orpo_megatron.data.chat_template import CHATML
 from orpo_megatron.data.chat_template import ZEPHYR as ZEPHYR_CHAT_TEMPLATE
-from orpo_megatron.checkpoint.hf_mapping import hf_layer_names, hf_outer_names
+from orpo_megatron.checkpoint.hf_mapping import hf_outer_shapes
 from orpo_megatron.model_config import HFModelConfig
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -66,27 +66,16 @@ TINY_MISTRAL_CONFIG = {
 def random_hf_tensors(hf: HFModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random weights with every tensor name and shape of the classic HF layout; norms around 1."""
     generator = torch.Generator().manual_seed(seed)
-    h, d = hf.hidden_size, hf.head_dim
-    shapes = {
-        "q_proj": (hf.num_attention_heads * d, h),
-        "k_proj": (hf.num_key_value_heads * d, h),
-        "v_proj": (hf.num_key_value_heads * d, h),
-        "o_proj": (h, hf.num_attention_heads * d),
-        "gate": (hf.num_experts or 0, h),
-        "w1": (hf.intermediate_size, h), "w3": (hf.intermediate_size, h), "w2": (h, hf.intermediate_size),
-        "gate_proj": (hf.intermediate_size, h), "up_proj": (hf.intermediate_size, h),
-        "down_proj": (h, hf.intermediate_size),
-        "embed_tokens": (hf.vocab_size, h), "lm_head": (hf.vocab_size, h),
-    }
-    names = hf_outer_names(hf) + [n for layer in range(hf.num_layers) for n in hf_layer_names(hf, layer)]
+    shapes = hf_outer_shapes(hf)
+    for layer in range(hf.num_layers):
+        shapes.update(hf.family.hf_layer_shapes(layer))
     tensors = {}
-    for name in names:
-        parts = name.split(".")
-        if "norm" in parts[-2]:
-            tensor = 1.0 + 0.1 * torch.randn(h, generator=generator)
+    for name, shape in shapes.items():
+        if "norm" in name.split(".")[-2]:
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
             # Larger than initializer_range so the tiny model has sharp, input-dependent routing and logits.
-            tensor = 0.08 * torch.randn(shapes[parts[-2]], generator=generator)
+            tensor = 0.08 * torch.randn(shape, generator=generator)
         tensors[name] = tensor.to(dtype).contiguous()
     return tensors
 

@@ -19,12 +19,7 @@ from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron import tiny_model
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.checkpoint import conversion
-from orpo_megatron.checkpoint.hf_mapping import (
-    HFCheckpointReader,
-    MappingError,
-    megatron_layer_shapes,
-    megatron_outer_shapes,
-)
+from orpo_megatron.checkpoint.hf_mapping import HFCheckpointReader, MappingError, megatron_outer_shapes
 from orpo_megatron.model_config import HFModelConfig
 from workers.megatron_interop import megatron_lm_args
 
@@ -85,6 +80,19 @@ def test_a_converted_root_describes_its_release_folder(tiny_converted, tiny_mixt
         fmt.check_model_config(info.hf, other, info.folder, "given/config.json")
 
 
+
+def test_stored_tensors_that_do_not_fit_the_config_are_named(tiny_converted):
+    """Export reads by the config's shapes: a tensor stored with other rows is refused naming it, not misread."""
+    info = fmt.describe(tiny_converted)
+    conversion.init_single_process()
+    wider = HFModelConfig.from_dict(dict(tiny_model.TINY_MIXTRAL_CONFIG, intermediate_size=128))
+    with pytest.raises(fmt.CheckpointError, match=r"mlp\.experts\.experts\.linear_fc1\.weight has shape"):
+        checkpoint_weights.read_layer(info.folder, wider, 0)
+    larger_vocabulary = HFModelConfig.from_dict(dict(tiny_model.TINY_MIXTRAL_CONFIG, vocab_size=1000))
+    with pytest.raises(fmt.CheckpointError, match=r"embedding\.word_embeddings\.weight has 640 rows; the "
+                                                  r"vocabulary has 1000"):
+        checkpoint_weights.read_outer(info.folder, larger_vocabulary)
+
 # --------------------------------------------------------------------------------- Megatron-LM's arguments
 def test_config_matching_megatron_lm_arguments_passes():
     """Arguments as Megatron-LM's parser yields them for its Mixtral example flags describe the tiny Mixtral."""
@@ -140,7 +148,7 @@ def test_streamed_save_holds_one_chunk_at_a_time_and_reads_back(tmp_path, monkey
     from torch.distributed.checkpoint import filesystem
 
     conversion.init_single_process()
-    shapes, outer = megatron_layer_shapes(TINY), megatron_outer_shapes(TINY, 640)
+    shapes, outer = TINY.family.megatron_layer_shapes(), megatron_outer_shapes(TINY, 640)
     unwritten, held_when_producing = set(), []
 
     def make(key, layer):

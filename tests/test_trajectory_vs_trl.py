@@ -97,7 +97,7 @@ def trl_weights_as_ours(model: torch.nn.Module, hf, padded_vocab: int) -> dict[s
     tensors = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     weights = {f"outer.{k}": v for k, v in hf_mapping.hf_outer_to_megatron(tensors, hf, padded_vocab).items()}
     for layer in range(hf.num_layers):
-        weights.update({f"layer{layer}.{k}": v for k, v in hf_mapping.hf_layer_to_megatron(tensors, layer, hf).items()})
+        weights.update({f"layer{layer}.{k}": v for k, v in hf.family.hf_layer_to_megatron(tensors, layer).items()})
     return weights
 
 

@@ -2,8 +2,8 @@
 
 Owns both directions, the upgrade of orpo-megatron's first checkpoint format, their up-front input validation,
 the safetensors shard writer, and writing the output under a temporary name that is renamed only when
-complete. The tensor mapping is `hf_mapping.py`, the Megatron-side format `format.py`, the command
-line `tools/convert_hf.py`.
+complete. The tensor mapping is the model family's (`families/`) and `hf_mapping.py`'s, the Megatron-side
+format `format.py`, the command line `tools/convert_hf.py`.
 """
 from __future__ import annotations
 
@@ -32,10 +32,7 @@ from orpo_megatron.errors import UserError
 from orpo_megatron.checkpoint.hf_mapping import (
     EMBEDDING,
     HFCheckpointReader,
-    hf_layer_to_megatron,
     hf_outer_to_megatron,
-    megatron_layer_shapes,
-    megatron_layer_to_hf,
     megatron_outer_shapes,
     megatron_outer_to_hf,
 )
@@ -165,7 +162,7 @@ def hf_to_megatron(hf_dir: str, output: str, dtype: torch.dtype | None = None, o
         init_single_process()
         folder = _write_release(
             staging, hf, dtype, make_vocab_size_divisible_by, "hf-to-megatron", progress,
-            layer_tensor=lambda key, layer: hf_layer_to_megatron(tensors, layer, hf, keys=[key])[key],
+            layer_tensor=lambda key, layer: hf.family.hf_layer_to_megatron(tensors, layer, keys=[key])[key],
             outer_tensor=lambda key, padded: hf_outer_to_megatron(tensors, hf, padded, keys=[key])[key])
         fmt.copy_hf_files(hf_dir, folder)
     return os.path.abspath(output)
@@ -183,7 +180,7 @@ def _write_release(root: str, hf: HFModelConfig, dtype: torch.dtype, make_vocab_
     args = fmt.megatron_args(hf, run, padded_vocab_size=padded_vocab,
                              make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=0)
     folder = fmt.iteration_dir(root, fmt.RELEASE)
-    total = len(megatron_layer_shapes(hf)) * hf.num_layers + len(megatron_outer_shapes(hf, padded_vocab))
+    total = len(hf.family.megatron_layer_shapes()) * hf.num_layers + len(megatron_outer_shapes(hf, padded_vocab))
     with tqdm(total=total, desc=desc, unit="tensor", disable=not progress) as bar:
         def layer(key: str, index: int) -> torch.Tensor:
             bar.update()
@@ -279,7 +276,7 @@ def megatron_to_hf(
         writer.add(_cast(megatron_outer_to_hf(checkpoint_weights.read_outer(info.folder, hf, stored), hf), dtype))
         for layer in tqdm(range(hf.num_layers), desc="megatron-to-hf", unit="layer", disable=not progress):
             tensors = checkpoint_weights.read_layer(info.folder, hf, layer, stored)
-            writer.add(_cast(megatron_layer_to_hf(tensors, layer, hf), dtype))
+            writer.add(_cast(hf.family.megatron_layer_to_hf(tensors, layer), dtype))
             del tensors
         writer.finish()
         with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:

@@ -22,7 +22,8 @@ TP / PP / VP / EP layout loads any checkpoint, ours or Megatron-LM's, and Megatr
 
 Owns: folder names and the tracker; describing a folder (its HF config, the Megatron-LM arguments in common.pt
 checked against that config, recognising orpo-megatron's first format and refusing it with the command that
-upgrades it); the arguments written for Megatron-LM. The torch_dist writer is `writer.py`; model weights into
+upgrades it); the arguments written for Megatron-LM. What those arguments say about the model, and what they must
+say, is the model family's (`families/`). The torch_dist writer is `writer.py`; model weights into
 and out of a parallel model, and the one-layer-at-a-time writer and reader that conversion streams through,
 `weights.py`; the HF <-> Megatron tensor mapping `hf_mapping.py`; trainer state (optimizer, RNG, data position,
 iterations) `training.py`; reading the first format's tensors, to upgrade it, `legacy.py`.
@@ -241,87 +242,21 @@ def check_model_config(saved: HFModelConfig, given: HFModelConfig, folder: str, 
 # ---------------------------------------------------------------------------- Megatron-LM's arguments
 def megatron_args(hf: HFModelConfig, run: dict, *, padded_vocab_size: int, make_vocab_size_divisible_by: int,
                   iteration: int) -> argparse.Namespace:
-    """The `args` of common.pt: the model as Megatron-LM's flags describe it (what its `check_checkpoint_args`
-    and `--use-checkpoint-args` read), then the run's own flags and layout (already Megatron-LM's names)."""
-    model = dict(
-        num_layers=hf.num_layers, hidden_size=hf.hidden_size, ffn_hidden_size=hf.intermediate_size,
-        num_attention_heads=hf.num_attention_heads, kv_channels=hf.head_dim,
-        group_query_attention=hf.num_key_value_heads != hf.num_attention_heads,
-        num_query_groups=hf.num_key_value_heads, max_position_embeddings=hf.max_position_embeddings,
-        position_embedding_type="rope", add_position_embedding=False, use_rotary_position_embeddings=True,
-        rotary_base=int(hf.rope_theta), rotary_percent=1.0, rotary_interleaved=False,
-        normalization="RMSNorm", norm_epsilon=hf.rms_norm_eps, apply_layernorm_1p=False, swiglu=True,
-        squared_relu=False, add_bias_linear=False, add_qkv_bias=hf.attention_bias,
-        untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
-        attention_dropout=0.0, hidden_dropout=0.0, init_method_std=hf.initializer_range,
-        vocab_size=hf.vocab_size, padded_vocab_size=padded_vocab_size,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by, tokenizer_type="HuggingFaceTokenizer",
-        num_experts=hf.num_experts, ckpt_format="torch_dist", use_dist_ckpt=True, iteration=iteration,
-        use_distributed_optimizer=True, dist_ckpt_optim_fully_reshardable=True,
-    )
-    if hf.is_moe:
-        model.update(moe_ffn_hidden_size=hf.intermediate_size, moe_router_topk=hf.num_experts_per_tok,
-                     moe_router_pre_softmax=False, moe_router_score_function="softmax", moe_layer_freq=1,
-                     moe_router_load_balancing_type="aux_loss", moe_router_topk_scaling_factor=None,
-                     moe_router_enable_expert_bias=False, moe_shared_expert_intermediate_size=None,
-                     moe_grouped_gemm=False)
+    """The `args` of common.pt: the run's own flags and layout (already Megatron-LM's names), then the model as
+    its family describes it in Megatron-LM's flags (what its `check_checkpoint_args` and `--use-checkpoint-args`
+    read)."""
+    model = hf.family.megatron_args(padded_vocab_size=padded_vocab_size,
+                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by, iteration=iteration)
     return argparse.Namespace(**{**run, **model})
-
-
-def _stored_model(args: argparse.Namespace) -> dict[str, object]:
-    """What Megatron-LM's stored arguments say about the model, in config.json's terms (Megatron-LM's defaults
-    for arguments an older checkpoint lacks)."""
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    heads, experts = get("num_attention_heads"), get("num_experts")
-    return {
-        "num_hidden_layers": get("num_layers"),
-        "hidden_size": get("hidden_size"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": get("num_query_groups") if get("group_query_attention", False) else heads,
-        "head_dim": get("kv_channels") or get("hidden_size") // heads,
-        "intermediate_size": (get("moe_ffn_hidden_size") if experts else None) or get("ffn_hidden_size"),
-        "rope_theta": int(get("rotary_base", 10000)),
-        "tie_word_embeddings": not get("untie_embeddings_and_output_weights", False),
-        "num_local_experts": experts,
-        "num_experts_per_tok": get("moe_router_topk", 2) if experts else None,
-        "attention_bias": get("add_qkv_bias", False),
-    }
-
-
-def _config_model(hf: HFModelConfig) -> dict[str, object]:
-    return {
-        "num_hidden_layers": hf.num_layers, "hidden_size": hf.hidden_size,
-        "num_attention_heads": hf.num_attention_heads, "num_key_value_heads": hf.num_key_value_heads,
-        "head_dim": hf.head_dim, "intermediate_size": hf.intermediate_size, "rope_theta": int(hf.rope_theta),
-        "tie_word_embeddings": hf.tie_word_embeddings, "num_local_experts": hf.num_experts,
-        "num_experts_per_tok": hf.num_experts_per_tok, "attention_bias": hf.attention_bias,
-    }
-
-
-# What the Mixtral family implies about the rest of the architecture: (argument, required, Megatron-LM default).
-_REQUIRED_ARGS = [
-    ("normalization", "RMSNorm", "LayerNorm"),
-    ("swiglu", True, False),
-    ("position_embedding_type", "rope", "learned_absolute"),
-    ("add_bias_linear", False, True),
-]
-# Routing as HF Mixtral's: top-k of the router logits, softmax over those k, no scaling, bias or shared expert.
-_REQUIRED_MOE_ARGS = [
-    ("moe_router_pre_softmax", False, False),
-    ("moe_router_score_function", "softmax", "softmax"),
-    ("moe_router_topk_scaling_factor", None, None),
-    ("moe_router_enable_expert_bias", False, False),
-    ("moe_shared_expert_intermediate_size", None, None),
-    ("moe_layer_freq", 1, 1),
-]
 
 
 def check_args(args: argparse.Namespace, hf: HFModelConfig, folder: str, config_path: str) -> None:
     """The HF config describes the model the checkpoint's stored arguments describe; names every difference."""
-    stored, given = _stored_model(args), _config_model(hf)
+    family = hf.family
+    stored, given = family.stored_model(args), family.config_model()
     differing = [f"{field}: {config_path} has {given[field]!r}, the checkpoint {stored[field]!r}"
                  for field in given if stored[field] != given[field]]
-    for name, required, default in _REQUIRED_ARGS + (_REQUIRED_MOE_ARGS if hf.is_moe else []):
+    for name, required, default in family.required_args():
         if getattr(args, name, default) != required:
             differing.append(f"{name}={getattr(args, name, default)!r} in the checkpoint; {hf.architecture} needs "
                              f"{required!r}")

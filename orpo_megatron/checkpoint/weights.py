@@ -59,7 +59,7 @@ def raise_on_any_rank(problems: list[str], what: str) -> None:
     dist.all_gather_object(gathered, problems)
     everything = sorted({p for rank_problems in gathered for p in rank_problems or []})
     if everything:
-        raise fmt.CheckpointFormatError(f"{what}: " + "; ".join(everything))
+        raise fmt.CheckpointError(f"{what}: " + "; ".join(everything))
 
 
 def apply_model_state(model_chunks: list[torch.nn.Module], loaded: dict) -> None:
@@ -71,7 +71,7 @@ def apply_model_state(model_chunks: list[torch.nn.Module], loaded: dict) -> None
         missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
         unexpected = [key for key in result.unexpected_keys if not key.endswith("_extra_state")]
         if missing or unexpected:
-            raise fmt.CheckpointFormatError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
+            raise fmt.CheckpointError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ def write_streaming(folder: str, hf: HFModelConfig, padded_vocab: int, dtype: to
     state saves them), so the result loads strictly in Megatron-LM and at any layout here.
     """
     layers, state, producers = hf.num_layers, {}, {}
-    for key, shape in hf_mapping.megatron_layer_shapes(hf).items():
+    for key, shape in hf.family.megatron_layer_shapes().items():
         for layer in range(layers):
             state[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(
                 key, _placeholder((1, *shape), dtype), (0, layer, layers), replica_id=0)
@@ -106,7 +106,7 @@ def write_streaming(folder: str, hf: HFModelConfig, padded_vocab: int, dtype: to
     for key, shape in hf_mapping.megatron_outer_shapes(hf, padded_vocab).items():
         state[key] = ShardedTensor.from_rank_offsets(key, _placeholder(shape, dtype), replica_id=0)
         producers[key] = lambda offset, key=key: outer_tensor(key).to(dtype).contiguous()
-    for key, grid in hf_mapping.extra_state_keys(hf).items():
+    for key, grid in hf.family.extra_state_keys().items():
         for index in torch.cartesian_prod(*(torch.arange(n) for n in grid)).reshape(-1, len(grid)).tolist():
             state[f"{key}.{index}"] = ShardedObject(key, None, grid, tuple(index), replica_id=0)
     writer.save(folder, {"model": state, **common}, fmt.DEFAULT_CONTENT_METADATA, producers)
@@ -127,13 +127,13 @@ def read_layer(folder: str, hf: HFModelConfig, layer: int, stored: dict | None =
     """One decoder layer's slice of every stacked key (the layer axis removed), read by slice in one process."""
     stored = stored if stored is not None else stored_tensors(folder)
     requests = {}
-    for key, shape in hf_mapping.megatron_layer_shapes(hf).items():
+    for key, shape in hf.family.megatron_layer_shapes().items():
         source = _stored_key(key, stored)
         if source not in stored:
-            raise fmt.CheckpointFormatError(f"{folder}: {key} is missing")
+            raise fmt.CheckpointError(f"{folder}: {key} is missing")
         meta = stored[source]
         if tuple(meta.global_shape) != (hf.num_layers, *shape):
-            raise fmt.CheckpointFormatError(f"{folder}: {source} has shape {tuple(meta.global_shape)}; the config "
+            raise fmt.CheckpointError(f"{folder}: {source} has shape {tuple(meta.global_shape)}; the config "
                                         f"implies {(hf.num_layers, *shape)}")
         requests[key] = ShardedTensor.from_rank_offsets(
             source, torch.empty((1, *shape), dtype=meta.dtype), (0, layer, hf.num_layers), replica_id=0)
@@ -148,15 +148,15 @@ def read_outer(folder: str, hf: HFModelConfig, stored: dict | None = None) -> di
     requests = {}
     for key, shape in hf_mapping.megatron_outer_shapes(hf, padded_vocab=0).items():
         if key not in stored:
-            raise fmt.CheckpointFormatError(f"{folder}: {key} is missing")
+            raise fmt.CheckpointError(f"{folder}: {key} is missing")
         meta = stored[key]
         if key in (hf_mapping.EMBEDDING, hf_mapping.OUTPUT_LAYER):
             shape = (meta.global_shape[0], *shape[1:])
             if shape[0] < hf.vocab_size:
-                raise fmt.CheckpointFormatError(
+                raise fmt.CheckpointError(
                     f"{folder}: {key} has {shape[0]} rows; the vocabulary has {hf.vocab_size}")
         if tuple(meta.global_shape) != shape:
-            raise fmt.CheckpointFormatError(f"{folder}: {key} has shape {tuple(meta.global_shape)}; expected {shape}")
+            raise fmt.CheckpointError(f"{folder}: {key} has shape {tuple(meta.global_shape)}; expected {shape}")
         requests[key] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
     loaded = dist_checkpointing.load(requests, folder, validate_access_integrity=False)
     return {key: loaded[key] for key in requests}

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
 
     ref_logits, hf_grads = hf_reference(args.hf_dir)
     # The reference gradients as full Megatron tensors; padded vocabulary rows get zero gradient (nothing reads them).
-    ref_grads = reference_weights.stack_layers([hf_mapping.hf_layer_to_megatron(hf_grads, layer, hf)
+    ref_grads = reference_weights.stack_layers([hf.family.hf_layer_to_megatron(hf_grads, layer)
                                          for layer in range(hf.num_layers)])
     ref_grads.update(hf_mapping.hf_outer_to_megatron(hf_grads, hf, vocab.padded_size))
 

@@ -63,7 +63,7 @@ def load_hf_checkpoint(model_chunks: list[torch.nn.Module], hf_dir: str, hf: HFM
     reader = hf_mapping.HFCheckpointReader(hf_dir)
     reader.check_complete(hf)
     tensors = reader.lazy()
-    full = stack_layers([hf_mapping.hf_layer_to_megatron(tensors, layer, hf) for layer in range(hf.num_layers)])
+    full = stack_layers([hf.family.hf_layer_to_megatron(tensors, layer) for layer in range(hf.num_layers)])
     full.update(hf_mapping.hf_outer_to_megatron(tensors, hf, padded_vocab=hf.vocab_size))
     full.update({local: full[te] for te, local in hf_mapping.LOCAL_SPEC_KEYS.items() if te in full})
     for chunk in model_chunks:
