@@ -12,6 +12,7 @@ import tempfile
 import torch
 
 from orpo_megatron.data.arguments import DataConfig, add_data_args, check_packing_args
+from orpo_megatron.errors import ConfigError
 from orpo_megatron.model import BackendUnavailableError, check_backend, transformer_engine_available
 from orpo_megatron.model_config import PrecisionConfig
 from orpo_megatron.objective import LOSS_TYPES, ORPOConfig
@@ -156,7 +157,7 @@ def resolve_bf16(bf16: bool | None, packing: bool, cuda: bool, transformer_engin
     if bf16 is None:
         return cuda
     if not bf16 and packing and cuda and transformer_engine:
-        raise ValueError("--no-bf16 (fp32) with packed rows (the default) has no attention kernel on the Transformer "
+        raise ConfigError("--no-bf16 (fp32) with packed rows (the default) has no attention kernel on the Transformer "
                          "Engine spec (TE attends packed rows only in bf16/fp16): drop --no-bf16, or add "
                          "--no-packing to attend padded rows in fp32")
     return bf16

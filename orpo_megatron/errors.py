@@ -8,3 +8,7 @@ class UserError(Exception):
 
 class DataError(UserError, ValueError):
     """Preference data that cannot be read or used: the file (and line or row) and what was expected."""
+
+
+class ConfigError(UserError, ValueError):
+    """Flags, or flags with the data or model they meet, that cannot work: the flag(s) and what was expected."""

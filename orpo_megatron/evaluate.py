@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def cli(argv: list[str] | None = None) -> None:
     try:
         main(argv)
-    except (UserError, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -29,7 +29,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from orpo_megatron.errors import UserError
+from orpo_megatron.errors import ConfigError, UserError
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 
 
@@ -289,7 +289,7 @@ def freeze_router(modules: list[torch.nn.Module]) -> int:
                 param.requires_grad_(False)
                 frozen += 1
     if not frozen:
-        raise ValueError("--freeze-router needs an MoE model; this rank's layers have no router")
+        raise ConfigError("--freeze-router needs an MoE model; this rank's layers have no router")
     return frozen
 
 
@@ -300,6 +300,6 @@ def check_freeze_router_resume(train_state: dict | None, freeze_router: bool) ->
         return
     saved = bool(train_state.get("args", {}).get("freeze_router", False))
     if saved != freeze_router:
-        raise ValueError(f"the checkpoint was saved {'with' if saved else 'without'} --freeze-router; resume "
+        raise ConfigError(f"the checkpoint was saved {'with' if saved else 'without'} --freeze-router; resume "
                          f"{'with' if saved else 'without'} it (its optimizer state "
                          f"{'has no' if saved else 'has'} router entries)")

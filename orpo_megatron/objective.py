@@ -32,13 +32,15 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from orpo_megatron.data.micro_batch import MicroBatch
+from orpo_megatron.errors import ConfigError, DataError
 
 # Branch point of log1mexp: below -ln 2, 1 - exp(x) is not close to 0 and log1p is exact; above it expm1 is.
 _MINUS_LN2 = -math.log(2.0)
 
 
-class ObjectiveInputError(ValueError):
-    """A micro-batch the objective cannot score, naming the row and what was expected."""
+class ObjectiveInputError(DataError):
+    """A micro-batch the objective cannot score (a token outside the model's vocabulary: a tokenizer that does not
+    match the model), naming the source row and what was expected."""
 
 
 LOSS_TYPES = ("orpo", "sigmoid", "hinge", "ipo", "simpo")
@@ -75,31 +77,31 @@ class ORPOConfig:
         if self.vocab_size < 1:
             raise ValueError(f"ORPOConfig.vocab_size must be >= 1, got {self.vocab_size}")
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+            raise ConfigError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         orpo = self.loss_type == "orpo"
         # Beta divides the margin in IPO and SimPO, and a CPO temperature of 0 leaves a constant loss.
         if not math.isfinite(self.beta) or self.beta < 0 or (self.beta == 0 and not orpo):
-            raise ValueError(f"--beta must be a finite number {'>= 0' if orpo else '> 0'} for --loss-type "
+            raise ConfigError(f"--beta must be a finite number {'>= 0' if orpo else '> 0'} for --loss-type "
                              f"{self.loss_type}, got {self.beta}")
         # A flag the chosen loss ignores would make a silently wrong run.
         if orpo and self.cpo_alpha is not None:
-            raise ValueError("--cpo-alpha applies to the CPO losses (sigmoid, hinge, ipo, simpo); ORPO's NLL weight "
+            raise ConfigError("--cpo-alpha applies to the CPO losses (sigmoid, hinge, ipo, simpo); ORPO's NLL weight "
                              "is 1")
         if self.loss_type != "simpo" and self.simpo_gamma is not None:
-            raise ValueError(f"--simpo-gamma applies to --loss-type simpo only, got --loss-type {self.loss_type}")
+            raise ConfigError(f"--simpo-gamma applies to --loss-type simpo only, got --loss-type {self.loss_type}")
         if self.label_smoothing != 0 and self.loss_type not in ("sigmoid", "simpo"):
-            raise ValueError(f"--label-smoothing applies to --loss-type sigmoid and simpo only, got --loss-type "
+            raise ConfigError(f"--label-smoothing applies to --loss-type sigmoid and simpo only, got --loss-type "
                              f"{self.loss_type}")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not orpo and self.cpo_alpha is None:
             object.__setattr__(self, "cpo_alpha", 1.0)
         if self.loss_type == "simpo" and self.simpo_gamma is None:
             object.__setattr__(self, "simpo_gamma", 0.5)
         if self.cpo_alpha is not None and (not math.isfinite(self.cpo_alpha) or self.cpo_alpha < 0):
-            raise ValueError(f"--cpo-alpha must be a finite number >= 0, got {self.cpo_alpha}")
+            raise ConfigError(f"--cpo-alpha must be a finite number >= 0, got {self.cpo_alpha}")
         if self.simpo_gamma is not None and not math.isfinite(self.simpo_gamma):
-            raise ValueError(f"--simpo-gamma must be a finite number, got {self.simpo_gamma}")
+            raise ConfigError(f"--simpo-gamma must be a finite number, got {self.simpo_gamma}")
         if self.nll_on_prompt is None:
             object.__setattr__(self, "nll_on_prompt", orpo)
 

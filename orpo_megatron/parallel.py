@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from orpo_megatron import cpu_backend
-from orpo_megatron.errors import UserError
+from orpo_megatron.errors import ConfigError, UserError
 from orpo_megatron.model_config import HFModelConfig
 
 
@@ -105,7 +105,7 @@ def first_slurm_host(nodelist: str) -> str:
     # The first entry ends at the first comma outside brackets; each bracket of it contributes its first value.
     first = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist.strip())
     if not first:
-        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a SLURM node list")
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} is not a SLURM node list")
     return re.sub(r"\[([^,\-\]]+)[^\]]*\]", r"\1", first.group(0))
 
 

@@ -29,7 +29,7 @@ from orpo_megatron import throughput, tracking
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import batch_layout
 from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache
-from orpo_megatron.errors import UserError
+from orpo_megatron.errors import ConfigError, UserError
 from orpo_megatron.model_config import FusedKernels, build_transformer_config
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.routing import RoutingStats
@@ -219,7 +219,7 @@ def resolve_schedule(args, train_iters: int, saved: dict | None) -> str:
                                 "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
         used, source = flags, "the flags, as in the checkpoint"
     if used["lr_warmup_steps"] >= used["lr_decay_steps"]:
-        raise ValueError(f"--lr-warmup-iters {used['lr_warmup_steps']} must be smaller than the LR decay length "
+        raise ConfigError(f"--lr-warmup-iters {used['lr_warmup_steps']} must be smaller than the LR decay length "
                          f"{used['lr_decay_steps']} (--lr-decay-iters, by default the training length)")
     (args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style,
      args.weight_decay) = (used[key] for key in flags)
@@ -472,7 +472,7 @@ def cli(argv: list[str] | None = None) -> None:
     """Entry point: bad input and stopped runs end with one clear line and a non-zero exit, not a traceback."""
     try:
         status = main(argv)
-    except (UserError, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     if status:

@@ -74,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         config = DataConfig.from_args(args)
         pair_tokenizer = make_pair_tokenizer(config, None)
         tables = [tokenized_table(config, pair_tokenizer, config.split, source.path) for source in config.sources]
-    except (UserError, ValueError) as error:
+    except UserError as error:
         print(f"inspect_data.py: error: {error}", file=sys.stderr)
         return 1
     goods = [report(table, source, config, pair_tokenizer, args.example) for table, source in tables]
     if config.mixture:
         try:
             mixed, draws = mix(config.sources, goods, args.seed)
-        except ValueError as error:
+        except UserError as error:
             print(f"inspect_data.py: error: {error}", file=sys.stderr)
             return 1
         print(f"\nmixture ({'--dataset-mixer fractions' if config.mixture[0].fraction else '--data-path weights'}, "

@@ -15,6 +15,7 @@ from orpo_megatron.data.chat_template import BUILTIN_TEMPLATES
 from orpo_megatron.data.mixture import MixtureSource, parse_sources
 from orpo_megatron.data.preference import TRUNCATION_MODES, TruncationConfig
 from orpo_megatron.data.sources import check_present, default_cache_dir
+from orpo_megatron.errors import ConfigError
 
 BAD_ROW_POLICIES = ("skip", "error")
 
@@ -109,19 +110,19 @@ class DataConfig:
 
     def __post_init__(self):
         if not self.data_path and not self.mixture:
-            raise ValueError("--data-path is required")
+            raise ConfigError("--data-path is required")
         if self.eval_split is not None and self.eval_fraction:
-            raise ValueError("pass --eval-split or --eval-fraction, not both")
+            raise ConfigError("pass --eval-split or --eval-fraction, not both")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.on_bad_row not in BAD_ROW_POLICIES:
-            raise ValueError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}")
+            raise ConfigError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}")
         if not 0.0 <= self.max_bad_row_fraction <= 1.0:
-            raise ValueError(f"--max-bad-row-fraction must be in [0, 1], got {self.max_bad_row_fraction}")
+            raise ConfigError(f"--max-bad-row-fraction must be in [0, 1], got {self.max_bad_row_fraction}")
         if not isinstance(self.chat_template_kwargs, dict):
-            raise ValueError(f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
+            raise ConfigError(f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
         if self.num_workers < 1:
-            raise ValueError(f"--data-num-workers must be at least 1, got {self.num_workers}")
+            raise ConfigError(f"--data-num-workers must be at least 1, got {self.num_workers}")
 
     @property
     def sources(self) -> tuple[MixtureSource, ...]:
@@ -138,7 +139,7 @@ class DataConfig:
         try:
             template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
         except json.JSONDecodeError as error:
-            raise ValueError(f"--chat-template-kwargs is not JSON ({error}): {args.chat_template_kwargs!r}") from None
+            raise ConfigError(f"--chat-template-kwargs is not JSON ({error}): {args.chat_template_kwargs!r}") from None
         sources = parse_sources(args.data_path, getattr(args, "dataset_mixer", None))
         plain = len(sources) == 1 and sources[0] == MixtureSource(sources[0].path)
         return cls(data_path=sources[0].path if plain else None, mixture=() if plain else sources,

@@ -45,7 +45,7 @@ from orpo_megatron.data.micro_batch import (
     round_up,
 )
 from orpo_megatron.data.packing import pack_rows
-from orpo_megatron.errors import DataError
+from orpo_megatron.errors import ConfigError, DataError
 
 PAIR_COLUMNS = ["row_index", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
 
@@ -69,9 +69,9 @@ class BatchLayout:
 
     def __post_init__(self):
         if not self.packing and (self.fixed_length_rows or self.packed_length is not None):
-            raise ValueError("--packed-length and pipelining pack rows; they cannot be combined with --no-packing")
+            raise ConfigError("--packed-length and pipelining pack rows; they cannot be combined with --no-packing")
         if self.packed_length is not None and (self.packed_length < 2 or self.packed_length % self.length_multiple):
-            raise ValueError(f"--packed-length {self.packed_length} must be a positive multiple of "
+            raise ConfigError(f"--packed-length {self.packed_length} must be a positive multiple of "
                              f"{self.length_multiple} (sequence parallelism and FP8 need row lengths divisible by it)")
 
     def fixed_row_length(self, longest_pair_tokens: int) -> int:
@@ -157,10 +157,10 @@ class TrainPairIterator:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         if micro_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
+            raise ConfigError(f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
                              f"{micro_batch_size} x data-parallel size {dp_size}")
         if pairs.num_rows < global_batch_size:
-            raise ValueError(f"the training split has {pairs.num_rows} pairs, fewer than one global batch "
+            raise ConfigError(f"the training split has {pairs.num_rows} pairs, fewer than one global batch "
                              f"({global_batch_size}); lower --global-batch-size or add data")
         self.pairs = pairs.select_columns(PAIR_COLUMNS)
         self.lengths = pair_length_table(self.pairs)
@@ -184,11 +184,11 @@ class TrainPairIterator:
         length = self.layout.fixed_row_length(int(tokens[longest]))
         if tokens[longest] > length:
             row = self.pairs[longest]["row_index"]
-            raise ValueError(f"--packed-length {length} is shorter than the training pair of source row {row} "
+            raise ConfigError(f"--packed-length {length} is shorter than the training pair of source row {row} "
                              f"({int(tokens[longest])} tokens: prompt + chosen + prompt + rejected); raise it")
         rows_multiple = self.dp_size * self.layout.rows_per_rank_multiple
         if self.global_batch_size < rows_multiple:
-            raise ValueError(f"--global-batch-size {self.global_batch_size} is smaller than the {rows_multiple} "
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is smaller than the {rows_multiple} "
                              f"packed rows a step needs at least (data-parallel size {self.dp_size} x "
                              f"{self.layout.rows_per_rank_multiple} micro-batches per rank)")
         return length
@@ -265,7 +265,7 @@ class EvalPairs:
     def __init__(self, pairs: datasets.Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, pad_id: int,
                  layout: BatchLayout = BatchLayout()):
         if pairs.num_rows < dp_size:
-            raise ValueError(f"the evaluation split has {pairs.num_rows} pairs, fewer than the {dp_size} "
+            raise ConfigError(f"the evaluation split has {pairs.num_rows} pairs, fewer than the {dp_size} "
                              "data-parallel ranks; use a larger --eval-fraction/--eval-split")
         per_rank = pairs.num_rows // dp_size
         self.dropped_pairs = pairs.num_rows - per_rank * dp_size
@@ -284,7 +284,7 @@ class EvalPairs:
             evaluated, size = max((per_rank // size // multiple * multiple * size, size)
                                   for size in range(1, micro_batch_size + 1))
             if evaluated == 0:
-                raise ValueError(f"{per_rank} evaluation pairs per data-parallel rank cannot fill {multiple} "
+                raise ConfigError(f"{per_rank} evaluation pairs per data-parallel rank cannot fill {multiple} "
                                  "micro-batches (the interleaved pipeline schedule with --no-packing needs a "
                                  "multiple of that many of one shape); evaluate more pairs")
             count = evaluated // size
@@ -295,7 +295,7 @@ class EvalPairs:
             # The interleaved schedule needs a multiple of PP micro-batches: the same pairs, split more evenly.
             count = math.ceil(count / multiple) * multiple
             if count > per_rank:
-                raise ValueError(f"{per_rank} evaluation pairs per data-parallel rank cannot form a multiple of "
+                raise ConfigError(f"{per_rank} evaluation pairs per data-parallel rank cannot form a multiple of "
                                  f"{multiple} micro-batches (the interleaved pipeline schedule needs one); "
                                  "evaluate more pairs")
             sizes = [per_rank // count + (i < per_rank % count) for i in range(count)]

@@ -18,6 +18,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from orpo_megatron.errors import ConfigError
+
 # The alignment-handbook's Zephyr template (recipes/zephyr-141b-A35b/orpo/config_full.yaml), also the one the tiny
 # test tokenizer carries.
 ZEPHYR = (
@@ -68,7 +70,7 @@ def resolve_chat_template(choice: str | None, tokenizer_template: str | None, to
         with open(choice, encoding="utf-8") as f:
             return f.read()
     own = "has a" if tokenizer_template else "has no"
-    raise ValueError(f"--chat-template {choice!r}: expected one of {sorted(BUILTIN_TEMPLATES)} or a jinja file path "
+    raise ConfigError(f"--chat-template {choice!r}: expected one of {sorted(BUILTIN_TEMPLATES)} or a jinja file path "
                      f"(the tokenizer in {tokenizer_dir} {own} template of its own)")
 
 

@@ -33,6 +33,8 @@ from typing import Sequence
 
 import torch
 
+from orpo_megatron.errors import ConfigError
+
 DEVICE_FIELDS = ("input_ids", "position_ids", "labels", "sequence_index", "real_targets", "completion_targets",
                  "logits_positions", "padding_mask", "cu_seqlens")
 
@@ -203,7 +205,7 @@ def packed_micro_batch(pairs: dict[str, list], pad_id: int, length_multiple: int
     real = int(lengths.sum())
     length = round_up(real, length_multiple) if length is None else length
     if length < real:
-        raise ValueError(f"the {len(sequences) // 2} pairs of rows {list(pairs['row_index'])} hold {real} tokens, "
+        raise ConfigError(f"the {len(sequences) // 2} pairs of rows {list(pairs['row_index'])} hold {real} tokens, "
                          f"more than the row length {length}")
     input_ids = torch.full((1, length), pad_id, dtype=torch.long)
     input_ids[0, :real] = torch.cat([torch.tensor(sequence, dtype=torch.long) for sequence in sequences])

@@ -19,6 +19,8 @@ import random
 
 import datasets
 
+from orpo_megatron.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class MixtureSource:
@@ -45,9 +47,9 @@ def _number(text: str, flag: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{flag}: expected {what}, got {text!r}") from None
+        raise ConfigError(f"{flag}: expected {what}, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{flag}: {what} must be a finite number > 0, got {text!r}")
+        raise ConfigError(f"{flag}: {what} must be a finite number > 0, got {text!r}")
     return value
 
 
@@ -56,24 +58,24 @@ def parse_sources(data_path: list[str] | None, dataset_mixer: list[str] | None) 
     `--dataset-mixer PATH1=F1 PATH2=F2 ...`; errors name the flag and what was expected."""
     if dataset_mixer:
         if data_path:
-            raise ValueError("pass --data-path or --dataset-mixer, not both")
+            raise ConfigError("pass --data-path or --dataset-mixer, not both")
         sources = []
         for item in dataset_mixer:
             path, separator, fraction = item.rpartition("=")
             if not separator or not path:
-                raise ValueError(f"--dataset-mixer: expected PATH=FRACTION, got {item!r}")
+                raise ConfigError(f"--dataset-mixer: expected PATH=FRACTION, got {item!r}")
             value = _number(fraction, "--dataset-mixer", f"the fraction of {path}")
             if value > 1:
-                raise ValueError(f"--dataset-mixer: the fraction of {path} must be at most 1 (a share of its "
+                raise ConfigError(f"--dataset-mixer: the fraction of {path} must be at most 1 (a share of its "
                                  f"pairs), got {fraction}")
             sources.append(MixtureSource(path, fraction=value))
         return tuple(sources)
     if not data_path:
-        raise ValueError("--data-path is required")
+        raise ConfigError("--data-path is required")
     if len(data_path) == 1:
         return (MixtureSource(data_path[0]),)
     if len(data_path) % 2:
-        raise ValueError(f"--data-path with several sources takes weight-path pairs (W1 PATH1 W2 PATH2 ...), got "
+        raise ConfigError(f"--data-path with several sources takes weight-path pairs (W1 PATH1 W2 PATH2 ...), got "
                          f"{len(data_path)} values: {' '.join(data_path)}")
     return tuple(MixtureSource(path, weight=_number(weight, "--data-path", f"a weight before {path}"))
                  for weight, path in zip(data_path[::2], data_path[1::2]))
@@ -104,7 +106,7 @@ def mix(sources: tuple[MixtureSource, ...], pairs: list[datasets.Dataset], seed:
         return pairs[0], [SourceDraw(sources[0].path, pairs[0].num_rows, pairs[0].num_rows)]
     for source, table in zip(sources, pairs):
         if table.num_rows == 0:
-            raise ValueError(f"{source.path}: no training pairs to mix")
+            raise ConfigError(f"{source.path}: no training pairs to mix")
     if sources[0].fraction is not None:
         positions = [list(range(int(source.fraction * table.num_rows))) for source, table in zip(sources, pairs)]
     else:
@@ -114,6 +116,6 @@ def mix(sources: tuple[MixtureSource, ...], pairs: list[datasets.Dataset], seed:
     draws = [SourceDraw(source.path, table.num_rows, len(rows)) for source, table, rows in zip(sources, pairs, positions)]
     empty = [draw.path for draw in draws if draw.drawn == 0]
     if empty:
-        raise ValueError(f"the mixture takes no pair of {', '.join(empty)} (its share rounds to 0 pairs); raise its "
+        raise ConfigError(f"the mixture takes no pair of {', '.join(empty)} (its share rounds to 0 pairs); raise its "
                          "weight or fraction, or leave it out")
     return datasets.concatenate_datasets([table.select(rows) for table, rows in zip(pairs, positions)]), draws

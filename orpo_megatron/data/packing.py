@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from orpo_megatron.errors import ConfigError
+
 
 def pack_rows(lengths: list[int], row_length: int, rows_multiple: int = 1) -> list[list[int]]:
     """Indices into `lengths` (tokens per pair) of the pairs in each row, each row's indices ascending."""
@@ -18,7 +20,7 @@ def pack_rows(lengths: list[int], row_length: int, rows_multiple: int = 1) -> li
         raise ValueError("no pairs to pack")
     longest = max(lengths)
     if longest > row_length:
-        raise ValueError(f"a pair of {longest} tokens does not fit in a row of {row_length} (--packed-length)")
+        raise ConfigError(f"a pair of {longest} tokens does not fit in a row of {row_length} (--packed-length)")
     rows: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -31,7 +33,7 @@ def pack_rows(lengths: list[int], row_length: int, rows_multiple: int = 1) -> li
         room[row] -= lengths[index]
     wanted = math.ceil(len(rows) / rows_multiple) * rows_multiple
     if wanted > len(lengths):
-        raise ValueError(f"{len(lengths)} pairs cannot fill a multiple of {rows_multiple} rows with at least one "
+        raise ConfigError(f"{len(lengths)} pairs cannot fill a multiple of {rows_multiple} rows with at least one "
                          "pair each; raise --global-batch-size")
     while len(rows) < wanted:
         donor = max(rows, key=len)  # holds >= 2 pairs: fewer rows than pairs remain

@@ -19,6 +19,7 @@ from orpo_megatron.data.preference import PairTokenizer
 from orpo_megatron.data.preprocess import PreprocessStats, apply_bad_row_policy, tokenize_dataset
 from orpo_megatron.data.sources import load_split
 from orpo_megatron.data.tokenizer import load_tokenizer
+from orpo_megatron.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -61,7 +62,7 @@ class PreferenceDataStats:
 def make_pair_tokenizer(config: DataConfig, tokenizer_dir_fallback: str | None) -> PairTokenizer:
     tokenizer_dir = config.tokenizer or tokenizer_dir_fallback
     if tokenizer_dir is None:
-        raise ValueError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json or tokenizer.model), or "
+        raise ConfigError("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json or tokenizer.model), or "
                          "load a checkpoint "
                          "that stores one")
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -109,7 +110,7 @@ def hold_out(pairs: datasets.Dataset, fraction: float, seed: int) -> tuple[datas
     """(train, eval): round(fraction * n) pairs (at least one) drawn by `seed`, both kept in source order."""
     count = max(1, round(fraction * pairs.num_rows))
     if count >= pairs.num_rows:
-        raise ValueError(f"--eval-fraction {fraction} leaves no training pairs out of {pairs.num_rows}")
+        raise ConfigError(f"--eval-fraction {fraction} leaves no training pairs out of {pairs.num_rows}")
     held = set(random.Random(f"orpo-megatron-eval-{seed}").sample(range(pairs.num_rows), count))
     return (pairs.select([i for i in range(pairs.num_rows) if i not in held]),
             pairs.select(sorted(held)))

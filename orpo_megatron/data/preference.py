@@ -50,6 +50,7 @@ import dataclasses
 from orpo_megatron.data.chat_template import render
 from orpo_megatron.data.sources import UNREADABLE_COLUMN
 from orpo_megatron.data.tokenizer import SentencePieceTokenizer, TokenizerJsonTokenizer, load_tokenizer
+from orpo_megatron.errors import ConfigError
 
 PRETOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 CHAT_TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"
@@ -78,12 +79,12 @@ class TruncationConfig:
 
     def __post_init__(self):
         if self.max_length <= 1:
-            raise ValueError(f"--max-length must be at least 2, got {self.max_length}")
+            raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
         if not 0 <= self.max_prompt_length < self.max_length:
-            raise ValueError(f"--max-prompt-length must be in [0, --max-length) = [0, {self.max_length}), got "
+            raise ConfigError(f"--max-prompt-length must be in [0, --max-length) = [0, {self.max_length}), got "
                              f"{self.max_prompt_length} (0 disables prompt truncation)")
         if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"--truncation-mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+            raise ConfigError(f"--truncation-mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
 
 
 class BadRow(Exception):
@@ -115,7 +116,7 @@ def required_columns(column_names: list[str]) -> tuple[str, ...]:
     if "chosen" in column_names and "rejected" in column_names:
         columns = ("prompt", "chosen", "rejected") if "prompt" in column_names else ("chosen", "rejected")
         return columns + ((CHAT_TEMPLATE_KWARGS_COLUMN,) if CHAT_TEMPLATE_KWARGS_COLUMN in column_names else ()) + unreadable
-    raise ValueError("expected columns prompt/chosen/rejected (text or message lists) or "
+    raise ConfigError("expected columns prompt/chosen/rejected (text or message lists) or "
                      f"{'/'.join(PRETOKENIZED_COLUMNS)} (token ids), found {column_names}")
 
 
@@ -243,7 +244,7 @@ class PairTokenizer:
             if not self._content_text(turns[-1]["content"]).strip():
                 raise BadRow("empty_completion", f"{name} assistant turn is empty")
         if self.chat_template is None:
-            raise ValueError(f"the rows are message lists but the tokenizer in {self.tokenizer_dir} has no chat "
+            raise ConfigError(f"the rows are message lists but the tokenizer in {self.tokenizer_dir} has no chat "
                              "template: pass --chat-template zephyr|mistral|chatml or a jinja file")
         prompt_text = self._render(prompt_messages, True, template_kwargs)
         full_texts = [self._render(prompt_messages + turns, False, template_kwargs)

@@ -32,6 +32,8 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
+from orpo_megatron.errors import ConfigError
+
 SPIECE_UNDERLINE = "▁"
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Used when tokenizer_config.json does not name them (Llama/Mistral/Mixtral's); tokenizer.json folders have none.
@@ -72,7 +74,7 @@ class _TokenizerFolder:
         named = {key: _token_content(self.config.get(key, default_tokens.get(key))) for key in NAMED_TOKENS}
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = (named[key] for key in NAMED_TOKENS)
         if self.eos_token is None:
-            raise ValueError(f"{directory}/tokenizer_config.json names no eos_token: every completion ends with one")
+            raise ConfigError(f"{directory}/tokenizer_config.json names no eos_token: every completion ends with one")
 
     def _read_chat_template(self) -> str | None:
         """`chat_template.jinja` (how recent transformers save it), else `chat_template` in tokenizer_config.json
@@ -136,7 +138,7 @@ class SentencePieceTokenizer(_TokenizerFolder):
         tokens: dict[str, int] = {}
         for token_id, entry in self.config.get("added_tokens_decoder", {}).items():
             if entry.get("lstrip") or entry.get("rstrip"):
-                raise ValueError(f"{self.directory}/tokenizer_config.json: added token {entry.get('content')!r} "
+                raise ConfigError(f"{self.directory}/tokenizer_config.json: added token {entry.get('content')!r} "
                                  "strips neighbouring whitespace, which only a tokenizer.json folder supports here "
                                  "(save the tokenizer with transformers to write one)")
             tokens[entry["content"]] = int(token_id)
@@ -144,13 +146,13 @@ class SentencePieceTokenizer(_TokenizerFolder):
             if content not in tokens:
                 piece_id = self._sp.piece_to_id(content)
                 if self._sp.id_to_piece(piece_id) != content:
-                    raise ValueError(f"{self.directory}: {key} {content!r} is not in the vocabulary")
+                    raise ConfigError(f"{self.directory}: {key} {content!r} is not in the vocabulary")
                 tokens[content] = piece_id
         return tokens
 
     def _special_id(self, content: str, key: str) -> int:
         if content not in self.special_tokens:
-            raise ValueError(f"{self.directory}/tokenizer_config.json: {key} {content!r} is not a special token")
+            raise ConfigError(f"{self.directory}/tokenizer_config.json: {key} {content!r} is not a special token")
         return self.special_tokens[content]
 
     def encode(self, text: str) -> list[int]:
@@ -229,7 +231,7 @@ class TokenizerJsonTokenizer(_TokenizerFolder):
     def _token_id(self, content: str, key: str) -> int:
         token_id = self._tokenizer.token_to_id(content)
         if token_id is None:
-            raise ValueError(f"{self.directory}/tokenizer_config.json: {key} {content!r} is not in tokenizer.json")
+            raise ConfigError(f"{self.directory}/tokenizer_config.json: {key} {content!r} is not in tokenizer.json")
         return token_id
 
     def encode(self, text: str) -> list[int]:

@@ -29,6 +29,7 @@ import dataclasses
 
 import numpy as np
 
+from orpo_megatron.errors import ConfigError
 from orpo_megatron.planning import step_work
 from orpo_megatron.planning.memory import MemoryLayout
 from orpo_megatron.model_config import HFModelConfig
@@ -130,7 +131,7 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     """Mean step time of `layout` over the steps of `shapes` (arrays over [steps, DP ranks, micro-batches])."""
     layout.validate(hf)
     if settings.overlap_param_gather and not layout.overlap_grad_reduce:
-        raise ValueError("overlapped parameter gathering needs overlapped gradient reduction (--overlap-param-gather "
+        raise ConfigError("overlapped parameter gathering needs overlapped gradient reduction (--overlap-param-gather "
                          "needs --overlap-grad-reduce)")
     if shapes.positions.shape[1] != layout.dp:
         raise ValueError(f"shapes are for DP={shapes.positions.shape[1]}, the layout has DP={layout.dp}")

@@ -27,6 +27,7 @@ import numpy as np
 from orpo_megatron.data.batching import BatchLayout, epoch_permutation
 from orpo_megatron.data.micro_batch import round_up
 from orpo_megatron.data.packing import pack_rows
+from orpo_megatron.errors import ConfigError
 
 # alignment-handbook zephyr-orpo-141b: 6932 training pairs (all_results.json), 3 epochs, 32 pairs per step,
 # 4771.96 s on 32 H100 (1.33 h): 6932 * 3 / 4771.96 / 32 = 0.136 pairs/s/GPU.
@@ -88,7 +89,7 @@ def recipe_steps(pairs: PairLengths, global_batch_size: int, dp: int, micro_batc
     """The micro-batch shapes of `epochs` epochs of training (steps drop an epoch's last partial batch, as the
     trainer does); `seed` orders the pairs as the trainer's `--seed`."""
     if global_batch_size % (micro_batch_size * dp):
-        raise ValueError(f"global batch {global_batch_size} is not a multiple of micro-batch {micro_batch_size} "
+        raise ConfigError(f"global batch {global_batch_size} is not a multiple of micro-batch {micro_batch_size} "
                          f"x DP {dp}")
     steps_per_epoch = len(pairs) // global_batch_size
     per_rank = global_batch_size // dp
