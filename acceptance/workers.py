@@ -102,8 +102,9 @@ def first_step(train_args: argparse.Namespace, hf_files: str):
     """The micro-batches of the trainer's first step for these flags (`TrainStep`), built by its data pipeline."""
     from orpo_megatron.data.pipeline import build_preference_data
     from orpo_megatron.data.batching import batch_layout
+    from orpo_megatron.parallel import ParallelLayout
 
-    layout = batch_layout(train_args.packing, train_args.packed_length, 1, 1, None, False, bool(train_args.fp8_format))
+    layout = batch_layout(train_args.packing, train_args.packed_length, ParallelLayout(), bool(train_args.fp8_format))
     iterator, _, _ = build_preference_data(train_args, hf_files, 0, 1, train_args.micro_batch_size,
                                            train_args.global_batch_size, layout, train_args.seed)
     return next(iterator)
@@ -683,9 +684,9 @@ def worker_memory(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         real = torch.cuda.memory_allocated() - before
         mode = optimizers.OptimizerMode.from_args(opt_args)
-        estimate = rank_memory(hf, MemoryLayout(optimizer=mode), 0)
+        estimate = rank_memory(hf, MemoryLayout.planned(optimizer=mode), 0)
         # Offload moves whole parameter shards: allow the largest one; otherwise 1% (allocator rounding, scales).
-        largest = max(p.numel for p in chunk_parameters(hf, MemoryLayout(), 0))
+        largest = max(p.numel for p in chunk_parameters(hf, MemoryLayout.planned(), 0))
         per_element = optimizer_bytes_per_element(mode, True)
         slack = (largest * (per_element.gpu_main_params + per_element.gpu_state) / (1 - mode.offload_fraction)
                  if 0 < mode.offload_fraction < 1 else 0)

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_config = DataConfig.from_args(args)
     if parallel.launch_env().rank == 0:
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split])
-    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
-                                 args.distributed_timeout_minutes)
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf, args.seed, args.distributed_timeout_minutes)
     use_te = model.transformer_engine_available()
-    config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe),
+    config = build_transformer_config(hf, **layout.transformer_config_kwargs(),
                                       precision=arguments.precision_config(args),
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                                       kernels=FusedKernels.for_backend(use_te))
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     pair_tokenizer = make_pair_tokenizer(data_config, checkpoint.hf_files)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
-    batches = batch_layout(args.packing, None, layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                           layout.virtual_pipeline_model_parallel_size, config.sequence_parallel,
-                           bool(args.fp8_format))
+    batches = batch_layout(args.packing, None, layout, bool(args.fp8_format))
     evaluation = EvalPairs(pairs, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                            layout.data_parallel_size, pair_tokenizer.tokenizer.pad_id, batches)
     micro_batches = list(evaluation)

@@ -39,10 +39,45 @@ class ParallelLayout:
     virtual_pipeline_model_parallel_size: int | None = None
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # None: = TP, the only value the trainer sets up (it has no flag for it); the planner may set another.
+    expert_tensor_parallel_size: int | None = None
+
+    @classmethod
+    def from_args(cls, args, world_size: int, is_moe: bool) -> "ParallelLayout":
+        """The layout the parallel flags ask for on `world_size` processes."""
+        tp = args.tensor_model_parallel_size
+        return cls(
+            world_size=world_size,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            sequence_parallel=sequence_parallel(args.sequence_parallel, tp, is_moe),
+        )
 
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        """Size of the groups each expert's gradients are reduced over: TP*DP ranks of a stage per ETP*EP."""
+        return (self.tensor_model_parallel_size * self.data_parallel_size
+                // (self.expert_tensor_size * self.expert_model_parallel_size))
+
+    def transformer_config_kwargs(self) -> dict:
+        """The layout's fields `model_config.build_transformer_config` takes."""
+        return dict(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=self.expert_model_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+        )
 
     def describe(self) -> str:
         vp = self.virtual_pipeline_model_parallel_size
@@ -55,10 +90,11 @@ class ParallelLayout:
 
     def validate(self, model: HFModelConfig) -> None:
         """Raise LayoutError naming the numbers when this layout cannot hold `model`."""
-        tp, pp, ep = (
+        tp, pp, ep, etp = (
             self.tensor_model_parallel_size,
             self.pipeline_model_parallel_size,
             self.expert_model_parallel_size,
+            self.expert_tensor_size,
         )
         vp = self.virtual_pipeline_model_parallel_size
         problems = []
@@ -72,16 +108,18 @@ class ParallelLayout:
                 f"world size {self.world_size} is not divisible by TP*PP = {tp}*{pp} = {tp * pp}"
             )
         # Experts are split over EP groups carved out of the (expert-TP x EP) ranks of each pipeline stage.
-        elif self.world_size % (tp * ep * pp):
+        elif self.world_size % (etp * ep * pp):
+            name = "TP" if etp == tp else "ETP"
             problems.append(
-                f"world size {self.world_size} is not divisible by TP*EP*PP = {tp}*{ep}*{pp} = {tp * ep * pp}"
+                f"world size {self.world_size} is not divisible by {name}*EP*PP = {etp}*{ep}*{pp} = {etp * ep * pp}"
             )
         if model.num_attention_heads % tp:
             problems.append(f"{model.num_attention_heads} attention heads are not divisible by TP={tp}")
         if model.num_key_value_heads % tp:
             problems.append(f"{model.num_key_value_heads} key/value groups are not divisible by TP={tp}")
-        if model.intermediate_size % tp:
-            problems.append(f"FFN size {model.intermediate_size} is not divisible by TP={tp}")
+        ffn_split, ffn_name = (etp, "ETP") if model.is_moe and etp != tp else (tp, "TP")  # experts split by ETP
+        if model.intermediate_size % ffn_split:
+            problems.append(f"FFN size {model.intermediate_size} is not divisible by {ffn_name}={ffn_split}")
         if ep > 1 and not model.is_moe:
             problems.append(f"EP={ep} needs a mixture-of-experts model; {model.architecture} is dense")
         if model.is_moe and model.num_experts % ep:
@@ -97,6 +135,12 @@ class ParallelLayout:
             problems.append("--sequence-parallel needs TP > 1")
         if problems:
             raise LayoutError("invalid parallel layout: " + "; ".join(problems))
+
+
+def sequence_parallel(requested: bool, tensor_model_parallel_size: int, is_moe: bool) -> bool:
+    """Whether activations are split along the sequence over TP ranks: as --sequence-parallel asks, and always for
+    MoE with TP > 1 (Megatron-Core requires it there)."""
+    return requested or (is_moe and tensor_model_parallel_size > 1)
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -172,16 +216,20 @@ def connections_problem(tensor_model_parallel_size: int, compute_capability_majo
             "CUDA_DEVICE_MAX_CONNECTIONS=1 in the launching environment (as Megatron-LM requires)")
 
 
-def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234,
+def initialize(layout: ParallelLayout | dict, model: HFModelConfig, seed: int = 1234,
                timeout_minutes: int = 30) -> ParallelLayout:
     """Start torch.distributed and Megatron's parallel state; return the validated layout.
 
-    The layout and the launch environment are checked before any process group exists, so a wrong one fails
-    fast on every rank with the same message. Every process group (the world's and each of Megatron's) gets
-    `timeout_minutes`.
+    `layout`: a ParallelLayout (its world size must be the launch's), or its fields but the world size (a test's
+    or a tool's fixed split). The layout and the launch environment are checked before any process group exists,
+    so a wrong one fails fast on every rank with the same message. Every process group (the world's and each of
+    Megatron's) gets `timeout_minutes`.
     """
     launch = launch_env()
-    layout = ParallelLayout(world_size=launch.world_size, **layout_kwargs)
+    if isinstance(layout, dict):
+        layout = ParallelLayout(world_size=launch.world_size, **layout)
+    elif layout.world_size != launch.world_size:
+        raise LaunchError(f"the layout is for {layout.world_size} processes; this launch has {launch.world_size}")
     layout.validate(model)
     on_cpu = cpu_backend.activate()
     if not on_cpu:
@@ -203,6 +251,7 @@ def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     # Megatron-Core 0.16.1 creates its expert-data-parallel gloo groups without the timeout; set it on all.

@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if parallel.launch_env().rank == 0:
         data_config = DataConfig.from_args(args)
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split, data_config.eval_split])
-    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
-                                 args.distributed_timeout_minutes)
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf, args.seed, args.distributed_timeout_minutes)
     logging_rank = parallel.is_logging_rank()
     log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     log(parallel.launch_summary())
     precision = arguments.precision_config(args)
     use_te = model.transformer_engine_available()
-    config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
+    config = build_transformer_config(hf, **layout.transformer_config_kwargs(), precision=precision,
                                       moe_aux_loss_coeff=args.moe_aux_loss_coeff,
                                       moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                                       recompute_granularity=args.recompute_granularity,
@@ -322,9 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     # Data, and the LR schedule it sets the length of: their checks come before the model is built.
     dp_size = layout.data_parallel_size
     global_batch_size = args.global_batch_size or args.micro_batch_size * dp_size
-    batches = batch_layout(args.packing, args.packed_length, layout.tensor_model_parallel_size,
-                           layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size,
-                           config.sequence_parallel, bool(args.fp8_format))
+    batches = batch_layout(args.packing, args.packed_length, layout, bool(args.fp8_format))
     train_iter, evaluation, data_stats = build_preference_data(
         args, checkpoint.hf_files, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
         global_batch_size, batches, args.seed)

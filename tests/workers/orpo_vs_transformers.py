@@ -42,9 +42,9 @@ def main() -> None:
 
     info = checkpoint_format.describe(args.load)
     hf = info.hf
-    layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
-    layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs)
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf)
+    config = build_transformer_config(hf, **layout.transformer_config_kwargs())
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab)
     checkpoint_weights.load_model_weights(info, chunks)
@@ -52,8 +52,7 @@ def main() -> None:
     data_config = DataConfig.from_args(args)
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
-    batches = batch_layout(True, None, layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                           layout.virtual_pipeline_model_parallel_size, config.sequence_parallel, fp8=False)
+    batches = batch_layout(True, None, layout, fp8=False)
     columns, pad_id = pairs[:NUM_PAIRS], pair_tokenizer.tokenizer.pad_id
     multiple = batches.length_multiple
     padded = padded_micro_batch(columns, pad_id, multiple)

@@ -140,9 +140,9 @@ def perturbation_report(chunks, step, iterator, layout, pad_id, orpo_config) -> 
 
 def run(args: argparse.Namespace) -> None:
     hf = HFModelConfig.from_file(args.hf_dir)
-    layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
-    layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf)
+    config = build_transformer_config(hf, **layout.transformer_config_kwargs(), moe_aux_loss_coeff=args.moe_aux_loss_coeff,
                                       precision=PrecisionConfig(bf16=args.bf16))
     vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
     chunks = model.build_model(config, hf, vocab)
@@ -157,9 +157,7 @@ def run(args: argparse.Namespace) -> None:
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
     pad_id = pair_tokenizer.tokenizer.pad_id
-    packed_layout = batch_layout(True, args.packed_length, layout.tensor_model_parallel_size,
-                                 layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size,
-                                 config.sequence_parallel, fp8=False)
+    packed_layout = batch_layout(True, args.packed_length, layout, fp8=False)
     padded_layout = BatchLayout(packing=False, length_multiple=packed_layout.length_multiple)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), layout.data_parallel_size
 
