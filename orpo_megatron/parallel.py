@@ -39,8 +39,6 @@ class ParallelLayout:
     virtual_pipeline_model_parallel_size: int | None = None
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
-    # None: = TP, the only value the trainer sets up (it has no flag for it); the planner may set another.
-    expert_tensor_parallel_size: int | None = None
 
     @classmethod
     def from_args(cls, args, world_size: int, is_moe: bool) -> "ParallelLayout":
@@ -58,16 +56,6 @@ class ParallelLayout:
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
-
-    @property
-    def expert_tensor_size(self) -> int:
-        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
-
-    @property
-    def expert_data_parallel_size(self) -> int:
-        """Size of the groups each expert's gradients are reduced over: TP*DP ranks of a stage per ETP*EP."""
-        return (self.tensor_model_parallel_size * self.data_parallel_size
-                // (self.expert_tensor_size * self.expert_model_parallel_size))
 
     def transformer_config_kwargs(self) -> dict:
         """The layout's fields `model_config.build_transformer_config` takes."""
@@ -88,14 +76,15 @@ class ParallelLayout:
             f"{' SP' if self.sequence_parallel else ''}"
         )
 
-    def validate(self, model: HFModelConfig) -> None:
-        """Raise LayoutError naming the numbers when this layout cannot hold `model`."""
-        tp, pp, ep, etp = (
+    def validate(self, model: HFModelConfig, expert_tensor_parallel_size: int | None = None) -> None:
+        """Raise LayoutError naming the numbers when this layout cannot hold `model`. `expert_tensor_parallel_size`:
+        the planner's expert TP; None: = TP, what `initialize` sets up."""
+        tp, pp, ep = (
             self.tensor_model_parallel_size,
             self.pipeline_model_parallel_size,
             self.expert_model_parallel_size,
-            self.expert_tensor_size,
         )
+        etp = expert_tensor_parallel_size or tp
         vp = self.virtual_pipeline_model_parallel_size
         problems = []
         for name, value in (("tensor", tp), ("pipeline", pp), ("expert", ep)):
@@ -251,7 +240,6 @@ def initialize(layout: ParallelLayout | dict, model: HFModelConfig, seed: int = 
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
-        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     # Megatron-Core 0.16.1 creates its expert-data-parallel gloo groups without the timeout; set it on all.
