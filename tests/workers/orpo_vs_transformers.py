@@ -14,16 +14,15 @@ import json
 import torch
 from trl_reference import CPO_CASES, cpo_reference, trl_padded_batch, trl_reference
 
-from orpo_megatron import arguments, model, parallel
+from orpo_megatron import arguments, parallel
 from orpo_megatron.checkpoint import format as checkpoint_format
-from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batch, round_up
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-from orpo_megatron.model_config import build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.schedule import run_micro_batches
 from orpo_megatron.data.batching import batch_layout
+from orpo_megatron.rank_model import build_for_rank
 
 BETA, NUM_PAIRS = 0.1, 4
 # Per-pair values of both sides; a pair's rewards are beta times its log-probs on both.
@@ -44,10 +43,7 @@ def main() -> None:
     hf = info.hf
     layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
                                  hf)
-    config = build_transformer_config(hf, **layout.transformer_config_kwargs())
-    vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
-    chunks = model.build_model(config, hf, vocab)
-    checkpoint_weights.load_model_weights(info, chunks)
+    chunks = build_for_rank(hf, layout, weights=info).chunks
 
     data_config = DataConfig.from_args(args)
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)
