@@ -43,15 +43,10 @@ class ParallelLayout:
     @classmethod
     def from_args(cls, args, world_size: int, is_moe: bool) -> "ParallelLayout":
         """The layout the parallel flags ask for on `world_size` processes."""
-        tp = args.tensor_model_parallel_size
-        return cls(
-            world_size=world_size,
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            sequence_parallel=sequence_parallel(args.sequence_parallel, tp, is_moe),
-        )
+        sizes = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+                 if field.name not in ("world_size", "sequence_parallel")}
+        return cls(world_size=world_size, **sizes,
+                   sequence_parallel=sequence_parallel(args.sequence_parallel, args.tensor_model_parallel_size, is_moe))
 
     @property
     def data_parallel_size(self) -> int:
@@ -59,13 +54,7 @@ class ParallelLayout:
 
     def transformer_config_kwargs(self) -> dict:
         """The layout's fields `model_config.build_transformer_config` takes."""
-        return dict(
-            tensor_model_parallel_size=self.tensor_model_parallel_size,
-            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=self.expert_model_parallel_size,
-            sequence_parallel=self.sequence_parallel,
-        )
+        return {name: value for name, value in dataclasses.asdict(self).items() if name != "world_size"}
 
     def describe(self) -> str:
         vp = self.virtual_pipeline_model_parallel_size
