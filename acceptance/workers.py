@@ -102,8 +102,9 @@ def first_step(train_args: argparse.Namespace, hf_files: str):
     """The micro-batches of the trainer's first step for these flags (`TrainStep`), built by its data pipeline."""
     from orpo_megatron.data.pipeline import build_preference_data
     from orpo_megatron.data.batching import batch_layout
+    from orpo_megatron.parallel import ParallelLayout
 
-    layout = batch_layout(train_args.packing, train_args.packed_length, 1, 1, None, False, bool(train_args.fp8_format))
+    layout = batch_layout(train_args.packing, train_args.packed_length, ParallelLayout(), bool(train_args.fp8_format))
     iterator, _, _ = build_preference_data(train_args, hf_files, 0, 1, train_args.micro_batch_size,
                                            train_args.global_batch_size, layout, train_args.seed)
     return next(iterator)
@@ -112,20 +113,18 @@ def first_step(train_args: argparse.Namespace, hf_files: str):
 def trainer_model(train_args: argparse.Namespace, info, use_te: bool, kernels=None, load: bool = True) -> list:
     """The model chunks the trainer builds for these flags (DDP-wrapped), with the checkpoint's weights unless
     `load` is False; `kernels` None: the trainer's (`FusedKernels.for_backend`)."""
-    from orpo_megatron import arguments, model, train
-    from orpo_megatron.checkpoint import weights as checkpoint_weights
-    from orpo_megatron.model_config import FusedKernels, build_transformer_config
+    from orpo_megatron import arguments
+    from orpo_megatron.model_config import FusedKernels
+    from orpo_megatron.parallel import ParallelLayout
+    from orpo_megatron.rank_model import build_for_rank
 
-    hf = info.hf
-    config = build_transformer_config(hf, precision=arguments.precision_config(train_args),
-                                      moe_aux_loss_coeff=train_args.moe_aux_loss_coeff,
-                                      moe_token_dispatcher_type=train_args.moe_token_dispatcher_type,
-                                      kernels=FusedKernels.for_backend(use_te) if kernels is None else kernels)
-    vocab = model.vocab_info(hf, train_args.make_vocab_size_divisible_by, 1)
-    chunks = train.wrap_data_parallel(config, train_args, model.build_model(config, hf, vocab, use_te))
-    if load:
-        checkpoint_weights.load_model_weights(info, chunks)
-    return chunks
+    return build_for_rank(info.hf, ParallelLayout(), precision=arguments.precision_config(train_args),
+                          use_transformer_engine=use_te,
+                          make_vocab_size_divisible_by=train_args.make_vocab_size_divisible_by,
+                          data_parallel=train_args, weights=info if load else None,
+                          moe_aux_loss_coeff=train_args.moe_aux_loss_coeff,
+                          moe_token_dispatcher_type=train_args.moe_token_dispatcher_type,
+                          kernels=FusedKernels.for_backend(use_te) if kernels is None else kernels).chunks
 
 
 def training_pass(chunks: list, step, orpo_config):
@@ -152,14 +151,14 @@ def worker_parity(args: argparse.Namespace) -> None:
 
     from orpo_megatron import model, parallel
     from orpo_megatron.checkpoint import format as checkpoint_format
-    from orpo_megatron.checkpoint import weights as checkpoint_weights
     from orpo_megatron.data.arguments import DataConfig, add_data_args
     from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-    from orpo_megatron.model_config import FusedKernels, PrecisionConfig, build_transformer_config
+    from orpo_megatron.model_config import FusedKernels, PrecisionConfig
+    from orpo_megatron.rank_model import build_for_rank
 
     info = checkpoint_format.describe(fixture(args.work, "fp32"))
     hf = info.hf
-    parallel.initialize({}, hf)
+    layout = parallel.initialize({}, hf)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = DataConfig.from_args(add_data_args(argparse.ArgumentParser()).parse_args(
         ["--data-path", DATA, "--data-cache-dir", data_cache(args.work), *SHAPES]))
@@ -196,9 +195,8 @@ def worker_parity(args: argparse.Namespace) -> None:
         for dtype in ("fp32", "bf16"):
             # No DDP here, so no fp32 main_grad buffer for TE's fused gradient accumulation.
             kernels = dataclasses.replace(FusedKernels.for_backend(use_te), gradient_accumulation_fusion=False)
-            config = build_transformer_config(hf, precision=PrecisionConfig(bf16=dtype == "bf16"), kernels=kernels)
-            [chunk] = model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te)
-            checkpoint_weights.load_model_weights(info, [chunk])
+            [chunk] = build_for_rank(hf, layout, precision=PrecisionConfig(bf16=dtype == "bf16"),
+                                     use_transformer_engine=use_te, weights=info, kernels=kernels).chunks
             chunk.eval()  # no dropout anyway; grads still flow
             positions = torch.arange(length, device=device).expand_as(ids)
             means, grads = score(chunk(ids, positions, attention_mask=None),
@@ -562,8 +560,9 @@ def worker_throughput(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from orpo_megatron import model, parallel, throughput, train
-    from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
+    from orpo_megatron import model, parallel, throughput
+    from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig
+    from orpo_megatron.rank_model import build_for_rank
 
     hf = dataclasses.replace(HFModelConfig.from_file(CONFIG_8X22B), num_layers=2)
     seq, micro_batches, steps = 2048, 2, 5
@@ -574,7 +573,6 @@ def worker_throughput(args: argparse.Namespace) -> None:
     layout = parallel.initialize({}, hf)
     dp = layout.data_parallel_size
     use_te = model.transformer_engine_available()
-    vocab = model.vocab_info(hf, 128, 1)
     peak = throughput.default_peak_tflops()
     all_on = FusedKernels.for_backend(use_te)
     configs = {"all on": (all_on, dp > 1)}
@@ -612,10 +610,11 @@ def worker_throughput(args: argparse.Namespace) -> None:
               "spec": "TE" if use_te else "local", "dp": dp, "toggles": toggles,
               **{f"{name} off": why for name, why in skipped.items()}}
     for name, (kernels, overlap) in configs.items():
-        config = build_transformer_config(hf, precision=PrecisionConfig(bf16=True), kernels=kernels)
         ddp = SimpleNamespace(overlap_grad_reduce=bool(overlap), overlap_param_gather=overlap is True,
                               ddp_bucket_size=None, main_grads_dtype="fp32")
-        chunks = train.wrap_data_parallel(config, ddp, model.build_model(config, hf, vocab, use_te))
+        built = build_for_rank(hf, layout, precision=PrecisionConfig(bf16=True), use_transformer_engine=use_te,
+                               data_parallel=ddp, kernels=kernels)
+        chunks = built.chunks
         times = []
         for step in range(steps + 2):
             started = time.perf_counter()
@@ -633,10 +632,10 @@ def worker_throughput(args: argparse.Namespace) -> None:
                 times.append(time.perf_counter() - started)
         seconds = sum(times) / len(times)
         tokens = 2 * seq * micro_batches * dp
-        flops = throughput.training_flops(hf, 2 * micro_batches * dp, seq, vocab.padded_size)
+        flops = throughput.training_flops(hf, 2 * micro_batches * dp, seq, built.vocab.padded_size)
         figures = throughput.throughput(tokens, flops, seconds, dist.get_world_size(), peak)
         report[name] = {"tokens_per_second": figures.tokens_per_second, "mfu": figures.mfu, "seconds": seconds}
-        del chunks, config
+        del chunks, built
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -649,13 +648,14 @@ def worker_throughput(args: argparse.Namespace) -> None:
 def worker_memory(args: argparse.Namespace) -> None:
     """GPU bytes each optimizer mode allocates (its construction and first step) vs the estimator's figure; with
     offload, how many of its host params (copied to the GPU after each step) are pinned."""
-    from orpo_megatron import model, optimizer as optimizers, parallel, train
+    from orpo_megatron import model, optimizer as optimizers, parallel
     from orpo_megatron.planning.memory import MemoryLayout, chunk_parameters, optimizer_bytes_per_element, rank_memory
-    from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig, build_transformer_config
+    from orpo_megatron.model_config import FusedKernels, HFModelConfig, PrecisionConfig
+    from orpo_megatron.rank_model import build_for_rank
 
     hf = dataclasses.replace(HFModelConfig.from_file(CONFIG_8X22B), num_layers=4, hidden_size=1024,
                              num_attention_heads=8, num_key_value_heads=2, head_dim=128, intermediate_size=2048)
-    parallel.initialize({}, hf)
+    layout = parallel.initialize({}, hf)
     use_te = model.transformer_engine_available()
     modes = {"adam": [], "offload 0.5": OFFLOAD,
              "precision-aware, bf16 moments": ["--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
@@ -669,11 +669,11 @@ def worker_memory(args: argparse.Namespace) -> None:
             continue
         opt_args = parser.parse_args(flags)
         opt_args.lr, opt_args.min_lr = 1e-4, 0.0
-        config = build_transformer_config(hf, precision=PrecisionConfig(bf16=True),
-                                          kernels=FusedKernels.for_backend(use_te))
         ddp = SimpleNamespace(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=None,
                               main_grads_dtype=opt_args.main_grads_dtype)
-        chunks = train.wrap_data_parallel(config, ddp, model.build_model(config, hf, model.vocab_info(hf, 128, 1), use_te))
+        built = build_for_rank(hf, layout, precision=PrecisionConfig(bf16=True), use_transformer_engine=use_te,
+                               data_parallel=ddp, kernels=FusedKernels.for_backend(use_te))
+        chunks = built.chunks
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         optimizer = optimizers.build_optimizer(opt_args, chunks, True, torch.bfloat16)
@@ -683,9 +683,9 @@ def worker_memory(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         real = torch.cuda.memory_allocated() - before
         mode = optimizers.OptimizerMode.from_args(opt_args)
-        estimate = rank_memory(hf, MemoryLayout(optimizer=mode), 0)
+        estimate = rank_memory(hf, MemoryLayout.planned(optimizer=mode), 0)
         # Offload moves whole parameter shards: allow the largest one; otherwise 1% (allocator rounding, scales).
-        largest = max(p.numel for p in chunk_parameters(hf, MemoryLayout(), 0))
+        largest = max(p.numel for p in chunk_parameters(hf, MemoryLayout.planned(), 0))
         per_element = optimizer_bytes_per_element(mode, True)
         slack = (largest * (per_element.gpu_main_params + per_element.gpu_state) / (1 - mode.offload_fraction)
                  if 0 < mode.offload_fraction < 1 else 0)
@@ -694,7 +694,7 @@ def worker_memory(args: argparse.Namespace) -> None:
                   for sub in hybrid.cpu_optimizers for group in sub.param_groups for param in group["params"]]
         report[name] = {"real": real, "estimate": expected, "tolerance": max(slack, 0.01 * expected),
                         "host_params": len(pinned), "host_params_pinned": sum(pinned)}
-        del optimizer, chunks, config
+        del optimizer, chunks, built
         gc.collect()
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:

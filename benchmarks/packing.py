@@ -36,6 +36,7 @@ sys.path.insert(0, REPO)
 
 from orpo_megatron.planning import workload  # noqa: E402
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator, batch_layout  # noqa: E402
+from orpo_megatron.parallel import ParallelLayout  # noqa: E402
 from orpo_megatron.schedule import schedule_groups  # noqa: E402
 
 
@@ -100,7 +101,8 @@ def arithmetic() -> None:
         ("TP8 DP1 PP4 packed (4 nodes, the script's default)", True, None, 8, 1, 4, False),
     ]
     for name, packing, packed_length, tp, dp, pp, fp8 in cases:
-        layout = batch_layout(packing, packed_length, tp, pp, None, True, fp8)
+        layout = batch_layout(packing, packed_length, ParallelLayout(world_size=tp * pp * dp, tensor_model_parallel_size=tp,
+                                                             pipeline_model_parallel_size=pp, sequence_parallel=tp > 1), fp8)
         fraction, per_rank = epoch_fraction(pairs, layout, dp, pp)
         print(f"  {name:58s} {fraction:20.1%} {per_rank:19.2f}")
 

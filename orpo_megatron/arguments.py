@@ -197,14 +197,3 @@ def precision_config(args: argparse.Namespace) -> PrecisionConfig:
                            fp8_amax_history_len=args.fp8_amax_history_len,
                            fp8_amax_compute_algo=args.fp8_amax_compute_algo, fp8_margin=args.fp8_margin)
 
-
-def layout_kwargs(args: argparse.Namespace, is_moe: bool) -> dict:
-    """The ParallelLayout fields from the flags; sequence parallel is forced on for MoE with TP > 1."""
-    tp = args.tensor_model_parallel_size
-    return dict(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        sequence_parallel=args.sequence_parallel or (is_moe and tp > 1),
-    )

@@ -16,14 +16,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from orpo_megatron import arguments, model, parallel
-from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import EvalPairs, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenize_into_cache, tokenized_split
 from orpo_megatron.errors import UserError
-from orpo_megatron.model_config import FusedKernels, build_transformer_config
+from orpo_megatron.model_config import FusedKernels
 from orpo_megatron.objective import ORPOConfig
+from orpo_megatron.rank_model import build_for_rank
 from orpo_megatron.schedule import run_micro_batches
 
 
@@ -48,24 +48,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data_config = DataConfig.from_args(args)
     if parallel.launch_env().rank == 0:
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split])
-    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
-                                 args.distributed_timeout_minutes)
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf, args.seed, args.distributed_timeout_minutes)
     use_te = model.transformer_engine_available()
-    config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe),
-                                      precision=arguments.precision_config(args),
-                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-                                      kernels=FusedKernels.for_backend(use_te))
-    vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    chunks = model.build_model(config, hf, vocab, use_te)
-    checkpoint_weights.load_model_weights(checkpoint.info, chunks)
+    chunks = build_for_rank(hf, layout, precision=arguments.precision_config(args), use_transformer_engine=use_te,
+                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, weights=checkpoint.info,
+                            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                            kernels=FusedKernels.for_backend(use_te)).chunks
     for chunk in chunks:
         chunk.eval()
 
     pair_tokenizer = make_pair_tokenizer(data_config, checkpoint.hf_files)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
-    batches = batch_layout(args.packing, None, layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                           layout.virtual_pipeline_model_parallel_size, config.sequence_parallel,
-                           bool(args.fp8_format))
+    batches = batch_layout(args.packing, None, layout, bool(args.fp8_format))
     evaluation = EvalPairs(pairs, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                            layout.data_parallel_size, pair_tokenizer.tokenizer.pad_id, batches)
     micro_batches = list(evaluation)

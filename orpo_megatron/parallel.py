@@ -40,9 +40,21 @@ class ParallelLayout:
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
 
+    @classmethod
+    def from_args(cls, args, world_size: int, is_moe: bool) -> "ParallelLayout":
+        """The layout the parallel flags ask for on `world_size` processes."""
+        sizes = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+                 if field.name not in ("world_size", "sequence_parallel")}
+        return cls(world_size=world_size, **sizes,
+                   sequence_parallel=sequence_parallel(args.sequence_parallel, args.tensor_model_parallel_size, is_moe))
+
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def transformer_config_kwargs(self) -> dict:
+        """The layout's fields `model_config.build_transformer_config` takes."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if name != "world_size"}
 
     def describe(self) -> str:
         vp = self.virtual_pipeline_model_parallel_size
@@ -53,13 +65,15 @@ class ParallelLayout:
             f"{' SP' if self.sequence_parallel else ''}"
         )
 
-    def validate(self, model: HFModelConfig) -> None:
-        """Raise LayoutError naming the numbers when this layout cannot hold `model`."""
+    def validate(self, model: HFModelConfig, expert_tensor_parallel_size: int | None = None) -> None:
+        """Raise LayoutError naming the numbers when this layout cannot hold `model`. `expert_tensor_parallel_size`:
+        the planner's expert TP; None: = TP, what `initialize` sets up."""
         tp, pp, ep = (
             self.tensor_model_parallel_size,
             self.pipeline_model_parallel_size,
             self.expert_model_parallel_size,
         )
+        etp = expert_tensor_parallel_size or tp
         vp = self.virtual_pipeline_model_parallel_size
         problems = []
         for name, value in (("tensor", tp), ("pipeline", pp), ("expert", ep)):
@@ -72,16 +86,18 @@ class ParallelLayout:
                 f"world size {self.world_size} is not divisible by TP*PP = {tp}*{pp} = {tp * pp}"
             )
         # Experts are split over EP groups carved out of the (expert-TP x EP) ranks of each pipeline stage.
-        elif self.world_size % (tp * ep * pp):
+        elif self.world_size % (etp * ep * pp):
+            name = "TP" if etp == tp else "ETP"
             problems.append(
-                f"world size {self.world_size} is not divisible by TP*EP*PP = {tp}*{ep}*{pp} = {tp * ep * pp}"
+                f"world size {self.world_size} is not divisible by {name}*EP*PP = {etp}*{ep}*{pp} = {etp * ep * pp}"
             )
         if model.num_attention_heads % tp:
             problems.append(f"{model.num_attention_heads} attention heads are not divisible by TP={tp}")
         if model.num_key_value_heads % tp:
             problems.append(f"{model.num_key_value_heads} key/value groups are not divisible by TP={tp}")
-        if model.intermediate_size % tp:
-            problems.append(f"FFN size {model.intermediate_size} is not divisible by TP={tp}")
+        ffn_split, ffn_name = (etp, "ETP") if model.is_moe and etp != tp else (tp, "TP")  # experts split by ETP
+        if model.intermediate_size % ffn_split:
+            problems.append(f"FFN size {model.intermediate_size} is not divisible by {ffn_name}={ffn_split}")
         if ep > 1 and not model.is_moe:
             problems.append(f"EP={ep} needs a mixture-of-experts model; {model.architecture} is dense")
         if model.is_moe and model.num_experts % ep:
@@ -97,6 +113,12 @@ class ParallelLayout:
             problems.append("--sequence-parallel needs TP > 1")
         if problems:
             raise LayoutError("invalid parallel layout: " + "; ".join(problems))
+
+
+def sequence_parallel(requested: bool, tensor_model_parallel_size: int, is_moe: bool) -> bool:
+    """Whether activations are split along the sequence over TP ranks: as --sequence-parallel asks, and always for
+    MoE with TP > 1 (Megatron-Core requires it there)."""
+    return requested or (is_moe and tensor_model_parallel_size > 1)
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -172,16 +194,20 @@ def connections_problem(tensor_model_parallel_size: int, compute_capability_majo
             "CUDA_DEVICE_MAX_CONNECTIONS=1 in the launching environment (as Megatron-LM requires)")
 
 
-def initialize(layout_kwargs: dict, model: HFModelConfig, seed: int = 1234,
+def initialize(layout: ParallelLayout | dict, model: HFModelConfig, seed: int = 1234,
                timeout_minutes: int = 30) -> ParallelLayout:
     """Start torch.distributed and Megatron's parallel state; return the validated layout.
 
-    The layout and the launch environment are checked before any process group exists, so a wrong one fails
-    fast on every rank with the same message. Every process group (the world's and each of Megatron's) gets
-    `timeout_minutes`.
+    `layout`: a ParallelLayout (its world size must be the launch's), or its fields but the world size (a test's
+    or a tool's fixed split). The layout and the launch environment are checked before any process group exists,
+    so a wrong one fails fast on every rank with the same message. Every process group (the world's and each of
+    Megatron's) gets `timeout_minutes`.
     """
     launch = launch_env()
-    layout = ParallelLayout(world_size=launch.world_size, **layout_kwargs)
+    if isinstance(layout, dict):
+        layout = ParallelLayout(world_size=launch.world_size, **layout)
+    elif layout.world_size != launch.world_size:
+        raise LaunchError(f"the layout is for {layout.world_size} processes; this launch has {launch.world_size}")
     layout.validate(model)
     on_cpu = cpu_backend.activate()
     if not on_cpu:

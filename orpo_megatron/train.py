@@ -19,7 +19,6 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from orpo_megatron import arguments, model, optimizer as optimizers, parallel
@@ -30,8 +29,9 @@ from orpo_megatron.data.arguments import DataConfig
 from orpo_megatron.data.batching import batch_layout
 from orpo_megatron.data.pipeline import build_preference_data, tokenize_into_cache
 from orpo_megatron.errors import ConfigError, UserError
-from orpo_megatron.model_config import FusedKernels, build_transformer_config
+from orpo_megatron.model_config import FusedKernels
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
+from orpo_megatron.rank_model import build_for_rank
 from orpo_megatron.routing import RoutingStats
 from orpo_megatron.schedule import (
     ScheduleResult,
@@ -166,24 +166,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def wrap_data_parallel(config, args, modules) -> list[DistributedDataParallel]:
-    """Megatron's DDP around each model chunk (distributed optimizer), and the schedule's hooks into it."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args), use_distributed_optimizer=True,
-        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
-        bucket_size=args.ddp_bucket_size)
-    chunks = [DistributedDataParallel(config, ddp_config, module) for module in modules]
-    config.finalize_model_grads_func = finalize_model_grads
-    one_or_all = (lambda funcs: funcs[0] if len(funcs) == 1 else funcs)  # noqa: E731
-    if args.overlap_grad_reduce:
-        # Reductions start only after the last micro-batch's backward (no_sync before), bucket by bucket.
-        config.no_sync_func = one_or_all([chunk.no_sync for chunk in chunks])
-        config.grad_sync_func = one_or_all([chunk.start_grad_sync for chunk in chunks])
-    elif len(chunks) > 1:
-        config.no_sync_func = [chunk.no_sync for chunk in chunks]
-    return chunks
-
-
 def gather_updated_params(chunks) -> None:
     """With --overlap-param-gather the next forward all-gathers the params the last step updated; anything that
     reads them without a forward (a checkpoint save) gathers them first."""
@@ -303,27 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     if parallel.launch_env().rank == 0:
         data_config = DataConfig.from_args(args)
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split, data_config.eval_split])
-    layout = parallel.initialize(arguments.layout_kwargs(args, hf.is_moe), hf, args.seed,
-                                 args.distributed_timeout_minutes)
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf, args.seed, args.distributed_timeout_minutes)
     logging_rank = parallel.is_logging_rank()
     log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     log(f"orpo-megatron: {hf.architecture} {hf.num_layers} layers, {layout.describe()}, "
         f"{'CPU/gloo' if not torch.cuda.is_available() else 'GPU/nccl'}; loading {checkpoint.folder}")
     log(parallel.launch_summary())
-    precision = arguments.precision_config(args)
-    use_te = model.transformer_engine_available()
-    config = build_transformer_config(hf, **arguments.layout_kwargs(args, hf.is_moe), precision=precision,
-                                      moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-                                      moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-                                      recompute_granularity=args.recompute_granularity,
-                                      kernels=FusedKernels.for_backend(use_te))
 
     # Data, and the LR schedule it sets the length of: their checks come before the model is built.
     dp_size = layout.data_parallel_size
     global_batch_size = args.global_batch_size or args.micro_batch_size * dp_size
-    batches = batch_layout(args.packing, args.packed_length, layout.tensor_model_parallel_size,
-                           layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size,
-                           config.sequence_parallel, bool(args.fp8_format))
+    batches = batch_layout(args.packing, args.packed_length, layout, bool(args.fp8_format))
     train_iter, evaluation, data_stats = build_preference_data(
         args, checkpoint.hf_files, parallel_state.get_data_parallel_rank(), dp_size, args.micro_batch_size,
         global_batch_size, batches, args.seed)
@@ -340,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.lr_warmup_iters} and decay over {args.lr_decay_iters} steps, weight decay {args.weight_decay:g}")
 
     # Model and optimizer.
-    vocab = model.vocab_info(hf, args.make_vocab_size_divisible_by, layout.tensor_model_parallel_size)
-    modules = model.build_model(config, hf, vocab, use_te)
-    if args.freeze_router:
-        model.freeze_router(modules)
-    chunks = wrap_data_parallel(config, args, modules)
-    routing_stats = RoutingStats(modules, hf.num_layers, hf.num_experts) if hf.is_moe else None
+    precision = arguments.precision_config(args)
+    use_te = model.transformer_engine_available()
+    built = build_for_rank(hf, layout, precision=precision, use_transformer_engine=use_te,
+                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                           freeze_router=args.freeze_router, data_parallel=args,
+                           moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+                           moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                           recompute_granularity=args.recompute_granularity, kernels=FusedKernels.for_backend(use_te))
+    config, vocab, chunks = built.config, built.vocab, built.chunks
+    routing_stats = RoutingStats(built.modules, hf.num_layers, hf.num_experts) if hf.is_moe else None
     optimizer = optimizers.build_optimizer(args, chunks, precision.bf16, precision.params_dtype)
     config.grad_scale_func = optimizer.scale_loss
     scheduler = build_scheduler(args, optimizer, train_iters)

@@ -190,16 +190,16 @@ def test_optimizer_state_survives_save_and_load(tiny_converted, tmp_path):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from orpo_megatron import model
-    from orpo_megatron.model_config import build_transformer_config
+    from orpo_megatron.parallel import ParallelLayout
+    from orpo_megatron.rank_model import build_for_rank
 
     conversion.init_single_process()
     info = fmt.describe(tiny_converted)
 
     def build():
-        config = build_transformer_config(info.hf)
-        chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True), c)
-                  for c in model.build_model(config, info.hf, model.vocab_info(info.hf, 128, 1))]
+        built = build_for_rank(info.hf, ParallelLayout())
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True)
+        chunks = [DistributedDataParallel(built.config, ddp_config, c) for c in built.modules]
         optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True),
                                            chunks)
         scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=0,

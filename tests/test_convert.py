@@ -357,14 +357,15 @@ def test_converted_checkpoint_holds_every_key_the_model_saves(cli, tmp_path):
     model without FP8 state saves them), so Megatron-LM's default strictness finds all it asks for."""
     from megatron.core.dist_checkpointing import ShardedObject
 
-    from orpo_megatron import model
-    from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+    from orpo_megatron.model_config import HFModelConfig
+    from orpo_megatron.parallel import ParallelLayout
+    from orpo_megatron.rank_model import build_for_rank
 
     succeeded(cli["to_megatron_mixtral_fp32"])
     ckpt = os.path.join(cli["root"], "ckpt_mixtral_fp32")
     conversion.init_single_process()
     hf = HFModelConfig.from_file(os.path.join(ckpt, "release", "hf_files"))
-    chunk = model.build_model(build_transformer_config(hf), hf, model.vocab_info(hf, 128, 1))[0]
+    chunk = build_for_rank(hf, ParallelLayout()).chunks[0]
     wanted = {entry.unique_key if isinstance(entry, ShardedObject) else entry.key
               for entry in chunk.sharded_state_dict().values()}
     objects = stored_objects(ckpt, str(tmp_path))

@@ -12,6 +12,7 @@ import torch
 from orpo_megatron.data.batching import BatchLayout, EvalPairs, TrainPairIterator, batch_layout
 from orpo_megatron.data.micro_batch import DEVICE_FIELDS, MicroBatch, packed_micro_batch, padded_micro_batch
 from orpo_megatron.data.packing import pack_rows
+from orpo_megatron.parallel import ParallelLayout
 
 PAD = 2
 
@@ -249,7 +250,8 @@ def test_pack_rows_fills_the_fewest_rows_the_multiple_allows():
 def test_fp8_row_lengths_suit_transformer_engine(tp, packing, pp):
     """With FP8, TE's GEMMs need each TP rank's token rows (sequence positions after the SP split, times rows) to be
     a multiple of 8 (TE `assert_dim_for_fp8_exec`); sequence parallelism needs positions divisible by TP."""
-    layout = batch_layout(packing, None, tp, pp, None, sequence_parallel=tp > 1, fp8=True)
+    layout = batch_layout(packing, None, ParallelLayout(world_size=tp * pp, tensor_model_parallel_size=tp,
+                                                   pipeline_model_parallel_size=pp, sequence_parallel=tp > 1), fp8=True)
     pairs = _pairs(40, seed=tp)
     steps = [next(TrainPairIterator(pairs, 8, 2, 0, 1, seed, PAD, layout)).micro_batches for seed in range(3)]
     for micro_batch in [mb for step in steps for mb in step] + list(EvalPairs(pairs, 3, 0, 1, PAD, layout)):

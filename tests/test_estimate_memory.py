@@ -53,7 +53,7 @@ def real_allocation(tiny_mixtral, torchrun, tmp_path_factory):
 
 def estimator_layout(name: str, micro_batch: dict) -> MemoryLayout:
     options = dict(overlap_grad_reduce=False) | LAYOUTS[name]  # the worker's DDP reduces without buckets
-    return MemoryLayout(**options, micro_batch_size=micro_batch["pairs"], seq_length=micro_batch["seq_length"],
+    return MemoryLayout.planned(**options, micro_batch_size=micro_batch["pairs"], seq_length=micro_batch["seq_length"],
                         flash_attention=False)  # the CPU local spec materializes S x S scores
 
 
@@ -111,14 +111,14 @@ def test_parameter_count_equals_transformers_model(config, tiny_mixtral):
     with torch.device("meta"):  # shapes only: 8x22B has 141B parameters
         reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     # No vocabulary padding, one rank: the estimator's parameters are the HF model's.
-    layout = MemoryLayout(make_vocab_size_divisible_by=1)
+    layout = MemoryLayout.planned(make_vocab_size_divisible_by=1)
     assert sum(p.numel for p in chunk_parameters(hf, layout, 0)) == sum(p.numel() for p in reference.parameters())
 
 
 def test_pipeline_split_puts_embedding_first_and_output_last_and_sums_to_the_model():
     hf = HFModelConfig.from_file(os.path.join(REPO, "tools", "configs", "mixtral-8x22b.json"))
-    whole = sum(p.numel for p in chunk_parameters(hf, MemoryLayout(), 0))
-    layout = MemoryLayout(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=2)
+    whole = sum(p.numel for p in chunk_parameters(hf, MemoryLayout.planned(), 0))
+    layout = MemoryLayout.planned(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=2)
     stages = [[p for vp in range(2) for p in chunk_parameters(hf, layout, pp, vp)] for pp in range(4)]
     assert sum(p.numel for stage in stages for p in stage) == whole
     assert [any(p.name.startswith("embedding.") for p in s) for s in stages] == [True, False, False, False]
@@ -137,8 +137,8 @@ def test_full_recompute_keeps_far_fewer_activations():
     hf = HFModelConfig.from_file(os.path.join(REPO, "tools", "configs", "mixtral-8x22b.json"))
     base = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=4, expert_model_parallel_size=4,
                 data_parallel_size=4)
-    stored = busiest_rank(hf, MemoryLayout(**base)).activation_bytes
-    recomputed = busiest_rank(hf, MemoryLayout(**base, recompute_full=True)).activation_bytes
+    stored = busiest_rank(hf, MemoryLayout.planned(**base)).activation_bytes
+    recomputed = busiest_rank(hf, MemoryLayout.planned(**base, recompute_full=True)).activation_bytes
     assert recomputed < stored / 5
 
 
@@ -163,7 +163,7 @@ def test_cli_reports_breakdown_and_fit_verdict_leaving_min_free(tiny_mixtral, ca
 def test_nccl_groups_have_megatron_cores_sizes(tp, pp, ep, dp):
     """The process groups the estimate counts NCCL buffers for, sized as Megatron-Core's rank generators make
     them (megatron/core/parallel_state.py, order tp-cp-ep-dp-pp)."""
-    layout = MemoryLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    layout = MemoryLayout.planned(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                           expert_model_parallel_size=ep, data_parallel_size=dp)
     dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
     experts = RankGenerator(tp=tp, ep=ep, dp=tp * dp // (tp * ep), pp=pp, cp=1, order="tp-cp-ep-dp-pp")

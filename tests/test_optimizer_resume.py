@@ -22,12 +22,14 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from orpo_megatron import model, optimizer as optimizers
+from orpo_megatron import optimizer as optimizers
 from orpo_megatron.checkpoint import format as fmt
 from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.checkpoint import conversion
-from orpo_megatron.model_config import PrecisionConfig, build_transformer_config
+from orpo_megatron.model_config import PrecisionConfig
+from orpo_megatron.parallel import ParallelLayout
+from orpo_megatron.rank_model import build_for_rank
 
 OFFLOAD = ["--use-precision-aware-optimizer", "--optimizer-cpu-offload"]
 MODES = {  # the modes the trainer allows, with dtype flags unlike their defaults where a mode takes them
@@ -73,11 +75,10 @@ class Run:
 
     def __init__(self, info, argv: list[str]):
         args = flags(argv)
-        config = build_transformer_config(info.hf, precision=PrecisionConfig(bf16=True))
+        built = build_for_rank(info.hf, ParallelLayout(), precision=PrecisionConfig(bf16=True))
         ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args),
                                             use_distributed_optimizer=True)
-        self.chunks = [DistributedDataParallel(config, ddp, chunk)
-                       for chunk in model.build_model(config, info.hf, model.vocab_info(info.hf, 128, 1))]
+        self.chunks = [DistributedDataParallel(built.config, ddp, chunk) for chunk in built.modules]
         self.optimizer = optimizers.build_optimizer(args, self.chunks, True, torch.bfloat16)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=LR, min_lr=0.0, lr_warmup_steps=1, lr_decay_steps=8,

@@ -12,6 +12,7 @@ from conftest import REPO
 from orpo_megatron import train
 from orpo_megatron.data.pipeline import build_preference_data
 from orpo_megatron.data.batching import batch_layout
+from orpo_megatron.parallel import ParallelLayout
 
 
 def load_benchmark():
@@ -29,7 +30,7 @@ def test_both_sides_train_on_the_same_sequences_at_every_step(tiny_mixtral, tmp_
     args = train.parse_args(["--load", str(tmp_path / "unused"), "--data-path", data, "--tokenizer", tiny_mixtral,
                              "--data-cache-dir", str(tmp_path / "cache"), "--eval-fraction", "0",
                              "--max-length", str(bench.MAX_LENGTH), "--seed", str(bench.DATA_SEED)])
-    layout = batch_layout(True, None, 1, 1, None, False, False)
+    layout = batch_layout(True, None, ParallelLayout(), False)
     ours, _, _ = build_preference_data(args, None, 0, 1, bench.PAIRS_PER_STEP, bench.PAIRS_PER_STEP, layout,
                                        bench.DATA_SEED)
 

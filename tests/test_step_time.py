@@ -29,7 +29,7 @@ def test_groups_follow_megatrons_rank_order_and_links_follow_the_nodes():
     """Megatron's default order "tp-cp-ep-dp-pp": rank = tp + TP * (dp + DP * pp); expert ranks
     etp + ETP * (ep + EP * (edp + EDP * pp)). At TP4 EP4 DP4 on two 8-GPU nodes, TP stays in a node, DP and EP
     span both."""
-    grid = RankGrid(MemoryLayout(tensor_model_parallel_size=4, expert_model_parallel_size=4, data_parallel_size=4))
+    grid = RankGrid(MemoryLayout.planned(tensor_model_parallel_size=4, expert_model_parallel_size=4, data_parallel_size=4))
     hardware = Hardware(gpus_per_node=8)
     for rank in range(16):
         tp, dp = rank % 4, rank // 4
@@ -42,9 +42,9 @@ def test_groups_follow_megatrons_rank_order_and_links_follow_the_nodes():
     # From rank 5 the all-to-all peers are 1 (same node), 9 and 13 (the other node): 2/3 of the bytes cross.
     assert all_to_all_seconds(grid.group("ep", 5), 5, 3e9, hardware) == pytest.approx(2e9 / 50e9)
     # Two pipeline stages of TP4 fit one node; of TP8 they do not.
-    two_stages = RankGrid(MemoryLayout(tensor_model_parallel_size=4, pipeline_model_parallel_size=2))
+    two_stages = RankGrid(MemoryLayout.planned(tensor_model_parallel_size=4, pipeline_model_parallel_size=2))
     assert link_gbps(two_stages.group("pp", 0), hardware) == hardware.nvlink_gbps
-    wide_stages = RankGrid(MemoryLayout(tensor_model_parallel_size=8, pipeline_model_parallel_size=2))
+    wide_stages = RankGrid(MemoryLayout.planned(tensor_model_parallel_size=8, pipeline_model_parallel_size=2))
     assert wide_stages.group("pp", 3) == (3, 11)
 
 
@@ -55,7 +55,7 @@ def test_compute_time_is_the_real_sequences_flops_at_the_assumed_rate():
     pairs = capybara_like_pairs(640)
     shapes = recipe_steps(pairs, 32, dp=1, batch=BatchLayout())
     hardware = Hardware(assumed_mfu=0.5, peak_tflops=100.0)
-    step = predict_step_time(hf, MemoryLayout(), shapes, hardware)
+    step = predict_step_time(hf, MemoryLayout.planned(), shapes, hardware)
     vocab = padded_vocab_size(hf.vocab_size, 128, 1)
     sequences = [int(n) for n in list(pairs.prompt + pairs.chosen) + list(pairs.prompt + pairs.rejected)]
     real = sum(training_flops(hf, 1, n, vocab) for n in sequences)
@@ -68,7 +68,7 @@ def test_offloaded_optimizer_time_is_the_shards_host_and_pcie_traffic():
     offloading optimizer, all 8 GPUs of a node at once through its memory; each GPU's own PCIe link."""
     hf = config("mixtral-8x22b.json")
     mode = OptimizerMode(precision_aware=True, offload_fraction=1.0)
-    layout = MemoryLayout(tensor_model_parallel_size=4, expert_model_parallel_size=4, data_parallel_size=4,
+    layout = MemoryLayout.planned(tensor_model_parallel_size=4, expert_model_parallel_size=4, data_parallel_size=4,
                           recompute_full=True, optimizer=mode)
     traffic = optimizer_traffic(mode)
     elements = rank_memory(hf, layout, 0).host_bytes / optimizer_bytes_per_element(mode, bf16=True).host
@@ -90,8 +90,8 @@ def test_interleaving_shrinks_the_bubble_and_overlap_hides_data_parallel_time():
     base = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=4, data_parallel_size=2)
 
     def predict(settings=RunSettings(), **options):
-        layout = MemoryLayout(**base, **options)
-        rows = batch_layout(True, None, 2, 4, layout.virtual_pipeline_model_parallel_size, True, False)
+        layout = MemoryLayout.planned(**base, **options)
+        rows = batch_layout(True, None, layout.parallel, False)
         return predict_step_time(hf, layout, recipe_steps(pairs, 32, dp=2, batch=rows), Hardware(), settings)
 
     plain = predict()
@@ -107,7 +107,7 @@ def test_a_measured_layer_throughput_gives_the_mfu_that_reproduces_it():
     hf = config("mixtral-8x22b.json")
     tokens_per_second, seq_length, layers, peak = 5000.0, 2048, 2, 989.0
     mfu = mfu_from_layer_throughput(hf, tokens_per_second, seq_length, layers, peak)
-    layout = MemoryLayout()
+    layout = MemoryLayout.planned()
     work = micro_batch_work(hf, layout, RankGrid(layout), 0, seq_length, seq_length**2)
     seconds = 3 * work.layer_flops / hf.num_layers * layers / (mfu * peak * 1e12)
     assert seconds == pytest.approx(seq_length / tokens_per_second, rel=1e-12)

@@ -39,7 +39,7 @@ def model_layout(record: dict) -> MemoryLayout:
     parallel = record["parallel"]
     tp = parallel.get("tensor_model_parallel_size", 1)
     pp = parallel.get("pipeline_model_parallel_size", 1)
-    return MemoryLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    return MemoryLayout.planned(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                         expert_model_parallel_size=parallel.get("expert_model_parallel_size", 1),
                         data_parallel_size=record["world_size"] // (tp * pp), bf16=record["bf16"],
                         recompute_full=record["recompute"], overlap_grad_reduce=record["ddp"]["overlap_grad_reduce"],

@@ -18,6 +18,7 @@ from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.train import parse_args as trainer_args
 from orpo_megatron.data.pipeline import build_preference_data
 from orpo_megatron.data.batching import batch_layout
+from orpo_megatron.parallel import ParallelLayout
 
 LAYOUTS = {  # name: (processes, flags)
     "packed": (1, []),
@@ -83,7 +84,7 @@ def test_real_token_fraction_counts_the_padding_the_schedule_adds(single_process
     """With --no-packing the step's micro-batches run as one shape (`pipeline.schedule_groups`): every row is
     padded to the step's longest, more than each micro-batch's own padding."""
     args = trainer_args(trainer_flags(tiny_converted) + ["--no-packing"])
-    layout = batch_layout(False, None, 1, 1, None, False, False)
+    layout = batch_layout(False, None, ParallelLayout(), False)
     pairs, _, _ = build_preference_data(args, checkpointing.resolve(tiny_converted).hf_files, 0, 1, 2, 8, layout,
                                         args.seed)
     micro_batches = next(pairs).micro_batches

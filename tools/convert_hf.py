@@ -88,19 +88,16 @@ def verify(hf_dir: str, load: str, hf_config: str | None = None, batch: int = 2,
     import torch
     import transformers  # a test-time reference, imported only here
 
-    from orpo_megatron import model
     from orpo_megatron.checkpoint import format as checkpoint_format
-    from orpo_megatron.checkpoint import weights as checkpoint_weights
-    from orpo_megatron.model_config import build_transformer_config
+    from orpo_megatron.parallel import ParallelLayout
+    from orpo_megatron.rank_model import build_for_rank
 
     info = checkpoint_format.describe(load, hf_config)
     hf = info.hf
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference = getattr(transformers, hf.architecture).from_pretrained(
         hf_dir, torch_dtype=torch.float32, attn_implementation="eager").to(device).eval()
-    chunks = model.build_model(build_transformer_config(hf), hf, model.vocab_info(hf, 128, 1))
-    checkpoint_weights.load_model_weights(info, chunks)
-    ours = chunks[0].eval()
+    ours = build_for_rank(hf, ParallelLayout(), weights=info).chunks[0].eval()
     tokens = torch.randint(0, hf.vocab_size, (batch, seq_length), generator=torch.Generator().manual_seed(seed))
     tokens = tokens.to(device)
     positions = torch.arange(seq_length, device=device).expand(batch, seq_length)

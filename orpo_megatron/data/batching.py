@@ -32,6 +32,7 @@ import functools
 import hashlib
 import math
 import random
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -46,6 +47,9 @@ from orpo_megatron.data.micro_batch import (
 )
 from orpo_megatron.data.packing import pack_rows
 from orpo_megatron.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # the data layer reads the layout's sizes; it needs nothing else of the trainer's modules
+    from orpo_megatron.parallel import ParallelLayout
 
 PAIR_COLUMNS = ["row_index", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
 
@@ -96,20 +100,18 @@ def length_multiple(tensor_model_parallel_size: int, sequence_parallel: bool, fp
     return per_rank * (tensor_model_parallel_size if sequence_parallel else 1)
 
 
-def batch_layout(packing: bool, packed_length: int | None, tensor_model_parallel_size: int,
-                 pipeline_model_parallel_size: int, virtual_pipeline_model_parallel_size: int | None,
-                 sequence_parallel: bool, fp8: bool) -> BatchLayout:
+def batch_layout(packing: bool, packed_length: int | None, layout: ParallelLayout, fp8: bool) -> BatchLayout:
     """The micro-batch layout a parallel layout needs (`--no-packing`, `--packed-length`).
 
     With pipelining a step's micro-batches are rows of one length; the interleaved schedule also needs a
     multiple of PP micro-batches per rank.
     """
-    pipelined = pipeline_model_parallel_size > 1
+    pp = layout.pipeline_model_parallel_size
     return BatchLayout(
-        packing=packing, fixed_length_rows=packing and (pipelined or packed_length is not None),
+        packing=packing, fixed_length_rows=packing and (pp > 1 or packed_length is not None),
         packed_length=packed_length,
-        length_multiple=length_multiple(tensor_model_parallel_size, sequence_parallel, fp8),
-        rows_per_rank_multiple=pipeline_model_parallel_size if virtual_pipeline_model_parallel_size else 1)
+        length_multiple=length_multiple(layout.tensor_model_parallel_size, layout.sequence_parallel, fp8),
+        rows_per_rank_multiple=pp if layout.virtual_pipeline_model_parallel_size else 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,8 +90,7 @@ def global_batch(args: argparse.Namespace) -> int:
 def micro_batch_rows(layout: MemoryLayout, args: argparse.Namespace) -> BatchLayout:
     """How the trainer would cut the pairs into rows at `layout` with the flags' packing (`--no-packing`,
     `--packed-length`); ValueError for a packed length the layout cannot use."""
-    return batch_layout(args.packing, args.packed_length, layout.tp, layout.pp,
-                        layout.virtual_pipeline_model_parallel_size, layout.sequence_parallel, layout.fp8)
+    return batch_layout(args.packing, args.packed_length, layout.parallel, layout.fp8)
 
 
 def recipe_pairs(args: argparse.Namespace) -> workload.PairLengths:

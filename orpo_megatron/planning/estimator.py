@@ -25,9 +25,10 @@ from orpo_megatron.data.arguments import add_packing_args, check_packing_args
 from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig
 from orpo_megatron.optimizer import OptimizerMode, add_ddp_args, add_optimizer_mode_args, check_ddp_args
+from orpo_megatron.parallel import LayoutError
 from orpo_megatron.planning import capacity as capacity_plan
 from orpo_megatron.planning.memory import (
-    GB, NCCL_COMMUNICATOR_BYTES, MemoryLayout, MemoryLayoutError, RankMemory, busiest_rank, communicating_groups,
+    GB, NCCL_COMMUNICATOR_BYTES, MemoryLayout, RankMemory, busiest_rank, communicating_groups,
     optimizer_bytes_per_element,
 )
 
@@ -112,7 +113,7 @@ def make_layout(args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int, re
     micro_batches = None
     if args.global_batch_size:
         micro_batches = max(1, args.global_batch_size // (args.micro_batch_size * dp))
-    return MemoryLayout(
+    return MemoryLayout.planned(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=args.etp, virtual_pipeline_model_parallel_size=vp, data_parallel_size=dp,
         micro_batch_size=args.micro_batch_size, seq_length=args.max_length, bf16=args.bf16, fp8=args.fp8,
@@ -214,7 +215,7 @@ def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
             for recompute in (False, True):
                 try:
                     mode = least_offload(hf, args, tp, pp, ep, dp, recompute)
-                except MemoryLayoutError:
+                except LayoutError:
                     break
                 if mode is None:
                     continue

@@ -24,9 +24,9 @@ import dataclasses
 import functools
 import math
 
-from orpo_megatron.errors import UserError
 from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.optimizer import DTYPES, OptimizerMode
+from orpo_megatron.parallel import LayoutError, ParallelLayout, sequence_parallel
 
 GB = 1024**3
 # DDP alignment rules of megatron/core/distributed/param_and_grad_buffer.py (distributed optimizer on).
@@ -44,20 +44,12 @@ NCCL_CHANNELS = 32
 NCCL_COMMUNICATOR_BYTES = NCCL_CHANNELS * NCCL_CONNECTION_BYTES
 
 
-class MemoryLayoutError(UserError, ValueError):
-    """A layout the estimator cannot place on the model, with the numbers named."""
-
-
 @dataclasses.dataclass(frozen=True)
 class MemoryLayout:
-    """The run's parallel layout and the knobs that change memory (Megatron-LM flag names)."""
+    """The run's parallel layout (the trainer's) and the knobs that change memory (Megatron-LM flag names)."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
+    parallel: ParallelLayout = ParallelLayout()
     expert_tensor_parallel_size: int | None = None  # None: = TP (what parallel.initialize sets up)
-    virtual_pipeline_model_parallel_size: int | None = None
-    data_parallel_size: int = 1
     micro_batch_size: int = 1  # pairs: 2x as many sequences
     seq_length: int = 2048
     bf16: bool = True
@@ -70,56 +62,63 @@ class MemoryLayout:
     num_micro_batches: int | None = None  # per step and DP rank; None: enough to fill the pipeline
     make_vocab_size_divisible_by: int = 128
 
+    @classmethod
+    def planned(cls, *, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                expert_model_parallel_size: int = 1, expert_tensor_parallel_size: int | None = None,
+                virtual_pipeline_model_parallel_size: int | None = None, data_parallel_size: int = 1,
+                **knobs) -> "MemoryLayout":
+        """The layout of `data_parallel_size` replicas of the TP x PP model, run with --sequence-parallel
+        whenever TP > 1 (the estimator's assumption: it has no such flag)."""
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        return cls(ParallelLayout(
+            world_size=tp * pp * data_parallel_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            sequence_parallel=sequence_parallel(tp > 1, tp, is_moe=False)),
+            expert_tensor_parallel_size=expert_tensor_parallel_size, **knobs)
+
     @property
     def tp(self) -> int:
-        return self.tensor_model_parallel_size
+        return self.parallel.tensor_model_parallel_size
 
     @property
     def pp(self) -> int:
-        return self.pipeline_model_parallel_size
+        return self.parallel.pipeline_model_parallel_size
 
     @property
     def ep(self) -> int:
-        return self.expert_model_parallel_size
+        return self.parallel.expert_model_parallel_size
 
     @property
     def etp(self) -> int:
-        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+        return self.expert_tensor_parallel_size or self.tp
 
     @property
     def vp(self) -> int:
-        return self.virtual_pipeline_model_parallel_size or 1
+        return self.parallel.virtual_pipeline_model_parallel_size or 1
 
     @property
     def dp(self) -> int:
-        return self.data_parallel_size
+        return self.parallel.data_parallel_size
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.parallel.world_size
 
     @property
     def expert_data_parallel_size(self) -> int:
         return self.tp * self.dp // (self.etp * self.ep)
 
     def validate(self, hf: HFModelConfig) -> None:
-        problems = []
-        if (self.tp * self.dp) % (self.etp * self.ep):
-            problems.append(f"TP*DP = {self.tp * self.dp} is not divisible by ETP*EP = {self.etp * self.ep}")
-        if hf.num_layers % (self.pp * self.vp):
-            problems.append(f"{hf.num_layers} layers are not divisible by PP*VP = {self.pp * self.vp}")
+        """The trainer's layout rules (`ParallelLayout.validate`), then the optimizer mode's."""
+        # The estimator's report names heads and KV groups in one problem (its command line's output).
         if hf.num_attention_heads % self.tp or hf.num_key_value_heads % self.tp:
-            problems.append(f"{hf.num_attention_heads} heads / {hf.num_key_value_heads} KV groups are not "
-                            f"divisible by TP={self.tp}")
-        if hf.is_moe and hf.num_experts % self.ep:
-            problems.append(f"{hf.num_experts} experts are not divisible by EP={self.ep}")
-        if not hf.is_moe and self.ep > 1:
-            problems.append(f"EP={self.ep} needs a mixture-of-experts model")
-        if hf.intermediate_size % self.etp:
-            problems.append(f"FFN size {hf.intermediate_size} is not divisible by ETP={self.etp}")
-        problems += self.optimizer.problems(self.bf16)
+            raise LayoutError(f"{hf.num_attention_heads} heads / {hf.num_key_value_heads} KV groups are not "
+                              f"divisible by TP={self.tp}")
+        self.parallel.validate(hf, self.expert_tensor_parallel_size)
+        problems = self.optimizer.problems(self.bf16)
         if problems:
-            raise MemoryLayoutError("; ".join(problems))
+            raise LayoutError("; ".join(problems))
 
     def bucket_size(self, pp_rank: int) -> int | None:
         """Parameters per DDP bucket on a pipeline stage (None: one bucket); later stages are not bucketed."""
@@ -138,7 +137,7 @@ class MemoryLayout:
 
     @property
     def sequence_parallel(self) -> bool:
-        return self.tp > 1  # forced on for MoE with TP > 1, and what one runs with TP > 1 anyway
+        return self.parallel.sequence_parallel
 
 
 @dataclasses.dataclass(frozen=True)

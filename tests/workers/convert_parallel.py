@@ -27,7 +27,8 @@ from orpo_megatron import model, parallel
 from orpo_megatron.checkpoint import format as checkpoint_format
 from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.checkpoint import writer as checkpoint_writer
-from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.rank_model import build_for_rank
 
 ITERATION = 7
 
@@ -108,13 +109,11 @@ def run(args: argparse.Namespace) -> None:
                          virtual_pipeline_model_parallel_size=args.vp, expert_model_parallel_size=args.ep,
                          sequence_parallel=args.tp > 1)
     layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs)
-    vocab = model.vocab_info(hf, 128, args.tp)
+    built = build_for_rank(hf, layout, weights=checkpoint_format.describe(args.ckpt))
+    chunks, vocab = built.chunks, built.vocab
     rank = torch.distributed.get_rank()
 
-    chunks = model.build_model(config, hf, vocab)
-    checkpoint_weights.load_model_weights(checkpoint_format.describe(args.ckpt), chunks)
-    reference = model.build_model(config, hf, vocab)
+    reference = build_for_rank(hf, layout).chunks
     reference_weights.load_hf_checkpoint(reference, args.hf_dir, hf)
     checked, bad = mismatched_params(chunks, reference)
     report = {"layout": layout.describe(), "padded_vocab": vocab.padded_size, "params_checked": checked,
@@ -132,8 +131,7 @@ def run(args: argparse.Namespace) -> None:
             norm.extra_state = payload
         save_weights(args.save, chunks, hf, vocab, args.hf_dir, dict(layout_kwargs, world_size=layout.world_size))
     if args.other_ckpt:
-        other = model.build_model(config, hf, vocab)
-        checkpoint_weights.load_model_weights(checkpoint_format.describe(args.other_ckpt), other)
+        other = build_for_rank(hf, layout, weights=checkpoint_format.describe(args.other_ckpt)).chunks
         other_checked, other_bad = mismatched_params(other, reference)
         norms = list(standalone_norms(other))
         report.update(other_params_checked=other_checked, other_params_mismatched=other_bad,

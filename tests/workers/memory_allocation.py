@@ -16,9 +16,10 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
 
-from orpo_megatron import model, optimizer as optimizers, parallel
-from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
+from orpo_megatron import optimizer as optimizers, parallel
+from orpo_megatron.model_config import HFModelConfig, PrecisionConfig
 from orpo_megatron.objective import vocab_parallel_logps
+from orpo_megatron.rank_model import build_for_rank
 
 OFFLOAD = ["--use-precision-aware-optimizer", "--optimizer-cpu-offload"]
 LAYOUTS = {  # parallel layout, bf16, the trainer's optimizer flags
@@ -97,11 +98,11 @@ def measure(hf_dir: str, layout_name: str) -> dict:
     args = optimizer_flags(flags)
     hf = HFModelConfig.from_file(hf_dir)
     layout = parallel.initialize(options, hf)
-    config = build_transformer_config(hf, **options, precision=PrecisionConfig(bf16=bf16))
-    vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
+    built = build_for_rank(hf, layout, precision=PrecisionConfig(bf16=bf16))
+    config = built.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args),
                                                use_distributed_optimizer=True, **DDP_OVERRIDES.get(layout_name, {}))
-    chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in model.build_model(config, hf, vocab)]
+    chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in built.modules]
     optimizer = optimizers.build_optimizer(args, chunks, bf16, config.params_dtype)
 
     buffers = [(buffer, "expert") for chunk in chunks for buffer in chunk.expert_parallel_buffers] + [

@@ -19,9 +19,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from layout_runs import run_each_layout
 import reference_weights
-from orpo_megatron import model, parallel
+from orpo_megatron import parallel
 from orpo_megatron.checkpoint import hf_mapping
-from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.rank_model import build_for_rank
 
 SAMPLES, BATCH, SEQ = 2, 2, 16
 
@@ -69,9 +70,8 @@ def run(args: argparse.Namespace) -> None:
         sequence_parallel=args.tp > 1,
     )
     layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs, moe_token_dispatcher_type=args.dispatcher)
-    vocab = model.vocab_info(hf, 128, args.tp)
-    chunks = model.build_model(config, hf, vocab)
+    built = build_for_rank(hf, layout, moe_token_dispatcher_type=args.dispatcher)
+    config, vocab, chunks = built.config, built.vocab, built.chunks
     reference_weights.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]

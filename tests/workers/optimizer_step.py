@@ -14,8 +14,9 @@ from layout_runs import measure_layouts, optimizer_flags
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-from orpo_megatron import model, optimizer as optimizers, parallel
-from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
+from orpo_megatron import optimizer as optimizers, parallel
+from orpo_megatron.model_config import HFModelConfig, PrecisionConfig
+from orpo_megatron.rank_model import build_for_rank
 
 LAYOUTS = {"fp32": False, "bf16": True}  # name -> bf16 (the data-parallel size is the world size)
 LR, CLIP, STEPS, PAIRS, SEQ = 1e-2, 1.0, 2, 2, 16
@@ -47,12 +48,12 @@ def measure(hf_dir: str, name: str) -> dict:
     bf16 = LAYOUTS[name]
     args = optimizer_flags(["--clip-grad", str(CLIP), "--adam-eps", str(EPS)], lr=LR)
     hf = HFModelConfig.from_file(hf_dir)
-    parallel.initialize({}, hf)
-    config = build_transformer_config(hf, precision=PrecisionConfig(bf16=bf16))
+    built = build_for_rank(hf, parallel.initialize({}, hf), precision=PrecisionConfig(bf16=bf16))
+    config = built.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=optimizers.grad_reduce_in_fp32(args),
                                                use_distributed_optimizer=True)
     (chunk,) = [DistributedDataParallel(config, ddp_config, module)
-                for module in model.build_model(config, hf, model.vocab_info(hf, 128, 1))]
+                for module in built.modules]
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = optimizers.build_optimizer(args, [chunk], bf16, config.params_dtype)
 

@@ -14,16 +14,15 @@ import json
 import torch
 from trl_reference import CPO_CASES, cpo_reference, trl_padded_batch, trl_reference
 
-from orpo_megatron import arguments, model, parallel
+from orpo_megatron import arguments, parallel
 from orpo_megatron.checkpoint import format as checkpoint_format
-from orpo_megatron.checkpoint import weights as checkpoint_weights
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.micro_batch import packed_micro_batch, padded_micro_batch, round_up
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-from orpo_megatron.model_config import build_transformer_config
 from orpo_megatron.objective import ORPOConfig
 from orpo_megatron.schedule import run_micro_batches
 from orpo_megatron.data.batching import batch_layout
+from orpo_megatron.rank_model import build_for_rank
 
 BETA, NUM_PAIRS = 0.1, 4
 # Per-pair values of both sides; a pair's rewards are beta times its log-probs on both.
@@ -42,18 +41,14 @@ def main() -> None:
 
     info = checkpoint_format.describe(args.load)
     hf = info.hf
-    layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
-    layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs)
-    vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
-    chunks = model.build_model(config, hf, vocab)
-    checkpoint_weights.load_model_weights(info, chunks)
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf)
+    chunks = build_for_rank(hf, layout, weights=info).chunks
 
     data_config = DataConfig.from_args(args)
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
-    batches = batch_layout(True, None, layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                           layout.virtual_pipeline_model_parallel_size, config.sequence_parallel, fp8=False)
+    batches = batch_layout(True, None, layout, fp8=False)
     columns, pad_id = pairs[:NUM_PAIRS], pair_tokenizer.tokenizer.pad_id
     multiple = batches.length_multiple
     padded = padded_micro_batch(columns, pad_id, multiple)

@@ -25,14 +25,15 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from layout_runs import run_each_layout
 import reference_weights
-from orpo_megatron import arguments, model, parallel
+from orpo_megatron import arguments, parallel
 from orpo_megatron.data.arguments import DataConfig, add_data_args
 from orpo_megatron.data.batching import BatchLayout, TrainPairIterator, batch_layout
 from orpo_megatron.data.pipeline import make_pair_tokenizer, tokenized_split
-from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
+from orpo_megatron.model_config import HFModelConfig, PrecisionConfig
 from orpo_megatron.objective import GlobalNormalizers, ORPOConfig
 from orpo_megatron.schedule import run_micro_batches
 from orpo_megatron.routing import RoutingStats
+from orpo_megatron.rank_model import build_for_rank
 
 BETA, GLOBAL_BATCH = 0.1, 8
 
@@ -140,12 +141,11 @@ def perturbation_report(chunks, step, iterator, layout, pad_id, orpo_config) -> 
 
 def run(args: argparse.Namespace) -> None:
     hf = HFModelConfig.from_file(args.hf_dir)
-    layout_kwargs = arguments.layout_kwargs(args, hf.is_moe)
-    layout = parallel.initialize(layout_kwargs, hf)
-    config = build_transformer_config(hf, **layout_kwargs, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-                                      precision=PrecisionConfig(bf16=args.bf16))
-    vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
-    chunks = model.build_model(config, hf, vocab)
+    layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
+                                 hf)
+    built = build_for_rank(hf, layout, precision=PrecisionConfig(bf16=args.bf16),
+                           moe_aux_loss_coeff=args.moe_aux_loss_coeff)
+    config, chunks = built.config, built.chunks
     reference_weights.load_hf_checkpoint(chunks, args.hf_dir, hf)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
     chunks = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
@@ -157,9 +157,7 @@ def run(args: argparse.Namespace) -> None:
     pair_tokenizer = make_pair_tokenizer(data_config, args.hf_dir)
     pairs, _ = tokenized_split(data_config, pair_tokenizer, data_config.split)
     pad_id = pair_tokenizer.tokenizer.pad_id
-    packed_layout = batch_layout(True, args.packed_length, layout.tensor_model_parallel_size,
-                                 layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size,
-                                 config.sequence_parallel, fp8=False)
+    packed_layout = batch_layout(True, args.packed_length, layout, fp8=False)
     padded_layout = BatchLayout(packing=False, length_multiple=packed_layout.length_multiple)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), layout.data_parallel_size
 

@@ -6,8 +6,9 @@ import reference_weights
 import torch
 from transformers import AutoModelForCausalLM
 
-from orpo_megatron import model, parallel
-from orpo_megatron.model_config import HFModelConfig, build_transformer_config
+from orpo_megatron import parallel
+from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.rank_model import build_for_rank
 
 
 def main() -> None:
@@ -16,10 +17,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     hf = HFModelConfig.from_file(args.hf_dir)
-    parallel.initialize({}, hf)
-    config = build_transformer_config(hf)
-    vocab = model.vocab_info(hf, 128, 1)
-    chunk = model.build_model(config, hf, vocab)[0]
+    chunk = build_for_rank(hf, parallel.initialize({}, hf)).chunks[0]
     reference_weights.load_hf_checkpoint([chunk], args.hf_dir, hf)
     chunk.eval()
     reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()

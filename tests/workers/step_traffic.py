@@ -31,11 +31,12 @@ from megatron.core.transformer.moe.router import TopKRouter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from orpo_megatron import cpu_backend, model, optimizer as optimizers, parallel, train
+from orpo_megatron import cpu_backend, optimizer as optimizers, parallel, train
 from orpo_megatron.data.batching import TrainStep
 from orpo_megatron.data.micro_batch import padded_micro_batch
-from orpo_megatron.model_config import HFModelConfig, PrecisionConfig, build_transformer_config
+from orpo_megatron.model_config import HFModelConfig, PrecisionConfig
 from orpo_megatron.objective import ORPOConfig
+from orpo_megatron.rank_model import build_for_rank
 
 OFFLOAD = ["--use-precision-aware-optimizer", "--optimizer-cpu-offload"]
 OVERLAP = ["--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "5000"]
@@ -242,10 +243,9 @@ def run_layout(hf_dir: str, name: str, recorder: CollectiveRecorder) -> dict:
     args = trainer_flags(flags)
     hf = HFModelConfig.from_file(hf_dir)
     layout = parallel.initialize(options, hf)
-    config = build_transformer_config(hf, **options, precision=PrecisionConfig(bf16=bf16),
-                                      recompute_granularity="full" if recompute else None)
-    vocab = model.vocab_info(hf, 128, layout.tensor_model_parallel_size)
-    chunks = train.wrap_data_parallel(config, args, model.build_model(config, hf, vocab))
+    built = build_for_rank(hf, layout, precision=PrecisionConfig(bf16=bf16), data_parallel=args,
+                           recompute_granularity="full" if recompute else None)
+    config, chunks = built.config, built.chunks
     optimizer = optimizers.build_optimizer(args, chunks, bf16, config.params_dtype)
     config.grad_scale_func = optimizer.scale_loss
     scheduler = train.build_scheduler(args, optimizer, 10)
