@@ -93,30 +93,28 @@ def routing_metrics(sums: torch.Tensor, load_balancing: torch.Tensor | None) -> 
     """Metrics from the summed [layers, experts + 2] table (expert counts, entropy sum, real tokens); layers that
     routed no token (dense layers) are left out."""
     num_experts = sums.shape[1] - 2
-    metrics: dict = {}
-    per_layer_loads = []
+    per_layer = {}  # layer -> (expert loads, that layer's metrics)
     for layer, row in enumerate(sums):
         counts, tokens = row[:num_experts], row[num_experts + 1]
         if tokens == 0:
             continue
         loads = counts / counts.mean()
-        name = f"moe/layer_{layer}"
-        metrics[f"{name}/max_load"] = loads.max().item()
-        metrics[f"{name}/min_load"] = loads.min().item()
-        metrics[f"{name}/dead_experts"] = int((counts == 0).sum())
-        metrics[f"{name}/router_entropy"] = (row[num_experts] / tokens).item()
+        values = {"max_load": loads.max().item(), "min_load": loads.min().item(),
+                  "dead_experts": int((counts == 0).sum()), "router_entropy": (row[num_experts] / tokens).item()}
         if load_balancing is not None:
-            metrics[f"{name}/load_balancing_loss"] = load_balancing[layer].item()
-        per_layer_loads.append((layer, loads))
-    if not per_layer_loads:
-        return metrics
-    layers = [name.removesuffix("/max_load") for name in metrics if name.endswith("/max_load")]
-    metrics["moe/max_load"] = max(metrics[f"{layer}/max_load"] for layer in layers)
-    metrics["moe/min_load"] = min(metrics[f"{layer}/min_load"] for layer in layers)
-    metrics["moe/dead_experts"] = sum(metrics[f"{layer}/dead_experts"] for layer in layers)
-    metrics["moe/router_entropy"] = sum(metrics[f"{layer}/router_entropy"] for layer in layers) / len(layers)
+            values["load_balancing_loss"] = load_balancing[layer].item()
+        per_layer[layer] = (loads, values)
+    if not per_layer:
+        return {}
+    metrics = {f"moe/layer_{layer}/{name}": value for layer, (_, values) in per_layer.items()
+               for name, value in values.items()}
+    layers = [values for _, values in per_layer.values()]
+    metrics["moe/max_load"] = max(values["max_load"] for values in layers)
+    metrics["moe/min_load"] = min(values["min_load"] for values in layers)
+    metrics["moe/dead_experts"] = sum(values["dead_experts"] for values in layers)
+    metrics["moe/router_entropy"] = sum(values["router_entropy"] for values in layers) / len(layers)
     if load_balancing is not None:
         metrics["moe_load_balancing_loss"] = load_balancing.sum().item()
     # The heat map's data (tools/plot_metrics.py): metrics.jsonl only, as one list per layer.
-    metrics["moe/expert_load"] = {str(layer): loads.tolist() for layer, loads in per_layer_loads}
+    metrics["moe/expert_load"] = {str(layer): loads.tolist() for layer, (loads, _) in per_layer.items()}
     return metrics
