@@ -41,11 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    DataConfig.from_args(args).check_present()  # before minutes of model building
+    data_config = DataConfig.from_args(args)
+    data_config.check_present()  # before minutes of model building
     checkpoint = checkpointing.resolve(args.load, args.hf_config)
     hf = checkpoint.hf
     # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
-    data_config = DataConfig.from_args(args)
     if parallel.launch_env().rank == 0:
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split])
     layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),

@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
     if args.save_interval and not args.save:
         parser.error("--save-interval needs --save")
-    for flag in ("save", "log_dir", "wandb_save_dir"):
+    for flag in ("save", "log_dir", "wandb_save_dir", "tensorboard_dir"):
         arguments.check_output_folder(parser, flag, getattr(args, flag))
     optimizers.check_ddp_args(parser, args)
     return args
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     # stops (and saves) after its first step instead of the default action killing the process.
     stop = StopSignal()
     started_at = time.monotonic()  # --exit-duration-in-mins counts from here, start-up included
-    DataConfig.from_args(args).check_present()  # before minutes of model building
+    data_config = DataConfig.from_args(args)
+    data_config.check_present()  # before minutes of model building
     resume_dir = args.save if args.save and checkpointing.latest_iteration(args.save) is not None else None
     checkpoint = checkpointing.resolve(resume_dir or args.load, None if resume_dir else args.hf_config)
     if args.finetune and not resume_dir:  # the weights alone: a new run
@@ -283,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     hf = checkpoint.hf
     # The first rank tokenizes (forking workers) before CUDA and NCCL start; the others wait in the rendezvous.
     if parallel.launch_env().rank == 0:
-        data_config = DataConfig.from_args(args)
         tokenize_into_cache(data_config, checkpoint.hf_files, [data_config.split, data_config.eval_split])
     layout = parallel.initialize(parallel.ParallelLayout.from_args(args, parallel.launch_env().world_size, hf.is_moe),
                                  hf, args.seed, args.distributed_timeout_minutes)
