@@ -116,6 +116,9 @@ CASES = {
                                  "error: argument --use-checkpoint-opt_param-scheduler: not allowed with argument "
                                  "--override-opt_param-scheduler", in_process=True),
     "save_under_a_file": Case(["--save", "{file}/run"], 2, "error: --save {file}/run: {file} is a file, not a folder", in_process=True),
+    "tensorboard_dir_under_a_file": Case(["--tensorboard-dir", "{file}/tb"], 2,
+                                         "error: --tensorboard-dir {file}/tb: {file} is a file, not a folder",
+                                         in_process=True),
     "save_read_only": Case(["--save", "{ro}/run", "--log-dir", "{save}"], 2,
                            "error: --save {ro}/run: cannot write there (Read-only file system)", mount_tmpfs="ro:{ro}"),
     "evaluate_output_under_a_file": Case(["--output", "{file}/scores.jsonl"], 2,
