@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import random
 import re
 import socket
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -38,6 +40,7 @@ class ParallelLayout:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
     expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None  # None: = TP (Megatron-Core's default)
     sequence_parallel: bool = False
 
     @classmethod
@@ -52,6 +55,17 @@ class ParallelLayout:
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
+    @property
+    def expert_tensor_parallel(self) -> int:
+        """How many ranks split each expert (ETP): TP unless set apart (Megatron-Core's parallel folding)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    @property
+    def expert_data_parallel_size(self) -> int:
+        """Replicas of each expert: the ranks of a pipeline stage over ETP x EP."""
+        return self.world_size // (self.pipeline_model_parallel_size * self.expert_tensor_parallel
+                                   * self.expert_model_parallel_size)
+
     def transformer_config_kwargs(self) -> dict:
         """The layout's fields `model_config.build_transformer_config` takes."""
         return {name: value for name, value in dataclasses.asdict(self).items() if name != "world_size"}
@@ -61,24 +75,24 @@ class ParallelLayout:
         return (
             f"world={self.world_size} TP={self.tensor_model_parallel_size} "
             f"PP={self.pipeline_model_parallel_size}{f' VP={vp}' if vp else ''} "
-            f"EP={self.expert_model_parallel_size} DP={self.data_parallel_size}"
-            f"{' SP' if self.sequence_parallel else ''}"
+            f"EP={self.expert_model_parallel_size}"
+            f"{f' ETP={self.expert_tensor_parallel}' if self.expert_tensor_parallel != self.tensor_model_parallel_size else ''}"
+            f" DP={self.data_parallel_size}{' SP' if self.sequence_parallel else ''}"
         )
 
-    def validate(self, model: HFModelConfig, expert_tensor_parallel_size: int | None = None) -> None:
-        """Raise LayoutError naming the numbers when this layout cannot hold `model`. `expert_tensor_parallel_size`:
-        the planner's expert TP; None: = TP, what `initialize` sets up."""
+    def validate(self, model: HFModelConfig) -> None:
+        """Raise LayoutError naming the numbers when this layout cannot hold `model`."""
         tp, pp, ep = (
             self.tensor_model_parallel_size,
             self.pipeline_model_parallel_size,
             self.expert_model_parallel_size,
         )
-        etp = expert_tensor_parallel_size or tp
+        etp = self.expert_tensor_parallel
         vp = self.virtual_pipeline_model_parallel_size
         problems = []
-        for name, value in (("tensor", tp), ("pipeline", pp), ("expert", ep)):
+        for name, value in (("tensor", tp), ("pipeline", pp), ("expert", ep), ("expert-tensor", etp)):
             if value < 1:
-                problems.append(f"--{name}-model-parallel-size={value} must be >= 1")
+                problems.append(f"--{name}-{'' if name == 'expert-tensor' else 'model-'}parallel-size={value} must be >= 1")
         if problems:
             raise LayoutError("; ".join(problems))
         if self.world_size % (tp * pp):
@@ -98,6 +112,15 @@ class ParallelLayout:
         ffn_split, ffn_name = (etp, "ETP") if model.is_moe and etp != tp else (tp, "TP")  # experts split by ETP
         if model.intermediate_size % ffn_split:
             problems.append(f"FFN size {model.intermediate_size} is not divisible by {ffn_name}={ffn_split}")
+        if self.expert_tensor_parallel_size is not None and etp != tp and not model.is_moe:
+            problems.append(f"--expert-tensor-parallel-size={etp} needs a mixture-of-experts model; "
+                            f"{model.architecture} is dense")
+        elif etp != tp and ep == 1:
+            # megatron-core 0.16.1 marks experts expert-parallel (gradients reduced over the expert-data-parallel
+            # group) only when EP > 1; otherwise over the dense DP group, which misses the TP ranks sharing them.
+            problems.append(f"--expert-tensor-parallel-size={etp} apart from TP={tp} needs "
+                            "--expert-model-parallel-size > 1 (megatron-core 0.16.1 would reduce the experts' "
+                            "gradients over the wrong ranks)")
         if ep > 1 and not model.is_moe:
             problems.append(f"EP={ep} needs a mixture-of-experts model; {model.architecture} is dense")
         if model.is_moe and model.num_experts % ep:
@@ -229,10 +252,15 @@ def initialize(layout: ParallelLayout | dict, model: HFModelConfig, seed: int = 
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     # Megatron-Core 0.16.1 creates its expert-data-parallel gloo groups without the timeout; set it on all.
     parallel_state.update_pg_timeout(datetime.timedelta(minutes=timeout_minutes))
+    # Python's and numpy's generators too, as Megatron-LM seeds them: their states are saved with every checkpoint
+    # (Megatron-LM's rng_state), which is then the same for the same run.
+    random.seed(seed)
+    np.random.seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return layout
 

@@ -103,6 +103,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="Training checkpoint directory. A run whose --save already holds a checkpoint resumes "
                             "from its newest complete iteration (so a requeued job continues).")
     group.add_argument("--save-interval", type=int, default=None, help="Save every N steps. Default: only at the end.")
+    group.add_argument("--async-save", action="store_true",
+                       help="Write checkpoints in the background (megatron-core's asynchronous torch_dist save, as "
+                            "Megatron-LM's flag): training goes on while a forked process writes the state copied "
+                            "at the save; the `latest` pointer moves once every rank has written (checked after "
+                            "each step). Same files as a synchronous save. Default: save in place.")
     group.add_argument("--finetune", action="store_true",
                        help="Start a new run from the weights of --load, even a training checkpoint of ours or "
                             "Megatron-LM's: iteration 0, a new optimizer and LR schedule, the data from its start "
@@ -157,8 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
-    if args.save_interval and not args.save:
-        parser.error("--save-interval needs --save")
+    for flag in ("save_interval", "async_save"):
+        if getattr(args, flag) and not args.save:
+            parser.error(f"--{flag.replace('_', '-')} needs --save")
     for flag in ("save", "log_dir", "wandb_save_dir", "tensorboard_dir"):
         arguments.check_output_folder(parser, flag, getattr(args, flag))
     optimizers.check_ddp_args(parser, args)
@@ -340,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = throughput.FlopsCounter(hf, peak_tflops=args.peak_tflops, world_size=layout.world_size,
                                     vocab_size=vocab.padded_size, fp8=bool(args.fp8_format))
 
-    saved_at = iteration if resume_dir else None  # the iteration already complete in --save
+    saved_at = iteration if resume_dir else None  # the iteration already complete (or being written) in --save
+    saver = checkpointing.Saver(args.save, args.keep_last_checkpoints, args.async_save, log) if args.save else None
 
     def save(at_iteration: int) -> None:
         # Never rewrite a complete iteration (a signal at a save-interval step, a resumed finished run): the
@@ -355,14 +362,14 @@ def main(argv: list[str] | None = None) -> int:
                  "seq_length": args.max_length, "consumed_pairs": train_iter.consumed_pairs},
             padded_vocab_size=vocab.padded_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             iteration=at_iteration)
-        path = checkpointing.save(args.save, at_iteration, chunks, optimizer, scheduler, train_state, megatron_args,
-                                  hf_files_from=checkpoint.hf_files, keep_last=args.keep_last_checkpoints)
-        log(f"saved checkpoint {path}")
+        saver.save(at_iteration, chunks, optimizer, scheduler, train_state, megatron_args,
+                   hf_files_from=checkpoint.hf_files)
         saved_at = at_iteration
 
     def last_good() -> str:
         if not args.save:
             return "none (no --save)"
+        saver.wait()
         found = checkpointing.latest_iteration(args.save)
         return checkpointing.iteration_dir(args.save, found) if found is not None else f"none yet in {args.save}"
 
@@ -401,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         if evaluation is not None and args.eval_interval and (iteration % args.eval_interval == 0 or iteration == train_iters):
             tracker.log(evaluate(chunks, evaluation, orpo_config, args.eval_iters), iteration,
                         train_iter.consumed_pairs, prefix="eval")
+        if saver:
+            saver.poll()
         if args.save and (iteration == train_iters or args.save_interval and iteration % args.save_interval == 0):
             save(iteration)
         out_of_time = args.exit_duration_in_mins is not None and \
@@ -409,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         stopped = (stop.any_rank(out_of_time) or interval_reached) and iteration < train_iters
         if stopped and args.save:
             save(iteration)
+    if saver:
+        saver.wait()
     status = 0
     if stopped:
         status = EXIT_STOPPED_SAVED if args.save else EXIT_STOPPED_UNSAVED

@@ -20,6 +20,7 @@ import shutil
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import checkpoint_weights, trainer_signal_handlers_undone
 from orpo_megatron import train
@@ -186,6 +187,60 @@ def test_freeze_router_keeps_router_weights_bit_identical_through_a_resume(torch
             assert torch.equal(final[name], initial[name]), name
         moved = [name for name in initial if name not in routers and not torch.equal(final[name], initial[name])]
         assert len(moved) >= len(initial) - len(routers) - 2, moved  # all but possibly untouched embedding rows
+
+
+def test_async_save_writes_the_same_checkpoints_while_training_goes_on(torchrun, straight, converted, data_cache,
+                                                                       tmp_path):
+    """`--async-save` at EP2 x DP2: the step-3 save is written in the background while step 4 trains, the `latest`
+    pointer moves only after that, and both checkpoints are the synchronous run's byte for byte: every tensor
+    file, metadata.json and hf_files/ identical; `.metadata` identical but for the ids torch draws per save and
+    the folder; common.pt and train_state.json identical but for the flag itself and --save."""
+    save = str(tmp_path / "train")
+    out = torchrun("-m orpo_megatron.train", 2, *train_args(converted, save, data_cache, *LAYOUTS["ep2_dp2"],
+                                                            "--async-save")).stdout
+    step3 = checkpointing.iteration_dir(save, 3)
+    scheduled = out.index(f"saving checkpoint {step3} in the background")
+    assert scheduled < out.index("train iter 4/6") < out.index(f"saved checkpoint {step3}\n"), out
+    assert checkpointing.latest_iteration(save) == 6
+    expected_steps, got_steps = steps(straight("ep2_dp2")), steps(save)
+    assert sorted(got_steps) == sorted(expected_steps) == [1, 2, 3, 4, 5, 6]
+    for iteration in expected_steps:  # the same run, in the same order (the bytes below show the same state)
+        assert got_steps[iteration]["train/loss"] == expected_steps[iteration]["train/loss"]
+
+    for iteration in (3, 6):
+        synchronous, background = (checkpointing.iteration_dir(root, iteration) for root in (straight("ep2_dp2"), save))
+        files = sorted(os.path.relpath(os.path.join(folder, name), synchronous)
+                       for folder, _, names in os.walk(synchronous) for name in names)
+        assert files == sorted(os.path.relpath(os.path.join(folder, name), background)
+                               for folder, _, names in os.walk(background) for name in names)
+        assert sum(name.endswith(".distcp") for name in files) == 2  # one per rank
+        for name in files:
+            if name not in (".metadata", "common.pt", checkpointing.TRAIN_STATE_FILE):
+                with open(os.path.join(synchronous, name), "rb") as a, open(os.path.join(background, name), "rb") as b:
+                    assert a.read() == b.read(), (iteration, name)
+        plans = [FileSystemReader(folder).read_metadata() for folder in (synchronous, background)]
+        assert plans[0].state_dict_metadata == plans[1].state_dict_metadata
+        assert plans[0].storage_data == plans[1].storage_data and plans[0].planner_data == plans[1].planner_data
+        commons = [checkpoint_format.read_common(folder) for folder in (synchronous, background)]
+        flags = [vars(common.pop("args")) for common in commons]
+        assert (flags[0].pop("async_save"), flags[1].pop("async_save")) == (False, True)
+        assert flags[0].pop("save") != flags[1].pop("save")
+        assert flags[0] == flags[1] and torch_equal_tree(commons[0], commons[1]), iteration
+        states = [json.load(open(os.path.join(folder, checkpointing.TRAIN_STATE_FILE)))
+                  for folder in (synchronous, background)]
+        for state in states:
+            state["args"].pop("async_save"), state["args"].pop("save")
+        assert states[0] == states[1]
+
+
+def torch_equal_tree(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch_equal_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(torch_equal_tree(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
 
 
 def train_here(*argv: str) -> int:

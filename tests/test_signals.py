@@ -6,8 +6,12 @@ One scenario, three launches of the same command (torchrun, 2 ranks, EP2 x DP2, 
    every rank, "stopped early, checkpoint saved"; torchrun reports a non-zero worker as its own 1).
 2. The same command resumes from it; SIGKILL to the whole process group as soon as a `.iter_*.partial` folder
    appears, i.e. inside a save.
-3. The same command resumes from the newest complete iteration and finishes.
+3. The same command with `--async-save` resumes from the newest complete iteration; SIGKILL to every process
+   (the background writers too) as soon as its first save is being written in the background: the pointer still
+   names the iteration it resumed from, which stays complete.
+4. The same command (`--async-save`) resumes from it and finishes, its last save complete.
 """
+import contextlib
 import json
 import os
 import re
@@ -33,12 +37,12 @@ def converted(tiny_converted) -> str:
     return tiny_converted
 
 
-def start_run(converted: str, save: str, data_cache: str) -> subprocess.Popen:
+def start_run(converted: str, save: str, data_cache: str, *flags: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            "-m", "orpo_megatron.train", "--load", converted, "--save", save, "--data-path", DATA,
            "--data-cache-dir", data_cache, "--max-length", "64", "--max-prompt-length", "48",
            "--micro-batch-size", "1", "--global-batch-size", "4", "--expert-model-parallel-size", "2",
-           "--train-iters", str(TRAIN_ITERS), "--save-interval", "2", "--log-interval", "1", "--lr", "1e-4"]
+           "--train-iters", str(TRAIN_ITERS), "--save-interval", "2", "--log-interval", "1", "--lr", "1e-4", *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -54,13 +58,36 @@ def worker_pids(launcher_pid: int, world_size: int = 2) -> dict[int, int]:
     raise AssertionError(f"torchrun (pid {launcher_pid}) did not start {world_size} workers")
 
 
-def _ranks_of_children(launcher_pid: int) -> dict[int, int]:
+def _children(pid: int) -> list[int]:
     children = []
-    for task in os.listdir(f"/proc/{launcher_pid}/task"):
-        with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
-            children += [int(pid) for pid in f.read().split()]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(child) for child in f.read().split()]
+    except FileNotFoundError:  # it (or a thread) has just exited
+        pass
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        for child in _children(stack.pop()):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_all(launcher_pid: int) -> None:
+    """SIGKILL torchrun, its workers and the processes they fork (the checkpoint writers), as a node failure would."""
+    for pid in [*descendants(launcher_pid), launcher_pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _ranks_of_children(launcher_pid: int) -> dict[int, int]:
     ranks = {}
-    for pid in children:
+    for pid in _children(launcher_pid):
         environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         rank = [entry.split(b"=", 1)[1] for entry in environ if entry.startswith(b"RANK=")]
         if rank:
@@ -103,7 +130,7 @@ def test_sigterm_saves_and_exits_and_a_kill_during_save_keeps_latest_complete(co
 
     # 2. The same command resumes; SIGKILL everything while a later iteration is being written.
     run = start_run(converted, save, data_cache)
-    workers = worker_pids(run.pid)
+    worker_pids(run.pid)  # both workers have started
     partial = None
     deadline = time.monotonic() + 300
     while partial is None and run.poll() is None and time.monotonic() < deadline:
@@ -111,8 +138,7 @@ def test_sigterm_saves_and_exits_and_a_kill_during_save_keeps_latest_complete(co
                        None)
         if partial is None:
             time.sleep(0.002)
-    for pid in (*workers.values(), run.pid):
-        os.kill(pid, signal.SIGKILL)
+    kill_all(run.pid)
     log = run.stdout.read()
     run.wait(timeout=60)
     assert partial is not None, f"no save started before the run ended\n{log[-4000:]}"
@@ -124,8 +150,25 @@ def test_sigterm_saves_and_exits_and_a_kill_during_save_keeps_latest_complete(co
     assert_complete(save, latest)
     assert checkpointing.resolve(save).folder == checkpointing.iteration_dir(save, latest)
 
-    # 3. The same command resumes from the newest complete iteration and finishes.
-    run = start_run(converted, save, data_cache)
+    # 3. With --async-save: SIGKILL everything while the first save is written in the background.
+    run = start_run(converted, save, data_cache, "--async-save")
+    output = []
+    for line in run.stdout:
+        output.append(line)
+        if re.match(r"saving checkpoint .* in the background", line):
+            kill_all(run.pid)
+            break
+    output += run.stdout.readlines()
+    run.wait(timeout=60)
+    log = "".join(output)
+    in_flight = re.search(r"saving checkpoint .*iter_(\d+) in the background", log)
+    assert in_flight and f"resumed from iteration {latest}" in log, log[-4000:]
+    assert os.path.isdir(os.path.join(save, f".iter_{int(in_flight.group(1)):07d}.partial"))
+    assert checkpointing.latest_iteration(save) == latest
+    assert_complete(save, latest)
+
+    # 4. The same command resumes from it and finishes.
+    run = start_run(converted, save, data_cache, "--async-save")
     log = run.communicate(timeout=300)[0]
     assert run.returncode == 0, log[-4000:]
     assert f"resumed from iteration {latest}" in log, log[-4000:]

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer import distrib_optimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -262,48 +263,110 @@ def _set_rng_state(states: list) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- save
-def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict, megatron_args,
-         hf_files_from: str, keep_last: int | None = None) -> str:
-    """Write iteration `iteration` (collective): Megatron-LM's checkpoint with `megatron_args` in common.pt,
-    our train state, and the HF config and tokenizer files of `hf_files_from`. Returns the final folder."""
-    rank = dist.get_rank()
-    final = iteration_dir(save_dir, iteration)
-    partial = os.path.join(save_dir, f".{os.path.basename(final)}.partial")
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-    metadata = checkpoint_writer.sharded_metadata(OPTIMIZER_FORMAT)
-    state = checkpoint_weights.model_state_dicts(model_chunks, metadata)
-    state["optimizer"] = _without_classes(optimizer.sharded_state_dict(state, metadata=metadata))
-    state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_sharded(_gathered_rng_states()),
-                 args=megatron_args, checkpoint_version=fmt.CHECKPOINT_VERSION, iteration=iteration,
-                 num_floating_point_operations_so_far=0)
-    failure = None
-    try:  # megatron-core's save raises on every rank when one rank's write fails
-        checkpoint_writer.save(partial, state, metadata)
-        if rank == 0:
-            fmt.copy_hf_files(hf_files_from, partial)
-            with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
-    except (Exception, CheckpointException) as err:  # any failed write: stop with the reason, keep the last save
-        failure = err
-    failures: list = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, _save_failure(failure, save_dir))
-    reason = next((found for found in failures if found), None)
-    if reason:
+class Saver:
+    """Writes the training checkpoints of one `--save` folder, in place or in the background (`--async-save`).
+
+    Both go through megatron-core's torch_dist writer (`writer.save_request`), into `.iter_N.partial`; the folder
+    is renamed and the `latest` pointer written only once every rank has written (in place: before `save`
+    returns; in the background: when a later `poll` or `wait` finds every rank's writer done). An asynchronous
+    save snapshots the state when it is scheduled (copied to host on a GPU, a forked process on CPU), so training
+    goes on meanwhile; one save is in flight at a time (a new one first waits for the previous one). All methods
+    are collective.
+    """
+
+    def __init__(self, save_dir: str, keep_last: int | None = None, asynchronous: bool = False, log=print):
+        self.save_dir, self.keep_last, self.log = save_dir, keep_last, log
+        self.background = AsyncCallsQueue() if asynchronous else None
+        self.pending: int | None = None  # the iteration being written in the background
+
+    def save(self, iteration: int, model_chunks, optimizer, scheduler, train_state: dict, megatron_args,
+             hf_files_from: str) -> str:
+        """Write iteration `iteration`: Megatron-LM's checkpoint with `megatron_args` in common.pt, our train state,
+        and the HF config and tokenizer files of `hf_files_from`. Returns the final folder (complete once this
+        returns, or once a later `poll`/`wait` reports it when asynchronous)."""
+        self.wait()
+        rank = dist.get_rank()
+        final = iteration_dir(self.save_dir, iteration)
+        partial = self._partial(iteration)
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        latest = fmt.read_tracker(save_dir)
-        raise fmt.CheckpointError(f"saving iteration {iteration} to {save_dir} failed: {reason}; "
-                                  + (f"{iteration_dir(save_dir, latest)} stays the latest checkpoint"
-                                     if latest is not None else "no checkpoint was saved"))
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(partial, final)
-        fmt.write_tracker(save_dir, iteration)
-        if keep_last:
-            _prune(save_dir, keep_last)
-    dist.barrier()
-    return final
+        metadata = checkpoint_writer.sharded_metadata(OPTIMIZER_FORMAT)
+        state = checkpoint_weights.model_state_dicts(model_chunks, metadata)
+        state["optimizer"] = _without_classes(optimizer.sharded_state_dict(state, metadata=metadata))
+        state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_sharded(_gathered_rng_states()),
+                     args=megatron_args, checkpoint_version=fmt.CHECKPOINT_VERSION, iteration=iteration,
+                     num_floating_point_operations_so_far=0)
+        failure = None
+        try:  # megatron-core's writer raises on every rank when one rank's write fails
+            request = checkpoint_writer.save_request(partial, state, metadata, self.background is not None)
+            if rank == 0:
+                fmt.copy_hf_files(hf_files_from, partial)
+                with open(os.path.join(partial, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(dict(train_state, iteration=iteration), f, indent=2, default=str)
+            if self.background is None:
+                request.execute_sync()
+        except (Exception, CheckpointException) as err:  # any failed write: stop with the reason, keep the last save
+            failure = err
+        if self.background is None or failure is not None:
+            self._complete(iteration, failure)
+        else:
+            self.background.schedule_async_request(request)
+            self.pending = iteration
+            self.log(f"saving checkpoint {final} in the background")
+        return final
+
+    def poll(self) -> None:
+        """Complete a background save whose writers are done on every rank (one all-reduce; no wait)."""
+        self._finalize(blocking=False)
+
+    def wait(self) -> None:
+        """Wait for a background save and complete it."""
+        self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        if self.pending is None:
+            return
+        failure = None
+        try:
+            if not self.background.maybe_finalize_async_calls(blocking=blocking):
+                return
+        except (Exception, CheckpointException) as err:  # megatron-core raises a failed write on every rank
+            failure = err
+        iteration, self.pending = self.pending, None
+        self._complete(iteration, failure)
+
+    def _partial(self, iteration: int) -> str:
+        return os.path.join(self.save_dir, f".{os.path.basename(iteration_dir(self.save_dir, iteration))}.partial")
+
+    def _complete(self, iteration: int, failure: BaseException | None) -> None:
+        """Every rank has written (or failed): rename the folder and move the pointer, or stop with the reason."""
+        rank = dist.get_rank()
+        final, partial = iteration_dir(self.save_dir, iteration), self._partial(iteration)
+        failures: list = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, _save_failure(failure, self.save_dir))
+        reason = next((found for found in failures if found), None)
+        if reason:
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            latest = fmt.read_tracker(self.save_dir)
+            raise fmt.CheckpointError(f"saving iteration {iteration} to {self.save_dir} failed: {reason}; "
+                                      + (f"{iteration_dir(self.save_dir, latest)} stays the latest checkpoint"
+                                         if latest is not None else "no checkpoint was saved"))
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(partial, final)
+            fmt.write_tracker(self.save_dir, iteration)
+            if self.keep_last:
+                _prune(self.save_dir, self.keep_last)
+        dist.barrier()
+        self.log(f"saved checkpoint {final}")
+
+
+def save(save_dir: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict, megatron_args,
+         hf_files_from: str, keep_last: int | None = None) -> str:
+    """Write iteration `iteration` in place (collective; see `Saver`). Returns the final folder."""
+    return Saver(save_dir, keep_last, log=lambda *_: None).save(
+        iteration, model_chunks, optimizer, scheduler, train_state, megatron_args, hf_files_from)
 
 
 def _save_failure(err: BaseException | None, save_dir: str) -> str | None:

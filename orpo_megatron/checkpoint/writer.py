@@ -1,15 +1,23 @@
-"""The torch_dist writer: a checkpoint folder written as Megatron-LM writes it, synchronously and in-process, with
-tensors that may be produced only when the writer reaches them (conversion streams one layer at a time through it).
+"""The torch_dist writers: a checkpoint folder written as Megatron-LM writes it.
+
+- `save`: synchronously and in-process, with tensors that may be produced only when the writer reaches them
+  (conversion streams one layer at a time through it).
+- `save_request`: megatron-core's own writer (Megatron-LM's, sync or `--async-save`) as a request that is either
+  executed in place or handed to a background process; training checkpoints go through it, so a synchronous
+  and an asynchronous save of the same state write the same bytes.
 """
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -68,6 +76,41 @@ def save(folder: str, state_dict: dict, content_metadata: dict, producers: dict 
     dist.barrier()
     dist_checkpointing.save(state_dict, folder, sharded_strategy=_SynchronousTorchDistSave(producers),
                             content_metadata={k: v for k, v in content_metadata.items() if k != "dp_cp_group"})
+
+
+def save_request(folder: str, state_dict: dict, content_metadata: dict, asynchronous: bool = False) -> AsyncRequest:
+    """Collective: megatron-core's torch_dist save of `state_dict` into `folder` (created if needed), as Megatron-LM
+    makes it: common.pt is written now; the tensors are written when the returned request runs, in place
+    (`request.execute_sync()`) or, `asynchronous`, in a forked process (`AsyncCallsQueue.schedule_async_request`);
+    the request's finalize functions then write `.metadata` and metadata.json, once every rank has written."""
+    if dist.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+    dist.barrier()
+    _use_results_queue(asynchronous)
+    return dist_checkpointing.save(state_dict, folder, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1,
+                                                                                                     thread_count=1),
+                                   async_sharded_save=True,
+                                   content_metadata={k: v for k, v in content_metadata.items() if k != "dp_cp_group"})
+
+
+_background_results = None  # megatron-core's queue for results from a background writer, once made
+
+
+def _use_results_queue(asynchronous: bool) -> None:
+    """The queue megatron-core's writer reports its results through (each save takes the current one).
+
+    megatron-core makes one, on first use, in a spawned multiprocessing Manager: a fresh interpreter that
+    re-imports the launching script (seconds per rank). A background writer needs it (its results may exceed a
+    pipe's buffer before the trainer reads them); a save in place reports from this process, so a plain queue
+    serves it and a run that never saves in the background never starts the Manager."""
+    global _background_results
+    if not asynchronous:
+        filesystem_async._results_queue = queue.Queue()
+        return
+    if _background_results is None:
+        filesystem_async._results_queue = None
+        _background_results = filesystem_async._get_write_results_queue()
+    filesystem_async._results_queue = _background_results
 
 
 def sharded_metadata(content_metadata: dict | None = None) -> dict:
