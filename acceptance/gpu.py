@@ -16,7 +16,8 @@ every wait ends at that deadline: a check that overruns says FAIL "did not finis
 (b) trainer, ~90 s: for each optimizer mode (Adam; offloaded, the examples' partial fraction and the flag's
     default 1.0; precision-aware), a bf16 run from a converted checkpoint at lr 1e-9 keeps the loaded weights
     (held-out loss unchanged after a step), and a run saved at step 2 resumes to the same losses at steps 3-6
-    (its optimizer state through the reshardable checkpoint; a lost step count shows from step 5 on);
+    (its optimizer state through the reshardable checkpoint; a lost step count shows from step 5 on; the saving
+    run writes with --async-save, so its state copied to host while training went on is what resumes);
 (c) packing, ~30 s: the trainer's first step on the tiny Mixtral in bf16 on the machine's spec: every tensor the
     model and the loss read is on the GPU after the move and a packed forward/backward runs there; packed equals
     --no-packing on the same pairs (on TE: THD attention, fused THD RoPE); no host sync from orpo_megatron/ in
@@ -293,15 +294,16 @@ def logged_events(save: str) -> dict:
 
 def resume_runs(machine: Machine, variants: dict[str, list[str]], alongside: dict[str, list[str]] | None = None
                 ) -> tuple[dict[str, float | Exception], dict[str, dict | Exception]]:
-    """For each variant (name -> flags): a straight bf16 run that saves at step 2, and a run resumed from that
-    save; the largest |loss| difference of `RESUMED_STEPS` between them, or what went wrong. The straight runs
+    """For each variant (name -> flags): a straight bf16 run that saves at step 2 (in the background), and a run
+    resumed from that save; the largest |loss| difference of `RESUMED_STEPS` between them, or what went wrong. The straight runs
     and `alongside`'s runs start together, then the resumed ones. Returns (differences, alongside's events)."""
     from orpo_megatron.checkpoint import format as checkpoint_format
     from orpo_megatron.checkpoint import training as checkpointing
 
     common = ["--bf16", "--lr", "1e-3", "--lr-warmup-iters", "1", "--train-iters", str(RESUMED_STEPS[-1]),
               "--save-interval", "2"]
-    first = train_all(machine, {**{f"{name}-straight": [*common, *flags] for name, flags in variants.items()},
+    first = train_all(machine, {**{f"{name}-straight": [*common, *flags, "--async-save"]
+                                   for name, flags in variants.items()},
                                 **(alongside or {})})
     resumed = {}
     for name, flags in variants.items():

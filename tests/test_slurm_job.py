@@ -140,6 +140,7 @@ def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tiny_mix
     assert "run the same command to resume (exit status 3)" in log  # the status the script requeues on
     assert 2 <= stopped_at < 30
     assert f"job {job_id} (restart 1)" in log
+    assert "in the background" in log  # the script's default --async-save: the stop's save completed before exit
     assert f"resumed from iteration {stopped_at} ({4 * stopped_at} pairs consumed)" in log
     save = str(run_dir / "train")
     assert checkpointing.latest_iteration(save) == 30

@@ -47,6 +47,9 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again only after the job credential lifetime (default 120 s): short here, so the
+# requeue test does not wait two minutes.
+AuthInfo=cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$R/state
 SlurmdSpoolDir=$R/spool
