@@ -98,6 +98,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
                        help="Model chunks per pipeline rank for the interleaved 1F1B schedule (VP). Default: none.")
     group.add_argument("--expert-model-parallel-size", type=int, default=1, help="Expert parallel size (EP).")
+    group.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                       help="Ranks that split each expert's weights (ETP; Megatron-Core's parallel folding: attention "
+                            "at TP, experts at ETP, typically 1 so experts are never split). Default: = TP.")
     group.add_argument("--sequence-parallel", action="store_true",
                        help="Split activations along the sequence over TP ranks. Always on for MoE models with "
                             "TP > 1 (Megatron-Core requires it there).")
@@ -133,6 +136,8 @@ def validate_common_args(parser: argparse.ArgumentParser, args: argparse.Namespa
                  "distributed_timeout_minutes"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.expert_tensor_parallel_size is not None and args.expert_tensor_parallel_size < 1:
+        parser.error(f"--expert-tensor-parallel-size must be >= 1, got {args.expert_tensor_parallel_size}")
     if args.virtual_pipeline_model_parallel_size is not None and args.virtual_pipeline_model_parallel_size < 1:
         parser.error("--virtual-pipeline-model-parallel-size must be >= 1")
     check_packing_args(parser, args)

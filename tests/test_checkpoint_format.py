@@ -12,6 +12,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from orpo_megatron.checkpoint import format as fmt
 
@@ -21,6 +23,8 @@ from orpo_megatron.checkpoint import training as checkpointing
 from orpo_megatron.checkpoint import conversion
 from orpo_megatron.checkpoint.hf_mapping import HFCheckpointReader, MappingError, megatron_outer_shapes
 from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.optimizer import OptimizerMode
+from orpo_megatron.planning import capacity, estimator
 from workers.megatron_interop import megatron_lm_args
 
 TINY = HFModelConfig.from_dict(tiny_model.TINY_MIXTRAL_CONFIG)
@@ -224,6 +228,14 @@ def test_optimizer_state_survives_save_and_load(tiny_converted, tmp_path):
     megatron_args = fmt.megatron_args(info.hf, {}, padded_vocab_size=640, make_vocab_size_divisible_by=128, iteration=2)
     checkpointing.save(str(tmp_path), 2, chunks, optimizer, scheduler, {"layout": "one"}, megatron_args,
                        hf_files_from=info.hf_files)
+    # The planner's checkpoint cost is for exactly what this save stores (weights, main params, moments: fp32).
+    stored = sum(meta.size.numel() * meta.properties.dtype.itemsize for meta in
+                 FileSystemReader(checkpointing.iteration_dir(str(tmp_path), 2)).read_metadata()
+                 .state_dict_metadata.values() if isinstance(meta, TensorStorageMetadata))
+    plan = estimator.parse_args(["--hf-config", os.path.join(info.hf_files, "config.json"), "--fp32"])
+    layout = estimator.make_layout(plan, 1, 1, 1, 1, False, OptimizerMode())
+    rates = capacity.hardware(info.hf, plan)
+    assert capacity.checkpoint_stall(info.hf, layout, plan, rates, 1.0, 10).stored_bytes == stored
 
     chunks, optimizer, scheduler = build()
     state = checkpointing.load(checkpointing.resolve(str(tmp_path)), chunks, optimizer, scheduler, "one")

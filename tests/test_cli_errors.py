@@ -102,6 +102,8 @@ def test_missing_checkpoint_is_named(tmp_path):
     (["--eval-iters", "0"], "--eval-iters must be >= 1, got 0"),
     (["--exit-interval", "0"], "--exit-interval must be >= 1, got 0"),
     (["--exit-duration-in-mins", "-5"], "--exit-duration-in-mins must be >= 0, got -5.0"),
+    (["--async-save"], "--async-save needs --save"),
+    (["--expert-tensor-parallel-size", "0"], "--expert-tensor-parallel-size must be >= 1, got 0"),
     (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2", "--eval-iters", "3"],
      "--eval-iters 3 must be a multiple of --pipeline-model-parallel-size 2"),
 ])

@@ -196,3 +196,32 @@ def test_cli_rejects_an_offload_fraction_outside_0_1(tiny_mixtral, capsys):
 def test_cli_names_a_missing_config(tmp_path, capsys):
     assert estimate_memory.main(["--hf-config", str(tmp_path / "nope.json")]) == 2
     assert "nope.json: no such file" in capsys.readouterr().err
+
+
+def test_checkpoint_cost_counts_each_save_in_place_and_only_the_unhidden_part_in_the_background(tiny_mixtral,
+                                                                                                   capsys):
+    """10 steps of 2 s saving every 3 (at 3, 6, 9 and the end): in place each save stops the GPUs for its whole
+    write; with --async-save only the copy to host, what of a write outlasts the 6 s until the next save, and the
+    last write the run's end waits for. The stored size is checked against a real save in test_checkpoint_format."""
+    from orpo_megatron.planning import capacity
+
+    def stall(*flags: str):
+        args = estimate_memory.parse_args(["--hf-config", tiny_mixtral, "--save-interval", "3", *flags])
+        layout = estimate_memory.make_layout(args, 1, 1, 2, 2, False, OptimizerMode())
+        return capacity.checkpoint_stall(HFModelConfig.from_file(tiny_mixtral), layout, args,
+                                         capacity.hardware(HFModelConfig.from_file(tiny_mixtral), args), 2.0, 10)
+
+    in_place = stall("--checkpoint-write-gbps", "0.0005")
+    write = in_place.stored_bytes / 0.5e6
+    assert in_place.saves == 4 and in_place.write_seconds == pytest.approx(write)
+    assert in_place.seconds == pytest.approx(4 * write)
+    background = stall("--checkpoint-write-gbps", "0.0005", "--async-save", "--pcie-gbps", "0.001")
+    copy = in_place.stored_bytes / 2 / 1e6  # each of the 2 GPUs (EP2 x DP2) copies its half to host
+    assert write > 6.0  # so each write outlasts the interval by write - 6 s
+    assert background.seconds == pytest.approx(4 * copy + 3 * (write - 6.0) + write)
+    hidden = stall("--checkpoint-write-gbps", "0.01", "--async-save", "--pcie-gbps", "0.001")
+    assert hidden.seconds == pytest.approx(4 * copy + hidden.write_seconds)  # each write fits its interval
+    assert estimate_memory.main(["--hf-config", tiny_mixtral, "--ep", "2", "--dp", "2", "--global-batch-size", "4",
+                                 "--train-pairs", "40", "--epochs", "1", "--save-interval", "3",
+                                 "--checkpoint-write-gbps", "0.0005"]) in (0, 1)
+    assert re.search(r"checkpoints +[\d.]+ min waiting for 4 save\(s\)", capsys.readouterr().out)

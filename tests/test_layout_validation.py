@@ -22,6 +22,12 @@ MISTRAL = HFModelConfig.from_dict(TINY_MISTRAL_CONFIG)
      "world size 4 is not divisible by TP*EP*PP = 2*4*1 = 8"),
     (dict(world_size=1, sequence_parallel=True), MIXTRAL, "--sequence-parallel needs TP > 1"),
     (dict(world_size=1, virtual_pipeline_model_parallel_size=2), MIXTRAL, "VP=2 needs PP > 1"),
+    (dict(world_size=2, tensor_model_parallel_size=2, expert_tensor_parallel_size=1), MIXTRAL,
+     "--expert-tensor-parallel-size=1 apart from TP=2 needs --expert-model-parallel-size > 1"),
+    (dict(world_size=2, tensor_model_parallel_size=2, expert_tensor_parallel_size=1), MISTRAL,
+     "--expert-tensor-parallel-size=1 needs a mixture-of-experts model"),
+    (dict(world_size=6, tensor_model_parallel_size=2, expert_model_parallel_size=4, expert_tensor_parallel_size=1),
+     MIXTRAL, "world size 6 is not divisible by ETP*EP*PP = 1*4*1 = 4"),
 ])
 def test_wrong_layout_is_refused_naming_the_numbers(layout, model, expected):
     with pytest.raises(LayoutError) as err:
@@ -32,6 +38,8 @@ def test_wrong_layout_is_refused_naming_the_numbers(layout, model, expected):
 @pytest.mark.parametrize("layout", [
     dict(world_size=1),
     dict(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_size=2, sequence_parallel=True),
+    dict(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1,
+         sequence_parallel=True),
     dict(world_size=8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
          virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=2, sequence_parallel=True),
 ])

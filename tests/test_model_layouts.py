@@ -13,27 +13,31 @@ import os
 import pytest
 import torch
 
-LAYOUTS = {  # name: (world, TP, PP, EP, VP, MoE token dispatcher)
-    "tp2_sp": (2, 2, 1, 1, None, "alltoall"),
-    "pp2": (2, 1, 2, 1, None, "alltoall"),
-    "pp2_vp2": (2, 1, 2, 1, 2, "alltoall"),
-    "ep2_dp2_alltoall": (2, 1, 1, 2, None, "alltoall"),
-    "ep2_dp2_allgather": (2, 1, 1, 2, None, "allgather"),
-    "tp2_ep2_dp2_alltoall": (4, 2, 1, 2, None, "alltoall"),
-    "tp2_ep2_dp2_allgather": (4, 2, 1, 2, None, "allgather"),
+LAYOUTS = {  # name: (world, TP, PP, EP, VP, MoE token dispatcher, expert TP (None: = TP))
+    "tp2_sp": (2, 2, 1, 1, None, "alltoall", None),
+    "pp2": (2, 1, 2, 1, None, "alltoall", None),
+    "pp2_vp2": (2, 1, 2, 1, 2, "alltoall", None),
+    "ep2_dp2_alltoall": (2, 1, 1, 2, None, "alltoall", None),
+    "ep2_dp2_allgather": (2, 1, 1, 2, None, "allgather", None),
+    "tp2_ep2_dp2_alltoall": (4, 2, 1, 2, None, "alltoall", None),
+    "tp2_ep2_dp2_allgather": (4, 2, 1, 2, None, "allgather", None),
+    "tp2_ep2_etp1_alltoall": (4, 2, 1, 2, None, "alltoall", 1),  # parallel folding: attention split, experts whole
+    "tp2_ep2_etp1_allgather": (4, 2, 1, 2, None, "allgather", 1),
 }
 LOGITS_TOL = 1e-5  # fp32, max abs
 GRAD_REL_TOL = 1e-4  # fp32, max abs diff / max abs value of the reference tensor
 
 
 def run_layouts(torchrun, hf_dir, out_dir, world, layouts: dict) -> dict[str, list[dict]]:
-    """Every layout of `layouts` (name: (TP, PP, EP, VP, dispatcher)) in one launch of `world` processes; each
+    """Every layout of `layouts` (name: (TP, PP, EP, VP, dispatcher, ETP)) in one launch of `world` processes; each
     layout's per-rank reports."""
     flags = {}
-    for name, (tp, pp, ep, vp, dispatcher) in layouts.items():
+    for name, (tp, pp, ep, vp, dispatcher, etp) in layouts.items():
         flags[name] = ["--tp", str(tp), "--pp", str(pp), "--ep", str(ep), "--dispatcher", dispatcher]
         if vp:
             flags[name] += ["--vp", str(vp)]
+        if etp:
+            flags[name] += ["--etp", str(etp)]
     torchrun("model_layouts.py", world, "--hf-dir", hf_dir, "--out", out_dir, "--layouts", json.dumps(flags))
     reports = {}
     for name in layouts:
@@ -52,7 +56,7 @@ def load_logits(out_dir) -> dict:
 @pytest.fixture(scope="module")
 def single_process_logits(torchrun, tiny_mixtral, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tp1"))
-    reports = run_layouts(torchrun, tiny_mixtral, out, 1, {"tp1": (1, 1, 1, None, "alltoall")})["tp1"]
+    reports = run_layouts(torchrun, tiny_mixtral, out, 1, {"tp1": (1, 1, 1, None, "alltoall", None)})["tp1"]
     assert reports[0]["logits_max_abs_diff"] <= LOGITS_TOL
     assert reports[0]["grad_max_rel_diff"] <= GRAD_REL_TOL, reports[0]
     return load_logits(os.path.join(out, "tp1"))
@@ -82,7 +86,9 @@ def test_single_process_matches_transformers(single_process_logits):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process_and_transformers(name, layout_outputs, single_process_logits):
     reports, out = layout_outputs(name)
+    etp = LAYOUTS[name][6]
     for report in reports:
+        assert (f" ETP={etp} " in report["layout"]) == (etp is not None), report["layout"]  # really set up
         assert report["logits_max_abs_diff"] <= LOGITS_TOL, report
         assert report["grad_max_rel_diff"] <= GRAD_REL_TOL, report
         assert report["grads_checked"] > 0

@@ -8,13 +8,16 @@ next to the handbook's 1.33 h on 32 H100. The arithmetic is `step_time.py` / `st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 
 from orpo_megatron.planning import workload
 from orpo_megatron.data.batching import BatchLayout, batch_layout
-from orpo_megatron.planning.memory import MemoryLayout
+from orpo_megatron.optimizer import DTYPES
+from orpo_megatron.planning.memory import MemoryLayout, total_parameters
 from orpo_megatron.model_config import HFModelConfig
 from orpo_megatron.planning.step_time import (
+    GBPS,
     Hardware,
     RecipeTime,
     RunSettings,
@@ -24,6 +27,9 @@ from orpo_megatron.planning.step_time import (
 from orpo_megatron.throughput import PEAK_TFLOPS
 
 DEFAULTS = Hardware()
+# An assumed aggregate write rate of a mid-size Lustre/GPFS scratch file system to one job: a full 8x22B checkpoint
+# with optimizer state (~2 TB) then takes about 3 minutes. Not measured; --checkpoint-write-gbps overrides it.
+DEFAULT_CHECKPOINT_WRITE_GBPS = 10.0
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +61,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="Training pairs of the recipe (capybara-7k as the handbook trained on it).")
     group.add_argument("--epochs", type=int, default=workload.RECIPE_EPOCHS, help="Epochs of the recipe.")
     group.add_argument("--max-prompt-length", type=int, default=1792, help="Prompt truncation of the recipe.")
+    group.add_argument("--save-interval", type=int, default=None,
+                       help="Checkpoint every N steps (the trainer's flag); the run also saves at its end. "
+                            "Default: only at the end.")
+    group.add_argument("--async-save", action="store_true",
+                       help="The trainer's --async-save: a save stalls training only while each GPU copies its "
+                            "shard to host memory (at --pcie-gbps), unless the previous save is still writing.")
+    group.add_argument("--checkpoint-write-gbps", type=float, default=DEFAULT_CHECKPOINT_WRITE_GBPS,
+                       help="File-system write bandwidth of the whole job, GB/s (an assumption: measure your "
+                            "file system's, e.g. with IOR). Default: %(default)g.")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -62,10 +77,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not 0 < args.assumed_mfu <= 1:
         parser.error(f"--assumed-mfu must be in (0, 1], got {args.assumed_mfu}")
     for flag in ("nvlink_gbps", "network_gbps", "pcie_gbps", "host_memory_gbps", "hbm_gbps", "train_pairs", "epochs",
-                 "measured_layers", "measured_seq_length"):
+                 "measured_layers", "measured_seq_length", "checkpoint_write_gbps"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
-    for flag in ("measured_layer_tokens_per_second", "peak_tflops"):
+    for flag in ("measured_layer_tokens_per_second", "peak_tflops", "save_interval"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.train_pairs < (args.global_batch_size or workload.RECIPE_GLOBAL_BATCH):
@@ -118,8 +133,38 @@ def predict(hf: HFModelConfig, layout: MemoryLayout, args: argparse.Namespace) -
     assumptions."""
     shapes = recipe_shapes(layout, args)
     settings = RunSettings(overlap_param_gather=args.overlap_param_gather, packed_attention=args.packing)
-    step = predict_step_time(hf, layout, shapes, hardware(hf, args), settings)
-    return RecipeTime(step, steps=shapes.positions.shape[0], pairs_per_step=global_batch(args), gpus=layout.world_size)
+    rates = hardware(hf, args)
+    step = predict_step_time(hf, layout, shapes, rates, settings)
+    steps = shapes.positions.shape[0]
+    return RecipeTime(step, steps=steps, pairs_per_step=global_batch(args), gpus=layout.world_size,
+                      checkpoint_seconds=checkpoint_stall(hf, layout, args, rates, step.total, steps).seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointStall:
+    saves: int
+    stored_bytes: float  # one checkpoint: weights, fp32 main params and Adam moments of every parameter
+    write_seconds: float  # one checkpoint at --checkpoint-write-gbps
+    seconds: float  # the GPUs' wait over the run
+
+
+def checkpoint_stall(hf: HFModelConfig, layout: MemoryLayout, args: argparse.Namespace, rates: Hardware,
+                     step_seconds: float, steps: int) -> CheckpointStall:
+    """How long the run waits for its saves (every --save-interval steps and at the end). In place, each save
+    stops training for its whole write. With --async-save a save stops training while each GPU copies its share
+    to host memory, and the write overlaps the steps until the next save, which waits for what is left of it;
+    the run's end waits for the last write."""
+    saves = steps // args.save_interval + bool(steps % args.save_interval) if args.save_interval else 1
+    mode = layout.optimizer
+    per_param = (layout.param_size + DTYPES[mode.main_params_dtype].itemsize + DTYPES[mode.exp_avg_dtype].itemsize
+                 + DTYPES[mode.exp_avg_sq_dtype].itemsize)
+    stored = total_parameters(hf) * per_param
+    write = stored / (args.checkpoint_write_gbps * GBPS)
+    if not args.async_save:
+        return CheckpointStall(saves, stored, write, saves * write)
+    copy_to_host = stored / layout.world_size / (rates.pcie_gbps * GBPS)
+    interval = (args.save_interval or steps) * step_seconds
+    return CheckpointStall(saves, stored, write, saves * copy_to_host + (saves - 1) * max(0.0, write - interval) + write)
 
 
 def handbook(args: argparse.Namespace) -> float:
@@ -142,6 +187,10 @@ def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Na
     ratio = recipe.pairs_per_second_per_gpu / handbook(args)
     print(f"  throughput   {recipe.pairs_per_second_per_gpu:8.3f} pairs/s/GPU; alignment-handbook (Zephyr-141B ORPO) "
           f"{handbook(args):.3f} on 32 H100: {ratio:.2f}x")
+    stall = checkpoint_stall(hf, layout, args, rates, step.total, recipe.steps)
+    print(f"  checkpoints  {stall.seconds / 60:8.2f} min waiting for {stall.saves} save(s) of "
+          f"{stall.stored_bytes / 1e12:.2f} TB ({stall.write_seconds / 60:.1f} min each at "
+          f"{args.checkpoint_write_gbps:g} GB/s{', in the background (--async-save)' if args.async_save else ', in place'})")
     print(f"  recipe       {recipe.hours:8.2f} h on {recipe.gpus} GPUs = {recipe.gpu_hours:.1f} GPU-hours; handbook "
           f"{workload.HANDBOOK_SECONDS / 3600:.2f} h on 32 = {workload.HANDBOOK_SECONDS / 3600 * 32:.1f} GPU-hours")
     print(f"  assumptions  {describe(rates, layout, args)}")

@@ -49,7 +49,6 @@ class MemoryLayout:
     """The run's parallel layout (the trainer's) and the knobs that change memory (Megatron-LM flag names)."""
 
     parallel: ParallelLayout = ParallelLayout()
-    expert_tensor_parallel_size: int | None = None  # None: = TP (what parallel.initialize sets up)
     micro_batch_size: int = 1  # pairs: 2x as many sequences
     seq_length: int = 2048
     bf16: bool = True
@@ -73,9 +72,8 @@ class MemoryLayout:
         return cls(ParallelLayout(
             world_size=tp * pp * data_parallel_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=expert_model_parallel_size,
-            sequence_parallel=sequence_parallel(tp > 1, tp, is_moe=False)),
-            expert_tensor_parallel_size=expert_tensor_parallel_size, **knobs)
+            expert_model_parallel_size=expert_model_parallel_size, expert_tensor_parallel_size=expert_tensor_parallel_size,
+            sequence_parallel=sequence_parallel(tp > 1, tp, is_moe=False)), **knobs)
 
     @property
     def tp(self) -> int:
@@ -91,7 +89,7 @@ class MemoryLayout:
 
     @property
     def etp(self) -> int:
-        return self.expert_tensor_parallel_size or self.tp
+        return self.parallel.expert_tensor_parallel
 
     @property
     def vp(self) -> int:
@@ -107,7 +105,7 @@ class MemoryLayout:
 
     @property
     def expert_data_parallel_size(self) -> int:
-        return self.tp * self.dp // (self.etp * self.ep)
+        return self.parallel.expert_data_parallel_size
 
     def validate(self, hf: HFModelConfig) -> None:
         """The trainer's layout rules (`ParallelLayout.validate`), then the optimizer mode's."""
@@ -115,7 +113,7 @@ class MemoryLayout:
         if hf.num_attention_heads % self.tp or hf.num_key_value_heads % self.tp:
             raise LayoutError(f"{hf.num_attention_heads} heads / {hf.num_key_value_heads} KV groups are not "
                               f"divisible by TP={self.tp}")
-        self.parallel.validate(hf, self.expert_tensor_parallel_size)
+        self.parallel.validate(hf)
         problems = self.optimizer.problems(self.bf16)
         if problems:
             raise LayoutError("; ".join(problems))
@@ -182,6 +180,11 @@ def chunk_parameters(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int, vp_s
         if not (hf.tie_word_embeddings and first):
             params.append(ParamSpec("output_layer.weight", vocab // tp * h, False))
     return params
+
+
+def total_parameters(hf: HFModelConfig) -> int:
+    """Every parameter of the model once (as one unsplit rank holds them)."""
+    return sum(param.numel for param in chunk_parameters(hf, MemoryLayout(), 0))
 
 
 def _pad(value: int, multiple: int) -> int:

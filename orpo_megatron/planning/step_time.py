@@ -227,10 +227,11 @@ class RecipeTime:
     steps: int
     pairs_per_step: int
     gpus: int
+    checkpoint_seconds: float = 0.0  # the GPUs' wait for checkpoint saves over the whole run
 
     @property
     def seconds(self) -> float:
-        return self.step.total * self.steps
+        return self.step.total * self.steps + self.checkpoint_seconds
 
     @property
     def hours(self) -> float:

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         expert_model_parallel_size=args.ep,
+        expert_tensor_parallel_size=args.etp,
         virtual_pipeline_model_parallel_size=args.vp,
         sequence_parallel=args.tp > 1,
     )
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--etp", type=int, default=None)
     parser.add_argument("--dispatcher", default="alltoall")
     run_each_layout(parser, run)
 
