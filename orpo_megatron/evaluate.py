@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dist.all_gather_object(gathered, rows, group=parallel_state.get_data_parallel_group())
         if parallel.is_logging_rank():
             summary = dict(metrics, pairs=sum(len(g) for g in gathered),
-                           pairs_left_out=evaluation.dropped_pairs, checkpoint=checkpoint.folder)
+                           pairs_left_out=evaluation.dropped_pairs, checkpoint=checkpoint.folder,
+                           layout=layout.describe())
             with open(args.output, "w", encoding="utf-8") as f:
                 for row in sorted((r for g in gathered for r in g), key=lambda r: r["index"]):
                     f.write(json.dumps(row) + "\n")

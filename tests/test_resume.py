@@ -124,7 +124,11 @@ def test_resume_at_another_layout_continues_with_the_saved_adam_state(torchrun, 
             assert relative <= LAYOUT_TOLERANCE, (step, key, got[step][key], expected[step][key])
 
 
-def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1_and_pp2_vp2(torchrun, trained_tp2_pp2, data_cache, tmp_path):
+def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1_pp2_vp2_and_with_experts_unsplit(torchrun, trained_tp2_pp2,
+                                                                                         data_cache, tmp_path):
+    """The checkpoint saved at TP2 x PP2 (experts split over TP2) scored at TP2 x PP2 with EP2 and expert-TP 1
+    (parallel folding: each expert whole on its EP rank), at PP2 x VP2 and at TP1: the same ORPO metrics and
+    per-pair log-probs."""
     assert checkpointing.latest_iteration(trained_tp2_pp2) == 1
     pairs = tmp_path / "pairs.jsonl"  # 40 pairs keep the scoring runs short
     pairs.write_text("".join(open(DATA).readlines()[:40]))
@@ -136,11 +140,13 @@ def test_tp2_pp2_checkpoint_scores_the_same_at_tp1_pp1_and_pp2_vp2(torchrun, tra
         return json.load(open(output + ".summary.json"))
 
     at_tp2_pp2 = score(4, str(tmp_path / "tp2pp2.jsonl"), "--tensor-model-parallel-size", "2",
-                       "--pipeline-model-parallel-size", "2")
+                       "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+                       "--expert-tensor-parallel-size", "1")
     at_pp2_vp2 = score(2, str(tmp_path / "pp2vp2.jsonl"), "--pipeline-model-parallel-size", "2",
                        "--virtual-pipeline-model-parallel-size", "2")
     at_tp1 = score(1, str(tmp_path / "tp1.jsonl"))
     assert at_tp2_pp2["pairs"] == at_pp2_vp2["pairs"] == at_tp1["pairs"] == 40
+    assert at_tp2_pp2["layout"] == "world=4 TP=2 PP=2 EP=2 ETP=1 DP=1 SP"
     metric_names = [k for k, v in at_tp1.items() if isinstance(v, float)]
     assert {"loss", "nll_loss", "rewards/accuracies", "rewards/margins", "log_odds_ratio"} <= set(metric_names)
     per_pair_tp1 = [json.loads(line) for line in open(tmp_path / "tp1.jsonl")]
