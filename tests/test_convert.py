@@ -373,6 +373,25 @@ def test_converted_checkpoint_gives_transformers_logits_at_tp1(cli, sources, mod
     assert ours_bf16_error > 100 * FP32_LOGITS_TOLERANCE  # computed in bf16, not in fp32 on bf16 weights
 
 
+def test_make_tiny_fixtures_writes_the_named_family(tmp_path, monkeypatch):
+    import runpy
+
+    from orpo_megatron.checkpoint.hf_mapping import HFCheckpointReader
+    from orpo_megatron.model_config import HFModelConfig
+
+    out = str(tmp_path / "tiny")
+    monkeypatch.setattr(sys, "argv", ["make_tiny_fixtures.py", "--output", out, "--family", "qwen2_moe",
+                                      "--dtype", "bf16"])
+    runpy.run_path(os.path.join(REPO, "tools", "make_tiny_fixtures.py"), run_name="__main__")
+    hf = HFModelConfig.from_file(out)
+    assert hf.architecture == "Qwen2MoeForCausalLM" and hf.shared_expert_intermediate_size == 48
+    reader = HFCheckpointReader(out)
+    reader.check_complete(hf)
+    reader.check_shapes(hf)
+    assert {tensor.dtype for tensor in hf_tensors(out).values()} == {torch.bfloat16}
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
 # ------------------------------------------------------------------------------------------ stored layout
 @pytest.mark.parametrize("model", ["mixtral", "mistral"])
 def test_stored_tensors_are_megatron_lm_checkpoint_tensors(cli, sources, model, tmp_path):
