@@ -237,8 +237,8 @@ def cli(sources, tmp_path_factory) -> dict:
     commands["to_hf_fp32_as_bf16"] = ["megatron-to-hf", "--load", os.path.join(root, "ckpt_as_bf16"),
                                       "--output", os.path.join(root, "hf_as_bf16")]
     for fused in ("fused", "qwen3_moe_fused"):
-        commands[fused] = ["hf-to-megatron", "--hf-dir", sources[fused], "--output", os.path.join(root, f"ckpt_{fused}"),
-                           "--dtype", "fp32"]
+        commands[fused] = ["hf-to-megatron", "--hf-dir", sources[fused],
+                           "--output", os.path.join(root, f"ckpt_{fused}"), "--dtype", "fp32"]
     for case in ("missing", "extra", "shape", "arch", "dense_layers"):
         commands[case] = ["hf-to-megatron", "--hf-dir", sources[case], "--output", os.path.join(root, f"bad_{case}")]
     os.makedirs(os.path.join(root, "existing"))

@@ -1,7 +1,7 @@
 """Llama and Mistral: the dense decoder (pre-RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, no linear biases
-but optional QKV biases; per-head q/k RMSNorms where a family sets `qk_layernorm`) in Megatron's terms. Mistral's `sliding_window` is read but not applied: ORPO sequences
-are shorter than Mistral's window. Families built on this decoder (`mixtral.py`) subclass it and replace its MLP
-(the `_mlp_*` methods).
+but optional QKV biases; per-head q/k RMSNorms where a family sets `qk_layernorm`) in Megatron's terms. Mistral's
+`sliding_window` is read but not applied: ORPO sequences are shorter than Mistral's window. Families built on this
+decoder (`mixtral.py`) subclass it and replace its MLP (the `_mlp_*` methods).
 
 Tensor layout: Megatron's `linear_qkv` interleaves q/k/v per query group; `linear_fc1` holds the gate rows, then
 the up rows; the norms before attention and before a dense MLP are fused into `linear_qkv` and `linear_fc1`; the
@@ -145,7 +145,7 @@ class Llama(ModelFamily):
             shapes.update({p + "self_attn.q_proj.bias": (q_rows,), p + "self_attn.k_proj.bias": (kv_rows,),
                            p + "self_attn.v_proj.bias": (kv_rows,)})
         if self.qk_layernorm:
-            shapes.update({p + "self_attn.q_norm.weight": (hf.head_dim,), p + "self_attn.k_norm.weight": (hf.head_dim,)})
+            shapes.update({p + f"self_attn.{x}_norm.weight": (hf.head_dim,) for x in "qk"})
         return shapes | self._hf_mlp_shapes(p, present)
 
     def _hf_mlp_shapes(self, p: str, present: Container[str]) -> dict[str, tuple[int, ...]]:

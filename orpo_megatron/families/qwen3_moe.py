@@ -9,8 +9,9 @@ Routing equals HF's for both values of `norm_topk_prob` (softmax over all expert
 when True): True is Megatron's `moe_router_pre_softmax=False` (top-k over the logits, softmax over those k, the
 same weights); False is `moe_router_pre_softmax=True` (softmax over all, then top-k, not renormalized).
 
-Tensor layout: Mixtral's, with the q/k norms of `llama.py`; HF folders hold the experts as `mlp.experts.E.{gate,up,down}_proj` (what transformers v5
-writes) or fused as `mlp.experts.gate_up_proj` / `down_proj`, the router as `mlp.gate`.
+Tensor layout: Mixtral's, with the q/k norms of `llama.py`; HF folders hold the experts as
+`mlp.experts.E.{gate,up,down}_proj` (what transformers v5 writes by default) or fused as `mlp.experts.gate_up_proj`
+/ `down_proj`, the router as `mlp.gate`.
 """
 from __future__ import annotations
 
