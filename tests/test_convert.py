@@ -392,6 +392,31 @@ def test_make_tiny_fixtures_writes_the_named_family(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
+@pytest.mark.parametrize("model", ["qwen3_moe", "qwen2_moe"])
+def test_stock_megatron_core_reads_converted_checkpoint(cli, sources, model, tmp_path):
+    """The converted checkpoint loads into a GPTModel on megatron-core's stock local spec as Megatron-LM's
+    `load_checkpoint` loads it (workers/megatron_interop.py, in this process at TP1: every key the model asks for
+    found, q/k norms, shared expert and its gate included) and gives transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from orpo_megatron.model_config import HFModelConfig
+    from workers import megatron_interop
+
+    succeeded(cli[f"to_megatron_{model}_fp32"])
+    conversion.init_single_process()
+    hf = HFModelConfig.from_file(sources[(model, "fp32")])
+    layout = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                  virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1, sequence_parallel=False)
+    tokens = torch.randint(0, 601, (2, 16), generator=torch.Generator().manual_seed(6))
+    megatron_interop.read(hf, layout, os.path.join(cli["root"], f"ckpt_{model}_fp32"), tokens, str(tmp_path))
+    reference = AutoModelForCausalLM.from_pretrained(sources[(model, "fp32")], dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    stock = torch.load(os.path.join(tmp_path, "logits.pt"))
+    assert stock.shape == expected.shape == (2, 16, 601)
+    assert (stock - expected).abs().max().item() <= FP32_LOGITS_TOLERANCE
+
+
 # ------------------------------------------------------------------------------------------ stored layout
 @pytest.mark.parametrize("model", ["mixtral", "mistral"])
 def test_stored_tensors_are_megatron_lm_checkpoint_tensors(cli, sources, model, tmp_path):
