@@ -32,7 +32,7 @@ def refuse_dense_layers(field: Callable[..., Any], source: str) -> None:
                                "among MoE layers are not supported yet (expected [])")
     step = field("decoder_sparse_step", 1)
     if step != 1:
-        raise ModelConfigError(f"{source}: decoder_sparse_step={step!r} makes only every {step}th layer MoE; dense "
+        raise ModelConfigError(f"{source}: decoder_sparse_step={step!r} makes only one layer in {step} MoE; dense "
                                "layers among MoE layers are not supported yet (expected 1)")
 
 
