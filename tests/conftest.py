@@ -51,6 +51,15 @@ def tiny_converted(tiny_mixtral, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_moe_converted(tiny_qwen3_moe, tmp_path_factory) -> str:
+    """The tiny Qwen3-MoE converted to our checkpoint format in this process (the tool's own function)."""
+    from orpo_megatron.checkpoint import conversion
+
+    return conversion.hf_to_megatron(tiny_qwen3_moe, str(tmp_path_factory.mktemp("tiny_qwen3_moe_converted") / "ckpt"),
+                                     progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_converted_bf16(tiny_mixtral, tmp_path_factory) -> str:
     """The tiny Mixtral converted with --dtype bf16, as the GPU job converts its model."""
     return convert(tiny_mixtral, str(tmp_path_factory.mktemp("tiny_converted_bf16") / "ckpt"), "bf16")
