@@ -3,8 +3,8 @@
 The layouts of one world size run in one torchrun launch of `workers/model_layouts.py` (a launch costs seconds of
 imports per process): forward + backward of the tiny Mixtral loaded from its HF checkpoint at each layout (and of
 the tiny Qwen3-MoE and Qwen2-MoE at TP2 x EP2), compared on every rank with transformers' model of the family
-(logits, and each local gradient shard against the sharded transformers gradient). The gathered logits of every layout are also compared with the single-process
-layout's.
+(logits, and each local gradient shard against the sharded transformers gradient). The gathered logits of every
+Mixtral layout are also compared with the single-process layout's.
 """
 import glob
 import json
