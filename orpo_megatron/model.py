@@ -1,4 +1,4 @@
-"""Model building: a Megatron-Core `GPTModel` for a Mixtral-family config, on the TE or the local spec.
+"""Model building: a Megatron-Core `GPTModel` for a model family's config (`families/`), on the TE or the local spec.
 
 The backend is a spec choice, not branches inside layers: the Transformer Engine spec when TE and CUDA are
 present (required for FP8; experts as TEGroupedMLP when the config asks for grouped GEMM), otherwise
@@ -175,7 +175,8 @@ class PackedDotProductAttention(DotProductAttention):
 
 
 class StandaloneRMSNorm(RMSNorm):
-    """The RMSNorm where the TE spec has a norm module of its own (the MoE pre-MLP norm, the final norm).
+    """The RMSNorm where the TE spec has a norm module of its own (the MoE pre-MLP norm, the q/k norms, the final
+    norm).
 
     Like Transformer Engine's norm it has an `_extra_state` entry (TE keeps FP8 metadata there): held as loaded
     and saved back, so a local-spec checkpoint has every key the TE spec asks for and a TE checkpoint's norm
@@ -198,12 +199,17 @@ class StandaloneRMSNorm(RMSNorm):
 
 def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm",
+        qk_layernorm=config.qk_layernorm,
     )
     attention = spec.submodules.self_attention
+    # The per-head q/k norms (Qwen3) are standalone norms in the TE spec too (TENorm), named
+    # `self_attention.q_layernorm` / `k_layernorm` in both.
+    qk_norm = StandaloneRMSNorm if config.qk_layernorm else attention.submodules.q_layernorm
     attention = ModuleSpec(module=attention.module, params=attention.params,
                            submodules=dataclasses.replace(attention.submodules,
-                                                          core_attention=PackedDotProductAttention))
+                                                          core_attention=PackedDotProductAttention,
+                                                          q_layernorm=qk_norm, k_layernorm=qk_norm))
     moe = config.num_moe_experts is not None
     # Checkpoint keys as the TE spec names them. TE fuses the pre-attention norm into linear_qkv, and in dense
     # layers the pre-MLP norm into linear_fc1; in MoE layers the pre-MLP norm is a module of its own (Megatron's
@@ -222,7 +228,8 @@ def decoder_spec(config: TransformerConfig, use_transformer_engine: bool, vp_sta
     """The decoder block spec for this rank's pipeline stage: TE layers, or local layers with our RMSNorm."""
     if use_transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm,
         )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[_local_layer_spec(config)] * num_layers,

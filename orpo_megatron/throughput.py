@@ -1,4 +1,4 @@
-"""Model FLOPs of a Mixtral-family transformer, and the throughput figures derived from them.
+"""Model FLOPs of a model family's transformer, and the throughput figures derived from them.
 
 Owns the FLOP count (per sequence, forward and training), tokens/s, TFLOP/s per GPU and MFU against a peak
 from a small table of accelerators or `--peak-tflops`. It does not time anything itself: the trainer
@@ -11,7 +11,9 @@ one sequence at a time. Per token and layer:
   attention projections   2*h*(q + 2*kv) + 2*q*h            q = heads*head_dim, kv = kv_heads*head_dim
   attention scores/values 2*q*S + 2*q*S                     the full S x S products (no causal halving)
   router                  2*h*E                             MoE only
-  feed-forward            top_k * 3 * 2*h*f                 dense: top_k = 1 (gate, up and down projections)
+  feed-forward            top_k * 3 * 2*h*f                 dense: top_k = 1 (gate, up and down projections);
+                                                            f: an expert's FFN size (Qwen-MoE's moe_intermediate_size)
+  shared expert           3 * 2*h*f_s + 2*h                 Qwen2-MoE: its three projections and its [1, h] gate
 plus the output layer 2*h*V per token. Training = 3x forward (backward computes two products per forward
 one); activation recomputation adds hardware FLOPs but not model FLOPs, so it does not change MFU.
 """
@@ -40,6 +42,7 @@ class TokenFlops:
     attention_per_position: float  # per layer and attended position: scores and values (x span)
     router: float  # per layer (MoE only)
     feed_forward: float  # per layer: top_k experts' (or the dense MLP's) gate, up and down projections
+    shared_expert: float  # per layer: the shared expert and its sigmoid gate (Qwen2-MoE; else 0)
     output_layer: float  # once per token
 
 
@@ -52,7 +55,10 @@ def token_flops(hf: HFModelConfig, vocab_size: int | None = None) -> TokenFlops:
     top_k = hf.num_experts_per_tok if hf.is_moe else 1
     return TokenFlops(attention_projections=2 * h * (q + 2 * kv) + 2 * q * h, attention_per_position=4 * q,
                       router=2 * h * hf.num_experts if hf.is_moe else 0,
-                      feed_forward=top_k * 6 * h * hf.intermediate_size, output_layer=2 * h * vocab)
+                      feed_forward=top_k * 6 * h * hf.expert_intermediate_size,
+                      shared_expert=(6 * h * hf.shared_expert_intermediate_size + 2 * h
+                                     if hf.shared_expert_intermediate_size else 0),
+                      output_layer=2 * h * vocab)
 
 
 def forward_flops_per_sequence(hf: HFModelConfig, seq_length: int, vocab_size: int | None = None) -> float:
@@ -61,7 +67,7 @@ def forward_flops_per_sequence(hf: HFModelConfig, seq_length: int, vocab_size: i
     `vocab_size` defaults to the config's; pass the padded size to count what the output layer computes.
     """
     t, s = token_flops(hf, vocab_size), seq_length
-    per_layer = t.attention_projections + t.attention_per_position * s + t.router + t.feed_forward
+    per_layer = t.attention_projections + t.attention_per_position * s + t.router + t.feed_forward + t.shared_expert
     return float((hf.num_layers * per_layer + t.output_layer) * s)
 
 

@@ -1,5 +1,5 @@
-"""Tiny, self-made Hugging Face fixtures: a Mixtral-layout checkpoint, a sentencepiece tokenizer and a Qwen3-style
-byte-level BPE `tokenizer.json`.
+"""Tiny, self-made Hugging Face fixtures: Mixtral-, Mistral-, Qwen3-MoE- and Qwen2-MoE-layout checkpoints, a
+sentencepiece tokenizer and a Qwen3-style byte-level BPE `tokenizer.json`.
 
 They let the demo and the tests run on a CPU with no downloads. The checkpoint is random (seeded) and has the
 exact file layout of a real one (config.json + safetensors); the tokenizers are trained on a corpus shipped in
@@ -61,6 +61,50 @@ TINY_MISTRAL_CONFIG = {
     "architectures": ["MistralForCausalLM"],
     "model_type": "mistral",
 }
+
+
+# Qwen-MoE shapes unlike Mixtral's: head_dim (24) apart from hidden / heads (16), GQA ratio 2, experts of their own
+# FFN size, an odd vocabulary (601) larger than the tokenizer's (as Qwen's 151936 > 151669).
+TINY_QWEN3_MOE_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 24,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "vocab_size": TINY_VOCAB_SIZE + 1,
+    "max_position_embeddings": 1024,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False,
+    "router_aux_loss_coef": 0.001,
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "bos_token_id": None,
+    "eos_token_id": 2,  # <|im_end|> of the tiny byte-level tokenizer
+}
+
+TINY_QWEN2_MOE_CONFIG = {
+    **{k: v for k, v in TINY_QWEN3_MOE_CONFIG.items() if k != "attention_bias"},
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "model_type": "qwen2_moe",
+    "shared_expert_intermediate_size": 48,
+    "qkv_bias": True,
+    "norm_topk_prob": False,
+}
+
+TINY_CONFIGS = {"mixtral": TINY_MIXTRAL_CONFIG, "mistral": TINY_MISTRAL_CONFIG, "qwen3_moe": TINY_QWEN3_MOE_CONFIG,
+                "qwen2_moe": TINY_QWEN2_MOE_CONFIG}
 
 
 def random_hf_tensors(hf: HFModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -180,4 +224,28 @@ def write_tiny_model(out_dir: str, seed: int = 1234, dense: bool = False, dtype:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
     if with_tokenizer:
         write_tiny_tokenizer(out_dir)
+    return out_dir
+
+
+def write_tiny_qwen_moe(out_dir: str, family: str = "qwen3_moe", seed: int = 1234, dtype: torch.dtype = torch.float32,
+                        config_overrides: dict | None = None, with_tokenizer: bool = True) -> str:
+    """A tiny Qwen3-MoE or Qwen2-MoE folder written by transformers' own model class (`save_pretrained`, so the
+    file layout is transformers'), with random (seeded) weights as `random_hf_tensors` draws them, and (by default)
+    the tiny byte-level tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(TINY_CONFIGS[family], **(config_overrides or {}))
+    HFModelConfig.from_dict(config)  # refused here as conversion would refuse it
+    with torch.random.fork_rng():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.08 * torch.randn(param.shape, generator=generator))
+    model.to(dtype).save_pretrained(out_dir)
+    if with_tokenizer:
+        write_tiny_byte_level_tokenizer(out_dir)
     return out_dir

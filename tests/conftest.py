@@ -26,6 +26,18 @@ def tiny_mistral(tmp_path_factory) -> str:
     return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny_mistral")), seed=4321, dense=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> str:
+    """A tiny random Qwen3-MoE HF folder (fp32, top-k weights renormalized) with the tiny byte-level tokenizer."""
+    return tiny_model.write_tiny_qwen_moe(str(tmp_path_factory.mktemp("tiny_qwen3_moe")), "qwen3_moe", seed=2024)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_moe(tmp_path_factory) -> str:
+    """A tiny random Qwen2-MoE HF folder (fp32, shared expert, QKV biases, top-k weights not renormalized)."""
+    return tiny_model.write_tiny_qwen_moe(str(tmp_path_factory.mktemp("tiny_qwen2_moe")), "qwen2_moe", seed=2025)
+
+
 def convert(hf_dir: str, out: str, dtype: str) -> str:
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "hf-to-megatron",
                     "--hf-dir", hf_dir, "--output", out, "--dtype", dtype], check=True, capture_output=True, cwd=REPO)
@@ -36,6 +48,15 @@ def convert(hf_dir: str, out: str, dtype: str) -> str:
 def tiny_converted(tiny_mixtral, tmp_path_factory) -> str:
     """The tiny Mixtral converted to our checkpoint format by the real tool."""
     return convert(tiny_mixtral, str(tmp_path_factory.mktemp("tiny_converted") / "ckpt"), "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_converted(tiny_qwen3_moe, tmp_path_factory) -> str:
+    """The tiny Qwen3-MoE converted to our checkpoint format in this process (the tool's own function)."""
+    from orpo_megatron.checkpoint import conversion
+
+    return conversion.hf_to_megatron(tiny_qwen3_moe, str(tmp_path_factory.mktemp("tiny_qwen3_moe_converted") / "ckpt"),
+                                     progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -123,6 +123,53 @@ def test_config_differing_from_megatron_lm_arguments_is_named(changes, named):
     assert named in str(err.value) and "CKPT" in str(err.value), str(err.value)
 
 
+QWEN3 = HFModelConfig.from_dict(tiny_model.TINY_QWEN3_MOE_CONFIG)
+QWEN2 = HFModelConfig.from_dict(tiny_model.TINY_QWEN2_MOE_CONFIG)
+
+
+@pytest.mark.parametrize("family,changes,named", [
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers=[1] makes those layers dense MLPs"),
+    ("qwen2_moe", {"mlp_only_layers": [0]}, "mlp_only_layers=[0] makes those layers dense MLPs"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2 makes only one layer in 2 MoE"),
+    ("qwen2_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2 makes only one layer in 2 MoE"),
+    ("qwen3_moe", {"attention_bias": True}, "attention_bias=true is not supported for Qwen3-MoE"),
+])
+def test_qwen_configs_with_layers_we_cannot_build_are_refused(family, changes, named):
+    from orpo_megatron.families import ModelConfigError
+
+    with pytest.raises(ModelConfigError) as err:
+        HFModelConfig.from_dict(dict(tiny_model.TINY_CONFIGS[family], **changes), source="qwen/config.json")
+    assert str(err.value).startswith("qwen/config.json: ") and named in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("hf,changes,named", [
+    (QWEN3, {}, None),
+    (QWEN2, {}, None),
+    (QWEN3, {"qk_layernorm": False}, "qk_layernorm=False in the checkpoint; Qwen3MoeForCausalLM needs True"),
+    (QWEN3, {"moe_router_pre_softmax": True}, "norm_topk_prob: config.json has True, the checkpoint False"),
+    (QWEN3, {"moe_ffn_hidden_size": 64}, "moe_intermediate_size: config.json has 32, the checkpoint 64"),
+    (QWEN3, {"kv_channels": 16}, "head_dim: config.json has 24, the checkpoint 16"),
+    (QWEN2, {"moe_router_pre_softmax": False}, "norm_topk_prob: config.json has False, the checkpoint True"),
+    (QWEN2, {"moe_shared_expert_gate": False},
+     "moe_shared_expert_gate=False in the checkpoint; Qwen2MoeForCausalLM needs True"),
+    (QWEN2, {"moe_shared_expert_intermediate_size": None},
+     "shared_expert_intermediate_size: config.json has 48, the checkpoint None"),
+    (QWEN2, {"add_qkv_bias": False}, "attention_bias: config.json has True, the checkpoint False"),
+])
+def test_qwen_config_differing_from_stored_arguments_is_named(hf, changes, named):
+    """The Qwen families' arguments in common.pt describe their config; each Qwen-specific one that differs is
+    named."""
+    args = fmt.megatron_args(hf, dict(MLM_LAYOUT, world_size=4, data_parallel_size=2), padded_vocab_size=768,
+                             make_vocab_size_divisible_by=128, iteration=3)
+    vars(args).update(changes)
+    if named is None:
+        fmt.check_args(args, hf, "CKPT", "config.json")
+        return
+    with pytest.raises(fmt.CheckpointError) as err:
+        fmt.check_args(args, hf, "CKPT", "config.json")
+    assert named in str(err.value), str(err.value)
+
+
 def test_written_arguments_pass_megatron_lm_argument_checks():
     """What Megatron-LM's `check_checkpoint_args` compares (no default: the attribute must exist) and
     `load_checkpoint` reads, equal to a Megatron-LM Mixtral run of the same model; our own check passes too."""

@@ -30,7 +30,8 @@ TOOL = os.path.join(REPO, "tools", "convert_hf.py")
 CLI_WORKER = os.path.join(REPO, "tests", "workers", "convert_cli.py")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # "tied": Mixtral with tie_word_embeddings (no lm_head; at PP > 1 the last stage holds a copy of the embedding).
-ROUND_TRIPS = [("mixtral", "fp32"), ("mixtral", "bf16"), ("mistral", "fp32"), ("mistral", "bf16"), ("tied", "fp32")]
+ROUND_TRIPS = [("mixtral", "fp32"), ("mixtral", "bf16"), ("mistral", "fp32"), ("mistral", "bf16"), ("tied", "fp32"),
+               ("qwen3_moe", "fp32"), ("qwen3_moe", "bf16"), ("qwen2_moe", "fp32"), ("qwen2_moe", "bf16")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -170,10 +171,14 @@ def rewrite_tensors(src: str, dst: str, edit) -> str:
 
 # -------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
-    """HF folders: the four round-trip inputs, a transformers-v5 fused copy, and the bad inputs."""
+def sources(tiny_mixtral, tiny_mistral, tiny_qwen3_moe, tiny_qwen2_moe, tmp_path_factory) -> dict:
+    """HF folders: the round-trip inputs, transformers-v5 fused copies, and the bad inputs."""
     root = str(tmp_path_factory.mktemp("convert_sources"))
-    out = {("mixtral", "fp32"): tiny_mixtral, ("mistral", "fp32"): tiny_mistral}
+    out = {("mixtral", "fp32"): tiny_mixtral, ("mistral", "fp32"): tiny_mistral,
+           ("qwen3_moe", "fp32"): tiny_qwen3_moe, ("qwen2_moe", "fp32"): tiny_qwen2_moe}
+    for family, seed in (("qwen3_moe", 2024), ("qwen2_moe", 2025)):  # the fp32 fixtures' weights, rounded once
+        out[(family, "bf16")] = tiny_model.write_tiny_qwen_moe(os.path.join(root, f"{family}_bf16"), family, seed=seed,
+                                                             dtype=torch.bfloat16)
     out[("mixtral", "bf16")] = tiny_model.write_tiny_model(os.path.join(root, "mixtral_bf16"), seed=1234,
                                                          dtype=torch.bfloat16)
     out[("mistral", "bf16")] = tiny_model.write_tiny_model(os.path.join(root, "mistral_bf16"), seed=4321, dense=True,
@@ -181,12 +186,12 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
     out[("tied", "fp32")] = tiny_model.write_tiny_model(os.path.join(root, "tied"), seed=99,
                                                       config_overrides={"tie_word_embeddings": True})
 
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    fused = os.path.join(root, "fused")
-    MixtralForCausalLM.from_pretrained(tiny_mixtral, torch_dtype=torch.float32).save_pretrained(
-        fused, save_original_format=False)
-    out["fused"] = fused
+    for name, classic in (("fused", tiny_mixtral), ("qwen3_moe_fused", tiny_qwen3_moe)):
+        AutoModelForCausalLM.from_pretrained(classic, torch_dtype=torch.float32).save_pretrained(
+            os.path.join(root, name), save_original_format=False)
+        out[name] = os.path.join(root, name)
 
     small = tiny_model.write_tiny_model(os.path.join(root, "small"), seed=7, with_tokenizer=False)
     out["missing"] = rewrite_tensors(small, os.path.join(root, "missing"),
@@ -199,8 +204,14 @@ def sources(tiny_mixtral, tiny_mistral, tmp_path_factory) -> dict:
     with open(os.path.join(arch, "config.json")) as f:
         config = json.load(f)
     with open(os.path.join(arch, "config.json"), "w") as f:
-        json.dump(dict(config, architectures=["Qwen2MoeForCausalLM"]), f)
+        json.dump(dict(config, architectures=["DeepseekV3ForCausalLM"]), f)
     out["arch"] = arch
+    dense_layers = shutil.copytree(tiny_qwen3_moe, os.path.join(root, "dense_layers"))
+    with open(os.path.join(tiny_qwen3_moe, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(dense_layers, "config.json"), "w") as f:
+        json.dump(dict(config, mlp_only_layers=[0]), f)
+    out["dense_layers"] = dense_layers
     out["small"] = small
     out["first_format"] = write_first_format(tiny_mixtral, os.path.join(root, "first_format"))
     return out
@@ -225,9 +236,10 @@ def cli(sources, tmp_path_factory) -> dict:
                                             "--output", os.path.join(root, "ckpt_as_bf16"), "--dtype", "bf16"]
     commands["to_hf_fp32_as_bf16"] = ["megatron-to-hf", "--load", os.path.join(root, "ckpt_as_bf16"),
                                       "--output", os.path.join(root, "hf_as_bf16")]
-    commands["fused"] = ["hf-to-megatron", "--hf-dir", sources["fused"], "--output", os.path.join(root, "ckpt_fused"),
-                         "--dtype", "fp32"]
-    for case in ("missing", "extra", "shape", "arch"):
+    for fused in ("fused", "qwen3_moe_fused"):
+        commands[fused] = ["hf-to-megatron", "--hf-dir", sources[fused],
+                           "--output", os.path.join(root, f"ckpt_{fused}"), "--dtype", "fp32"]
+    for case in ("missing", "extra", "shape", "arch", "dense_layers"):
         commands[case] = ["hf-to-megatron", "--hf-dir", sources[case], "--output", os.path.join(root, f"bad_{case}")]
     os.makedirs(os.path.join(root, "existing"))
     with open(os.path.join(root, "existing", "keep.txt"), "w") as f:
@@ -290,7 +302,10 @@ def test_round_trip_is_bit_identical(cli, sources, model, dtype):
 
     with open(os.path.join(source, "config.json")) as f, open(os.path.join(back, "config.json")) as g:
         assert json.load(g) == json.load(f)
-    for name in TOKENIZER_FILES:
+    tokenizer_files = [name for name in checkpoint_format.HF_FILE_NAMES
+                       if name != "config.json" and os.path.isfile(os.path.join(source, name))]
+    assert len(tokenizer_files) >= 3, tokenizer_files  # tokenizer, its config, generation config
+    for name in tokenizer_files:
         assert filecmp.cmp(os.path.join(source, name), os.path.join(back, name), shallow=False), name
 
 
@@ -309,6 +324,97 @@ def test_verify_reports_logits_equal_to_transformers(cli):
     stdout = succeeded(cli["to_megatron_mixtral_fp32"])["stdout"]
     line = next(line for line in stdout.splitlines() if line.startswith("verify:"))
     assert float(line.rsplit("=", 1)[1]) <= 1e-4, line
+
+
+# Max |logit difference| over the true vocabulary at TP1. fp32: the same math in another order. bf16: ours and
+# transformers' bf16 round differently (fused QKV, fp32 router, expert dispatch); against the fp32 logits of the
+# same bf16 weights ours may be off by at most twice what transformers' own bf16 run is off.
+FP32_LOGITS_TOLERANCE = 1e-5
+BF16_VS_FP32_FACTOR = 2.0
+
+
+@pytest.mark.parametrize("model", ["qwen3_moe", "qwen2_moe"])
+def test_converted_checkpoint_gives_transformers_logits_at_tp1(cli, sources, model):
+    """Our model built from the fp32 and the bf16 conversion (computing in fp32 and in bf16) against transformers'
+    model of the same family on the source folder."""
+    from transformers import AutoModelForCausalLM
+
+    from orpo_megatron.model_config import PrecisionConfig
+    from orpo_megatron.parallel import ParallelLayout
+    from orpo_megatron.rank_model import build_for_rank
+
+    conversion.init_single_process()
+    tokens = torch.randint(0, 601, (2, 24), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(24).expand(2, 24)
+
+    def ours(dtype: str) -> torch.Tensor:
+        succeeded(cli[f"to_megatron_{model}_{dtype}"])
+        info = checkpoint_format.describe(os.path.join(cli["root"], f"ckpt_{model}_{dtype}"))
+        chunk = build_for_rank(info.hf, ParallelLayout(), precision=PrecisionConfig(bf16=dtype == "bf16"),
+                               weights=info).chunks[0].eval()
+        with torch.no_grad():
+            return chunk(tokens, positions, attention_mask=None)[..., :info.hf.vocab_size].float()
+
+    def transformers_logits(source_dtype: str, dtype: str) -> torch.Tensor:
+        reference = AutoModelForCausalLM.from_pretrained(sources[(model, source_dtype)], dtype=DTYPES[dtype],
+                                                         attn_implementation="eager").eval()
+        assert type(reference).__name__ == f"{model.title().replace('_', '')}ForCausalLM"
+        with torch.no_grad():
+            return reference(tokens).logits.float()
+
+    fp32_difference = (ours("fp32") - transformers_logits("fp32", "fp32")).abs().max().item()
+    truth = transformers_logits("bf16", "fp32")  # the bf16 weights, computed in fp32
+    ours_bf16_error = (ours("bf16") - truth).abs().max().item()
+    transformers_bf16_error = (transformers_logits("bf16", "bf16") - truth).abs().max().item()
+    print(f"{model}: fp32 {fp32_difference:.2e}; bf16 vs fp32: ours {ours_bf16_error:.3e}, "
+          f"transformers' {transformers_bf16_error:.3e}")
+    assert fp32_difference <= FP32_LOGITS_TOLERANCE
+    assert 0 < transformers_bf16_error and ours_bf16_error <= BF16_VS_FP32_FACTOR * transformers_bf16_error
+    assert ours_bf16_error > 100 * FP32_LOGITS_TOLERANCE  # computed in bf16, not in fp32 on bf16 weights
+
+
+def test_make_tiny_fixtures_writes_the_named_family(tmp_path, monkeypatch):
+    import runpy
+
+    from orpo_megatron.checkpoint.hf_mapping import HFCheckpointReader
+    from orpo_megatron.model_config import HFModelConfig
+
+    out = str(tmp_path / "tiny")
+    monkeypatch.setattr(sys, "argv", ["make_tiny_fixtures.py", "--output", out, "--family", "qwen2_moe",
+                                      "--dtype", "bf16"])
+    runpy.run_path(os.path.join(REPO, "tools", "make_tiny_fixtures.py"), run_name="__main__")
+    hf = HFModelConfig.from_file(out)
+    assert hf.architecture == "Qwen2MoeForCausalLM" and hf.shared_expert_intermediate_size == 48
+    reader = HFCheckpointReader(out)
+    reader.check_complete(hf)
+    reader.check_shapes(hf)
+    assert {tensor.dtype for tensor in hf_tensors(out).values()} == {torch.bfloat16}
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
+@pytest.mark.parametrize("model", ["qwen3_moe", "qwen2_moe"])
+def test_stock_megatron_core_reads_converted_checkpoint(cli, sources, model, tmp_path):
+    """The converted checkpoint loads into a GPTModel on megatron-core's stock local spec as Megatron-LM's
+    `load_checkpoint` loads it (workers/megatron_interop.py, in this process at TP1: every key the model asks for
+    found, q/k norms, shared expert and its gate included) and gives transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from orpo_megatron.model_config import HFModelConfig
+    from workers import megatron_interop
+
+    succeeded(cli[f"to_megatron_{model}_fp32"])
+    conversion.init_single_process()
+    hf = HFModelConfig.from_file(sources[(model, "fp32")])
+    layout = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                  virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1, sequence_parallel=False)
+    tokens = torch.randint(0, 601, (2, 16), generator=torch.Generator().manual_seed(6))
+    megatron_interop.read(hf, layout, os.path.join(cli["root"], f"ckpt_{model}_fp32"), tokens, str(tmp_path))
+    reference = AutoModelForCausalLM.from_pretrained(sources[(model, "fp32")], dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    stock = torch.load(os.path.join(tmp_path, "logits.pt"))
+    assert stock.shape == expected.shape == (2, 16, 601)
+    assert (stock - expected).abs().max().item() <= FP32_LOGITS_TOLERANCE
 
 
 # ------------------------------------------------------------------------------------------ stored layout
@@ -375,10 +481,11 @@ def test_converted_checkpoint_holds_every_key_the_model_saves(cli, tmp_path):
     assert all(value is None for value in objects.values())
 
 
-def test_fused_expert_layout_converts_to_the_same_checkpoint(cli, tmp_path):
-    succeeded(cli["fused"])
-    succeeded(cli["to_megatron_mixtral_fp32"])
-    fused, classic = os.path.join(cli["root"], "ckpt_fused"), os.path.join(cli["root"], "ckpt_mixtral_fp32")
+@pytest.mark.parametrize("fused,model", [("fused", "mixtral"), ("qwen3_moe_fused", "qwen3_moe")])
+def test_fused_expert_layout_converts_to_the_same_checkpoint(cli, fused, model, tmp_path):
+    succeeded(cli[fused])
+    succeeded(cli[f"to_megatron_{model}_fp32"])
+    fused, classic = os.path.join(cli["root"], f"ckpt_{fused}"), os.path.join(cli["root"], f"ckpt_{model}_fp32")
     assert_same_stored(stored_tensors(fused, str(tmp_path)), stored_tensors(classic, str(tmp_path)), "fused")
 
 
@@ -393,7 +500,9 @@ def test_sharded_hf_folder_converts_like_a_single_file(cli, tmp_path):
     ("missing", ["missing tensors", "model.layers.2.block_sparse_moe.experts.1.w3.weight"]),
     ("extra", ["unexpected tensors", "model.layers.0.self_attn.rotary_emb.inv_freq"]),
     ("shape", ["model.layers.3.self_attn.k_proj.weight", "expected shape (16, 64), got (8, 64)"]),
-    ("arch", ["Qwen2MoeForCausalLM", "not supported", "MixtralForCausalLM"]),
+    ("arch", ["DeepseekV3ForCausalLM", "not supported", "MixtralForCausalLM", "Qwen3MoeForCausalLM",
+              "Qwen2MoeForCausalLM"]),
+    ("dense_layers", ["config.json: mlp_only_layers=[0]", "dense layers among MoE layers are not supported"]),
 ])
 def test_bad_hf_input_is_refused_with_its_name(cli, case, expected):
     result = cli[case]
@@ -442,9 +551,10 @@ def test_first_format_upgrades_to_a_checkpoint_that_exports_bit_identical(cli, s
 @pytest.fixture(scope="module")
 def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
     """The converted fp32 Mixtral loaded, run and saved at TP2 x EP2 (world 4, DP2), then at PP2 (world 2),
-    which also loads the TP2 x EP2 save; the tied Mixtral at PP2 x VP2; every save exported again by the tool."""
-    succeeded(cli["to_megatron_mixtral_fp32"])
-    succeeded(cli["to_megatron_tied_fp32"])
+    which also loads the TP2 x EP2 save; the tied Mixtral at PP2 x VP2; every save exported again by the tool.
+    The converted Qwen3-MoE and Qwen2-MoE loaded and run at TP2 x EP2."""
+    for model in ("mixtral", "tied", "qwen3_moe", "qwen2_moe"):
+        succeeded(cli[f"to_megatron_{model}_fp32"])
     root = str(tmp_path_factory.mktemp("convert_parallel"))
     ckpt, hf_dir = os.path.join(cli["root"], "ckpt_mixtral_fp32"), sources[("mixtral", "fp32")]
     tokens = torch.randint(0, 600, (2, 16), generator=torch.Generator().manual_seed(11))
@@ -452,6 +562,8 @@ def parallel_runs(cli, sources, torchrun, tmp_path_factory) -> dict:
     tied_ckpt, tied_hf = os.path.join(cli["root"], "ckpt_tied_fp32"), sources[("tied", "fp32")]
     runs = {  # name: (world size, converted checkpoint, HF folder, layout)
         "tp2_ep2": (4, ckpt, hf_dir, ["--tp", "2", "--ep", "2"]),
+        **{f"{model}_tp2_ep2": (4, os.path.join(cli["root"], f"ckpt_{model}_fp32"), sources[(model, "fp32")],
+                                ["--tp", "2", "--ep", "2"]) for model in ("qwen3_moe", "qwen2_moe")},
         "pp2": (2, ckpt, hf_dir, ["--pp", "2", "--other-ckpt", os.path.join(root, "saved_tp2_ep2")]),
         "tied_pp2_vp2": (2, tied_ckpt, tied_hf, ["--pp", "2", "--vp", "2"]),
     }
@@ -487,11 +599,13 @@ def transformers_logps(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout,padded_vocab,model", [("tp2_ep2", 768, "mixtral"), ("pp2", 640, "mixtral"),
-                                                       ("tied_pp2_vp2", 640, "tied")])
+                                                       ("tied_pp2_vp2", 640, "tied"),
+                                                       ("qwen3_moe_tp2_ep2", 768, "qwen3_moe"),
+                                                       ("qwen2_moe_tp2_ep2", 768, "qwen2_moe")])
 def test_logps_from_converted_checkpoint_match_transformers(parallel_runs, sources, layout, padded_vocab, model):
     run_dir = os.path.join(parallel_runs["root"], layout)
     for report in reports(run_dir):
-        assert report["padded_vocab"] == padded_vocab  # 600 rows padded differently at TP2 and TP1
+        assert report["padded_vocab"] == padded_vocab  # 600 (Qwen: 601) rows padded differently at TP2 and TP1
         assert report["params_checked"] > 0 and report["params_mismatched"] == [], report
     ours = torch.load(os.path.join(run_dir, "logps.pt"))
     reference = transformers_logps(sources[(model, "fp32")], parallel_runs["tokens"])

@@ -1,5 +1,6 @@
 """Loss, every TRL metric and the per-pair values of our model on a fixed batch, padded and packed, equal
-transformers' Mixtral + TRL's formulas, for ORPO and each CPO-family loss, at TP1, TP2xEP2 and PP2."""
+transformers' model + TRL's formulas, for ORPO and each CPO-family loss: Mixtral at TP1, TP2xEP2 and PP2, Qwen3-MoE
+at TP1."""
 import json
 
 import pytest
@@ -9,14 +10,17 @@ METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
 RELATIVE_TOL = 1e-5  # fp32
 
 
-@pytest.mark.parametrize("nproc, flags", [
-    (1, []),
-    (4, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
-    (2, ["--pipeline-model-parallel-size", "2"]),
-], ids=["tp1", "tp2_ep2", "pp2"])
-def test_loss_and_metrics_match_transformers_and_trl(nproc, flags, torchrun, tiny_mixtral, tiny_converted, tmp_path):
+@pytest.mark.parametrize("model, nproc, flags", [
+    ("mixtral", 1, []),
+    ("mixtral", 4, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
+    ("mixtral", 2, ["--pipeline-model-parallel-size", "2"]),
+    ("qwen3_moe", 1, []),
+], ids=["tp1", "tp2_ep2", "pp2", "qwen3_moe_tp1"])
+def test_loss_and_metrics_match_transformers_and_trl(model, nproc, flags, torchrun, request, tmp_path):
+    hf_dir = request.getfixturevalue(f"tiny_{model}")
+    load = request.getfixturevalue("tiny_converted" if model == "mixtral" else f"tiny_{model}_converted")
     out = tmp_path / "report.json"
-    torchrun("orpo_vs_transformers.py", nproc, "--load", tiny_converted, "--hf-dir", tiny_mixtral, "--out", str(out),
+    torchrun("orpo_vs_transformers.py", nproc, "--load", load, "--hf-dir", hf_dir, "--out", str(out),
              "--data-path", "examples/data/capybara_style.jsonl", "--max-length", "256", "--max-prompt-length", "192",
              *flags)
     report = json.loads(out.read_text())

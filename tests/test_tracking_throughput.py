@@ -22,7 +22,7 @@ def counted_flops(model_dir: str, batch: int, seq_length: int, backward: bool) -
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("model", ["tiny_mixtral", "tiny_mistral"])
+@pytest.mark.parametrize("model", ["tiny_mixtral", "tiny_mistral", "tiny_qwen3_moe", "tiny_qwen2_moe"])
 def test_flops_equal_counted_matmul_flops_of_transformers_forward_and_backward(model, request):
     """Exact: both sides count only matmuls, and every routed token runs exactly top-k experts."""
     model_dir = request.getfixturevalue(model)

@@ -52,6 +52,11 @@ class HFModelConfig:
     num_experts: int | None = None
     num_experts_per_tok: int | None = None
     router_aux_loss_coef: float = 0.0
+    # The experts' FFN size where it differs from the dense `intermediate_size` (Qwen-MoE); None: the same.
+    moe_intermediate_size: int | None = None
+    # Routing weights: softmax over all experts, top-k, then renormalized over the k (True, Mixtral's rule) or not.
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int | None = None
     attention_bias: bool = False
     sliding_window: int | None = None
     raw: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -59,6 +64,11 @@ class HFModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts is not None
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """The FFN size of one routed expert."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def family(self) -> ModelFamily:
@@ -105,8 +115,7 @@ class HFModelConfig:
             rms_norm_eps=float(field("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(field("tie_word_embeddings", False)),
             initializer_range=float(field("initializer_range", 0.02)),
-            **family.read_fields(field),
-            attention_bias=bool(field("attention_bias", False)),
+            **{"attention_bias": bool(field("attention_bias", False)), **family.read_fields(field, source)},
             sliding_window=config.get("sliding_window"),
             raw=dict(config),
         )
@@ -138,9 +147,10 @@ class ModelFamily:
         self.hf = hf
 
     @classmethod
-    def read_fields(cls, field: Callable[..., Any]) -> dict[str, Any]:
-        """The `HFModelConfig` fields of this family beyond the shared ones; `field(name[, default])` reads one
-        (a missing field without a default is refused, named)."""
+    def read_fields(cls, field: Callable[..., Any], source: str) -> dict[str, Any]:
+        """The `HFModelConfig` fields of this family beyond the shared ones (or in place of a shared one, as
+        `attention_bias`); `field(name[, default])` reads one (a missing field without a default is refused,
+        named); `source` names the file in a refusal."""
         raise NotImplementedError
 
     def transformer_fields(self, moe_aux_loss_coeff: float | None) -> dict[str, Any]:

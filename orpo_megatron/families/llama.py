@@ -1,16 +1,17 @@
 """Llama and Mistral: the dense decoder (pre-RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, no linear biases
-but optional QKV biases) in Megatron's terms. Mistral's `sliding_window` is read but not applied: ORPO sequences
-are shorter than Mistral's window. Families built on this decoder (`mixtral.py`) subclass it and replace its MLP
-(the `_mlp_*` methods).
+but optional QKV biases; per-head q/k RMSNorms where a family sets `qk_layernorm`) in Megatron's terms. Mistral's
+`sliding_window` is read but not applied: ORPO sequences are shorter than Mistral's window. Families built on this
+decoder (`mixtral.py`) subclass it and replace its MLP (the `_mlp_*` methods).
 
 Tensor layout: Megatron's `linear_qkv` interleaves q/k/v per query group; `linear_fc1` holds the gate rows, then
-the up rows; the norms before attention and before a dense MLP are fused into `linear_qkv` and `linear_fc1`.
+the up rows; the norms before attention and before a dense MLP are fused into `linear_qkv` and `linear_fc1`; the
+q/k norms are `self_attention.q_layernorm` / `k_layernorm` ([layers, head_dim]).
 """
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Container, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,11 @@ def qkv_from_megatron(qkv: torch.Tensor, hf: HFModelConfig) -> tuple[torch.Tenso
 
 class Llama(ModelFamily):
     architectures = ("MistralForCausalLM", "LlamaForCausalLM")
+    # An RMSNorm over each query and key head before RoPE (HF's `self_attn.q_norm` / `k_norm`).
+    qk_layernorm: ClassVar[bool] = False
 
     @classmethod
-    def read_fields(cls, field: Callable[..., Any]) -> dict[str, Any]:
+    def read_fields(cls, field: Callable[..., Any], source: str) -> dict[str, Any]:
         return {}
 
     def transformer_fields(self, moe_aux_loss_coeff: float | None) -> dict[str, Any]:
@@ -69,6 +72,7 @@ class Llama(ModelFamily):
             activation_func=F.silu,
             add_bias_linear=False,
             add_qkv_bias=hf.attention_bias,
+            qk_layernorm=self.qk_layernorm,
             init_method_std=hf.initializer_range,
         )
 
@@ -83,7 +87,7 @@ class Llama(ModelFamily):
             position_embedding_type="rope", add_position_embedding=False, use_rotary_position_embeddings=True,
             rotary_base=int(hf.rope_theta), rotary_percent=1.0, rotary_interleaved=False,
             normalization="RMSNorm", norm_epsilon=hf.rms_norm_eps, apply_layernorm_1p=False, swiglu=True,
-            squared_relu=False, add_bias_linear=False, add_qkv_bias=hf.attention_bias,
+            squared_relu=False, add_bias_linear=False, add_qkv_bias=hf.attention_bias, qk_layernorm=self.qk_layernorm,
             untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
             attention_dropout=0.0, hidden_dropout=0.0, init_method_std=hf.initializer_range,
             vocab_size=hf.vocab_size, padded_vocab_size=padded_vocab_size,
@@ -127,6 +131,7 @@ class Llama(ModelFamily):
             ("swiglu", True, False),
             ("position_embedding_type", "rope", "learned_absolute"),
             ("add_bias_linear", False, True),
+            ("qk_layernorm", self.qk_layernorm, False),
         ]
 
     # ------------------------------------------------------------------------------------- tensor mapping
@@ -139,6 +144,8 @@ class Llama(ModelFamily):
         if hf.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q_rows,), p + "self_attn.k_proj.bias": (kv_rows,),
                            p + "self_attn.v_proj.bias": (kv_rows,)})
+        if self.qk_layernorm:
+            shapes.update({p + f"self_attn.{x}_norm.weight": (hf.head_dim,) for x in "qk"})
         return shapes | self._hf_mlp_shapes(p, present)
 
     def _hf_mlp_shapes(self, p: str, present: Container[str]) -> dict[str, tuple[int, ...]]:
@@ -156,6 +163,9 @@ class Llama(ModelFamily):
         }
         if hf.attention_bias:
             shapes[LAYERS + "self_attention.linear_qkv.bias"] = (q_rows + 2 * kv_rows,)
+        if self.qk_layernorm:
+            shapes.update({LAYERS + "self_attention.q_layernorm.weight": (hf.head_dim,),
+                           LAYERS + "self_attention.k_layernorm.weight": (hf.head_dim,)})
         return shapes | self._megatron_mlp_shapes()
 
     def _megatron_mlp_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -170,6 +180,9 @@ class Llama(ModelFamily):
         keys = {LAYERS + "self_attention.linear_qkv._extra_state": layers,
                 LAYERS + "self_attention.linear_proj._extra_state": layers,
                 "decoder.final_layernorm._extra_state": (1,)}
+        if self.qk_layernorm:
+            keys.update({LAYERS + "self_attention.q_layernorm._extra_state": layers,
+                         LAYERS + "self_attention.k_layernorm._extra_state": layers})
         return keys | self._mlp_extra_state_keys()
 
     def _mlp_extra_state_keys(self) -> dict[str, tuple[int, ...]]:
@@ -185,6 +198,8 @@ class Llama(ModelFamily):
             m + "self_attention.linear_qkv.weight": lambda: qkv("weight"),
             m + "self_attention.linear_qkv.bias": lambda: qkv("bias"),
             m + "self_attention.linear_proj.weight": lambda: tensors[p + "self_attn.o_proj.weight"],
+            m + "self_attention.q_layernorm.weight": lambda: tensors[p + "self_attn.q_norm.weight"],
+            m + "self_attention.k_layernorm.weight": lambda: tensors[p + "self_attn.k_norm.weight"],
             **self._mlp_to_megatron(tensors, p),
         }
         return {key: build[key]() for key in (self.megatron_layer_shapes() if keys is None else keys)}
@@ -206,6 +221,9 @@ class Llama(ModelFamily):
         for kind in ("weight", "bias") if self.hf.attention_bias else ("weight",):
             for x, t in zip("qkv", qkv_from_megatron(tensors[m + f"self_attention.linear_qkv.{kind}"], self.hf)):
                 out[p + f"self_attn.{x}_proj.{kind}"] = t
+        if self.qk_layernorm:
+            for x in "qk":
+                out[p + f"self_attn.{x}_norm.weight"] = tensors[m + f"self_attention.{x}_layernorm.weight"]
         out.update(self._mlp_to_hf(tensors, p))
         return {name: tensor.contiguous() for name, tensor in out.items()}
 

@@ -13,7 +13,7 @@ or shared expert. The router runs in fp32.
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,9 +23,14 @@ from orpo_megatron.families.llama import Llama
 
 class Mixtral(Llama):
     architectures = ("MixtralForCausalLM",)
+    # The classic HF layout's names in a decoder layer: the router, the experts' prefix (then `E.`), and each
+    # expert's gate, up and down projections.
+    hf_router: ClassVar[str] = "block_sparse_moe.gate.weight"
+    hf_experts: ClassVar[str] = "block_sparse_moe.experts."
+    hf_expert_names: ClassVar[tuple[str, str, str]] = ("w1.weight", "w3.weight", "w2.weight")
 
     @classmethod
-    def read_fields(cls, field: Callable[..., Any]) -> dict[str, Any]:
+    def read_fields(cls, field: Callable[..., Any], source: str) -> dict[str, Any]:
         return dict(num_experts=int(field("num_local_experts")), num_experts_per_tok=int(field("num_experts_per_tok")),
                     router_aux_loss_coef=float(field("router_aux_loss_coef", 0.0)))
 
@@ -40,7 +45,7 @@ class Mixtral(Llama):
             moe_router_dtype="fp32",
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=hf.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff,
-            moe_ffn_hidden_size=hf.intermediate_size,
+            moe_ffn_hidden_size=hf.expert_intermediate_size,
         )
 
     def megatron_args(self, *, padded_vocab_size: int, make_vocab_size_divisible_by: int,
@@ -48,7 +53,7 @@ class Mixtral(Llama):
         return dict(super().megatron_args(padded_vocab_size=padded_vocab_size,
                                           make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                                           iteration=iteration),
-                    moe_ffn_hidden_size=self.hf.intermediate_size, moe_router_topk=self.hf.num_experts_per_tok,
+                    moe_ffn_hidden_size=self.hf.expert_intermediate_size, moe_router_topk=self.hf.num_experts_per_tok,
                     moe_router_pre_softmax=False, moe_router_score_function="softmax", moe_layer_freq=1,
                     moe_router_load_balancing_type="aux_loss", moe_router_topk_scaling_factor=None,
                     moe_router_enable_expert_bias=False, moe_shared_expert_intermediate_size=None,
@@ -66,18 +71,19 @@ class Mixtral(Llama):
 
     # ------------------------------------------------------------------------------------- tensor mapping
     def _hf_mlp_shapes(self, p: str, present: Container[str]) -> dict[str, tuple[int, ...]]:
-        e, h, ffn = self.hf.num_experts, self.hf.hidden_size, self.hf.intermediate_size
+        e, h, ffn = self.hf.num_experts, self.hf.hidden_size, self.hf.expert_intermediate_size
         if p + "mlp.experts.gate_up_proj" in present:
             return {p + "mlp.gate.weight": (e, h), p + "mlp.experts.gate_up_proj": (e, 2 * ffn, h),
                     p + "mlp.experts.down_proj": (e, h, ffn)}
-        shapes = {p + "block_sparse_moe.gate.weight": (e, h)}
+        gate, up, down = self.hf_expert_names
+        shapes = {p + self.hf_router: (e, h)}
         for expert in range(e):
-            x = p + f"block_sparse_moe.experts.{expert}."
-            shapes.update({x + "w1.weight": (ffn, h), x + "w2.weight": (h, ffn), x + "w3.weight": (ffn, h)})
+            x = p + self.hf_experts + f"{expert}."
+            shapes.update({x + gate: (ffn, h), x + down: (h, ffn), x + up: (ffn, h)})
         return shapes
 
     def _megatron_mlp_shapes(self) -> dict[str, tuple[int, ...]]:
-        e, h, ffn = self.hf.num_experts, self.hf.hidden_size, self.hf.intermediate_size
+        e, h, ffn = self.hf.num_experts, self.hf.hidden_size, self.hf.expert_intermediate_size
         return {LAYERS + "pre_mlp_layernorm.weight": (h,), LAYERS + "mlp.router.weight": (e, h),
                 LAYERS + "mlp.experts.experts.linear_fc1.weight": (e, 2 * ffn, h),
                 LAYERS + "mlp.experts.experts.linear_fc2.weight": (e, h, ffn)}
@@ -95,23 +101,25 @@ class Mixtral(Llama):
             fc1 = lambda: tensors[p + "mlp.experts.gate_up_proj"]  # noqa: E731
             fc2 = lambda: tensors[p + "mlp.experts.down_proj"]  # noqa: E731
         else:
-            experts = [p + f"block_sparse_moe.experts.{e}." for e in range(self.hf.num_experts)]
-            router = lambda: tensors[p + "block_sparse_moe.gate.weight"]  # noqa: E731
-            fc1 = lambda: torch.stack([torch.cat([tensors[x + "w1.weight"], tensors[x + "w3.weight"]])  # noqa: E731
+            gate, up, down = self.hf_expert_names
+            experts = [p + self.hf_experts + f"{e}." for e in range(self.hf.num_experts)]
+            router = lambda: tensors[p + self.hf_router]  # noqa: E731
+            fc1 = lambda: torch.stack([torch.cat([tensors[x + gate], tensors[x + up]])  # noqa: E731
                                        for x in experts])
-            fc2 = lambda: torch.stack([tensors[x + "w2.weight"] for x in experts])  # noqa: E731
+            fc2 = lambda: torch.stack([tensors[x + down] for x in experts])  # noqa: E731
         return {LAYERS + "pre_mlp_layernorm.weight": lambda: tensors[p + "post_attention_layernorm.weight"],
                 LAYERS + "mlp.router.weight": router,
                 LAYERS + "mlp.experts.experts.linear_fc1.weight": fc1,
                 LAYERS + "mlp.experts.experts.linear_fc2.weight": fc2}
 
     def _mlp_to_hf(self, tensors: Mapping[str, torch.Tensor], p: str) -> dict[str, torch.Tensor]:
+        gate, up, down = self.hf_expert_names
         out = {p + "post_attention_layernorm.weight": tensors[LAYERS + "pre_mlp_layernorm.weight"],
-               p + "block_sparse_moe.gate.weight": tensors[LAYERS + "mlp.router.weight"]}
+               p + self.hf_router: tensors[LAYERS + "mlp.router.weight"]}
         fc1 = tensors[LAYERS + "mlp.experts.experts.linear_fc1.weight"]
         fc2 = tensors[LAYERS + "mlp.experts.experts.linear_fc2.weight"]
         for e in range(self.hf.num_experts):
-            x = p + f"block_sparse_moe.experts.{e}."
-            out[x + "w1.weight"], out[x + "w3.weight"] = fc1[e].chunk(2, dim=0)
-            out[x + "w2.weight"] = fc2[e]
+            x = p + self.hf_experts + f"{e}."
+            out[x + gate], out[x + up] = fc1[e].chunk(2, dim=0)
+            out[x + down] = fc2[e]
         return out

@@ -44,7 +44,8 @@ LOCAL_TO_TE = {"decoder.layers.mlp.linear_fc1.layer_norm_weight": "decoder.layer
 
 def stock_model(hf: HFModelConfig, layout: dict) -> GPTModel:
     config = build_transformer_config(hf, **layout)
-    spec = get_gpt_layer_local_spec(num_experts=hf.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=hf.num_experts, moe_grouped_gemm=False, normalization="RMSNorm",
+                                    qk_layernorm=config.qk_layernorm)
     return GPTModel(config=config, transformer_layer_spec=spec,
                     vocab_size=padded_vocab_size(hf.vocab_size, 128, layout["tensor_model_parallel_size"]),
                     max_sequence_length=hf.max_position_embeddings, pre_process=True, post_process=True,

@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> None:
                                          for layer in range(hf.num_layers)])
     ref_grads.update(hf_mapping.hf_outer_to_megatron(hf_grads, hf, vocab.padded_size))
 
-    report = {"layout": layout.describe(), "logits_max_abs_diff": 0.0, "grad_max_rel_diff": 0.0,
-              "grads_checked": 0, "worst_grad": None}
+    report = {"layout": layout.describe(), "architecture": hf.architecture, "logits_max_abs_diff": 0.0,
+              "grad_max_rel_diff": 0.0, "grads_checked": 0, "worst_grad": None}
     if parallel_state.is_pipeline_last_stage():
         for index, logits in zip(my_samples, gathered_logits):
             diff = (logits - ref_logits[index]).abs().max().item()

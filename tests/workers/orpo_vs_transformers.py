@@ -1,10 +1,10 @@
-"""Worker: ORPO loss and TRL metrics of our model on a fixed batch vs transformers' Mixtral + TRL's formulas.
+"""Worker: ORPO loss and TRL metrics of our model on a fixed batch vs transformers' model + TRL's formulas.
 
 Our side: the converted checkpoint loaded at the given layout, the bundled data through our data layer, one
 forward-only pass of `pipeline.run_micro_batches` with the pairs padded and with them packed into one row (with
 pipelining, a row of a fixed length longer than the pairs, as the trainer packs rows there: a padding tail after
 the last sequence). The values live on the last pipeline stage, whose first rank writes the report.
-Reference side: transformers' MixtralForCausalLM on the HF weights and the same token ids padded as TRL's collator
+Reference side: transformers' model of the family on the HF weights and the same token ids padded as TRL's collator
 pads them, then TRL ORPOTrainer's formulas written out in plain PyTorch (`trl_reference`), and TRL CPOTrainer's
 for each CPO-family config (`cpo_reference`, under "cpo").
 """
