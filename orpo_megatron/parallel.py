@@ -71,12 +71,11 @@ class ParallelLayout:
         return {name: value for name, value in dataclasses.asdict(self).items() if name != "world_size"}
 
     def describe(self) -> str:
-        vp = self.virtual_pipeline_model_parallel_size
+        vp, etp = self.virtual_pipeline_model_parallel_size, self.expert_tensor_parallel
         return (
             f"world={self.world_size} TP={self.tensor_model_parallel_size} "
             f"PP={self.pipeline_model_parallel_size}{f' VP={vp}' if vp else ''} "
-            f"EP={self.expert_model_parallel_size}"
-            f"{f' ETP={self.expert_tensor_parallel}' if self.expert_tensor_parallel != self.tensor_model_parallel_size else ''}"
+            f"EP={self.expert_model_parallel_size}{f' ETP={etp}' if etp != self.tensor_model_parallel_size else ''}"
             f" DP={self.data_parallel_size}{' SP' if self.sequence_parallel else ''}"
         )
 
@@ -90,9 +89,9 @@ class ParallelLayout:
         etp = self.expert_tensor_parallel
         vp = self.virtual_pipeline_model_parallel_size
         problems = []
-        for name, value in (("tensor", tp), ("pipeline", pp), ("expert", ep), ("expert-tensor", etp)):
+        for flag, value in (("tensor-model", tp), ("pipeline-model", pp), ("expert-model", ep), ("expert-tensor", etp)):
             if value < 1:
-                problems.append(f"--{name}-{'' if name == 'expert-tensor' else 'model-'}parallel-size={value} must be >= 1")
+                problems.append(f"--{flag}-parallel-size={value} must be >= 1")
         if problems:
             raise LayoutError("; ".join(problems))
         if self.world_size % (tp * pp):
@@ -109,9 +108,15 @@ class ParallelLayout:
             problems.append(f"{model.num_attention_heads} attention heads are not divisible by TP={tp}")
         if model.num_key_value_heads % tp:
             problems.append(f"{model.num_key_value_heads} key/value groups are not divisible by TP={tp}")
-        ffn_split, ffn_name = (etp, "ETP") if model.is_moe and etp != tp else (tp, "TP")  # experts split by ETP
-        if model.intermediate_size % ffn_split:
-            problems.append(f"FFN size {model.intermediate_size} is not divisible by {ffn_name}={ffn_split}")
+        if model.is_moe:  # experts are split by ETP, a shared expert (a dense MLP) by TP
+            if model.expert_intermediate_size % etp:
+                problems.append(f"expert FFN size {model.expert_intermediate_size} is not divisible by "
+                                f"{'ETP' if etp != tp else 'TP'}={etp}")
+            if model.shared_expert_intermediate_size and model.shared_expert_intermediate_size % tp:
+                problems.append(f"shared expert FFN size {model.shared_expert_intermediate_size} is not divisible "
+                                f"by TP={tp}")
+        elif model.intermediate_size % tp:
+            problems.append(f"FFN size {model.intermediate_size} is not divisible by TP={tp}")
         if self.expert_tensor_parallel_size is not None and etp != tp and not model.is_moe:
             problems.append(f"--expert-tensor-parallel-size={etp} needs a mixture-of-experts model; "
                             f"{model.architecture} is dense")

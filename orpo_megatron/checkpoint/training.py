@@ -16,8 +16,9 @@ A training save folder (`--save`) is a Megatron-LM checkpoint root (folder forma
 
 An iteration is written (in place, or in the background with `--async-save`: `Saver`) under a hidden
 `.iter_0000006.partial` name and renamed only when every rank has finished, so a crash or a kill during a save
-never leaves a folder that looks complete, and the pointer never names a partial one. Resuming at the same layout is exact; at another TP / PP / EP / DP layout the weights and
-the optimizer state (moments, main params, step) reshard and only the RNG state (dropout is off) starts anew.
+never leaves a folder that looks complete, and the pointer never names a partial one. Resuming at the same layout
+is exact; at another TP / PP / EP / DP layout the weights and the optimizer state (moments, main params, step)
+reshard and only the RNG state (dropout is off) starts anew.
 Optimizer state is read into host memory and copied into the optimizer's own buffers (no second GPU copy).
 A converted or Megatron-LM checkpoint without our train_state.json starts a new run from its weights.
 """
