@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # transformers and trl are test references only: parity against real peers.
-        "test": ["pytest>=8", "transformers>=5.0", "trl>=0.26", "mpmath"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=5.0", "trl>=0.26", "mpmath"],
         # Transformer Engine: the GPU layers (FP8, grouped experts, fused kernels, the precision-aware optimizer),
         # in the range megatron-core 0.16.1 supports (its own `dev` extra); orpo_megatron.model checks it too.
         "te": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
