@@ -48,6 +48,67 @@ def test_groups_follow_megatrons_rank_order_and_links_follow_the_nodes():
     assert wide_stages.group("pp", 3) == (3, 11)
 
 
+@pytest.mark.parametrize("tp, etp, ep, pp, dp", [(2, 1, 4, 1, 2), (4, 1, 2, 2, 2), (1, 2, 2, 1, 4)],
+                         ids=["etp1-tp2-ep4-dp2", "etp1-tp4-ep2-pp2", "etp2-tp1"])
+def test_groups_with_expert_tp_apart_from_tp_are_the_ones_megatron_core_builds(tp, etp, ep, pp, dp):
+    """megatron-core's own `initialize_model_parallel` on a fake process group of the layout's world size, as each
+    rank in turn: the planner's dense and expert groups are the ranks Megatron-Core puts in them, and the DP ranks
+    it synchronizes and averages expert rows over are those of Megatron's expert TP x EP groups (at EP4 over DP2
+    or EP2 inside one DP rank, DP ranks that consecutive blocks of EP would get wrong)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    layout = MemoryLayout.planned(tensor_model_parallel_size=tp, expert_tensor_parallel_size=etp,
+                                  expert_model_parallel_size=ep, pipeline_model_parallel_size=pp, data_parallel_size=dp)
+    grid = RankGrid(layout)
+    getters = {"tp": parallel_state.get_tensor_model_parallel_group, "dp": parallel_state.get_data_parallel_group,
+               "pp": parallel_state.get_pipeline_model_parallel_group,
+               "ep": parallel_state.get_expert_model_parallel_group,
+               "etp": parallel_state.get_expert_tensor_parallel_group,
+               "edp": parallel_state.get_expert_data_parallel_group,
+               "tp-ep": parallel_state.get_expert_tensor_and_model_parallel_group}
+    megatron = {}
+    for rank in range(layout.world_size):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
+        try:
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                expert_tensor_parallel_size=etp, create_gloo_process_groups=False)
+            megatron[rank] = {kind: tuple(dist.get_process_group_ranks(get())) for kind, get in getters.items()}
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+    for rank, groups in megatron.items():
+        assert {kind: grid.group(kind, rank) for kind in getters} == groups, rank
+    dp_rank = {rank: groups["dp"].index(rank) for rank, groups in megatron.items()}
+    first_stage = [rank for rank, groups in megatron.items() if groups["pp"].index(rank) == 0]
+    linked = {d: {d} for d in range(dp)}
+    for rank in first_stage:
+        for member in megatron[rank]["tp-ep"]:
+            linked[dp_rank[rank]] |= linked[dp_rank[member]]
+            for d in linked[dp_rank[rank]]:
+                linked[d] = linked[dp_rank[rank]]
+    assert {tuple(sorted(ranks)) for ranks in linked.values()} == set(grid.synchronized_data_parallel_ranks())
+    for kind in ("ep", "tp-ep"):
+        for rank in first_stage:
+            if megatron[rank]["tp"].index(rank) == 0:  # the rank that stands for its DP rank
+                members = megatron[rank][kind]
+                share = [sum(dp_rank[m] == d for m in members) / len(members) for d in range(dp)]
+                assert grid.data_parallel_share(kind)[dp_rank[rank]].tolist() == pytest.approx(share), (kind, rank)
+
+
+def test_expert_groups_inside_one_dp_rank_do_not_wait_for_other_dp_ranks():
+    """Padded rows of different lengths per DP rank. At TP2 ETP2 EP2 DP2 the EP group spans both DP ranks, which
+    wait for each other; at TP2 ETP1 EP2 DP2 it is the two TP ranks of one DP rank, so no DP rank waits."""
+    hf = config("mixtral-8x7b.json")
+    shapes = recipe_steps(capybara_like_pairs(640), 32, dp=2, batch=BatchLayout(packing=False, length_multiple=2))
+    step = {etp: predict_step_time(hf, MemoryLayout.planned(
+        tensor_model_parallel_size=2, expert_tensor_parallel_size=etp, expert_model_parallel_size=2,
+        data_parallel_size=2), shapes, Hardware()) for etp in (1, 2)}
+    assert step[2].ep_wait > 0 and step[1].ep_wait == 0
+
+
 def test_compute_time_is_the_real_sequences_flops_at_the_assumed_rate():
     """One GPU, packed rows without rounding: every computed position is a real token, so the step's compute
     time is the sum of its sequences' training FLOPs over MFU x peak."""

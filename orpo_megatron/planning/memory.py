@@ -368,8 +368,12 @@ def layer_activation_bytes(hf: HFModelConfig, layout: MemoryLayout) -> int:
       attention  b * (2h/r + (q + 2kv)/t + q/t + h/r)      norm in, QKV in, Q/K/V, context, residual
                  + 2b * heads/t * S                          scores and softmax (unfused attention only)
       MoE        b * 2h/r + 8E/r                            norm in, router in; fp32 router logits, probs
-                 + top_k * b * (2h + 3f/e)                  per routed copy: FC1 in, FC1 out (2f),
-                                                            activation out (f) ... FC2 out; balanced routing
+                 + top_k * e/r * b * (h + 3f/e)             per row the experts compute: FC1 in, FC1 out (2f/e),
+                                                            activation out (f/e); the router probs scale the
+                                                            activation (megatron-core 0.16 `experts.py`), so FC2's
+                                                            output is not kept. Balanced routing: a rank's
+                                                            experts get top_k copies of N/r tokens and all-gather
+                                                            their e expert-TP peers' rows
       dense MLP  b * (3h/r + 3f/t)
     (q = heads*head_dim, kv = kv_heads*head_dim, f = FFN size.) A rough formula in the spirit of Korthikanti
     et al. 2022; implementation-specific copies (GQA expansion, fp32 norms on CPU) are not itemized.
@@ -385,7 +389,7 @@ def layer_activation_bytes(hf: HFModelConfig, layout: MemoryLayout) -> int:
         attention += 2 * b * hf.num_attention_heads / t * s
     if hf.is_moe:
         mlp = (b * 2 * h / r + 8 * hf.num_experts / r
-               + hf.num_experts_per_tok * (b_gemm * 2 * h + b * 3 * hf.intermediate_size / e))
+               + hf.num_experts_per_tok * e / r * (b_gemm * h + b * 3 * hf.intermediate_size / e))
     else:
         mlp = b * 3 * h / r + b_gemm * 3 * hf.intermediate_size / t
     return round(tokens * (attention + mlp))

@@ -7,8 +7,9 @@ FLOPs and bytes are `step_work.py`'s, the micro-batch shapes `workload.py`'s. Pe
             the group is on one node (Megatron's rank order, `step_work.RankGrid`), else the network (per GPU);
             an all-to-all splits its bytes between both by where its peers are. Not overlapped with compute
             (no TP-communication or all-to-all overlap is configured).
-The ranks of an EP group (consecutive DP ranks) wait for each other at every dispatch, so a micro-batch takes the
-longest of its members; the experts' rows are the group's mean (balanced routing). 1F1B adds (PP - 1) / VP mean
+DP ranks linked by Megatron's expert TP x EP groups (`RankGrid.synchronized_data_parallel_ranks`) wait for each
+other at every dispatch, so a micro-batch takes the longest of them; the experts' rows are the groups' means
+(balanced routing). 1F1B adds (PP - 1) / VP mean
 micro-batch times of bubble. After the pipeline: the DP gradient reduce-scatter and parameter all-gather of
 every DDP bucket, as far as they do not hide behind the pipeline flush or, with overlap (the trainer's GPU
 default), the last backward / the next first forward (`_data_parallel_seconds`), the
@@ -72,7 +73,7 @@ class StepTime:
     tp: float
     ep: float
     pp: float
-    ep_wait: float  # waiting for the slowest member of the EP group
+    ep_wait: float  # waiting for the slowest DP rank linked by the expert groups
     bubble: float
     dp: float
     optimizer_gpu: float
@@ -113,17 +114,17 @@ def traffic_seconds(traffic: dict, rank: int, hardware: Hardware) -> dict[str, o
     return seconds
 
 
-def _group_mean(values: np.ndarray, ep: int) -> np.ndarray:
-    """Mean over each EP group (EP consecutive DP ranks, axis 1), broadcast back to its members."""
-    steps, dp, micro_batches = values.shape
-    grouped = values.reshape(steps, dp // ep, ep, micro_batches)
-    return np.broadcast_to(grouped.mean(axis=2, keepdims=True), grouped.shape).reshape(values.shape)
+def _data_parallel_mean(values: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """Per DP rank (axis 1), the mean of `values` over its group (`RankGrid.data_parallel_share`)."""
+    return np.einsum("ij,sjm->sim", share, values)
 
 
-def _group_max(values: np.ndarray, ep: int) -> np.ndarray:
-    steps, dp, micro_batches = values.shape
-    grouped = values.reshape(steps, dp // ep, ep, micro_batches)
-    return np.broadcast_to(grouped.max(axis=2, keepdims=True), grouped.shape).reshape(values.shape)
+def _synchronized_max(values: np.ndarray, synchronized: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """Per DP rank (axis 1), the largest of `values` over the DP ranks it waits for."""
+    out = np.empty_like(values)
+    for ranks in synchronized:
+        out[:, ranks] = values[:, ranks].max(axis=1, keepdims=True)
+    return out
 
 
 def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShapes, hardware: Hardware,
@@ -138,9 +139,10 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     grid = RankGrid(layout)
     flop_seconds = 1.0 / (hardware.assumed_mfu * hardware.peak_tflops * 1e12)
     attention = shapes.attention_sequences if settings.packed_attention else shapes.attention_rows
-    ep = layout.ep if hf.is_moe else 1
     local = shapes.positions / layout.tp
-    experts = balanced_expert_rows(hf, layout, local, _group_mean(local, ep))
+    experts = balanced_expert_rows(hf, layout, local, _data_parallel_mean(local, grid.data_parallel_share("ep")),
+                                   _data_parallel_mean(local, grid.data_parallel_share("tp-ep")))
+    synchronized = grid.synchronized_data_parallel_ranks() if hf.is_moe else tuple((d,) for d in range(layout.dp))
     stages = sorted({0, min(1, layout.pp - 1), layout.pp - 1})  # first, a middle one, last
     per_stage = []
     for stage in stages:
@@ -155,11 +157,11 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     totals = [sum(parts.values()) for parts in per_stage]
     slowest = per_stage[int(np.argmax([t.sum() for t in totals]))]
     micro_batch = sum(slowest.values())
-    synchronized = _group_max(micro_batch, ep)
-    pipeline = synchronized.sum(axis=2)  # [steps, DP]
+    waiting = _synchronized_max(micro_batch, synchronized)
+    pipeline = waiting.sum(axis=2)  # [steps, DP]
     counts = np.maximum(shapes.valid.sum(axis=2), 1)
     bubble = (layout.pp - 1) / layout.vp * pipeline / counts
-    critical = np.argmax(pipeline + bubble, axis=1)  # the DP rank (and its EP group) that ends last
+    critical = np.argmax(pipeline + bubble, axis=1)  # the DP rank (and those it waits for) that ends last
     steps = np.arange(len(critical))
 
     def on_critical(values: np.ndarray) -> float:
@@ -174,7 +176,7 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     optimizer = _optimizer_seconds(hf, layout, grid, hardware)
     return StepTime(
         compute=on_critical(slowest["compute"]), tp=on_critical(slowest["tp"]), ep=on_critical(slowest["ep"]),
-        pp=on_critical(slowest["pp"]), ep_wait=on_critical(synchronized - micro_batch),
+        pp=on_critical(slowest["pp"]), ep_wait=on_critical(waiting - micro_batch),
         bubble=float(bubble[steps, critical].mean()), dp=dp_seconds, **optimizer)
 
 
