@@ -37,7 +37,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "predicted time (of the recipe; --search ranks by it)",
         "Rates are data-sheet peaks of a DGX H100 node unless given; bandwidths in GB/s (gigabytes).")
     group.add_argument("--assumed-mfu", type=float, default=DEFAULTS.assumed_mfu,
-                       help="Fraction of the peak the matmuls reach. Default: 0.45, Megatron-Core's Mixtral-8x22B "
+                       help="Fraction of the peak the matmuls reach (FLOPs counted as Megatron-LM counts them: "
+                            "causal attention half). Default: 0.45, Megatron-Core's Mixtral-8x22B "
                             "on H100 bf16 (about 455 TFLOP/s, Megatron-MoE-ModelZoo; 49.3%% in arXiv 2504.14960).")
     group.add_argument("--measured-layer-tokens-per-second", type=float, default=None, metavar="TOKENS_PER_S",
                        help="Calibration: set --assumed-mfu from a measured forward+backward throughput of "

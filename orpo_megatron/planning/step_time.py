@@ -2,7 +2,8 @@
 
 Owns the timing assumptions and the schedule arithmetic behind `tools/estimate_memory.py`'s time columns; the
 FLOPs and bytes are `step_work.py`'s, the micro-batch shapes `workload.py`'s. Per micro-batch on a pipeline stage:
-  compute   training matmul FLOPs (+ the recomputed forward) / (assumed MFU x peak)
+  compute   training matmul FLOPs (+ the recomputed forward) / (assumed MFU x peak); with flash attention the
+            causal half of the attention products (`throughput.CAUSAL_ATTENTION_FRACTION`)
   TP / EP / PP   bytes of each collective / the bandwidth of the link its group uses: NVLink when every rank of
             the group is on one node (Megatron's rank order, `step_work.RankGrid`), else the network (per GPU);
             an all-to-all splits its bytes between both by where its peers are. Not overlapped with compute
@@ -35,7 +36,7 @@ from orpo_megatron.planning import step_work
 from orpo_megatron.planning.memory import MemoryLayout
 from orpo_megatron.model_config import HFModelConfig
 from orpo_megatron.planning.step_work import RankGrid, balanced_expert_rows, micro_batch_work, optimizer_traffic
-from orpo_megatron.throughput import token_flops
+from orpo_megatron.throughput import CAUSAL_ATTENTION_FRACTION, causal_attention_positions, token_flops
 from orpo_megatron.planning.workload import HANDBOOK_GPUS, HANDBOOK_SECONDS, StepShapes
 
 GBPS = 1e9
@@ -139,6 +140,8 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     grid = RankGrid(layout)
     flop_seconds = 1.0 / (hardware.assumed_mfu * hardware.peak_tflops * 1e12)
     attention = shapes.attention_sequences if settings.packed_attention else shapes.attention_rows
+    if layout.flash_attention:  # causal kernels skip the masked half (the local spec computes all of it)
+        attention = attention * CAUSAL_ATTENTION_FRACTION
     local = shapes.positions / layout.tp
     experts = balanced_expert_rows(hf, layout, local, _data_parallel_mean(local, grid.data_parallel_share("ep")),
                                    _data_parallel_mean(local, grid.data_parallel_share("tp-ep")))
@@ -257,6 +260,7 @@ def mfu_from_layer_throughput(hf: HFModelConfig, tokens_per_second: float, seq_l
     """The MFU a measured forward + backward throughput of `num_layers` transformer layers shaped like `hf`'s
     (sequences of `seq_length` tokens, no embedding or output layer) on `gpus` GPUs reached."""
     flops = token_flops(hf)
-    per_token = 3 * num_layers * (flops.attention_projections + flops.attention_per_position * seq_length
+    attended = causal_attention_positions(seq_length) / seq_length  # per token
+    per_token = 3 * num_layers * (flops.attention_projections + flops.attention_per_position * attended
                                   + flops.router + flops.feed_forward)
     return tokens_per_second * per_token / (gpus * peak_tflops * 1e12)
