@@ -68,15 +68,21 @@ def causal_attention_positions(seq_length):
     return CAUSAL_ATTENTION_FRACTION * seq_length * seq_length
 
 
+def forward_flops(hf: HFModelConfig, tokens, attention_positions, vocab_size: int | None = None):
+    """Matmul FLOPs of one forward pass over sequences of `tokens` tokens in all whose attention counts
+    `attention_positions` query x key positions (`causal_attention_positions` summed over the sequences).
+    Numbers or numpy arrays."""
+    t = token_flops(hf, vocab_size)
+    per_layer = t.attention_projections + t.router + t.feed_forward
+    return hf.num_layers * (per_layer * tokens + t.attention_per_position * attention_positions) + t.output_layer * tokens
+
+
 def forward_flops_per_sequence(hf: HFModelConfig, seq_length: int, vocab_size: int | None = None) -> float:
     """Matmul FLOPs of one forward pass over one sequence of `seq_length` tokens (causal attention counted half).
 
     `vocab_size` defaults to the config's; pass the padded size to count what the output layer computes.
     """
-    t, s = token_flops(hf, vocab_size), seq_length
-    per_layer = t.attention_projections + t.router + t.feed_forward
-    return float(hf.num_layers * (per_layer * s + t.attention_per_position * causal_attention_positions(s))
-                 + t.output_layer * s)
+    return float(forward_flops(hf, seq_length, causal_attention_positions(seq_length), vocab_size))
 
 
 def training_flops(hf: HFModelConfig, num_sequences: int, seq_length: int, vocab_size: int | None = None) -> float:

@@ -256,3 +256,40 @@ def test_cli_refuses_impossible_assumptions_naming_the_flag(capsys, flags, messa
         estimate_memory.main(["--hf-config", os.path.join(CONFIGS, "mixtral-8x7b.json"), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_pretraining_workload_json_is_fixed_length_sequences_counted_as_megatron_lm(capsys):
+    """--workload pretraining on one GPU: 12 sequences of 1000 tokens, 4 per micro-batch. Nothing to
+    communicate, so the compute part is the sequences' training FLOPs (`training_flops`, fixed length) over
+    MFU x peak; tokens/s and TFLOP/s per GPU follow from the step; memory is an ORPO micro-batch of the same
+    sequences' (pairs of 2)."""
+    import json
+
+    hf = config("mixtral-8x7b.json")
+    flags = ["--hf-config", os.path.join(CONFIGS, "mixtral-8x7b.json"), "--global-batch-size", "12",
+             "--assumed-mfu", "0.3", "--gpu-memory-gb", "2000"]
+    assert estimate_memory.main(flags + ["--workload", "pretraining", "--seq-length", "1000",
+                                         "--micro-batch-size", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    flops = training_flops(hf, 12, 1000, padded_vocab_size(hf.vocab_size, 128, 1))
+    assert result["step_parts"]["compute"] == pytest.approx(flops / (0.3 * 989e12), rel=1e-9)
+    assert result["step_seconds"] == pytest.approx(sum(result["step_parts"].values()), rel=1e-12)
+    assert result["tokens_per_second_per_gpu"] == pytest.approx(12_000 / result["step_seconds"], rel=1e-12)
+    assert result["model_tflops_per_gpu"] == pytest.approx(flops / result["step_seconds"] / 1e12, rel=1e-12)
+    assert result["fits"] is True and result["layout"]["seq_length"] == 1000
+    assert estimate_memory.main(flags + ["--max-length", "1000", "--micro-batch-size", "2", "--json"]) == 0
+    pairs = json.loads(capsys.readouterr().out)
+    assert pairs["gib_per_gpu"] == pytest.approx(result["gib_per_gpu"], rel=1e-12)
+    assert pairs["workload"] == "orpo" and pairs["recipe_hours"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workload", "pretraining"], "--workload pretraining needs --seq-length"),
+    (["--seq-length", "4096"], "--seq-length is for --workload pretraining"),
+    (["--workload", "pretraining", "--seq-length", "4096", "--search"], "--search ranks layouts by the ORPO"),
+])
+def test_cli_refuses_a_workload_without_its_length(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        estimate_memory.main(["--hf-config", os.path.join(CONFIGS, "mixtral-8x7b.json"), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

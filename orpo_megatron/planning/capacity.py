@@ -15,7 +15,7 @@ from orpo_megatron.planning import workload
 from orpo_megatron.data.batching import BatchLayout, batch_layout
 from orpo_megatron.optimizer import DTYPES
 from orpo_megatron.planning.memory import MemoryLayout, total_parameters
-from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.planning.step_time import (
     GBPS,
     Hardware,
@@ -24,7 +24,7 @@ from orpo_megatron.planning.step_time import (
     mfu_from_layer_throughput,
     predict_step_time,
 )
-from orpo_megatron.throughput import PEAK_TFLOPS
+from orpo_megatron.throughput import CAUSAL_ATTENTION_FRACTION, PEAK_TFLOPS, forward_flops
 
 DEFAULTS = Hardware()
 # An assumed aggregate write rate of a mid-size Lustre/GPFS scratch file system to one job: a full 8x22B checkpoint
@@ -58,6 +58,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="Host memory bandwidth per node, shared by its GPUs' offloaded optimizer steps "
                             "(DGX H100: 2 x 8 channels of DDR5-4800).")
     group.add_argument("--hbm-gbps", type=float, default=DEFAULTS.hbm_gbps, help="GPU memory bandwidth (H100 SXM).")
+    group.add_argument("--workload", choices=["orpo", "pretraining"], default="orpo",
+                       help="What a step computes. 'orpo': the recipe's capybara-like pairs (--max-length, "
+                            "--micro-batch-size and --global-batch-size in pairs). 'pretraining': --global-batch-size "
+                            "sequences of exactly --seq-length real tokens, --micro-batch-size sequences per "
+                            "micro-batch (the form of published Megatron runs); the step and its throughput only.")
+    group.add_argument("--seq-length", type=int, default=None,
+                       help="With --workload pretraining: tokens per sequence (Megatron-LM's flag).")
     group.add_argument("--train-pairs", type=int, default=workload.RECIPE_PAIRS,
                        help="Training pairs of the recipe (capybara-7k as the handbook trained on it).")
     group.add_argument("--epochs", type=int, default=workload.RECIPE_EPOCHS, help="Epochs of the recipe.")
@@ -84,6 +91,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in ("measured_layer_tokens_per_second", "peak_tflops", "save_interval"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if args.workload == "pretraining" and args.seq_length is None:
+        parser.error("--workload pretraining needs --seq-length")
+    if args.workload == "orpo" and args.seq_length is not None:
+        parser.error("--seq-length is for --workload pretraining; ORPO pairs are cut to --max-length")
+    if args.seq_length is not None and args.seq_length < 1:
+        parser.error(f"--seq-length must be >= 1, got {args.seq_length}")
     if args.train_pairs < (args.global_batch_size or workload.RECIPE_GLOBAL_BATCH):
         parser.error(f"--train-pairs {args.train_pairs} is less than one global batch")
 
@@ -124,21 +137,50 @@ def _steps(pairs: workload.PairLengths, epochs: int, global_batch_size: int, dp:
     return workload.recipe_steps(pairs, global_batch_size, dp, micro_batch_size, batch, epochs=epochs)
 
 
+def pretraining(args: argparse.Namespace) -> bool:
+    return args.workload == "pretraining"
+
+
 def recipe_shapes(layout: MemoryLayout, args: argparse.Namespace) -> workload.StepShapes:
+    if pretraining(args):
+        return workload.pretraining_steps(global_batch(args), layout.dp, args.micro_batch_size, args.seq_length)
     return _steps(recipe_pairs(args), args.epochs, global_batch(args), layout.dp, args.micro_batch_size,
                   micro_batch_rows(layout, args))
 
 
 def predict(hf: HFModelConfig, layout: MemoryLayout, args: argparse.Namespace) -> RecipeTime:
     """The recipe's predicted time at `layout` (its optimizer mode and gradient-reduction overlap) under the flags'
-    assumptions."""
+    assumptions; with --workload pretraining, one step (no checkpoints)."""
     shapes = recipe_shapes(layout, args)
-    settings = RunSettings(overlap_param_gather=args.overlap_param_gather, packed_attention=args.packing)
+    settings = RunSettings(overlap_param_gather=args.overlap_param_gather,
+                           packed_attention=args.packing or pretraining(args))
     rates = hardware(hf, args)
     step = predict_step_time(hf, layout, shapes, rates, settings)
     steps = shapes.positions.shape[0]
+    stall = 0.0 if pretraining(args) else checkpoint_stall(hf, layout, args, rates, step.total, steps).seconds
     return RecipeTime(step, steps=steps, pairs_per_step=global_batch(args), gpus=layout.world_size,
-                      checkpoint_seconds=checkpoint_stall(hf, layout, args, rates, step.total, steps).seconds)
+                      checkpoint_seconds=stall)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepThroughput:
+    """A predicted step's mean throughput, counted as the trainer counts it: real tokens, and the model FLOPs of
+    the real sequences (Megatron-LM's count, `throughput.forward_flops`) per GPU."""
+
+    tokens_per_second_per_gpu: float
+    model_tflops_per_gpu: float
+
+
+def step_throughput(hf: HFModelConfig, layout: MemoryLayout, args: argparse.Namespace,
+                    recipe: RecipeTime) -> StepThroughput:
+    shapes = recipe_shapes(layout, args)
+    steps = shapes.positions.shape[0]
+    tokens = float(shapes.real_tokens.sum()) / steps
+    attention = CAUSAL_ATTENTION_FRACTION * float(shapes.attention_sequences.sum()) / steps
+    vocab = padded_vocab_size(hf.vocab_size, layout.make_vocab_size_divisible_by, layout.tp)
+    flops = 3 * forward_flops(hf, tokens, attention, vocab)
+    seconds = recipe.step.total * layout.world_size
+    return StepThroughput(tokens / seconds, flops / seconds / 1e12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +217,17 @@ def handbook(args: argparse.Namespace) -> float:
 
 def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Namespace, hf: HFModelConfig) -> None:
     step, rates = recipe.step, hardware(hf, args)
+    figures = step_throughput(hf, layout, args, recipe)
+    parts = " + ".join(f"{label} {getattr(step, name):.2f}" for name, label in PART_LABELS.items())
+    rate = (f"{figures.tokens_per_second_per_gpu:8.0f} tokens/s/GPU, {figures.model_tflops_per_gpu:.0f} TFLOP/s/GPU "
+            "(model FLOPs of the real tokens, causal attention half as Megatron-LM counts it)")
+    if pretraining(args):
+        print(f"predicted step: {recipe.pairs_per_step} sequences of {args.seq_length} tokens, "
+              f"{args.micro_batch_size} per micro-batch (--workload pretraining)")
+        print(f"  step         {step.total:8.2f} s = {parts}")
+        print(f"  throughput   {rate}")
+        print(f"  assumptions  {describe(rates, layout, args)}")
+        return
     shapes = recipe_shapes(layout, args)
     rows = micro_batch_rows(layout, args)
     batching = ("padded rows (--no-packing)" if not rows.packing
@@ -183,8 +236,8 @@ def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Na
     print(f"predicted time: {args.epochs} epochs x {recipe.steps // args.epochs} steps of {recipe.pairs_per_step} "
           f"pairs ({args.train_pairs} capybara-like pairs, {batching}, {100 * shapes.real_token_fraction:.1f}% real "
           "tokens)")
-    parts = " + ".join(f"{label} {getattr(step, name):.2f}" for name, label in PART_LABELS.items())
     print(f"  step         {step.total:8.2f} s = {parts}")
+    print(f"  throughput   {rate}")
     ratio = recipe.pairs_per_second_per_gpu / handbook(args)
     print(f"  throughput   {recipe.pairs_per_second_per_gpu:8.3f} pairs/s/GPU; alignment-handbook (Zephyr-141B ORPO) "
           f"{handbook(args):.3f} on 32 H100: {ratio:.2f}x")
@@ -209,7 +262,8 @@ def describe(rates: Hardware, layout: MemoryLayout, args: argparse.Namespace) ->
             f"{rates.nvlink_gbps:g}, network {rates.network_gbps:g}, PCIe {rates.pcie_gbps:g} per GPU, host memory "
             f"{rates.host_memory_gbps:g} per {rates.gpus_per_node}-GPU node, HBM {rates.hbm_gbps:g}; "
             + (", ".join(overlap) or "no DP overlap")
-            + "; balanced routing; pair lengths assumed (orpo_megatron/planning/workload.py)")
+            + "; balanced routing"
+            + ("" if pretraining(args) else "; pair lengths assumed (orpo_megatron/planning/workload.py)"))
 
 
 TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'recomp':>6} {'offload':>7} {'GiB':>5} | "

@@ -49,8 +49,9 @@ class MemoryLayout:
     """The run's parallel layout (the trainer's) and the knobs that change memory (Megatron-LM flag names)."""
 
     parallel: ParallelLayout = ParallelLayout()
-    micro_batch_size: int = 1  # pairs: 2x as many sequences
+    micro_batch_size: int = 1  # pairs (2x as many sequences), or sequences when not `pairs`
     seq_length: int = 2048
+    pairs: bool = True  # ORPO pairs; False: pretraining-style single sequences
     bf16: bool = True
     fp8: bool = False
     recompute_full: bool = False
@@ -123,6 +124,10 @@ class MemoryLayout:
         if not self.overlap_grad_reduce or pp_rank > 0:
             return None
         return self.ddp_bucket_size or max(40_000_000, 1_000_000 * self.dp)
+
+    @property
+    def micro_batch_sequences(self) -> int:
+        return (2 if self.pairs else 1) * self.micro_batch_size
 
     @property
     def param_size(self) -> int:
@@ -311,7 +316,8 @@ def stage_buffers(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tupl
     """Parameter count and (buffer, is_expert) of every DDP buffer of a pipeline rank's model chunks."""
     # The buffers do not depend on the optimizer, micro-batches or sequences: cache on what they depend on.
     return _stage_buffers(hf, dataclasses.replace(layout, optimizer=OptimizerMode(), micro_batch_size=1,
-                                                  seq_length=1, num_micro_batches=None, recompute_full=False),
+                                                  seq_length=1, pairs=True, num_micro_batches=None,
+                                                  recompute_full=False),
                           pp_rank)
 
 
@@ -361,7 +367,7 @@ def rank_memory(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int, dp_rank: 
 
 
 def layer_activation_bytes(hf: HFModelConfig, layout: MemoryLayout) -> int:
-    """Bytes one transformer layer keeps for backward for one micro-batch (2*micro_batch_size sequences).
+    """Bytes one transformer layer keeps for backward for one micro-batch (`micro_batch_sequences`).
 
     Per token, with b bytes per activation (2 in bf16, 1 for fp8 GEMM inputs of the linear layers), TP = t,
     sequence parallel splitting the residual stream (r = t with SP, else 1), ETP = e:
@@ -383,7 +389,7 @@ def layer_activation_bytes(hf: HFModelConfig, layout: MemoryLayout) -> int:
     q, kv = hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
     b = 2 if layout.bf16 else 4
     b_gemm = 1 if layout.fp8 else b
-    tokens = 2 * layout.micro_batch_size * s
+    tokens = layout.micro_batch_sequences * s
     attention = b * (2 * h / r + h / r) + b_gemm * ((q + 2 * kv) / t + q / t)
     if not layout.flash_attention:
         attention += 2 * b * hf.num_attention_heads / t * s
@@ -416,7 +422,7 @@ def stage_activation_bytes(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int
     logits plus the fp32 softmax the ORPO log-probs keep (V/t columns per token).
     """
     layers = hf.num_layers // layout.pp
-    tokens = 2 * layout.micro_batch_size * layout.seq_length
+    tokens = layout.micro_batch_sequences * layout.seq_length
     b = 2 if layout.bf16 else 4
     r = layout.tp if layout.sequence_parallel else 1
     residual = tokens * b * hf.hidden_size / r
