@@ -4,7 +4,7 @@
         --micro-batch-size 1 --max-length 2048 [--vp N] [--fp8] [--recompute-granularity full] \\
         [--use-precision-aware-optimizer [--optimizer-cpu-offload --optimizer-offload-fraction F]] \\
         [--exp-avg-dtype bf16 ...] [--no-overlap-grad-reduce --no-overlap-param-gather] [--no-packing] \\
-        [--gpu-memory-gb 80] [--assumed-mfu 0.45]
+        [--gpu-memory-gb 80] [--matmul-efficiency 0.53]
     python tools/estimate_memory.py --hf-config CONFIG.json --search [--nodes N | --max-nodes 8] --max-length 2048
 
 Prints the busiest rank's weights, gradients, optimizer state and activations and whether they fit, then the

@@ -2,7 +2,7 @@
 
 Owns the timing assumptions and the schedule arithmetic behind `tools/estimate_memory.py`'s time columns; the
 FLOPs and bytes are `step_work.py`'s, the micro-batch shapes `workload.py`'s. Per micro-batch on a pipeline stage:
-  compute   training matmul FLOPs (+ the recomputed forward) / (assumed MFU x peak); with flash attention the
+  compute   training matmul FLOPs (+ the recomputed forward) / (matmul efficiency x peak); with flash attention the
             causal half of the attention products (`throughput.CAUSAL_ATTENTION_FRACTION`)
   TP / EP / PP   bytes of each collective / the bandwidth of the link its group uses: NVLink when every rank of
             the group is on one node (Megatron's rank order, `step_work.RankGrid`), else the network (per GPU);
@@ -20,10 +20,14 @@ memory bandwidth shared by its GPUs, plus the PCIe transfers of each GPU (no D2H
 Defaults are data-sheet peaks of a DGX H100 (NVIDIA DGX BasePOD reference architecture: 8 H100 SXM, NVLink 4
 900 GB/s per GPU = 450 GB/s each way, 8 ConnectX-7 400 Gb/s = 50 GB/s per GPU, 2 Xeon Platinum 8480C with 8
 channels of DDR5-4800 each = 614 GB/s, PCIe 5.0 x16 = 64 GB/s each way, HBM3 3.35 TB/s, 989 dense bf16 TFLOP/s).
-Real links reach less than their peaks, so communication and host times are lower bounds. The assumed MFU
-(0.45) is Megatron-Core's published Mixtral-8x22B figure on H100 in bf16: about 455 TFLOP/s per GPU dropless,
-46% of 989 (Megatron-MoE-ModelZoo), 49.3% in the MoE Parallel Folding paper (arXiv 2504.14960); replace it with a
-measurement (`mfu_from_layer_throughput`).
+Real links reach less than their peaks, so communication and host times are lower bounds. The matmul efficiency
+is the fraction of the peak the matmuls alone reach; communication, bubble and optimizer are added on top, so it
+is not a published end-to-end MFU (those already contain them). Default 0.53, fitted to the two published
+Mixtral-8x7B points on 64 H100 (Megatron-LM's MoE README: TP1 PP4 VP8 EP8, sequences of 4096, 256 per step; 438
+and 468 TFLOP/s with MCore v0.8 / v0.9 in its full S x S count, 5282 / 5643 tokens/s/GPU): to two digits, the
+efficiency whose prediction of that layout is their geometric mean, 5460 (`benchmarks/planner_vs_published.py`). One efficiency
+for every GEMM: grouped expert GEMMs with few rows per expert run below it. Replace it with a measurement
+(`matmul_efficiency_from_layer_throughput`).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ class Hardware:
 
     gpus_per_node: int = 8
     peak_tflops: float = 989.0
-    assumed_mfu: float = 0.45
+    matmul_efficiency: float = 0.53
     nvlink_gbps: float = 450.0  # per GPU, each direction
     network_gbps: float = 50.0  # per GPU, each direction
     pcie_gbps: float = 64.0  # per GPU, each direction
@@ -138,7 +142,7 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     if shapes.positions.shape[1] != layout.dp:
         raise ValueError(f"shapes are for DP={shapes.positions.shape[1]}, the layout has DP={layout.dp}")
     grid = RankGrid(layout)
-    flop_seconds = 1.0 / (hardware.assumed_mfu * hardware.peak_tflops * 1e12)
+    flop_seconds = 1.0 / (hardware.matmul_efficiency * hardware.peak_tflops * 1e12)
     attention = shapes.attention_sequences if settings.packed_attention else shapes.attention_rows
     if layout.flash_attention:  # causal kernels skip the masked half (the local spec computes all of it)
         attention = attention * CAUSAL_ATTENTION_FRACTION
@@ -255,10 +259,11 @@ class RecipeTime:
         return pairs * epochs / HANDBOOK_SECONDS / HANDBOOK_GPUS
 
 
-def mfu_from_layer_throughput(hf: HFModelConfig, tokens_per_second: float, seq_length: int, num_layers: int,
-                              peak_tflops: float, gpus: int = 1) -> float:
-    """The MFU a measured forward + backward throughput of `num_layers` transformer layers shaped like `hf`'s
-    (sequences of `seq_length` tokens, no embedding or output layer) on `gpus` GPUs reached."""
+def matmul_efficiency_from_layer_throughput(hf: HFModelConfig, tokens_per_second: float, seq_length: int,
+                                            num_layers: int, peak_tflops: float, gpus: int = 1) -> float:
+    """The matmul efficiency a measured forward + backward throughput of `num_layers` transformer layers shaped
+    like `hf`'s (sequences of `seq_length` tokens, no embedding or output layer, no communication) on `gpus` GPUs
+    reached."""
     flops = token_flops(hf)
     attended = causal_attention_positions(seq_length) / seq_length  # per token
     per_token = 3 * num_layers * (flops.attention_projections + flops.attention_per_position * attended
