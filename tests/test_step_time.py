@@ -251,6 +251,9 @@ def test_cli_search_ranks_layouts_by_predicted_hours(capsys):
     (["--matmul-efficiency", "1.5"], "--matmul-efficiency"), (["--network-gbps", "0"], "--network-gbps"),
     (["--no-overlap-grad-reduce"], "--overlap-param-gather needs --overlap-grad-reduce"),  # the trainer's rule
     (["--no-packing", "--packed-length", "4096"], "--packed-length 4096 needs packing"),
+    (["--workload", "pretraining"], "--workload pretraining needs --seq-length"),
+    (["--seq-length", "4096"], "--seq-length is for --workload pretraining"),
+    (["--workload", "pretraining", "--seq-length", "4096", "--search"], "--search ranks layouts by the ORPO"),
 ])
 def test_cli_refuses_impossible_assumptions_naming_the_flag(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -282,18 +285,6 @@ def test_pretraining_workload_json_is_fixed_length_sequences_counted_as_megatron
     pairs = json.loads(capsys.readouterr().out)
     assert pairs["gib_per_gpu"] == pytest.approx(result["gib_per_gpu"], rel=1e-12)
     assert pairs["workload"] == "orpo" and pairs["recipe_hours"] > 0
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--workload", "pretraining"], "--workload pretraining needs --seq-length"),
-    (["--seq-length", "4096"], "--seq-length is for --workload pretraining"),
-    (["--workload", "pretraining", "--seq-length", "4096", "--search"], "--search ranks layouts by the ORPO"),
-])
-def test_cli_refuses_a_workload_without_its_length(capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        estimate_memory.main(["--hf-config", os.path.join(CONFIGS, "mixtral-8x7b.json"), *flags])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
 
 
 def test_default_efficiency_predicts_both_published_mixtral_8x7b_points_and_their_layout_order(capsys):

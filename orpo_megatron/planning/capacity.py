@@ -227,7 +227,7 @@ def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Na
         print(f"predicted step: {recipe.pairs_per_step} sequences of {args.seq_length} tokens, "
               f"{args.micro_batch_size} per micro-batch (--workload pretraining)")
         print(f"  step         {step.total:8.2f} s = {parts}")
-        print(f"  throughput   {rate}")
+        print(f"  per GPU      {rate}")
         print(f"  assumptions  {describe(rates, layout, args)}")
         return
     shapes = recipe_shapes(layout, args)
@@ -239,7 +239,7 @@ def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Na
           f"pairs ({args.train_pairs} capybara-like pairs, {batching}, {100 * shapes.real_token_fraction:.1f}% real "
           "tokens)")
     print(f"  step         {step.total:8.2f} s = {parts}")
-    print(f"  throughput   {rate}")
+    print(f"  per GPU      {rate}")
     ratio = recipe.pairs_per_second_per_gpu / handbook(args)
     print(f"  throughput   {recipe.pairs_per_second_per_gpu:8.3f} pairs/s/GPU; alignment-handbook (Zephyr-141B ORPO) "
           f"{handbook(args):.3f} on 32 H100: {ratio:.2f}x")
