@@ -18,10 +18,10 @@
 #   python tools/estimate_memory.py --hf-config tools/configs/mixtral-8x22b.json --search --max-length 2048 \
 #       --micro-batch-size 1 --global-batch-size 32        (fastest layout per node count, 1-8 nodes of 8 x 80 GB)
 #   nodes TP PP EP DP recomp offload   GiB | step s  comp  comm  wait    DP optim | pairs/s/GPU  hours  GPU-h  x hb
-#       2  4  2  2  2   full    0.85  75.4 |   9.43  3.21  0.56  0.43  0.00  5.23 |       0.212   1.70   27.2  1.56
-#       4  8  4  1  1   full    0.15  75.0 |   3.03  1.56  0.59  0.38  0.00  0.50 |       0.330   0.54   17.4  2.43
-#       7  8  7  1  1   none    0.05  75.7 |   1.35  0.68  0.23  0.32  0.00  0.11 |       0.423   0.24   13.6  3.11
-#       8  8  1  8  8   none       0  75.2 |   1.00  0.54  0.28  0.15  0.01  0.02 |       0.502   0.18   11.5  3.69
+#       2  4  2  2  2   full    0.85  75.3 |   8.85  2.69  0.56  0.37  0.00  5.23 |       0.219   1.65   26.4  1.60
+#       4  8  4  1  1   full    0.15  74.8 |   2.73  1.31  0.59  0.34  0.00  0.50 |       0.329   0.55   17.5  2.42
+#       7  8  7  1  1   none       0  69.3 |   1.12  0.57  0.23  0.29  0.00  0.03 |       0.402   0.26   14.3  2.95
+#       8  8  1  8  8   none       0  67.4 |   0.89  0.45  0.28  0.13  0.01  0.02 |       0.418   0.22   13.8  3.07
 #
 # A layout fits when its budget leaves at least 4 GiB of the 80 free (allocator fragmentation, cuDNN/cuBLAS
 # workspaces), after a 6 GiB reserve (CUDA context, temporaries) and NCCL's buffers (294 MiB per process group).
@@ -29,18 +29,19 @@
 # hosts; `estimate_memory.py ... --tp 8 --pp 4 --ep 1 --dp 1 --recompute-granularity full
 # --use-precision-aware-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 0.15` (busiest rank, stage 0):
 #     weights          8.21 GiB   gradients 16.42 GiB (fp32)   main params 13.96 GiB   Adam state 27.92 GiB
-#     activations      0.68 GiB (rough)   NCCL 1.44 GiB (5 groups)   reserve 6.00 GiB   estimate 74.62 GiB,
-#                      budgeted 74.96 of 80 GiB: 5.04 GiB free, fits
+#     activations      0.58 GiB (rough)   NCCL 1.44 GiB (5 groups)   reserve 6.00 GiB   estimate 74.52 GiB,
+#                      budgeted 74.81 of 80 GiB: 5.19 GiB free, fits
 #     host             9.85 GiB per GPU, 79 GiB per node
-#     step             3.03 s = compute 1.56 + TP 0.58 + bubble 0.38 + GPU Adam 0.04 + host Adam 0.38 + PCIe 0.08
-#     recipe           0.54 h on 32 GPUs = 17.4 GPU-hours (0.330 pairs/s/GPU, 2.43x the handbook's 0.136 pairs/s/GPU,
+#     step             2.73 s = compute 1.31 + TP 0.58 + bubble 0.34 + GPU Adam 0.04 + host Adam 0.38 + PCIe 0.08
+#     recipe           0.55 h on 32 GPUs = 17.5 GPU-hours (0.329 pairs/s/GPU, 2.42x the handbook's 0.136 pairs/s/GPU,
 #                      which took 1.33 h on 32 H100)
-# Faster with more nodes than the recipe: 8 nodes, TP8 EP8 DP8, no recompute, no offload, 0.18 h and also fewer
-# GPU-hours (11.5): `sbatch -N 8 ...` with TP=8 PP=1 EP=8 RECOMPUTE= OPTIMIZER_OFFLOAD=0. The fewest nodes that fit
-# is 2: TP4 PP2 EP2 DP2 with offload 0.85 (1.70 h; most of each step is host Adam):
+# Faster with more nodes than the recipe: 8 nodes, TP8 EP8 DP8, no recompute, no offload, 0.22 h and also fewer
+# GPU-hours (13.8): `sbatch -N 8 ...` with TP=8 PP=1 EP=8 RECOMPUTE= OPTIMIZER_OFFLOAD=0. The fewest nodes that fit
+# is 2: TP4 PP2 EP2 DP2 with offload 0.85 (1.65 h; most of each step is host Adam):
 # `sbatch -N 2 ...` with TP=4 PP=2 EP=2 OPTIMIZER_OFFLOAD=0.85.
-# Times are predictions at an assumed 45% MFU and data-sheet bandwidths, on assumed capybara pair lengths packed
-# into rows (README, "Capacity planning"); calibrate with the GPU acceptance command's measured throughput.
+# Times are predictions at an assumed matmul efficiency of 53% and data-sheet bandwidths, on assumed capybara
+# pair lengths packed into rows (README, "Capacity planning"); calibrate with the GPU acceptance command's
+# measured throughput.
 # Offloading needs the precision-aware optimizer, which the script passes with OPTIMIZER_OFFLOAD: without it
 # Megatron-Core keeps every fp32 main param on the GPU.
 #

@@ -14,17 +14,18 @@
 # recompute, the precision-aware optimizer with 50% of its state on the host. At exactly that layout (busiest
 # rank: the only pipeline stage):
 #     weights         11.25 GiB   gradients 22.50 GiB (fp32)   main params 10.88 GiB   Adam state 21.75 GiB
-#     activations      0.80 GiB (rough)   NCCL 1.72 GiB (6 groups)   reserve 6.00 GiB   estimate 74.90 GiB,
-#                     budgeted 75.30 of 80 GiB: 4.70 GiB free, fits
+#     activations      0.74 GiB (rough)   NCCL 1.72 GiB (6 groups)   reserve 6.00 GiB   estimate 74.84 GiB,
+#                     budgeted 75.20 of 80 GiB: 4.80 GiB free, fits
 #     host            43.50 GiB per GPU, 348 GiB per node
-#     step             4.44 s = compute 1.88 + TP 0.35 + EP 0.14 + GPU Adam 0.03 + host Adam 1.67 + PCIe 0.36
-#     recipe           0.80 h on 8 GPUs = 6.4 GPU-hours (0.901 pairs/s/GPU)
-# Within 1.5% of it on one node: TP2 EP4 DP4 full recompute offload 0.55. More nodes are faster and, without host
-# Adam, cheaper: 2 nodes TP4 EP4 DP4, no recompute, no offload, 0.19 h (3.0 GPU-hours): `sbatch -N 2 ...` with TP=4
-# PP=1 EP=4 RECOMPUTE= OPTIMIZER_OFFLOAD=0. Predictions assume 45% MFU and data-sheet bandwidths (README, "Capacity
-# planning"). With Transformer Engine, EXTRA_ARGS="--use-precision-aware-optimizer --exp-avg-dtype bf16
+#     step             4.12 s = compute 1.58 + TP 0.35 + EP 0.03 + EP wait 0.09 + GPU Adam 0.03 + host Adam 1.67
+#                      + PCIe 0.36
+#     recipe           0.76 h on 8 GPUs = 6.1 GPU-hours (0.949 pairs/s/GPU)
+# Within 1% of it on one node: TP2 EP4 DP4 full recompute offload 0.55. More nodes are faster and, without host
+# Adam, cheaper: 2 nodes TP4 EP4 DP4, no recompute, no offload, 0.18 h (2.9 GPU-hours): `sbatch -N 2 ...` with TP=4
+# PP=1 EP=4 RECOMPUTE= OPTIMIZER_OFFLOAD=0. Predictions assume a matmul efficiency of 53% and data-sheet
+# bandwidths (README, "Capacity planning"). With Transformer Engine, EXTRA_ARGS="--use-precision-aware-optimizer --exp-avg-dtype bf16
 # --exp-avg-sq-dtype bf16 --main-grads-dtype bf16" with TP=8 PP=1 OPTIMIZER_OFFLOAD=0 also fits one node (fp32
-# main params, bf16 moments and gradients, nothing on the host; 6.9 GiB free, 0.49 h).
+# main params, bf16 moments and gradients, nothing on the host; 7.0 GiB free, 0.45 h).
 #
 #SBATCH --job-name=orpo-mixtral-8x7b
 #SBATCH --nodes=1

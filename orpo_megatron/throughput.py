@@ -4,13 +4,16 @@ Owns the FLOP count (per sequence, forward and training), tokens/s, TFLOP/s per 
 from a small table of accelerators or `--peak-tflops`. It does not time anything itself: the trainer
 (`train.py`) times each step and passes its totals to `FlopsCounter.step_metrics`; the tracker logs the result.
 
-Counting convention (the one of PaLM's MFU and Megatron-LM's reports): only matrix multiplications, 2 FLOPs
-per multiply-add; norms, activations, softmax and the embedding lookup are not counted. Only real sequences
-count, each at its own length S: padding is computed but is not model work, and a packed row's attention spans
-one sequence at a time. Per token and layer:
+Counting convention (Megatron-LM's `num_floating_point_operations`, so TFLOP/s and MFU compare with its
+reports): only matrix multiplications, 2 FLOPs per multiply-add; norms, activations, softmax and the embedding
+lookup are not counted. Only real sequences count, each at its own length S: padding is computed but is not
+model work, and a packed row's attention spans one sequence at a time. Per token and layer:
   attention projections   2*h*(q + 2*kv) + 2*q*h            q = heads*head_dim, kv = kv_heads*head_dim
-  attention scores/values 2*q*S + 2*q*S                     the full S x S products (no causal halving)
-  router                  2*h*E                             MoE only
+  attention scores/values (2*q*S + 2*q*S) / 2               causal: half of the S x S products, as Megatron-LM
+                                                            counts since 2025-03 (commit 8873b55d6a; before it,
+                                                            the full S x S: published figures of that time are
+                                                            2*q*S per token and layer higher)
+  router                  2*h*E                             MoE only (Megatron-LM leaves it out: < 0.01%)
   feed-forward            top_k * 3 * 2*h*f                 dense: top_k = 1 (gate, up and down projections);
                                                             f: an expert's FFN size (Qwen-MoE's moe_intermediate_size)
   shared expert           3 * 2*h*f_s + 2*h                 Qwen2-MoE: its three projections and its [1, h] gate
@@ -39,7 +42,7 @@ class TokenFlops:
     """Forward matmul FLOPs per token, split by where they run (the terms of the module docstring)."""
 
     attention_projections: float  # per layer: QKV and output projections
-    attention_per_position: float  # per layer and attended position: scores and values (x span)
+    attention_per_position: float  # per layer and query x key position: scores and values
     router: float  # per layer (MoE only)
     feed_forward: float  # per layer: top_k experts' (or the dense MLP's) gate, up and down projections
     shared_expert: float  # per layer: the shared expert and its sigmoid gate (Qwen2-MoE; else 0)
@@ -61,14 +64,31 @@ def token_flops(hf: HFModelConfig, vocab_size: int | None = None) -> TokenFlops:
                       output_layer=2 * h * vocab)
 
 
+# Share of a causal sequence's S x S attention products that count: Megatron-LM's count, and about what flash
+# attention's causal kernels compute (they skip the masked blocks).
+CAUSAL_ATTENTION_FRACTION = 0.5
+
+
+def causal_attention_positions(seq_length):
+    """Query x key positions the attention of one causal sequence counts."""
+    return CAUSAL_ATTENTION_FRACTION * seq_length * seq_length
+
+
+def forward_flops(hf: HFModelConfig, tokens, attention_positions, vocab_size: int | None = None):
+    """Matmul FLOPs of one forward pass over sequences of `tokens` tokens in all whose attention counts
+    `attention_positions` query x key positions (`causal_attention_positions` summed over the sequences).
+    Numbers or numpy arrays."""
+    t = token_flops(hf, vocab_size)
+    per_layer = t.attention_projections + t.router + t.feed_forward + t.shared_expert
+    return hf.num_layers * (per_layer * tokens + t.attention_per_position * attention_positions) + t.output_layer * tokens
+
+
 def forward_flops_per_sequence(hf: HFModelConfig, seq_length: int, vocab_size: int | None = None) -> float:
-    """Matmul FLOPs of one forward pass over one sequence of `seq_length` tokens.
+    """Matmul FLOPs of one forward pass over one sequence of `seq_length` tokens (causal attention counted half).
 
     `vocab_size` defaults to the config's; pass the padded size to count what the output layer computes.
     """
-    t, s = token_flops(hf, vocab_size), seq_length
-    per_layer = t.attention_projections + t.attention_per_position * s + t.router + t.feed_forward + t.shared_expert
-    return float((hf.num_layers * per_layer + t.output_layer) * s)
+    return float(forward_flops(hf, seq_length, causal_attention_positions(seq_length), vocab_size))
 
 
 def training_flops(hf: HFModelConfig, num_sequences: int, seq_length: int, vocab_size: int | None = None) -> float:

@@ -30,6 +30,8 @@ LAYOUTS = {
     "ep2": dict(expert_model_parallel_size=2, data_parallel_size=2),
     "dp2_fp32": dict(data_parallel_size=2, bf16=False),
     "pp2": dict(pipeline_model_parallel_size=2, data_parallel_size=1),
+    "tp2_etp1": dict(tensor_model_parallel_size=2, data_parallel_size=1, expert_model_parallel_size=2,
+                     expert_tensor_parallel_size=1),
     "ep2_offload": dict(expert_model_parallel_size=2, data_parallel_size=2, optimizer=OptimizerMode(**OFFLOADED)),
     "ep2_offload_half": dict(expert_model_parallel_size=2, data_parallel_size=2,
                              optimizer=OptimizerMode(**HALF_OFFLOADED)),
@@ -95,18 +97,23 @@ def test_params_grads_and_optimizer_state_equal_the_real_allocation(tiny_mixtral
 def test_activations_are_within_the_stated_factor_of_the_saved_tensors(tiny_mixtral, real_allocation):
     hf = HFModelConfig.from_file(tiny_mixtral)
     measured = [r for r in real_allocation if r["activation_bytes"] is not None]
-    assert len(measured) == 6
+    assert len(measured) == 8
     for real in measured:
         layout = estimator_layout(real["layout"], real["micro_batch"])
         ratio = real["activation_bytes"] / rank_memory(hf, layout, real["pp_rank"]).activation_bytes
         assert 1 / ACTIVATION_FACTOR <= ratio <= ACTIVATION_FACTOR, (real["layout"], real["rank"], ratio)
 
 
-@pytest.mark.parametrize("config", ["tiny", "mixtral-8x22b.json", "mixtral-8x7b.json"])
-def test_parameter_count_equals_transformers_model(config, tiny_mixtral):
+@pytest.mark.parametrize("config", ["tiny", "tiny_qwen3_moe", "tiny_qwen2_moe", "mixtral-8x22b.json",
+                                    "mixtral-8x7b.json"])
+def test_parameter_count_equals_transformers_model(config, request):
+    """Mixtral; Qwen3-MoE (experts' own FFN size, per-head q/k norms) and Qwen2-MoE (shared expert and its gate,
+    QKV bias)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = tiny_mixtral if config == "tiny" else os.path.join(REPO, "tools", "configs", config)
+    fixture = {"tiny": "tiny_mixtral"}.get(config, config)
+    path = request.getfixturevalue(fixture) if config.startswith("tiny") else os.path.join(REPO, "tools", "configs",
+                                                                                             config)
     hf = HFModelConfig.from_file(path)
     with torch.device("meta"):  # shapes only: 8x22B has 141B parameters
         reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
@@ -225,3 +232,20 @@ def test_checkpoint_cost_counts_each_save_in_place_and_only_the_unhidden_part_in
                                  "--train-pairs", "40", "--epochs", "1", "--save-interval", "3",
                                  "--checkpoint-write-gbps", "0.0005"]) in (0, 1)
     assert re.search(r"checkpoints +[\d.]+ min waiting for 4 save\(s\)", capsys.readouterr().out)
+
+
+def test_routed_expert_activations_follow_expert_tp_below_tp(tiny_mixtral, real_allocation):
+    """TP2 with experts at ETP1 (EP2): each rank's experts compute the top-k copies of its own N/TP tokens at full
+    FFN width instead of all-gathering its TP peer's rows at half width, so autograd saves fewer bytes than at TP2
+    (ETP2); the estimate moves by what the saved tensors really moved, within the activation factor."""
+    hf = HFModelConfig.from_file(tiny_mixtral)
+    measured = {(r["layout"], r["rank"]): r["activation_bytes"] for r in real_allocation
+                if r["layout"] in ("tp2", "tp2_etp1")}
+    estimated = {name: rank_memory(hf, estimator_layout(name, real_allocation[0]["micro_batch"]), 0).activation_bytes
+                 for name in ("tp2", "tp2_etp1")}
+    for rank in (0, 1):
+        real_change = measured["tp2", rank] - measured["tp2_etp1", rank]
+        estimated_change = estimated["tp2"] - estimated["tp2_etp1"]
+        assert real_change > 0, (rank, measured)
+        assert 1 / ACTIVATION_FACTOR <= estimated_change / real_change <= ACTIVATION_FACTOR, (
+            rank, estimated_change, real_change)

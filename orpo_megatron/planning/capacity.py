@@ -15,16 +15,16 @@ from orpo_megatron.planning import workload
 from orpo_megatron.data.batching import BatchLayout, batch_layout
 from orpo_megatron.optimizer import DTYPES
 from orpo_megatron.planning.memory import MemoryLayout, total_parameters
-from orpo_megatron.model_config import HFModelConfig
+from orpo_megatron.model_config import HFModelConfig, padded_vocab_size
 from orpo_megatron.planning.step_time import (
     GBPS,
     Hardware,
     RecipeTime,
     RunSettings,
-    mfu_from_layer_throughput,
+    matmul_efficiency_from_layer_throughput,
     predict_step_time,
 )
-from orpo_megatron.throughput import PEAK_TFLOPS
+from orpo_megatron.throughput import CAUSAL_ATTENTION_FRACTION, PEAK_TFLOPS, forward_flops
 
 DEFAULTS = Hardware()
 # An assumed aggregate write rate of a mid-size Lustre/GPFS scratch file system to one job: a full 8x22B checkpoint
@@ -36,11 +36,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "predicted time (of the recipe; --search ranks by it)",
         "Rates are data-sheet peaks of a DGX H100 node unless given; bandwidths in GB/s (gigabytes).")
-    group.add_argument("--assumed-mfu", type=float, default=DEFAULTS.assumed_mfu,
-                       help="Fraction of the peak the matmuls reach. Default: 0.45, Megatron-Core's Mixtral-8x22B "
-                            "on H100 bf16 (about 455 TFLOP/s, Megatron-MoE-ModelZoo; 49.3%% in arXiv 2504.14960).")
+    group.add_argument("--matmul-efficiency", type=float, default=DEFAULTS.matmul_efficiency,
+                       help="Fraction of the peak the matmuls alone reach (FLOPs counted as Megatron-LM counts "
+                            "them: causal attention half); communication, bubble and optimizer are added on top, so "
+                            "not a published end-to-end MFU. Default: %(default)g, fitted to the Megatron-LM MoE "
+                            "README's two Mixtral-8x7B points on 64 H100 (438 and 468 TFLOP/s; "
+                            "benchmarks/planner_vs_published.py).")
     group.add_argument("--measured-layer-tokens-per-second", type=float, default=None, metavar="TOKENS_PER_S",
-                       help="Calibration: set --assumed-mfu from a measured forward+backward throughput of "
+                       help="Calibration: set --matmul-efficiency from a measured forward+backward throughput of "
                             "--measured-layers layers shaped like this model on one GPU (the GPU acceptance "
                             "command's 8x22B-layer line) at --measured-seq-length.")
     group.add_argument("--measured-layers", type=int, default=2, help="Layers in that measurement.")
@@ -57,6 +60,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="Host memory bandwidth per node, shared by its GPUs' offloaded optimizer steps "
                             "(DGX H100: 2 x 8 channels of DDR5-4800).")
     group.add_argument("--hbm-gbps", type=float, default=DEFAULTS.hbm_gbps, help="GPU memory bandwidth (H100 SXM).")
+    group.add_argument("--workload", choices=["orpo", "pretraining"], default="orpo",
+                       help="What a step computes. 'orpo': the recipe's capybara-like pairs (--max-length, "
+                            "--micro-batch-size and --global-batch-size in pairs). 'pretraining': --global-batch-size "
+                            "sequences of exactly --seq-length real tokens, --micro-batch-size sequences per "
+                            "micro-batch (the form of published Megatron runs); the step and its throughput only.")
+    group.add_argument("--seq-length", type=int, default=None,
+                       help="With --workload pretraining: tokens per sequence (Megatron-LM's flag).")
     group.add_argument("--train-pairs", type=int, default=workload.RECIPE_PAIRS,
                        help="Training pairs of the recipe (capybara-7k as the handbook trained on it).")
     group.add_argument("--epochs", type=int, default=workload.RECIPE_EPOCHS, help="Epochs of the recipe.")
@@ -74,8 +84,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse assumptions that cannot be right (exit 2 naming the flag)."""
-    if not 0 < args.assumed_mfu <= 1:
-        parser.error(f"--assumed-mfu must be in (0, 1], got {args.assumed_mfu}")
+    if not 0 < args.matmul_efficiency <= 1:
+        parser.error(f"--matmul-efficiency must be in (0, 1], got {args.matmul_efficiency}")
     for flag in ("nvlink_gbps", "network_gbps", "pcie_gbps", "host_memory_gbps", "hbm_gbps", "train_pairs", "epochs",
                  "measured_layers", "measured_seq_length", "checkpoint_write_gbps"):
         if getattr(args, flag) <= 0:
@@ -83,17 +93,23 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in ("measured_layer_tokens_per_second", "peak_tflops", "save_interval"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if args.workload == "pretraining" and args.seq_length is None:
+        parser.error("--workload pretraining needs --seq-length")
+    if args.workload == "orpo" and args.seq_length is not None:
+        parser.error("--seq-length is for --workload pretraining; ORPO pairs are cut to --max-length")
+    if args.seq_length is not None and args.seq_length < 1:
+        parser.error(f"--seq-length must be >= 1, got {args.seq_length}")
     if args.train_pairs < (args.global_batch_size or workload.RECIPE_GLOBAL_BATCH):
         parser.error(f"--train-pairs {args.train_pairs} is less than one global batch")
 
 
 def hardware(hf: HFModelConfig, args: argparse.Namespace) -> Hardware:
     peak = args.peak_tflops or PEAK_TFLOPS["H100 SXM"]["fp8" if args.fp8 else "bf16"]
-    mfu = args.assumed_mfu
+    efficiency = args.matmul_efficiency
     if args.measured_layer_tokens_per_second:
-        mfu = mfu_from_layer_throughput(hf, args.measured_layer_tokens_per_second, args.measured_seq_length,
-                                        args.measured_layers, peak)
-    return Hardware(gpus_per_node=args.gpus_per_node, peak_tflops=peak, assumed_mfu=mfu,
+        efficiency = matmul_efficiency_from_layer_throughput(
+            hf, args.measured_layer_tokens_per_second, args.measured_seq_length, args.measured_layers, peak)
+    return Hardware(gpus_per_node=args.gpus_per_node, peak_tflops=peak, matmul_efficiency=efficiency,
                     nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps, pcie_gbps=args.pcie_gbps,
                     host_memory_gbps=args.host_memory_gbps, hbm_gbps=args.hbm_gbps)
 
@@ -123,21 +139,50 @@ def _steps(pairs: workload.PairLengths, epochs: int, global_batch_size: int, dp:
     return workload.recipe_steps(pairs, global_batch_size, dp, micro_batch_size, batch, epochs=epochs)
 
 
+def pretraining(args: argparse.Namespace) -> bool:
+    return args.workload == "pretraining"
+
+
 def recipe_shapes(layout: MemoryLayout, args: argparse.Namespace) -> workload.StepShapes:
+    if pretraining(args):
+        return workload.pretraining_steps(global_batch(args), layout.dp, args.micro_batch_size, args.seq_length)
     return _steps(recipe_pairs(args), args.epochs, global_batch(args), layout.dp, args.micro_batch_size,
                   micro_batch_rows(layout, args))
 
 
 def predict(hf: HFModelConfig, layout: MemoryLayout, args: argparse.Namespace) -> RecipeTime:
     """The recipe's predicted time at `layout` (its optimizer mode and gradient-reduction overlap) under the flags'
-    assumptions."""
+    assumptions; with --workload pretraining, one step (no checkpoints)."""
     shapes = recipe_shapes(layout, args)
-    settings = RunSettings(overlap_param_gather=args.overlap_param_gather, packed_attention=args.packing)
+    settings = RunSettings(overlap_param_gather=args.overlap_param_gather,
+                           packed_attention=args.packing or pretraining(args))
     rates = hardware(hf, args)
     step = predict_step_time(hf, layout, shapes, rates, settings)
     steps = shapes.positions.shape[0]
+    stall = 0.0 if pretraining(args) else checkpoint_stall(hf, layout, args, rates, step.total, steps).seconds
     return RecipeTime(step, steps=steps, pairs_per_step=global_batch(args), gpus=layout.world_size,
-                      checkpoint_seconds=checkpoint_stall(hf, layout, args, rates, step.total, steps).seconds)
+                      checkpoint_seconds=stall)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepThroughput:
+    """A predicted step's mean throughput, counted as the trainer counts it: real tokens, and the model FLOPs of
+    the real sequences (Megatron-LM's count, `throughput.forward_flops`) per GPU."""
+
+    tokens_per_second_per_gpu: float
+    model_tflops_per_gpu: float
+
+
+def step_throughput(hf: HFModelConfig, layout: MemoryLayout, args: argparse.Namespace,
+                    recipe: RecipeTime) -> StepThroughput:
+    shapes = recipe_shapes(layout, args)
+    steps = shapes.positions.shape[0]
+    tokens = float(shapes.real_tokens.sum()) / steps
+    attention = CAUSAL_ATTENTION_FRACTION * float(shapes.attention_sequences.sum()) / steps
+    vocab = padded_vocab_size(hf.vocab_size, layout.make_vocab_size_divisible_by, layout.tp)
+    flops = 3 * forward_flops(hf, tokens, attention, vocab)
+    seconds = recipe.step.total * layout.world_size
+    return StepThroughput(tokens / seconds, flops / seconds / 1e12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +219,17 @@ def handbook(args: argparse.Namespace) -> float:
 
 def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Namespace, hf: HFModelConfig) -> None:
     step, rates = recipe.step, hardware(hf, args)
+    figures = step_throughput(hf, layout, args, recipe)
+    parts = " + ".join(f"{label} {getattr(step, name):.2f}" for name, label in PART_LABELS.items())
+    rate = (f"{figures.tokens_per_second_per_gpu:8.0f} tokens/s/GPU, {figures.model_tflops_per_gpu:.0f} TFLOP/s/GPU "
+            "(model FLOPs of the real tokens, causal attention half as Megatron-LM counts it)")
+    if pretraining(args):
+        print(f"predicted step: {recipe.pairs_per_step} sequences of {args.seq_length} tokens, "
+              f"{args.micro_batch_size} per micro-batch (--workload pretraining)")
+        print(f"  step         {step.total:8.2f} s = {parts}")
+        print(f"  per GPU      {rate}")
+        print(f"  assumptions  {describe(rates, layout, args)}")
+        return
     shapes = recipe_shapes(layout, args)
     rows = micro_batch_rows(layout, args)
     batching = ("padded rows (--no-packing)" if not rows.packing
@@ -182,8 +238,8 @@ def print_prediction(recipe: RecipeTime, layout: MemoryLayout, args: argparse.Na
     print(f"predicted time: {args.epochs} epochs x {recipe.steps // args.epochs} steps of {recipe.pairs_per_step} "
           f"pairs ({args.train_pairs} capybara-like pairs, {batching}, {100 * shapes.real_token_fraction:.1f}% real "
           "tokens)")
-    parts = " + ".join(f"{label} {getattr(step, name):.2f}" for name, label in PART_LABELS.items())
     print(f"  step         {step.total:8.2f} s = {parts}")
+    print(f"  per GPU      {rate}")
     ratio = recipe.pairs_per_second_per_gpu / handbook(args)
     print(f"  throughput   {recipe.pairs_per_second_per_gpu:8.3f} pairs/s/GPU; alignment-handbook (Zephyr-141B ORPO) "
           f"{handbook(args):.3f} on 32 H100: {ratio:.2f}x")
@@ -204,11 +260,12 @@ def describe(rates: Hardware, layout: MemoryLayout, args: argparse.Namespace) ->
     calibrated = " (from the measured layer throughput)" if args.measured_layer_tokens_per_second else ""
     overlap = [flag for flag, on in (("--overlap-grad-reduce", layout.overlap_grad_reduce),
                                      ("--overlap-param-gather", args.overlap_param_gather)) if on]
-    return (f"MFU {rates.assumed_mfu:.3f}{calibrated} of {rates.peak_tflops:g} TFLOP/s; GB/s: NVLink "
+    return (f"matmul efficiency {rates.matmul_efficiency:.3f}{calibrated} of {rates.peak_tflops:g} TFLOP/s; GB/s: NVLink "
             f"{rates.nvlink_gbps:g}, network {rates.network_gbps:g}, PCIe {rates.pcie_gbps:g} per GPU, host memory "
             f"{rates.host_memory_gbps:g} per {rates.gpus_per_node}-GPU node, HBM {rates.hbm_gbps:g}; "
             + (", ".join(overlap) or "no DP overlap")
-            + "; balanced routing; pair lengths assumed (orpo_megatron/planning/workload.py)")
+            + "; balanced routing"
+            + ("" if pretraining(args) else "; pair lengths assumed (orpo_megatron/planning/workload.py)"))
 
 
 TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'recomp':>6} {'offload':>7} {'GiB':>5} | "

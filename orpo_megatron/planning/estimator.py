@@ -4,7 +4,7 @@
         --micro-batch-size 1 --max-length 2048 [--vp N] [--fp8] [--recompute-granularity full] \\
         [--use-precision-aware-optimizer [--optimizer-cpu-offload --optimizer-offload-fraction F]] \\
         [--exp-avg-dtype bf16 ...] [--no-overlap-grad-reduce --no-overlap-param-gather] [--no-packing] \\
-        [--gpu-memory-gb 80] [--assumed-mfu 0.45]
+        [--gpu-memory-gb 80] [--matmul-efficiency 0.53]
     python tools/estimate_memory.py --hf-config CONFIG.json --search [--nodes N | --max-nodes 8] --max-length 2048
 
 Prints the busiest rank's weights, gradients, optimizer state and activations and whether they fit, then the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import sys
 
 from orpo_megatron.data.arguments import add_packing_args, check_packing_args
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=None,
                         help="With --search: only layouts on exactly this many nodes.")
     parser.add_argument("--top", type=int, default=15, help="With --search: layouts listed.")
+    parser.add_argument("--json", action="store_true",
+                        help="Print one JSON object instead of the report: fits, gib_per_gpu, step_seconds, "
+                             "tokens_per_second_per_gpu, model_tflops_per_gpu, step_parts (seconds by part), ...")
     add_optimizer_mode_args(parser.add_argument_group("optimizer mode (the trainer's flags)"))
     add_ddp_args(parser, default=True)
     add_packing_args(parser)
@@ -91,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_ddp_args(parser, args)
     check_packing_args(parser, args)
     capacity_plan.check_args(parser, args)
+    if args.search and (args.json or capacity_plan.pretraining(args)):
+        parser.error("--search ranks layouts by the ORPO recipe's hours and prints a table; it takes neither "
+                     "--json nor --workload pretraining")
     args.bf16 = not args.fp32
     problems = OptimizerMode.from_args(args).problems(args.bf16)
     if problems:
@@ -116,7 +123,8 @@ def make_layout(args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int, re
     return MemoryLayout.planned(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=args.etp, virtual_pipeline_model_parallel_size=vp, data_parallel_size=dp,
-        micro_batch_size=args.micro_batch_size, seq_length=args.max_length, bf16=args.bf16, fp8=args.fp8,
+        micro_batch_size=args.micro_batch_size, pairs=not capacity_plan.pretraining(args),
+        seq_length=args.seq_length if capacity_plan.pretraining(args) else args.max_length, bf16=args.bf16, fp8=args.fp8,
         recompute_full=recompute, flash_attention=not args.no_flash_attention, optimizer=optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce, ddp_bucket_size=args.ddp_bucket_size,
         num_micro_batches=micro_batches,
@@ -133,6 +141,11 @@ def fits_gpu(memory: RankMemory, args: argparse.Namespace) -> bool:
     return budget_bytes(memory, args) <= (args.gpu_memory_gb - args.min_free_gb) * GB
 
 
+def fits_host(memory: RankMemory, args: argparse.Namespace) -> bool:
+    """The offloaded optimizer state of a node's GPUs fits its host memory."""
+    return memory.host_bytes * args.gpus_per_node <= args.host_memory_gb * GB
+
+
 def gib(value: float) -> str:
     return f"{value / GB:8.2f} GiB"
 
@@ -146,8 +159,8 @@ def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: ar
           + (f", {hf.num_experts} experts top-{hf.num_experts_per_tok}" if hf.is_moe else ""))
     print(f"layout: TP{layout.tp} PP{layout.pp}" + (f" VP{layout.vp}" if layout.vp > 1 else "")
           + f" EP{layout.ep} ETP{layout.etp} DP{layout.dp} (world {layout.world_size}, expert-DP {edp}); "
-          f"micro-batch {layout.micro_batch_size} pair(s) = {2 * layout.micro_batch_size} x {layout.seq_length} "
-          f"tokens; {'bf16' if layout.bf16 else 'fp32'}{' + fp8' if layout.fp8 else ''}; "
+          f"micro-batch {layout.micro_batch_size} {'pair(s)' if layout.pairs else 'sequence(s)'} = "
+          f"{layout.micro_batch_sequences} x {layout.seq_length} tokens; {'bf16' if layout.bf16 else 'fp32'}{' + fp8' if layout.fp8 else ''}; "
           f"{'full recompute' if layout.recompute_full else 'no recompute'}; optimizer: {layout.optimizer.describe()}")
     print(f"busiest rank: pipeline stage {memory.pp_rank}" + (f" ({stage})" if stage else "")
           + f", {memory.num_params / 1e9:.3f}B parameters on it")
@@ -172,14 +185,13 @@ def report(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: ar
     print(f"  budgeted     {gib(total)}   activations x {args.activation_safety:g}; of {args.gpu_memory_gb:g} GiB, "
           f"{(args.gpu_memory_gb * GB - total) / GB:.2f} free (at least {args.min_free_gb:g} needed): "
           f"{'fits' if fits else 'does NOT fit'}")
-    fits_host = True
+    host_fits = fits_host(memory, args)
     if memory.host_bytes:
         per_node = memory.host_bytes * args.gpus_per_node
-        fits_host = per_node <= args.host_memory_gb * GB
         print(f"  host         {gib(memory.host_bytes)} per GPU ({per_element.host:g} B/param of the shard: fp32 main "
               f"params, moments, gradient copy), {per_node / GB:.0f} GiB per {args.gpus_per_node}-GPU node of "
-              f"{args.host_memory_gb:g} GiB: {'fits' if fits_host else 'does NOT fit'}")
-    return fits and fits_host
+              f"{args.host_memory_gb:g} GiB: {'fits' if host_fits else 'does NOT fit'}")
+    return fits and host_fits
 
 
 def divisors(n: int) -> list[int]:
@@ -193,7 +205,7 @@ def least_offload(hf: HFModelConfig, args: argparse.Namespace, tp: int, pp: int,
     for step in range(21 if args.bf16 else 1):
         mode = with_offload(args, step / 20)
         memory = busiest_rank(hf, make_layout(args, tp, pp, ep, dp, recompute, mode))
-        if memory.host_bytes * args.gpus_per_node > args.host_memory_gb * GB:
+        if not fits_host(memory, args):
             return None  # more offload only needs more host memory
         if fits_gpu(memory, args):
             return mode
@@ -271,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: invalid layout for {args.hf_config}: {err}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(estimate_json(hf, layout, memory, args)))
+        return 0
     report(hf, layout, memory, args)
     try:
         recipe = capacity_plan.predict(hf, layout, args)
@@ -279,4 +294,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     capacity_plan.print_prediction(recipe, layout, args, hf)
     return 0
+
+
+def estimate_json(hf: HFModelConfig, layout: MemoryLayout, memory: RankMemory, args: argparse.Namespace) -> dict:
+    """The report as one object: the busiest rank's memory and fit, and the predicted step by part (None where
+    the prediction is not available, with the reason)."""
+    result = {
+        "workload": args.workload, "world_size": layout.world_size,
+        "layout": {"tp": layout.tp, "pp": layout.pp, "vp": layout.vp, "ep": layout.ep, "etp": layout.etp,
+                   "dp": layout.dp, "micro_batch_size": layout.micro_batch_size, "seq_length": layout.seq_length,
+                   "recompute": "full" if layout.recompute_full else None,
+                   "optimizer": layout.optimizer.describe()},
+        "fits": fits_gpu(memory, args) and fits_host(memory, args),
+        "gib_per_gpu": (memory.gpu_bytes + args.reserve_gb * GB) / GB,
+        "budget_gib": budget_bytes(memory, args) / GB,
+        "host_gib_per_gpu": memory.host_bytes / GB,
+        "step_seconds": None, "tokens_per_second_per_gpu": None, "model_tflops_per_gpu": None, "step_parts": None,
+    }
+    try:
+        recipe = capacity_plan.predict(hf, layout, args)
+    except ValueError as err:
+        result["time_not_available"] = str(err)
+        return result
+    figures = capacity_plan.step_throughput(hf, layout, args, recipe)
+    result.update(step_seconds=recipe.step.total, tokens_per_second_per_gpu=figures.tokens_per_second_per_gpu,
+                  model_tflops_per_gpu=figures.model_tflops_per_gpu,
+                  step_parts=dataclasses.asdict(recipe.step))
+    if not capacity_plan.pretraining(args):
+        result.update(recipe_hours=recipe.hours, pairs_per_second_per_gpu=recipe.pairs_per_second_per_gpu)
+    return result
 

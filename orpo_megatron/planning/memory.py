@@ -49,8 +49,9 @@ class MemoryLayout:
     """The run's parallel layout (the trainer's) and the knobs that change memory (Megatron-LM flag names)."""
 
     parallel: ParallelLayout = ParallelLayout()
-    micro_batch_size: int = 1  # pairs: 2x as many sequences
+    micro_batch_size: int = 1  # pairs (2x as many sequences), or sequences when not `pairs`
     seq_length: int = 2048
+    pairs: bool = True  # ORPO pairs; False: pretraining-style single sequences
     bf16: bool = True
     fp8: bool = False
     recompute_full: bool = False
@@ -125,6 +126,10 @@ class MemoryLayout:
         return self.ddp_bucket_size or max(40_000_000, 1_000_000 * self.dp)
 
     @property
+    def micro_batch_sequences(self) -> int:
+        return (2 if self.pairs else 1) * self.micro_batch_size
+
+    @property
     def param_size(self) -> int:
         return 2 if self.bf16 else 4
 
@@ -163,14 +168,22 @@ def chunk_parameters(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int, vp_s
                    ParamSpec(prefix + "self_attention.linear_qkv.weight", (q + 2 * kv) // tp * h, False)]
         if hf.attention_bias:
             params.append(ParamSpec(prefix + "self_attention.linear_qkv.bias", (q + 2 * kv) // tp, False))
+        if hf.family.qk_layernorm:  # per-head RMSNorms of q and k (Qwen3-MoE), replicated over TP
+            params += [ParamSpec(prefix + f"self_attention.{norm}_layernorm.weight", hf.head_dim, False)
+                       for norm in ("q", "k")]
         params.append(ParamSpec(prefix + "pre_mlp_layernorm.weight", h, False))
         if hf.is_moe:
-            f = hf.intermediate_size // etp
+            f = hf.expert_intermediate_size // etp
             params.append(ParamSpec(prefix + "mlp.router.weight", hf.num_experts * h, False))
             for e in range(hf.num_experts // layout.ep):
                 expert_prefix = f"{prefix}mlp.experts.local_experts.{e}."
                 params += [ParamSpec(expert_prefix + "linear_fc1.weight", 2 * f * h, expert),
                            ParamSpec(expert_prefix + "linear_fc2.weight", h * f, expert)]
+            if hf.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP split by TP, and its [1, h] gate
+                shared = hf.shared_expert_intermediate_size // tp
+                params += [ParamSpec(prefix + "mlp.shared_experts.linear_fc1.weight", 2 * shared * h, False),
+                           ParamSpec(prefix + "mlp.shared_experts.linear_fc2.weight", h * shared, False),
+                           ParamSpec(prefix + "mlp.shared_experts.gate_weight", h, False)]
         else:
             f = hf.intermediate_size // tp
             params += [ParamSpec(prefix + "mlp.linear_fc1.weight", 2 * f * h, False),
@@ -311,7 +324,8 @@ def stage_buffers(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int) -> tupl
     """Parameter count and (buffer, is_expert) of every DDP buffer of a pipeline rank's model chunks."""
     # The buffers do not depend on the optimizer, micro-batches or sequences: cache on what they depend on.
     return _stage_buffers(hf, dataclasses.replace(layout, optimizer=OptimizerMode(), micro_batch_size=1,
-                                                  seq_length=1, num_micro_batches=None, recompute_full=False),
+                                                  seq_length=1, pairs=True, num_micro_batches=None,
+                                                  recompute_full=False),
                           pp_rank)
 
 
@@ -361,15 +375,19 @@ def rank_memory(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int, dp_rank: 
 
 
 def layer_activation_bytes(hf: HFModelConfig, layout: MemoryLayout) -> int:
-    """Bytes one transformer layer keeps for backward for one micro-batch (2*micro_batch_size sequences).
+    """Bytes one transformer layer keeps for backward for one micro-batch (`micro_batch_sequences`).
 
     Per token, with b bytes per activation (2 in bf16, 1 for fp8 GEMM inputs of the linear layers), TP = t,
     sequence parallel splitting the residual stream (r = t with SP, else 1), ETP = e:
       attention  b * (2h/r + (q + 2kv)/t + q/t + h/r)      norm in, QKV in, Q/K/V, context, residual
                  + 2b * heads/t * S                          scores and softmax (unfused attention only)
       MoE        b * 2h/r + 8E/r                            norm in, router in; fp32 router logits, probs
-                 + top_k * b * (2h + 3f/e)                  per routed copy: FC1 in, FC1 out (2f),
-                                                            activation out (f) ... FC2 out; balanced routing
+                 + top_k * e/r * b * (h + 3f/e)             per row the experts compute: FC1 in, FC1 out (2f/e),
+                                                            activation out (f/e); the router probs scale the
+                                                            activation (megatron-core 0.16 `experts.py`), so FC2's
+                                                            output is not kept. Balanced routing: a rank's
+                                                            experts get top_k copies of N/r tokens and all-gather
+                                                            their e expert-TP peers' rows
       dense MLP  b * (3h/r + 3f/t)
     (q = heads*head_dim, kv = kv_heads*head_dim, f = FFN size.) A rough formula in the spirit of Korthikanti
     et al. 2022; implementation-specific copies (GQA expansion, fp32 norms on CPU) are not itemized.
@@ -379,13 +397,13 @@ def layer_activation_bytes(hf: HFModelConfig, layout: MemoryLayout) -> int:
     q, kv = hf.num_attention_heads * hf.head_dim, hf.num_key_value_heads * hf.head_dim
     b = 2 if layout.bf16 else 4
     b_gemm = 1 if layout.fp8 else b
-    tokens = 2 * layout.micro_batch_size * s
+    tokens = layout.micro_batch_sequences * s
     attention = b * (2 * h / r + h / r) + b_gemm * ((q + 2 * kv) / t + q / t)
     if not layout.flash_attention:
         attention += 2 * b * hf.num_attention_heads / t * s
     if hf.is_moe:
         mlp = (b * 2 * h / r + 8 * hf.num_experts / r
-               + hf.num_experts_per_tok * (b_gemm * 2 * h + b * 3 * hf.intermediate_size / e))
+               + hf.num_experts_per_tok * e / r * (b_gemm * h + b * 3 * hf.expert_intermediate_size / e))
     else:
         mlp = b * 3 * h / r + b_gemm * 3 * hf.intermediate_size / t
     return round(tokens * (attention + mlp))
@@ -412,7 +430,7 @@ def stage_activation_bytes(hf: HFModelConfig, layout: MemoryLayout, pp_rank: int
     logits plus the fp32 softmax the ORPO log-probs keep (V/t columns per token).
     """
     layers = hf.num_layers // layout.pp
-    tokens = 2 * layout.micro_batch_size * layout.seq_length
+    tokens = layout.micro_batch_sequences * layout.seq_length
     b = 2 if layout.bf16 else 4
     r = layout.tp if layout.sequence_parallel else 1
     residual = tokens * b * hf.hidden_size / r

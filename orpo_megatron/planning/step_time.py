@@ -2,13 +2,15 @@
 
 Owns the timing assumptions and the schedule arithmetic behind `tools/estimate_memory.py`'s time columns; the
 FLOPs and bytes are `step_work.py`'s, the micro-batch shapes `workload.py`'s. Per micro-batch on a pipeline stage:
-  compute   training matmul FLOPs (+ the recomputed forward) / (assumed MFU x peak)
+  compute   training matmul FLOPs (+ the recomputed forward) / (matmul efficiency x peak); with flash attention the
+            causal half of the attention products (`throughput.CAUSAL_ATTENTION_FRACTION`)
   TP / EP / PP   bytes of each collective / the bandwidth of the link its group uses: NVLink when every rank of
             the group is on one node (Megatron's rank order, `step_work.RankGrid`), else the network (per GPU);
             an all-to-all splits its bytes between both by where its peers are. Not overlapped with compute
             (no TP-communication or all-to-all overlap is configured).
-The ranks of an EP group (consecutive DP ranks) wait for each other at every dispatch, so a micro-batch takes the
-longest of its members; the experts' rows are the group's mean (balanced routing). 1F1B adds (PP - 1) / VP mean
+DP ranks linked by Megatron's expert TP x EP groups (`RankGrid.synchronized_data_parallel_ranks`) wait for each
+other at every dispatch, so a micro-batch takes the longest of them; the experts' rows are the groups' means
+(balanced routing). 1F1B adds (PP - 1) / VP mean
 micro-batch times of bubble. After the pipeline: the DP gradient reduce-scatter and parameter all-gather of
 every DDP bucket, as far as they do not hide behind the pipeline flush or, with overlap (the trainer's GPU
 default), the last backward / the next first forward (`_data_parallel_seconds`), the
@@ -18,10 +20,14 @@ memory bandwidth shared by its GPUs, plus the PCIe transfers of each GPU (no D2H
 Defaults are data-sheet peaks of a DGX H100 (NVIDIA DGX BasePOD reference architecture: 8 H100 SXM, NVLink 4
 900 GB/s per GPU = 450 GB/s each way, 8 ConnectX-7 400 Gb/s = 50 GB/s per GPU, 2 Xeon Platinum 8480C with 8
 channels of DDR5-4800 each = 614 GB/s, PCIe 5.0 x16 = 64 GB/s each way, HBM3 3.35 TB/s, 989 dense bf16 TFLOP/s).
-Real links reach less than their peaks, so communication and host times are lower bounds. The assumed MFU
-(0.45) is Megatron-Core's published Mixtral-8x22B figure on H100 in bf16: about 455 TFLOP/s per GPU dropless,
-46% of 989 (Megatron-MoE-ModelZoo), 49.3% in the MoE Parallel Folding paper (arXiv 2504.14960); replace it with a
-measurement (`mfu_from_layer_throughput`).
+Real links reach less than their peaks, so communication and host times are lower bounds. The matmul efficiency
+is the fraction of the peak the matmuls alone reach; communication, bubble and optimizer are added on top, so it
+is not a published end-to-end MFU (those already contain them). Default 0.53, fitted to the two published
+Mixtral-8x7B points on 64 H100 (Megatron-LM's MoE README: TP1 PP4 VP8 EP8, sequences of 4096, 256 per step; 438
+and 468 TFLOP/s with MCore v0.8 / v0.9 in its full S x S count, 5282 / 5643 tokens/s/GPU): to two digits, the
+efficiency whose prediction of that layout is their geometric mean, 5460 (`benchmarks/planner_vs_published.py`). One efficiency
+for every GEMM: grouped expert GEMMs with few rows per expert run below it. Replace it with a measurement
+(`matmul_efficiency_from_layer_throughput`).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from orpo_megatron.planning import step_work
 from orpo_megatron.planning.memory import MemoryLayout
 from orpo_megatron.model_config import HFModelConfig
 from orpo_megatron.planning.step_work import RankGrid, balanced_expert_rows, micro_batch_work, optimizer_traffic
-from orpo_megatron.throughput import token_flops
+from orpo_megatron.throughput import CAUSAL_ATTENTION_FRACTION, causal_attention_positions, token_flops
 from orpo_megatron.planning.workload import HANDBOOK_GPUS, HANDBOOK_SECONDS, StepShapes
 
 GBPS = 1e9
@@ -46,7 +52,7 @@ class Hardware:
 
     gpus_per_node: int = 8
     peak_tflops: float = 989.0
-    assumed_mfu: float = 0.45
+    matmul_efficiency: float = 0.53
     nvlink_gbps: float = 450.0  # per GPU, each direction
     network_gbps: float = 50.0  # per GPU, each direction
     pcie_gbps: float = 64.0  # per GPU, each direction
@@ -72,7 +78,7 @@ class StepTime:
     tp: float
     ep: float
     pp: float
-    ep_wait: float  # waiting for the slowest member of the EP group
+    ep_wait: float  # waiting for the slowest DP rank linked by the expert groups
     bubble: float
     dp: float
     optimizer_gpu: float
@@ -113,17 +119,17 @@ def traffic_seconds(traffic: dict, rank: int, hardware: Hardware) -> dict[str, o
     return seconds
 
 
-def _group_mean(values: np.ndarray, ep: int) -> np.ndarray:
-    """Mean over each EP group (EP consecutive DP ranks, axis 1), broadcast back to its members."""
-    steps, dp, micro_batches = values.shape
-    grouped = values.reshape(steps, dp // ep, ep, micro_batches)
-    return np.broadcast_to(grouped.mean(axis=2, keepdims=True), grouped.shape).reshape(values.shape)
+def _data_parallel_mean(values: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """Per DP rank (axis 1), the mean of `values` over its group (`RankGrid.data_parallel_share`)."""
+    return np.einsum("ij,sjm->sim", share, values)
 
 
-def _group_max(values: np.ndarray, ep: int) -> np.ndarray:
-    steps, dp, micro_batches = values.shape
-    grouped = values.reshape(steps, dp // ep, ep, micro_batches)
-    return np.broadcast_to(grouped.max(axis=2, keepdims=True), grouped.shape).reshape(values.shape)
+def _synchronized_max(values: np.ndarray, synchronized: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """Per DP rank (axis 1), the largest of `values` over the DP ranks it waits for."""
+    out = np.empty_like(values)
+    for ranks in synchronized:
+        out[:, ranks] = values[:, ranks].max(axis=1, keepdims=True)
+    return out
 
 
 def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShapes, hardware: Hardware,
@@ -136,11 +142,14 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     if shapes.positions.shape[1] != layout.dp:
         raise ValueError(f"shapes are for DP={shapes.positions.shape[1]}, the layout has DP={layout.dp}")
     grid = RankGrid(layout)
-    flop_seconds = 1.0 / (hardware.assumed_mfu * hardware.peak_tflops * 1e12)
+    flop_seconds = 1.0 / (hardware.matmul_efficiency * hardware.peak_tflops * 1e12)
     attention = shapes.attention_sequences if settings.packed_attention else shapes.attention_rows
-    ep = layout.ep if hf.is_moe else 1
+    if layout.flash_attention:  # causal kernels skip the masked half (the local spec computes all of it)
+        attention = attention * CAUSAL_ATTENTION_FRACTION
     local = shapes.positions / layout.tp
-    experts = balanced_expert_rows(hf, layout, local, _group_mean(local, ep))
+    experts = balanced_expert_rows(hf, layout, local, _data_parallel_mean(local, grid.data_parallel_share("ep")),
+                                   _data_parallel_mean(local, grid.data_parallel_share("tp-ep")))
+    synchronized = grid.synchronized_data_parallel_ranks() if hf.is_moe else tuple((d,) for d in range(layout.dp))
     stages = sorted({0, min(1, layout.pp - 1), layout.pp - 1})  # first, a middle one, last
     per_stage = []
     for stage in stages:
@@ -155,11 +164,11 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     totals = [sum(parts.values()) for parts in per_stage]
     slowest = per_stage[int(np.argmax([t.sum() for t in totals]))]
     micro_batch = sum(slowest.values())
-    synchronized = _group_max(micro_batch, ep)
-    pipeline = synchronized.sum(axis=2)  # [steps, DP]
+    waiting = _synchronized_max(micro_batch, synchronized)
+    pipeline = waiting.sum(axis=2)  # [steps, DP]
     counts = np.maximum(shapes.valid.sum(axis=2), 1)
     bubble = (layout.pp - 1) / layout.vp * pipeline / counts
-    critical = np.argmax(pipeline + bubble, axis=1)  # the DP rank (and its EP group) that ends last
+    critical = np.argmax(pipeline + bubble, axis=1)  # the DP rank (and those it waits for) that ends last
     steps = np.arange(len(critical))
 
     def on_critical(values: np.ndarray) -> float:
@@ -174,7 +183,7 @@ def predict_step_time(hf: HFModelConfig, layout: MemoryLayout, shapes: StepShape
     optimizer = _optimizer_seconds(hf, layout, grid, hardware)
     return StepTime(
         compute=on_critical(slowest["compute"]), tp=on_critical(slowest["tp"]), ep=on_critical(slowest["ep"]),
-        pp=on_critical(slowest["pp"]), ep_wait=on_critical(synchronized - micro_batch),
+        pp=on_critical(slowest["pp"]), ep_wait=on_critical(waiting - micro_batch),
         bubble=float(bubble[steps, critical].mean()), dp=dp_seconds, **optimizer)
 
 
@@ -250,11 +259,13 @@ class RecipeTime:
         return pairs * epochs / HANDBOOK_SECONDS / HANDBOOK_GPUS
 
 
-def mfu_from_layer_throughput(hf: HFModelConfig, tokens_per_second: float, seq_length: int, num_layers: int,
-                              peak_tflops: float, gpus: int = 1) -> float:
-    """The MFU a measured forward + backward throughput of `num_layers` transformer layers shaped like `hf`'s
-    (sequences of `seq_length` tokens, no embedding or output layer) on `gpus` GPUs reached."""
+def matmul_efficiency_from_layer_throughput(hf: HFModelConfig, tokens_per_second: float, seq_length: int,
+                                            num_layers: int, peak_tflops: float, gpus: int = 1) -> float:
+    """The matmul efficiency a measured forward + backward throughput of `num_layers` transformer layers shaped
+    like `hf`'s (sequences of `seq_length` tokens, no embedding or output layer, no communication) on `gpus` GPUs
+    reached."""
     flops = token_flops(hf)
-    per_token = 3 * num_layers * (flops.attention_projections + flops.attention_per_position * seq_length
+    attended = causal_attention_positions(seq_length) / seq_length  # per token
+    per_token = 3 * num_layers * (flops.attention_projections + flops.attention_per_position * attended
                                   + flops.router + flops.feed_forward)
     return tokens_per_second * per_token / (gpus * peak_tflops * 1e12)

@@ -6,8 +6,8 @@ to one length, or packed rows holding several sequences). It assumes no hardware
 quantities may be numbers or numpy arrays (the step-time model evaluates many micro-batches at once).
 
 Groups are Megatron-Core's: its `RankGenerator` with the default order "tp-cp-ep-dp-pp" places the ranks, dense
-groups from (TP, DP, PP), expert groups from (expert TP = TP, EP, expert DP, PP). Sequence parallelism is on
-whenever TP > 1 (forced for MoE; what one runs with TP > 1 anyway).
+groups from (TP, DP, PP), expert groups from (expert TP, EP, expert DP, PP); expert TP is TP unless set apart.
+Sequence parallelism is on whenever TP > 1 (forced for MoE; what one runs with TP > 1 anyway).
 
 Bytes of a collective on one rank, by kind:
   all-gather      received: the gathered output minus this rank's own input
@@ -39,6 +39,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import numpy as np
 from megatron.core.parallel_state import RankGenerator
 
 from orpo_megatron.planning.memory import MemoryLayout, owned_elements, stage_buffers
@@ -97,17 +98,55 @@ class RankGrid:
             return tuple(tuple(g) for g in self.dense.get_ranks(kind))
         return tuple(tuple(g) for g in self.expert.get_ranks(self.EXPERT[kind]))
 
+    @functools.cache
+    def _membership(self, kind: str) -> dict[int, tuple[int, ...]]:
+        return {rank: group for group in self.groups(kind) for rank in group}
+
     def group(self, kind: str, rank: int) -> tuple[int, ...]:
-        return next(g for g in self.groups(kind) if rank in g)
+        return self._membership(kind)[rank]
 
     def index(self, kind: str, rank: int) -> int:
         """This rank's position in its group of `kind` (its TP rank, DP rank, pipeline stage, ...)."""
         return self.group(kind, rank).index(rank)
 
+    @functools.cache
+    def _ranks(self) -> dict[tuple[int, int, int], int]:
+        return {(self.index("tp", r), self.index("dp", r), self.index("pp", r)): r
+                for r in range(self.layout.world_size)}
+
     def rank(self, tp: int = 0, dp: int = 0, pp: int = 0) -> int:
         """The global rank at these dense coordinates."""
-        return next(r for r in range(self.layout.world_size)
-                    if (self.index("tp", r), self.index("dp", r), self.index("pp", r)) == (tp, dp, pp))
+        return self._ranks()[tp, dp, pp]
+
+    def data_parallel_share(self, kind: str) -> np.ndarray:
+        """[DP, DP]: row d, the fraction of the `kind` group of DP rank d (its TP rank 0, first stage) on each DP
+        rank. With expert-TP apart from TP an expert group may hold TP ranks of one DP rank, or span DP ranks
+        that are not consecutive: `share @ values` is each DP rank's group mean of per-DP-rank values."""
+        share = np.zeros((self.layout.dp, self.layout.dp))
+        for d in range(self.layout.dp):
+            group = self.group(kind, self.rank(dp=d))
+            for member in group:
+                share[d, self.index("dp", member)] += 1 / len(group)
+        return share
+
+    def synchronized_data_parallel_ranks(self) -> tuple[tuple[int, ...], ...]:
+        """The DP ranks whose micro-batches wait for each other: linked by the expert TP x EP groups (each MoE
+        layer's dispatch exchanges within one), transitively, over the ranks of a pipeline stage."""
+        component = list(range(self.layout.dp))
+
+        def root(d: int) -> int:
+            while component[d] != d:
+                d = component[d]
+            return d
+
+        for group in self.groups("tp-ep"):
+            indices = [self.index("dp", member) for member in group if self.index("pp", member) == 0]
+            for d in indices[1:]:
+                component[root(d)] = root(indices[0])
+        members: dict[int, list[int]] = {}
+        for d in range(self.layout.dp):
+            members.setdefault(root(d), []).append(d)
+        return tuple(tuple(m) for m in members.values())
 
     def local_experts(self, hf: HFModelConfig, rank: int) -> range:
         per_rank = hf.num_experts // self.layout.ep
@@ -124,14 +163,18 @@ class ExpertRows:
     computed: float  # rows this rank's experts compute: its own received plus its own kept plus `gathered`
 
 
-def balanced_expert_rows(hf: HFModelConfig, layout: MemoryLayout, local_tokens, peer_local_tokens=None) -> ExpertRows:
+def balanced_expert_rows(hf: HFModelConfig, layout: MemoryLayout, local_tokens, ep_local_tokens=None,
+                         expert_group_local_tokens=None) -> ExpertRows:
     """Routing spread evenly over the experts: every rank's `top_k` copies of its `local_tokens` (N/TP) go to
-    each EP rank in equal shares. `peer_local_tokens`: the mean over the EP group (default: the same)."""
+    each EP rank in equal shares. `ep_local_tokens`: the mean over this rank's EP group; `expert_group_local_tokens`:
+    over its expert TP x EP group, whose EP groups send to this rank's expert-TP peers (defaults: the same)."""
     k, ep, etp = hf.num_experts_per_tok, layout.ep, layout.etp
-    peer = local_tokens if peer_local_tokens is None else peer_local_tokens
-    arriving = k * peer  # rows this rank's experts get from the whole EP group (its own share included)
+    peer = local_tokens if ep_local_tokens is None else ep_local_tokens
+    group = peer if expert_group_local_tokens is None else expert_group_local_tokens
+    arriving = k * peer  # rows this rank's experts get from its EP group (its own share included)
+    computed = etp * k * group  # and its expert-TP peers' arrivals, all-gathered here
     return ExpertRows(sent=k * local_tokens * (ep - 1) / ep, received=k * peer * (ep - 1) / ep,
-                      gathered=(etp - 1) * arriving, computed=etp * arriving)
+                      gathered=computed - arriving, computed=computed)
 
 
 def routed_expert_rows(hf: HFModelConfig, grid: RankGrid, rank: int, copies: dict[int, Sequence[float]]) -> ExpertRows:

@@ -1,4 +1,5 @@
-"""The recipe's training steps as micro-batch shapes: capybara-like pair lengths, batched as the trainer batches.
+"""The recipe's training steps as micro-batch shapes: capybara-like pair lengths, batched as the trainer batches;
+or pretraining-style steps of fixed-length sequences (`pretraining_steps`), the form published runs take.
 
 Owns the workload the step-time model (`step_time.py`) is evaluated on. The pairs' lengths are ASSUMED, not
 measured (no tokenized capybara at hand): the distribution of ../shared/reference/packing-facts.md, lognormal
@@ -136,3 +137,15 @@ def _fixed_length_rows(step_pairs: np.ndarray, chosen_rows, rejected_rows, lengt
             real[at], squares[at], valid[at] = tokens, sq, True
     positions = np.where(valid, length, 0)
     return StepShapes(positions, real, positions.astype(np.float64) ** 2, squares, valid)
+
+
+def pretraining_steps(global_batch_size: int, dp: int, micro_batch_size: int, seq_length: int) -> StepShapes:
+    """One step of pretraining-style training: `global_batch_size` sequences of exactly `seq_length` real tokens,
+    `micro_batch_size` sequences per micro-batch, each DP rank an equal share (every step the same)."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise ConfigError(f"global batch {global_batch_size} is not a multiple of micro-batch {micro_batch_size} "
+                         f"x DP {dp}")
+    shape = (1, dp, global_batch_size // (micro_batch_size * dp))
+    positions = np.full(shape, micro_batch_size * seq_length, np.int64)
+    squares = np.full(shape, micro_batch_size * float(seq_length) ** 2)
+    return StepShapes(positions, positions.copy(), squares, squares.copy(), np.ones(shape, bool))

@@ -1,14 +1,14 @@
 """Worker: the real per-rank memory of the tiny model at several layouts, for the memory estimator's test.
 
-For each layout (TP2 / EP2 / DP2 in fp32 / PP2, and optimizer modes that offload, world 2), builds the Megatron
+For each layout (TP2 / EP2 / DP2 in fp32 / PP2 / TP2 with experts EP2 ETP1, and optimizer modes that offload, world 2), builds the Megatron
 model, wraps it in DDP with the distributed optimizer built by the trainer's own `optimizer.build_optimizer`
 from the layout's optimizer flags, takes one optimizer step so Adam's state exists, and records on each rank:
 the parameter list (name, numel, expert or not), the DDP param and grad buffers, and the optimizer's own
 tensors (those not sharing storage with the model's buffers) on the device and on the host: main params, Adam
 moments and gradient copies. For the offloading hybrid optimizer its GPU sub-optimizer's tensors are the
 device ones and its CPU sub-optimizers' the host ones (the CPU backend lets it split as on a GPU). For the
-first three layouts also the bytes of every tensor saved for backward by one forward of a micro-batch through
-the model and ORPO log-probs.
+TP2, EP2, DP2 and ETP1 layouts also the bytes of every tensor saved for backward by one forward of a micro-batch
+through the model and ORPO log-probs.
 """
 import torch
 from layout_runs import measure_layouts, optimizer_flags
@@ -27,6 +27,8 @@ LAYOUTS = {  # parallel layout, bf16, the trainer's optimizer flags
     "ep2": (dict(expert_model_parallel_size=2), True, []),
     "dp2_fp32": (dict(), False, []),
     "pp2": (dict(pipeline_model_parallel_size=2), True, []),  # activations not measured (one stage alone)
+    "tp2_etp1": (dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
+                      expert_tensor_parallel_size=1), True, []),
     "ep2_offload": (dict(expert_model_parallel_size=2), True, OFFLOAD),
     "ep2_offload_half": (dict(expert_model_parallel_size=2), True, OFFLOAD + ["--optimizer-offload-fraction", "0.5"]),
     "tp2_offload_half_bf16_grads": (dict(tensor_model_parallel_size=2, sequence_parallel=True), True,
@@ -35,7 +37,7 @@ LAYOUTS = {  # parallel layout, bf16, the trainer's optimizer flags
 }
 # Bucketed gradient reduction (the GPU default) with buckets small enough to split the tiny model's buffers.
 DDP_OVERRIDES = {"dp2_buckets": dict(overlap_grad_reduce=True, bucket_size=5000)}
-MEASURE_ACTIVATIONS = ("tp2", "ep2", "dp2_fp32")
+MEASURE_ACTIVATIONS = ("tp2", "ep2", "dp2_fp32", "tp2_etp1")
 PAIRS, SEQ = 2, 32
 
 

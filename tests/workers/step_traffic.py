@@ -174,11 +174,14 @@ def record_shapes_and_routing(chunks, batches):
     return calls, routing, lengths, handles
 
 
-def training_flops_of(module, input_ids: torch.Tensor) -> int:
+def training_flops_of(module, input_ids: torch.Tensor) -> tuple[int, int]:
+    """FLOPs of a forward + backward: all matmuls, and the attention products' (the local spec's only batched
+    matmuls)."""
     positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
     with FlopCounterMode(display=False) as counter:
         module(input_ids, positions, attention_mask=None).float().sum().backward()
-    return counter.get_total_flops()
+    ops = counter.get_flop_counts()["Global"]
+    return counter.get_total_flops(), ops.get(torch.ops.aten.bmm, 0) + ops.get(torch.ops.aten.baddbmm, 0)
 
 
 class HostOptimizerOps(TorchDispatchMode):
@@ -276,8 +279,10 @@ def run_layout(hf_dir: str, name: str, recorder: CollectiveRecorder) -> dict:
         sequences = [torch.randint(3, hf.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
                      for row_lengths in lengths for n in row_lengths]
         module = chunks[0].module
-        result["single_sequence_flops"] = [training_flops_of(module, ids) for ids in sequences]
-        result["packed_row_flops"] = training_flops_of(module, torch.cat(sequences, dim=1))
+        alone = [training_flops_of(module, ids) for ids in sequences]
+        result["single_sequence_flops"] = [total for total, _ in alone]
+        result["single_sequence_attention_flops"] = [attention for _, attention in alone]
+        result["packed_row_flops"] = training_flops_of(module, torch.cat(sequences, dim=1))[0]
     if host is not None:
         result["host_optimizer"] = host_optimizer_bytes(*host)
     parallel_state.destroy_model_parallel()
