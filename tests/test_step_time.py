@@ -237,7 +237,7 @@ def test_cli_prints_predicted_time_parts_and_the_handbook_comparison(capsys):
 
 def test_cli_search_ranks_layouts_by_predicted_hours(capsys):
     args = ["--hf-config", os.path.join(CONFIGS, "mixtral-8x7b.json"), "--search", "--max-nodes", "2",
-            "--global-batch-size", "32", "--top", "50"]
+            "--global-batch-size", "32", "--top", "400"]
     assert estimate_memory.main(args) == 0
     out = capsys.readouterr().out
     ranked = out.split("fastest on each node count:")[0].splitlines()[2:]
@@ -245,6 +245,10 @@ def test_cli_search_ranks_layouts_by_predicted_hours(capsys):
     assert len(hours) > 3 and hours == sorted(hours)
     assert {int(line.split()[0]) for line in ranked if line.strip()} == {1, 2}
     assert "fastest: " in out and "predicted time:" in out
+    # Expert TP is searched too: 1 beside TP (experts whole on their EP rank) where TP > 1 and EP > 1.
+    sizes = [tuple(map(int, line.split()[1:6])) for line in ranked if line.strip()]  # TP PP EP ETP DP
+    assert any(etp == 1 < tp and ep > 1 for tp, _, ep, etp, _ in sizes), sizes
+    assert all(etp in (tp, 1) for tp, _, _, etp, _ in sizes)
 
 
 @pytest.mark.parametrize("flags, message", [

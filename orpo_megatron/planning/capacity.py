@@ -268,7 +268,7 @@ def describe(rates: Hardware, layout: MemoryLayout, args: argparse.Namespace) ->
             + ("" if pretraining(args) else "; pair lengths assumed (orpo_megatron/planning/workload.py)"))
 
 
-TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'recomp':>6} {'offload':>7} {'GiB':>5} | "
+TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'ETP':>3} {'DP':>2} {'recomp':>6} {'offload':>7} {'GiB':>5} | "
                 f"{'step s':>6} {'comp':>5} {'comm':>5} {'wait':>5} {'DP':>5} {'optim':>5} | "
                 f"{'pairs/s/GPU':>11} {'hours':>6} {'GPU-h':>6} {'x hb':>5}")
 
@@ -276,7 +276,7 @@ TABLE_HEADER = (f"{'nodes':>5} {'TP':>2} {'PP':>2} {'EP':>2} {'DP':>2} {'recomp'
 def table_row(nodes: int, layout: MemoryLayout, budget_gib: float, recipe: RecipeTime, args: argparse.Namespace
               ) -> str:
     s, offload = recipe.step, layout.optimizer.offload_fraction
-    return (f"{nodes:>5} {layout.tp:>2} {layout.pp:>2} {layout.ep:>2} {layout.dp:>2} "
+    return (f"{nodes:>5} {layout.tp:>2} {layout.pp:>2} {layout.ep:>2} {layout.etp:>3} {layout.dp:>2} "
             f"{'full' if layout.recompute_full else 'none':>6} {offload:>7g} {budget_gib:>5.1f} | "
             f"{s.total:>6.2f} {s.compute:>5.2f} {s.tp + s.ep + s.pp:>5.2f} {s.ep_wait + s.bubble:>5.2f} "
             f"{s.dp:>5.2f} {s.optimizer_gpu + s.host_adam + s.pcie:>5.2f} | "

@@ -116,13 +116,14 @@ def with_offload(args: argparse.Namespace, offload: float) -> OptimizerMode:
 
 
 def make_layout(args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int, recompute: bool,
-                optimizer: OptimizerMode, vp: int | None = None) -> MemoryLayout:
+                optimizer: OptimizerMode, vp: int | None = None, etp: int | None = None) -> MemoryLayout:
+    """The layout of these sizes with the flags' other settings; `etp` None: the flags' --etp."""
     micro_batches = None
     if args.global_batch_size:
         micro_batches = max(1, args.global_batch_size // (args.micro_batch_size * dp))
     return MemoryLayout.planned(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=args.etp, virtual_pipeline_model_parallel_size=vp, data_parallel_size=dp,
+        expert_tensor_parallel_size=etp or args.etp, virtual_pipeline_model_parallel_size=vp, data_parallel_size=dp,
         micro_batch_size=args.micro_batch_size, pairs=not capacity_plan.pretraining(args),
         seq_length=args.seq_length if capacity_plan.pretraining(args) else args.max_length, bf16=args.bf16, fp8=args.fp8,
         recompute_full=recompute, flash_attention=not args.no_flash_attention, optimizer=optimizer,
@@ -199,17 +200,25 @@ def divisors(n: int) -> list[int]:
 
 
 def least_offload(hf: HFModelConfig, args: argparse.Namespace, tp: int, pp: int, ep: int, dp: int,
-                  recompute: bool) -> OptimizerMode | None:
+                  recompute: bool, etp: int | None = None) -> OptimizerMode | None:
     """The optimizer mode with the smallest offload fraction (in steps of 0.05) that fits GPU and host; None if
     none does. Offload needs bf16 (the precision-aware optimizer)."""
     for step in range(21 if args.bf16 else 1):
         mode = with_offload(args, step / 20)
-        memory = busiest_rank(hf, make_layout(args, tp, pp, ep, dp, recompute, mode))
+        memory = busiest_rank(hf, make_layout(args, tp, pp, ep, dp, recompute, mode, etp=etp))
         if not fits_host(memory, args):
             return None  # more offload only needs more host memory
         if fits_gpu(memory, args):
             return mode
     return None
+
+
+def expert_tensor_parallel_choices(hf: HFModelConfig, args: argparse.Namespace, tp: int, ep: int) -> list:
+    """The expert TP sizes --search tries: --etp when given; else TP and, for experts spread over EP > 1 ranks
+    at TP > 1, 1 (parallel folding: each expert whole on its EP rank)."""
+    if args.etp:
+        return [args.etp]
+    return [tp, 1] if hf.is_moe and tp > 1 and ep > 1 else [tp]
 
 
 def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
@@ -224,14 +233,14 @@ def search(hf: HFModelConfig, args: argparse.Namespace) -> int:
             dp = world // (tp * pp)
             if capacity_plan.global_batch(args) % (args.micro_batch_size * dp):
                 continue
-            for recompute in (False, True):
+            for etp, recompute in itertools.product(expert_tensor_parallel_choices(hf, args, tp, ep), (False, True)):
                 try:
-                    mode = least_offload(hf, args, tp, pp, ep, dp, recompute)
+                    mode = least_offload(hf, args, tp, pp, ep, dp, recompute, etp)
                 except LayoutError:
                     break
                 if mode is None:
                     continue
-                layout = make_layout(args, tp, pp, ep, dp, recompute, mode)
+                layout = make_layout(args, tp, pp, ep, dp, recompute, mode, etp=etp)
                 memory = busiest_rank(hf, layout)
                 try:
                     recipe = capacity_plan.predict(hf, layout, args)
