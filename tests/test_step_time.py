@@ -60,6 +60,8 @@ def test_groups_with_expert_tp_apart_from_tp_are_the_ones_megatron_core_builds(t
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from orpo_megatron import parallel
+
     layout = MemoryLayout.planned(tensor_model_parallel_size=tp, expert_tensor_parallel_size=etp,
                                   expert_model_parallel_size=ep, pipeline_model_parallel_size=pp, data_parallel_size=dp)
     grid = RankGrid(layout)
@@ -69,6 +71,8 @@ def test_groups_with_expert_tp_apart_from_tp_are_the_ones_megatron_core_builds(t
                "etp": parallel_state.get_expert_tensor_parallel_group,
                "edp": parallel_state.get_expert_data_parallel_group,
                "tp-ep": parallel_state.get_expert_tensor_and_model_parallel_group}
+    if dist.is_initialized():  # another test's one-process group in this pytest process
+        parallel.destroy()
     megatron = {}
     for rank in range(layout.world_size):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
