@@ -71,11 +71,9 @@ class _SynchronousTorchDistSave(TorchDistSaveShardedStrategy):
 
 def save(folder: str, state_dict: dict, content_metadata: dict, producers: dict | None = None) -> None:
     """Collective: write a checkpoint folder (created if needed) as Megatron-LM does, synchronously."""
-    if dist.get_rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-    dist.barrier()
+    _make_folder(folder)
     dist_checkpointing.save(state_dict, folder, sharded_strategy=_SynchronousTorchDistSave(producers),
-                            content_metadata={k: v for k, v in content_metadata.items() if k != "dp_cp_group"})
+                            content_metadata=_stored(content_metadata))
 
 
 def save_request(folder: str, state_dict: dict, content_metadata: dict, asynchronous: bool = False) -> AsyncRequest:
@@ -83,14 +81,22 @@ def save_request(folder: str, state_dict: dict, content_metadata: dict, asynchro
     makes it: common.pt is written now; the tensors are written when the returned request runs, in place
     (`request.execute_sync()`) or, `asynchronous`, in a forked process (`AsyncCallsQueue.schedule_async_request`);
     the request's finalize functions then write `.metadata` and metadata.json, once every rank has written."""
-    if dist.get_rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-    dist.barrier()
+    _make_folder(folder)
     _use_results_queue(asynchronous)
     return dist_checkpointing.save(state_dict, folder, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1,
                                                                                                      thread_count=1),
-                                   async_sharded_save=True,
-                                   content_metadata={k: v for k, v in content_metadata.items() if k != "dp_cp_group"})
+                                   async_sharded_save=True, content_metadata=_stored(content_metadata))
+
+
+def _make_folder(folder: str) -> None:
+    if dist.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+    dist.barrier()
+
+
+def _stored(content_metadata: dict) -> dict:
+    """The content metadata a checkpoint records: all but the run's process group (`sharded_metadata`)."""
+    return {k: v for k, v in content_metadata.items() if k != "dp_cp_group"}
 
 
 _background_results = None  # megatron-core's queue for results from a background writer, once made
